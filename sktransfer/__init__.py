@@ -1,0 +1,27 @@
+"""sktransfer: transfer learning for images, the scikit-learn way.
+
+A frozen ImageNet-pretrained backbone turns each image into a feature vector
+once; a small head trained by skorch classifies them. Estimators take image
+paths and work in Pipelines, GridSearchCV and cross-validation.
+"""
+
+__version__ = "0.1.0"
+
+from ._backbones import Backbone, list_backbones  # noqa: E402
+from ._estimator import ImageEmbedder, PretrainedImageClassifier  # noqa: E402
+from ._features import cache_info, clear_cache, set_memory_cache_size  # noqa: E402
+from ._images import Preprocessing  # noqa: E402
+from ._inputs import ImageInputError, load_image_folder  # noqa: E402
+
+__all__ = [
+    "Backbone",
+    "ImageEmbedder",
+    "ImageInputError",
+    "PretrainedImageClassifier",
+    "Preprocessing",
+    "cache_info",
+    "clear_cache",
+    "list_backbones",
+    "load_image_folder",
+    "set_memory_cache_size",
+]

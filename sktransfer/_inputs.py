@@ -1,0 +1,234 @@
+"""Stage 1: what the user passes in.
+
+Turns the many shapes of ``X`` a user may pass (paths, bytes, PIL images,
+arrays; in a list, an ndarray, a pandas Series or a one-column frame) into a
+flat list of image items, and gives each item a content identity used as the
+feature-cache key. Nothing here decodes pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["load_image_folder", "ImageInputError"]
+
+#: File name endings read by :func:`load_image_folder`.
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+)
+
+
+class ImageInputError(ValueError):
+    """Raised when one or more images cannot be used.
+
+    The message lists every offending input with its reason; the same
+    information is available as ``errors``, a list of ``(index, item, reason)``.
+    """
+
+    def __init__(self, errors, name="X"):
+        self.errors = list(errors)
+        lines = [f"{len(self.errors)} input(s) of {name} cannot be used as images:"]
+        shown = self.errors[:50]
+        lines += [f"  [{i}] {_describe(item)}: {reason}" for i, item, reason in shown]
+        if len(self.errors) > len(shown):
+            lines.append(f"  ... and {len(self.errors) - len(shown)} more (see .errors)")
+        lines.append(
+            "Accepted: paths (str or pathlib.Path) to image files Pillow can read, "
+            "encoded image bytes, PIL images, or HxWx3 / HxW uint8 arrays."
+        )
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self):
+        return (type(self), (self.errors,))
+
+
+def _describe(item):
+    if isinstance(item, (str, os.PathLike)):
+        return repr(os.fspath(item))
+    if isinstance(item, bytes):
+        return f"<{len(item)} bytes>"
+    if isinstance(item, np.ndarray):
+        return f"<ndarray shape={item.shape} dtype={item.dtype}>"
+    return f"<{type(item).__name__}>"
+
+
+def load_image_folder(root):
+    """Read image paths and labels from a folder with one sub-folder per class.
+
+    Parameters
+    ----------
+    root : str or path-like
+        A folder whose sub-folders are the class names, each holding image
+        files (``.jpg``, ``.png``, ... in any letter case). Hidden files and
+        files of other types are skipped.
+
+    Returns
+    -------
+    paths : list of str
+        Image paths, sorted by class name and then by file name, so the order
+        is the same on every machine.
+    labels : ndarray of str
+        The class (sub-folder name) of each path.
+
+    Examples
+    --------
+    >>> from sktransfer import load_image_folder
+    >>> paths, labels = load_image_folder("../shared/datasets/flowers5")  # doctest: +SKIP
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(
+            f"load_image_folder: {str(root)!r} is not a folder; expected a folder "
+            "with one sub-folder of images per class."
+        )
+    paths, labels = [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for file in sorted(class_dir.iterdir()):
+            if file.is_file() and not file.name.startswith(".") and file.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(str(file))
+                labels.append(class_dir.name)
+    if not paths:
+        raise ValueError(
+            f"load_image_folder: found no images in {str(root)!r}; expected sub-folders "
+            f"(one per class) holding files ending in {', '.join(IMAGE_EXTENSIONS)}."
+        )
+    return paths, np.asarray(labels)
+
+
+def as_image_list(X, name="X"):
+    """Validate the container ``X`` and return its items as a list.
+
+    Raises ``ValueError``/``TypeError`` naming ``name`` and what is accepted.
+    Each item's type is checked here; whether a file exists and decodes is
+    checked when the images are read.
+    """
+    if X is None:
+        raise ValueError(f"{name} is None; expected a list of image paths or images.")
+    if isinstance(X, (str, bytes, os.PathLike, Image.Image)):
+        raise TypeError(
+            f"{name} must be a sequence of images, got a single {type(X).__name__}; "
+            f"wrap it in a list: [{name}]."
+        )
+    if hasattr(X, "iloc") and hasattr(X, "columns"):  # pandas DataFrame
+        if X.shape[1] != 1:
+            raise ValueError(
+                f"{name} is a DataFrame with {X.shape[1]} columns; expected one column of "
+                "image paths (select it, or use ImageEmbedder in a ColumnTransformer)."
+            )
+        X = X.iloc[:, 0]
+    if hasattr(X, "to_numpy") and not isinstance(X, np.ndarray):  # pandas Series
+        X = X.to_numpy(dtype=object)
+    if isinstance(X, np.ndarray):
+        if X.dtype == np.uint8 and X.ndim == 4:
+            items = list(X)  # a batch of N x H x W x C images
+        elif X.dtype.kind in "OUS" and X.ndim == 2 and X.shape[1] == 1:
+            items = list(X[:, 0])
+        elif X.dtype.kind in "OUS" and X.ndim == 1:
+            items = list(X)
+        else:
+            raise ValueError(
+                f"{name} is an ndarray of shape {X.shape} and dtype {X.dtype}; expected a 1-D "
+                "array of paths (or a one-column 2-D one), or an N x H x W x 3 uint8 array of images."
+            )
+    else:
+        try:
+            items = list(X)
+        except TypeError:
+            raise TypeError(
+                f"{name} must be a sequence of images (list, ndarray, pandas Series), "
+                f"got {type(X).__name__}."
+            ) from None
+    if len(items) == 0:
+        raise ValueError(f"{name} is empty; expected at least one image.")
+    bad = []
+    for i, item in enumerate(items):
+        reason = _item_type_error(item)
+        if reason:
+            bad.append((i, item, reason))
+    if bad:
+        raise ImageInputError(bad, name=name)
+    return items
+
+
+def _item_type_error(item):
+    if isinstance(item, np.str_):
+        item = str(item)
+    if isinstance(item, (str, os.PathLike)):
+        return "empty path" if os.fspath(item) in ("", b"") else None
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return "empty bytes" if len(item) == 0 else None
+    if isinstance(item, Image.Image):
+        return None
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8:
+            return f"array dtype is {item.dtype}; expected uint8"
+        if item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4)):
+            return None if item.size else "array is empty"
+        return f"array shape is {item.shape}; expected H x W x 3 (or H x W)"
+    if item is None:
+        return "None is not an image"
+    if isinstance(item, float) and np.isnan(item):
+        return "NaN is not an image"
+    return f"a {type(item).__name__} is not an image or a path"
+
+
+# Content hashes of files, memoised by (path, size, mtime) so a file is read
+# for hashing once per process; a file changed on disk gets a new entry.
+_FILE_HASHES: dict = {}
+_FILE_HASHES_LOCK = threading.Lock()
+
+
+def _digest(data):
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def read_item(item):
+    """Return ``(identity, payload)`` for one item.
+
+    ``identity`` is a hex digest of the image content (the file's bytes for
+    paths and bytes, the pixels for arrays and PIL images), so a moved or
+    copied file keeps its cached features and an edited file never gets
+    stale ones. ``payload`` is what :func:`sktransfer._images.open_image`
+    decodes: the file bytes when they had to be read, else the item itself.
+
+    Raises ``OSError``/``ValueError`` with a short reason for unusable items.
+    """
+    if isinstance(item, (str, os.PathLike, np.str_)):
+        path = os.fspath(item)
+        st = os.stat(path)  # FileNotFoundError / PermissionError carry the reason
+        if os.path.isdir(path):
+            raise IsADirectoryError("is a folder, not an image file")
+        if st.st_size == 0:
+            raise ValueError("file is empty (0 bytes)")
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        with _FILE_HASHES_LOCK:
+            digest = _FILE_HASHES.get(key)
+        if digest is not None:
+            return digest, path
+        with open(path, "rb") as f:
+            data = f.read()
+        digest = _digest(data)
+        with _FILE_HASHES_LOCK:
+            _FILE_HASHES[key] = digest
+        return digest, data
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        data = bytes(item)
+        return _digest(data), data
+    if isinstance(item, Image.Image):
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{item.mode}{item.size}".encode())
+        h.update(item.tobytes())
+        return h.hexdigest(), item
+    if isinstance(item, np.ndarray):
+        arr = np.ascontiguousarray(item)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{arr.shape}".encode())
+        h.update(arr.data)
+        return h.hexdigest(), arr
+    raise TypeError(f"a {type(item).__name__} is not an image or a path")

