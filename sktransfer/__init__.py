@@ -8,6 +8,7 @@ paths and work in Pipelines, GridSearchCV and cross-validation.
 __version__ = "0.1.0"
 
 from ._backbones import Backbone, list_backbones  # noqa: E402
+from ._distributed import embed_dask  # noqa: E402
 from ._estimator import ImageEmbedder, PretrainedImageClassifier  # noqa: E402
 from ._features import cache_info, clear_cache, set_memory_cache_size  # noqa: E402
 from ._images import Preprocessing  # noqa: E402
@@ -21,6 +22,7 @@ __all__ = [
     "Preprocessing",
     "cache_info",
     "clear_cache",
+    "embed_dask",
     "list_backbones",
     "load_image_folder",
     "set_memory_cache_size",

@@ -267,8 +267,10 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
     errors = []
     bar = _progress_bar(len(entries), progress)
     # Decoding runs in a small thread pool (Pillow releases the GIL) one batch
-    # ahead of the forward pass, so at most two batches of pixels are held.
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+    # ahead of the forward pass, so at most two batches of pixels are held. It
+    # takes as many threads as torch may use: joblib and dask workers cap
+    # torch at their share of the cores, and decoding keeps to it too.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, torch.get_num_threads()))) as pool:
         pending = [pool.submit(load, p) for _, (p, _) in batches[0]] if batches else []
         for b, batch in enumerate(batches):
             results = [f.result() for f in pending]
