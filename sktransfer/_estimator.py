@@ -24,7 +24,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, colu
 from . import __version__
 from ._backbones import build_backbone
 from ._features import extract_features
-from ._head import HeadClassifier, HeadModule, feature_statistics
+from ._head import FeatureLoader, HeadClassifier, HeadModule, feature_statistics, one_thread
 from ._inputs import as_image_list
 
 _HEAD_PREFIXES = ("optimizer__", "iterator_train__", "iterator_valid__", "callbacks__")
@@ -216,9 +216,9 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         Learning rate of the head's optimizer.
     weight_decay : float, default=1e-4
         Weight decay of the head's optimizer.
-    max_epochs : int, default=50
+    max_epochs : int, default=30
         Epochs of head training.
-    batch_size : int, default=32
+    batch_size : int, default=64
         Mini-batch size of head training.
     optimizer : torch optimizer class, default=torch.optim.AdamW
         Any of its arguments can be set as ``optimizer__<name>``.
@@ -287,8 +287,8 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
     }
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
-                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=50,
-                 batch_size=32, optimizer=torch.optim.AdamW, early_stopping=False,
+                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=30,
+                 batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, class_weight=None, callbacks=None,
                  embed_batch_size=32, cache_dir=None, device="cpu", random_state=None, verbose=0,
                  **kwargs):
@@ -398,7 +398,7 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         embedder = self._make_embedder().fit()
         Z = embedder.transform(items)
         head = self._build_head(Z, len(encoder.classes_), hidden_units, device)
-        with _seeded(self.random_state, device):
+        with _seeded(self.random_state, device), one_thread():
             head.fit({"X": Z, "sample_weight": weights}, y_enc)
         # Fitted state is assigned together at the end: an interrupted fit
         # leaves the estimator as it was before.
@@ -451,6 +451,8 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
             train_split=train_split,
             callbacks=callbacks,
             classes=np.arange(n_classes),
+            iterator_train=FeatureLoader,
+            iterator_valid=FeatureLoader,
             iterator_train__shuffle=True,
             device=device,
             verbose=self.verbose,
@@ -482,7 +484,8 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         """
         Z = self._features(X)
         self.head_.set_params(device=_check_device(self.head_.device, fitted=True))
-        proba = self.head_.predict_proba({"X": Z}).astype(np.float64)
+        with one_thread():
+            proba = self.head_.predict_proba({"X": Z}).astype(np.float64)
         return proba / proba.sum(axis=1, keepdims=True)  # exact sums after float32 softmax
 
     def predict(self, X):

@@ -7,6 +7,9 @@ skorch. Only this part learns; the backbone stays frozen.
 
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
 import torch
 from skorch import NeuralNetClassifier
 from torch import nn
@@ -48,6 +51,45 @@ class HeadModule(nn.Module):
         return self.layers((X - self.mean) / self.scale)
 
 
+class FeatureLoader:
+    """Mini-batches of in-memory features for skorch, one array slice per batch.
+
+    Used as skorch's ``iterator_train``/``iterator_valid``. The features are
+    already computed, so a batch is a slice of whole arrays rather than
+    skorch's per-sample ``Dataset.__getitem__`` and collation, which would
+    cost more than the head's own arithmetic. Shuffling draws from torch's
+    global generator, so ``random_state`` still decides the order.
+    """
+
+    def __init__(self, dataset, batch_size=32, shuffle=False, **ignored):
+        indices = None
+        if isinstance(dataset, torch.utils.data.Subset):  # a validation split
+            indices = torch.as_tensor(np.asarray(dataset.indices), dtype=torch.long)
+            dataset = dataset.dataset
+        X, y = dataset.X, dataset.y
+
+        def tensor(a):
+            t = torch.as_tensor(np.asarray(a))
+            return t if indices is None else t[indices]
+
+        self.X = {k: tensor(v) for k, v in X.items() if v is not None} if isinstance(X, dict) else tensor(X)
+        self.y = None if y is None else tensor(y)
+        first = next(iter(self.X.values())) if isinstance(self.X, dict) else self.X
+        self.n = len(first)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+
+    def __len__(self):
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n) if self.shuffle else torch.arange(self.n)
+        for start in range(0, self.n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            Xb = {k: v[idx] for k, v in self.X.items()} if isinstance(self.X, dict) else self.X[idx]
+            yield Xb, (self.y[idx] if self.y is not None else torch.zeros(len(idx)))
+
+
 class WeightedLossMixin:
     """For a skorch net: a loss averaged with per-sample weights.
 
@@ -78,3 +120,15 @@ def feature_statistics(Z):
     scale = Z.std(axis=0)
     scale[scale == 0] = 1.0
     return mean, scale
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread: the head's tiny matrix products only lose from
+    more, and on a busy machine extra OpenMP threads spin and slow it tenfold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,153 @@
+"""Grid search at the cost of one backbone pass.
+
+Times, in one run and from empty caches: one ``fit`` of PretrainedImageClassifier;
+a GridSearchCV over 12 head settings with cv=3 (n_jobs=1, and n_jobs=2 with a
+shared ``cache_dir``); and the usual skorch way of doing the same search
+(NeuralNetClassifier over an image Dataset with the backbone inside the module,
+frozen by skorch's Freezer), which runs the backbone in every epoch of every fit.
+The peer is slow, so only ``--peer-candidates`` of its 12 candidates are timed
+(3 folds each) and its full search time is extrapolated from them (said so in
+the table).
+
+    python benchmarks/search.py [--data ../shared/datasets/flowers5] [--n 300] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+
+import numpy as np
+import torch
+from _common import DATASETS, Counter, Timer, machine, stratified_subset, write_section
+from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold, train_test_split
+
+from sktransfer import PretrainedImageClassifier, clear_cache
+from sktransfer._backbones import build_backbone
+
+GRID = {"lr": [1e-3, 3e-3, 1e-2], "hidden_units": [(), (256,)], "weight_decay": [1e-4, 1e-2]}
+
+
+def skorch_peer(backbone, max_epochs, lr, hidden_units, weight_decay):
+    """The usual skorch pattern: backbone inside the module, frozen with Freezer."""
+    from skorch import NeuralNetClassifier
+    from skorch.callbacks import Freezer
+    from torchvision import transforms as T
+    from PIL import Image
+
+    prep = backbone.preprocessing
+    transform = T.Compose([
+        T.Resize(prep.resize_size, interpolation=T.InterpolationMode(prep.interpolation)),
+        T.CenterCrop(prep.crop_size), T.ToTensor(), T.Normalize(prep.mean, prep.std),
+    ])
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, X, y=None):
+            self.X, self.y = list(X), y
+
+        def __len__(self):
+            return len(self.X)
+
+        def __getitem__(self, i):
+            x = transform(Image.open(self.X[i]).convert("RGB"))
+            return x, (self.y[i] if self.y is not None else 0)
+
+    class Net(torch.nn.Module):
+        def __init__(self, n_classes):
+            super().__init__()
+            self.backbone = copy.deepcopy(backbone.module).requires_grad_(True)
+            layers, width = [], backbone.num_features
+            for units in hidden_units:
+                layers += [torch.nn.Linear(width, units), torch.nn.ReLU()]
+                width = units
+            self.head = torch.nn.Sequential(*layers, torch.nn.Linear(width, n_classes))
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
+
+    return NeuralNetClassifier(
+        Net, module__n_classes=5, criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.AdamW,
+        lr=lr, optimizer__weight_decay=weight_decay, max_epochs=max_epochs, batch_size=32,
+        dataset=Images, train_split=None, callbacks=[Freezer("backbone.*")], verbose=0,
+        iterator_train__shuffle=True,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(DATASETS / "flowers5"))
+    parser.add_argument("--n", type=int, default=300, help="photos (80%% train, 20%% test)")
+    parser.add_argument("--peer-candidates", type=int, default=1)
+    parser.add_argument("--peer-epochs", type=int, default=10)
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    args = parser.parse_args()
+
+    X, y = stratified_subset(args.data, args.n)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
+    body = build_backbone("efficientnet_lite0").module
+    counter = Counter(body)
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    base = PretrainedImageClassifier(random_state=0)
+    rows = []
+
+    clear_cache()
+    with Timer() as fit:
+        base.fit(Xtr, ytr)
+    passes_fit = counter.images / len(Xtr)
+    rows.append(("one fit (default settings)", fit.seconds, 1.0, passes_fit, 1))
+
+    clear_cache()
+    counter.images = 0
+    with Timer() as search_t:
+        search = GridSearchCV(base, GRID, cv=cv, n_jobs=1).fit(Xtr, ytr)
+    n_fits = len(ParameterGrid(GRID)) * cv.get_n_splits() + 1
+    rows.append((f"GridSearchCV, {len(ParameterGrid(GRID))} candidates x 3 folds + refit, n_jobs=1",
+                 search_t.seconds, search_t.seconds / fit.seconds, counter.images / len(Xtr), n_fits))
+    fresh = PretrainedImageClassifier(random_state=0).set_params(**search.best_params_).fit(Xtr, ytr)
+    best_acc, fresh_acc = search.score(Xte, yte), fresh.score(Xte, yte)
+
+    clear_cache()
+    with tempfile.TemporaryDirectory() as cache, Timer() as par:
+        GridSearchCV(PretrainedImageClassifier(random_state=0, cache_dir=cache), GRID, cv=cv, n_jobs=2).fit(Xtr, ytr)
+    rows.append(("same search, n_jobs=2, shared cache_dir (workers' passes not counted)",
+                 par.seconds, par.seconds / fit.seconds, float("nan"), n_fits))
+
+    backbone = build_backbone("efficientnet_lite0")
+    candidates = list(ParameterGrid(GRID))[: args.peer_candidates]
+    with Timer() as peer:
+        for params in candidates:
+            for train, _ in cv.split(Xtr, ytr):
+                net = skorch_peer(backbone, args.peer_epochs, **params)
+                ytr_enc = np.searchsorted(np.unique(ytr), ytr[train])
+                net.fit([Xtr[i] for i in train], ytr_enc)
+    per_fit = peer.seconds / (len(candidates) * cv.get_n_splits())
+    # Each of its fits runs the backbone in every epoch over 2/3 of the training
+    # set, and once more over the other 1/3 to score; the refit over all of it.
+    n_candidates = len(ParameterGrid(GRID))
+    peer_passes = n_candidates * 3 * (args.peer_epochs * 2 / 3 + 1 / 3) + args.peer_epochs
+    rows.append((f"usual skorch way (Freezer, {args.peer_epochs} epochs): {len(candidates) * 3} fits timed, "
+                 f"{n_fits} extrapolated", per_fit * n_fits, per_fit * n_fits / fit.seconds, peer_passes, n_fits))
+
+    table = [
+        f"Search over {len(ParameterGrid(GRID))} head settings ({GRID}), cv=3, on {len(Xtr)} training photos "
+        f"of `{args.data.split('shared/')[-1]}` (seeded stratified subset of {len(X)}); {machine()}. "
+        "Ratios are to one `fit` with default settings in the same run; all from empty feature caches.",
+        "",
+        "| what | seconds | × one fit | backbone passes over the training set | fits |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, sec, ratio, passes, fits in rows:
+        table.append(f"| {name} | {sec:.1f} | {ratio:.2f} | {'' if np.isnan(passes) else f'{passes:.1f}'} | {fits} |")
+    table += [
+        "",
+        f"Best candidate {search.best_params_}: held-out accuracy {best_acc:.3f} from the search's refit, "
+        f"{fresh_acc:.3f} from a fresh fit with the same settings (equal: {best_acc == fresh_acc}).",
+    ]
+    print("\n".join(table))
+    if args.write:
+        write_section("search", "## Grid search\n\n" + "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
