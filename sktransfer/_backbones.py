@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -57,19 +58,31 @@ class Backbone:
     fingerprint: str
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def on(self, device):
-        """The body on ``device`` (a copy, made once, for devices other than the CPU)."""
+    def on(self, device, compiled=False):
+        """The body on ``device``: the module itself on the CPU, else a copy made
+        once; with ``compiled``, a ``torch.compile``d version (made once, for a
+        fixed batch shape), or None when this machine cannot compile."""
         device = torch.device(device)
-        if device.type == "cpu":
-            return self.module
-        if device not in self._on_device:
-            self._on_device[device] = copy.deepcopy(self.module).to(device)
-        return self._on_device[device]
+        key = (device, compiled)
+        if key not in self._on_device:
+            module = self.module if device.type == "cpu" else copy.deepcopy(self.module).to(device)
+            if compiled:
+                module = _compile(module, self.name)
+            self._on_device[key] = module
+        return self._on_device[key]
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_on_device"] = {}  # device copies are rebuilt where the model is loaded
         return state
+
+
+def _compile(module, name):
+    try:
+        return torch.compile(module, dynamic=False)
+    except Exception as e:  # no compiler, unsupported platform: eager still works
+        warnings.warn(f"torch.compile is not available for backbone {name!r} here ({e}); running eagerly.")
+        return None
 
 
 class _Body(nn.Module):

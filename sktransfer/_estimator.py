@@ -100,6 +100,12 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
         Folder of a disk feature cache shared across processes and sessions.
     device : str, default="cpu"
         Torch device of the backbone (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+    compile : bool or "auto", default="auto"
+        Run the backbone through ``torch.compile`` (about twice the CPU
+        throughput of a CNN, after tens of seconds of compilation). "auto"
+        compiles only when one call embeds at least 3,000 new images; without
+        a working compiler it runs eagerly. Features agree within float
+        tolerance either way.
     verbose : int, default=0
         Show a progress bar while embedding when > 0.
 
@@ -129,17 +135,19 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "cache_dir": [str, os.PathLike, None],
         "device": [str, torch.device],
+        "compile": ["boolean", StrOptions({"auto"})],
         "verbose": ["verbose"],
     }
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None,
-                 batch_size=32, cache_dir=None, device="cpu", verbose=0):
+                 batch_size=32, cache_dir=None, device="cpu", compile="auto", verbose=0):
         self.backbone = backbone
         self.weights = weights
         self.preprocessing = preprocessing
         self.batch_size = batch_size
         self.cache_dir = cache_dir
         self.device = device
+        self.compile = compile
         self.verbose = verbose
 
     def fit(self, X=None, y=None):
@@ -168,6 +176,7 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
             cache_dir=self.cache_dir,
             device=_check_device(self.device, fitted=True),
             progress=self.verbose > 0,
+            compile=self.compile,
         )
 
     @property
@@ -206,7 +215,7 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
 
     Parameters
     ----------
-    backbone, weights, preprocessing, cache_dir, device
+    backbone, weights, preprocessing, cache_dir, device, compile
         As in :class:`ImageEmbedder`.
     hidden_units : tuple of int, default=()
         Hidden layer widths of the head; ``()`` is a linear head.
@@ -290,8 +299,8 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
                  hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=30,
                  batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, class_weight=None, callbacks=None,
-                 embed_batch_size=32, cache_dir=None, device="cpu", random_state=None, verbose=0,
-                 **kwargs):
+                 embed_batch_size=32, cache_dir=None, device="cpu", compile="auto", random_state=None,
+                 verbose=0, **kwargs):
         self.backbone = backbone
         self.weights = weights
         self.preprocessing = preprocessing
@@ -310,6 +319,7 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         self.embed_batch_size = embed_batch_size
         self.cache_dir = cache_dir
         self.device = device
+        self.compile = compile
         self.random_state = random_state
         self.verbose = verbose
         for key, value in kwargs.items():
@@ -343,7 +353,7 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         return ImageEmbedder(
             backbone=self.backbone, weights=self.weights, preprocessing=self.preprocessing,
             batch_size=self.embed_batch_size, cache_dir=self.cache_dir, device=self.device,
-            verbose=self.verbose,
+            compile=self.compile, verbose=self.verbose,
         )
 
     def _check_hidden_units(self):

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -203,8 +204,14 @@ def _reason(error):
     return text or type(error).__name__
 
 
+# torch.compile roughly doubles a CNN's CPU throughput but costs tens of
+# seconds to compile (a few with a warm inductor cache): with "auto" it is used
+# only when this many images are to be embedded in one call.
+COMPILE_MIN_IMAGES = 3000
+
+
 def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="cpu",
-                     name="X", progress=False):
+                     name="X", progress=False, compile="auto"):
     """Features of every item, computing only those no cache holds.
 
     Every input is checked before the backbone runs (readable, an image
@@ -245,15 +252,17 @@ def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="
     if errors:
         raise ImageInputError(errors, name=name)
     if todo:
-        errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress)
+        use_compile = compile is True or (compile == "auto" and len(todo) >= COMPILE_MIN_IMAGES)
+        errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress, use_compile)
         if errors:
             raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     return out
 
 
-def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress):
+def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress, use_compile=False):
     prep = backbone.preprocessing
     module = backbone.on(device)
+    compiled = backbone.on(device, compiled=True) if use_compile else None
     channels_last = torch.device(device).type == "cpu"
 
     def load(payload):
@@ -286,7 +295,16 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
             if arrays:
                 x = prep.normalize(arrays, device=device, channels_last=channels_last)
                 with torch.inference_mode():
-                    features = module(x).float().cpu().numpy()
+                    try:
+                        features = _forward(module, compiled, x, batch_size)
+                    except Exception as e:
+                        if compiled is None:
+                            raise
+                        # Compilation fails at the first call on a machine without
+                        # a working C++ toolchain: run eagerly from here on.
+                        warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); running eagerly.")
+                        compiled = backbone._on_device[(torch.device(device), True)] = None
+                        features = _forward(module, None, x, batch_size)
                 for (digest, indices), vector in zip(kept, features):
                     vector = vector.copy()
                     _MEMORY.put((backbone.fingerprint, digest), vector)
@@ -298,6 +316,16 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
     if bar is not None:
         bar.close()
     return errors
+
+
+def _forward(module, compiled, x, batch_size):
+    if compiled is None:
+        return module(x).float().cpu().numpy()
+    n = x.shape[0]
+    if n < batch_size:  # pad to the one shape the compiled graph was built for
+        x = torch.cat([x, x[:1].expand(batch_size - n, *x.shape[1:])])
+        x = x.contiguous(memory_format=torch.channels_last)
+    return compiled(x)[:n].float().cpu().numpy()
 
 
 def _progress_bar(total, progress):

@@ -92,3 +92,25 @@ def test_changed_file_is_never_served_stale_features(photo, sample):
     expected = emb.transform([sample[0][40]])
     assert not np.allclose(before, after)
     np.testing.assert_allclose(after, expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_backbone_gives_the_same_features_and_still_pickles(sample):
+    import pickle
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3))
+    prep = dict(resize_size=72, crop_size=64, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
+    paths = sample[0][:7]  # 7 images in batches of 4: the last batch is padded to the compiled shape
+    eager = ImageEmbedder(net, preprocessing=prep, batch_size=4, compile=False).fit()
+    compiled = ImageEmbedder(net, preprocessing=prep, batch_size=4, compile=True).fit()
+    expected = eager.transform(paths)
+    clear_cache()
+    np.testing.assert_allclose(compiled.transform(paths), expected, rtol=1e-4, atol=1e-5)
+    assert compiled.backbone_._on_device[(torch.device("cpu"), True)] is not None  # it did compile
+    restored = pickle.loads(pickle.dumps(compiled))
+    clear_cache()
+    np.testing.assert_allclose(restored.transform(paths), expected, rtol=1e-4, atol=1e-5)
