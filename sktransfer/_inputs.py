@@ -195,7 +195,7 @@ def read_item(item):
     paths and bytes, the pixels for arrays and PIL images), so a moved or
     copied file keeps its cached features and an edited file never gets
     stale ones. ``payload`` is what :func:`sktransfer._images.open_image`
-    decodes: the file bytes when they had to be read, else the item itself.
+    decodes: the path for files, else the item itself.
 
     Raises ``OSError``/``ValueError`` with a short reason for unusable items.
     """
@@ -216,7 +216,9 @@ def read_item(item):
         digest = _digest(data)
         with _FILE_HASHES_LOCK:
             _FILE_HASHES[key] = digest
-        return digest, data
+        # The path, not the bytes: holding every file's bytes until its batch is
+        # decoded would grow memory with the data set; the re-read hits the OS cache.
+        return digest, path
     if isinstance(item, (bytes, bytearray, memoryview)):
         data = bytes(item)
         return _digest(data), data
