@@ -208,8 +208,10 @@ def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="
     """Features of every item, computing only those no cache holds.
 
     Every input is checked before the backbone runs (readable, an image
-    Pillow identifies); images that fail to decode during the pass are
-    collected, and one :class:`ImageInputError` lists them all at the end.
+    Pillow identifies); when any fails, the others are decoded too (no
+    backbone) so one :class:`ImageInputError` lists every bad input. Images
+    that pass those checks but fail to decode during the pass are collected,
+    and one :class:`ImageInputError` lists them all at the end of the pass.
 
     Returns
     -------
@@ -243,12 +245,32 @@ def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="
             continue
         todo[digest] = (payload, [i])
     if errors:
-        raise ImageInputError(errors, name=name)
+        # Some inputs are unusable, so nothing will be embedded: decode the rest
+        # (at reduced scale, no backbone) so one error lists every bad input.
+        errors += _decode_errors(todo, items)
+        raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     if todo:
         errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress)
         if errors:
             raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     return out
+
+
+def _decode_errors(todo, items):
+    """``(index, item, reason)`` of each pending item that fails to decode."""
+
+    def check(payload):
+        try:
+            open_image(payload, min_size=1)  # JPEGs decode at 1/8 scale: cheap, still complete
+        except (OSError, ValueError) as e:
+            return _reason(e)
+        return None
+
+    entries = list(todo.values())
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        reasons = list(pool.map(check, [payload for payload, _ in entries]))
+    return [(i, items[i], reason) for (_, indices), reason in zip(entries, reasons) if reason
+            for i in indices]
 
 
 def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress):
