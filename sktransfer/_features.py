@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -114,13 +115,15 @@ class DiskCache:
             with os.fdopen(fd, "wb") as f:
                 f.write(body + hashlib.blake2b(body, digest_size=16).digest())
             os.replace(tmp, path)
-        except OSError:
+        except OSError as e:
             # A full or read-only disk costs recomputation later, never a wrong entry.
             if tmp is not None:
                 try:
                     os.unlink(tmp)
                 except OSError:
                     pass
+            return e
+        return None
 
 
 def cache_info(cache_dir=None):
@@ -287,6 +290,7 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
     entries = list(todo.items())
     batches = [entries[k:k + batch_size] for k in range(0, len(entries), batch_size)]
     errors = []
+    write_error = None
     bar = _progress_bar(len(entries), progress)
     # Decoding runs in a small thread pool (Pillow releases the GIL) one batch
     # ahead of the forward pass, so at most two batches of pixels are held.
@@ -310,13 +314,19 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
                 for (digest, indices), vector in zip(kept, features):
                     vector = vector.copy()
                     _MEMORY.put((backbone.fingerprint, digest), vector)
-                    if disk is not None:
-                        disk.put(digest, vector)
+                    if disk is not None and write_error is None:
+                        write_error = disk.put(digest, vector)
                     out[indices] = vector
             if bar is not None:
                 bar.update(len(batch))
     if bar is not None:
         bar.close()
+    if write_error is not None:
+        warnings.warn(
+            f"Could not write to the feature cache cache_dir={disk.root!r} ({write_error}); "
+            "the features are computed and returned, but not cached on disk.",
+            RuntimeWarning, stacklevel=4,
+        )
     return errors
 
 
