@@ -366,6 +366,33 @@ def build_backbone(backbone, weights="DEFAULT", preprocessing=None):
     return result
 
 
+def rebuild_backbone(backbone, state, preprocessing):
+    """A :class:`Backbone` from a saved body state dict, without any download.
+
+    The architecture comes from the registry, built with ``weights=None``
+    (or is a copy of the given ``nn.Module``); then ``state`` (the
+    ``Backbone.module.state_dict()`` saved earlier) is loaded into it.
+    """
+    if isinstance(backbone, nn.Module):
+        name, net = type(backbone).__name__, copy.deepcopy(backbone)
+    else:
+        name, built = backbone, None
+        for family in _FAMILIES:
+            if family.handles(backbone):
+                built = family.build(backbone, None)
+                if built is not None:
+                    break
+        if built is None:
+            raise ValueError(_unknown_backbone_message(backbone))
+        net = built[0]
+    body = _Body(net)
+    try:
+        body.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"the saved backbone weights do not fit the architecture {name!r}: {e}") from None
+    return _freeze(name, body.net, preprocessing)
+
+
 def _unknown_backbone_message(name):
     choices = list_backbones()
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)

