@@ -8,7 +8,7 @@ paths and work in Pipelines, GridSearchCV and cross-validation.
 __version__ = "0.1.0"
 
 from ._backbones import Backbone, list_backbones  # noqa: E402
-from ._estimator import ImageEmbedder, PretrainedImageClassifier  # noqa: E402
+from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor  # noqa: E402
 from ._features import cache_info, clear_cache, set_memory_cache_size  # noqa: E402
 from ._images import Preprocessing  # noqa: E402
 from ._inputs import ImageInputError, load_image_folder  # noqa: E402
@@ -18,6 +18,7 @@ __all__ = [
     "ImageEmbedder",
     "ImageInputError",
     "PretrainedImageClassifier",
+    "PretrainedImageRegressor",
     "Preprocessing",
     "cache_info",
     "clear_cache",

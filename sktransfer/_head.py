@@ -8,7 +8,7 @@ skorch. Only this part learns; the backbone stays frozen.
 from __future__ import annotations
 
 import torch
-from skorch import NeuralNetClassifier
+from skorch import NeuralNetClassifier, NeuralNetRegressor
 from torch import nn
 
 
@@ -70,6 +70,14 @@ class WeightedLossMixin:
 
 class HeadClassifier(WeightedLossMixin, NeuralNetClassifier):
     """skorch's NeuralNetClassifier with a sample-weighted loss."""
+
+
+class HeadRegressor(WeightedLossMixin, NeuralNetRegressor):
+    """skorch's NeuralNetRegressor with a sample-weighted loss.
+
+    Targets are 2-D ``(n_samples, n_outputs)`` float32; the criterion (MSE)
+    is built with ``reduction="none"``.
+    """
 
 
 def feature_statistics(Z):
