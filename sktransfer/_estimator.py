@@ -26,7 +26,9 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
-from sklearn.utils.validation import _check_sample_weight, check_array, check_is_fitted, column_or_1d
+from sklearn.utils.validation import (
+    _check_feature_names, _check_sample_weight, check_array, check_is_fitted, column_or_1d,
+)
 
 from . import __version__
 from ._backbones import build_backbone
@@ -154,6 +156,10 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
         self._validate_params()
         if X is not None:
             as_image_list(X)
+            # X is one column of images: recorded so a ColumnTransformer (or
+            # get_feature_names_out) can check the input names it passes.
+            self.n_features_in_ = 1
+            _check_feature_names(self, X if hasattr(X, "columns") else None, reset=True)
         _check_device(self.device)
         self.backbone_ = build_backbone(self.backbone, self.weights, self.preprocessing)
         self.n_features_out_ = self.backbone_.num_features
