@@ -25,7 +25,7 @@ from sklearn.base import (
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import (
     _check_feature_names, _check_sample_weight, check_array, check_is_fitted, column_or_1d,
 )
@@ -33,7 +33,7 @@ from sklearn.utils.validation import (
 from . import __version__
 from ._backbones import build_backbone
 from ._features import extract_features
-from ._head import HeadClassifier, HeadModule, HeadRegressor, feature_statistics
+from ._head import HeadClassifier, HeadModule, HeadMultiLabelClassifier, HeadRegressor, feature_statistics
 from ._inputs import as_image_list
 
 _HEAD_PREFIXES = ("optimizer__", "iterator_train__", "iterator_valid__", "callbacks__")
@@ -650,7 +650,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         Y = y.toarray() if sparse.issparse(y) else np.asarray(y)
         if len(Y) != n:
             raise ValueError(f"X has {n} images but y has {len(Y)} rows; they must match.")
-        if type_of_target(Y) != "multilabel-indicator":
+        if Y.dtype.kind not in "biuf" or not np.isin(Y, (0, 1)).all():
             raise ValueError(
                 f"y is 2-D with {Y.shape[1]} columns but not a 0/1 indicator matrix. For multi-label "
                 "classification give one column per label, 1 where the image has it "
@@ -697,7 +697,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
 
     def _head_task(self, y_train, n_outputs):
         if y_train.ndim == 2:  # multi-label: one independent sigmoid output per label
-            return HeadClassifier, dict(
+            return HeadMultiLabelClassifier, dict(
                 criterion=torch.nn.BCEWithLogitsLoss,
                 criterion__reduction="none",
                 predict_nonlinearity=torch.sigmoid,

@@ -73,6 +73,17 @@ class HeadClassifier(WeightedLossMixin, NeuralNetClassifier):
     """skorch's NeuralNetClassifier with a sample-weighted loss."""
 
 
+class HeadMultiLabelClassifier(HeadClassifier):
+    """HeadClassifier for multi-label targets (one sigmoid output per label).
+
+    ``predict`` gives the 0/1 indicator matrix (probability above 0.5), so
+    skorch's validation accuracy during early stopping is subset accuracy.
+    """
+
+    def predict(self, X):
+        return (self.predict_proba(X) > 0.5).astype(int)
+
+
 class HeadRegressor(WeightedLossMixin, NeuralNetRegressor):
     """skorch's NeuralNetRegressor with a sample-weighted loss.
 
