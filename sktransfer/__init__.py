@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from ._backbones import Backbone, list_backbones  # noqa: E402
 from ._distributed import embed_dask  # noqa: E402
-from ._estimator import ImageEmbedder, PretrainedImageClassifier  # noqa: E402
+from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor  # noqa: E402
 from ._export import load_model, save_model  # noqa: E402
 from ._features import cache_info, clear_cache, set_memory_cache_size  # noqa: E402
 from ._images import Preprocessing  # noqa: E402
@@ -20,6 +20,7 @@ __all__ = [
     "ImageEmbedder",
     "ImageInputError",
     "PretrainedImageClassifier",
+    "PretrainedImageRegressor",
     "Preprocessing",
     "cache_info",
     "clear_cache",

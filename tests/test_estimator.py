@@ -148,7 +148,7 @@ def test_pickle_loads_in_fresh_process_without_weights_or_cache(tmp_path, flower
         f"proba = model.predict_proba({list(X)!r})\n"
         f"assert np.array_equal(proba, np.load({str(tmp_path / 'proba.npy')!r})), 'proba differ'\n"
     )
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
 
 

@@ -136,5 +136,27 @@ def test_bad_folders_are_named(tmp_path, fitted):
     (tmp_path / "head.pt").write_bytes(pickle.dumps(ImageEmbedder()))
     with pytest.raises(ValueError, match="weights_only=True"):
         load_model(tmp_path)
-    with pytest.raises(TypeError, match="PretrainedImageClassifier or an ImageEmbedder"):
+    with pytest.raises(TypeError, match="PretrainedImageRegressor or an ImageEmbedder"):
         save_model("model", tmp_path)
+
+
+def test_regressor_and_multilabel_round_trip(tmp_path, digits_small):
+    from sktransfer import PretrainedImageRegressor
+
+    X, y = digits_small
+    reg = PretrainedImageRegressor(max_epochs=5, random_state=0).fit(X, np.c_[y, 2.0 * y + 1])
+    save_model(reg, tmp_path / "reg")
+    loaded = load_model(tmp_path / "reg")
+    assert type(loaded) is PretrainedImageRegressor and loaded.n_outputs_ == 2
+    np.testing.assert_array_equal(loaded.predict(X[:4]), reg.predict(X[:4]))
+    single = PretrainedImageRegressor(max_epochs=5, random_state=0).fit(X, y.astype(float))
+    save_model(single, tmp_path / "single")
+    assert load_model(tmp_path / "single").predict(X[:3]).shape == (3,)
+
+    Y = np.c_[y == 0, y != 1].astype(int)
+    tagger = PretrainedImageClassifier(max_epochs=5, random_state=0).fit(X, Y)
+    save_model(tagger, tmp_path / "tags")
+    loaded = load_model(tmp_path / "tags")
+    assert loaded.multilabel_
+    np.testing.assert_array_equal(loaded.predict_proba(X[:4]), tagger.predict_proba(X[:4]))
+    np.testing.assert_array_equal(loaded.predict(X[:4]), tagger.predict(X[:4]))
