@@ -22,9 +22,10 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, column_or_1d
 
 from . import __version__
+from ._augment import AUGMENT_PRESETS, TTA_PRESETS, augment_views, tta_views
 from ._backbones import build_backbone
 from ._features import extract_features
-from ._head import HeadClassifier, HeadModule, feature_statistics
+from ._head import BlocksAndHead, HeadClassifier, HeadModule, feature_statistics, pooled_features
 from ._inputs import as_image_list
 
 _HEAD_PREFIXES = ("optimizer__", "iterator_train__", "iterator_valid__", "callbacks__")
@@ -182,6 +183,16 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
         return tags
 
 
+class _TemperatureSoftmax:
+    """skorch's predict nonlinearity with calibrated logits: softmax(logits / temperature)."""
+
+    def __init__(self, temperature):
+        self.temperature = float(temperature)
+
+    def __call__(self, logits):
+        return torch.softmax(logits / self.temperature, dim=-1)
+
+
 @contextlib.contextmanager
 def _seeded(random_state, device):
     """Run with torch's RNG seeded from ``random_state``, restoring it afterwards."""
@@ -241,6 +252,36 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         equal seeds give equal models.
     verbose : int, default=0
         Print skorch's epoch table and show an embedding progress bar when > 0.
+    augment : {"flip", "light", "strong"}, callable or None, default=None
+        Training augmentation at cached cost: each training image is embedded
+        under ``n_views`` random augmentations once, and each epoch the head
+        sees one view per image. ``"flip"``: horizontal flips; ``"light"``:
+        random resized crops (50-100% of the area) and flips; ``"strong"``:
+        crops down to 25%, flips and colour jitter. A callable is a
+        torchvision transform taking and returning a PIL image (no
+        ToTensor/Normalize: the weights' preprocessing follows). Views are
+        seeded from ``random_state`` and cached, so grid candidates reuse them.
+    n_views : int, default=4
+        Augmented views embedded per training image when ``augment`` is set.
+    tta : {"flip", "flip+shift"} or None, default=None
+        Test-time augmentation: ``predict_proba`` averages the probabilities
+        of the plain image and its mirror image (``"flip"``), plus four
+        views shifted towards the corners (``"flip+shift"``). ``predict`` and
+        ``score`` follow ``predict_proba``.
+    unfreeze : int, default=0
+        Fine-tune the last ``unfreeze`` blocks of the backbone with the head
+        (a trained copy of them is kept in the model; the shared backbone
+        stays frozen). The frozen part's activations are cached, so it still
+        runs once per image (per view). BatchNorm statistics in the trained
+        blocks stay frozen (eval mode). Supported for EfficientNet-style and
+        ResNet-style backbones.
+    backbone_lr_mult : float, default=0.1
+        Learning rate of the unfrozen blocks as a multiple of ``lr``.
+    calibration : {"temperature"} or None, default=None
+        Hold out ``validation_fraction`` of the training data (stratified;
+        the early-stopping split when ``early_stopping``) and fit a
+        temperature on it that divides the logits, so that probabilities are
+        calibrated; predictions (the argmax) do not change.
     **kwargs
         skorch settings routed by prefix: ``optimizer__*``,
         ``iterator_train__*``, ``iterator_valid__*``, ``callbacks__*``.
@@ -255,6 +296,8 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         The trained head; ``head_.history`` holds the training curves.
     history_ : skorch.History
         Shortcut to ``head_.history``.
+    temperature_ : float
+        The fitted temperature (1.0 without ``calibration``).
 
     See Also
     --------
@@ -284,6 +327,12 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         "callbacks": [list, None],
         "embed_batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
+        "augment": [StrOptions(set(AUGMENT_PRESETS)), callable, None],
+        "n_views": [Interval(numbers.Integral, 1, None, closed="left")],
+        "tta": [StrOptions(set(TTA_PRESETS)), None],
+        "unfreeze": [Interval(numbers.Integral, 0, None, closed="left")],
+        "backbone_lr_mult": [Interval(numbers.Real, 0, None, closed="neither")],
+        "calibration": [StrOptions({"temperature"}), None],
     }
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
@@ -291,7 +340,8 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
                  batch_size=32, optimizer=torch.optim.AdamW, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, class_weight=None, callbacks=None,
                  embed_batch_size=32, cache_dir=None, device="cpu", random_state=None, verbose=0,
-                 **kwargs):
+                 augment=None, n_views=4, tta=None, unfreeze=0, backbone_lr_mult=0.1,
+                 calibration=None, **kwargs):
         self.backbone = backbone
         self.weights = weights
         self.preprocessing = preprocessing
@@ -312,6 +362,12 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+        self.augment = augment
+        self.n_views = n_views
+        self.tta = tta
+        self.unfreeze = unfreeze
+        self.backbone_lr_mult = backbone_lr_mult
+        self.calibration = calibration
         for key, value in kwargs.items():
             if not key.startswith(_HEAD_PREFIXES):
                 raise TypeError(
@@ -396,16 +452,61 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         device = _check_device(self.device)
 
         embedder = self._make_embedder().fit()
-        Z = embedder.transform(items)
-        head = self._build_head(Z, len(encoder.classes_), hidden_units, device)
+        if self.unfreeze:
+            embedder.backbone_.prefix(self.unfreeze)  # an unsupported split fails before embedding
+        if self.augment is None:
+            Z = self._embed(embedder, items, None, self.unfreeze)
+        else:
+            # One backbone pass per image and view, cached: shape (n_images, n_views, n_features).
+            views = augment_views(self.augment, self.n_views, self._view_seed(),
+                                  embedder.backbone_.preprocessing)
+            Z = np.stack([self._embed(embedder, items, v, self.unfreeze) for v in views], axis=1)
+        head = self._build_head(Z, len(encoder.classes_), hidden_units, device, embedder.backbone_)
         with _seeded(self.random_state, device):
             head.fit({"X": Z, "sample_weight": weights}, y_enc)
+        temperature = 1.0
+        if self.calibration == "temperature":
+            temperature = self._fit_temperature(head, Z, y_enc)
+            head.predict_nonlinearity = _TemperatureSoftmax(temperature)
         # Fitted state is assigned together at the end: an interrupted fit
         # leaves the estimator as it was before.
         self.classes_ = encoder.classes_
         self.embedder_ = embedder
         self.head_ = head
+        self.unfreeze_ = int(self.unfreeze)
+        self.temperature_ = temperature
         return self
+
+    def _embed(self, embedder, items, view=None, unfreeze=0):
+        """Features of ``items`` (boundary activations when fine-tuning), under ``view``."""
+        if view is None and not unfreeze:
+            return embedder.transform(items)
+        backbone = embedder.backbone_.prefix(unfreeze) if unfreeze else embedder.backbone_
+        return extract_features(
+            items, backbone, batch_size=embedder.batch_size, cache_dir=embedder.cache_dir,
+            device=_check_device(embedder.device, fitted=True), progress=embedder.verbose > 0,
+            view=view,
+        )
+
+    def _view_seed(self):
+        # A fixed random_state fixes the views, so every grid candidate reuses the cached ones.
+        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+
+    def _fit_temperature(self, head, Z, y_enc):
+        """The temperature minimising the log loss on the held-out split."""
+        dataset = head.get_dataset({"X": Z}, y_enc)
+        _, valid = head.train_split(dataset, y_enc)
+        logits = head.forward(torch.utils.data.Subset(dataset, valid.indices), training=False)
+        logits = logits.detach().cpu().double().numpy()
+        y_valid = y_enc[np.asarray(valid.indices)]
+        candidates = np.exp(np.linspace(np.log(0.05), np.log(20.0), 401))
+        losses = []
+        for t in candidates:
+            z = logits / t
+            z = z - z.max(axis=1, keepdims=True)
+            log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            losses.append(-log_p[np.arange(len(y_valid)), y_valid].mean())
+        return float(candidates[int(np.argmin(losses))])
 
     def _sample_weights(self, y_enc, classes, sample_weight, n):
         from sklearn.utils.class_weight import compute_class_weight
@@ -423,19 +524,39 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
             weights = weights * per_class[y_enc].astype(np.float32)
         return weights.astype(np.float32)
 
-    def _build_head(self, Z, n_classes, hidden_units, device):
+    def _build_head(self, Z, n_classes, hidden_units, device, backbone=None):
         from skorch.callbacks import EarlyStopping
         from skorch.dataset import ValidSplit
 
-        mean, scale = feature_statistics(Z)
+        tuned = {}
+        if self.unfreeze:
+            blocks = backbone.blocks(self.unfreeze)
+            shape = backbone.prefix(self.unfreeze).shape
+            flat = Z.reshape(-1, Z.shape[-1])
+            with torch.inference_mode():  # the head standardises the blocks' initial output
+                pooled = [pooled_features(blocks, shape, torch.from_numpy(flat[k:k + 64]))
+                          for k in range(0, len(flat), 64)]
+            features = torch.cat(pooled).numpy()
+            tuned = dict(module__blocks=blocks, module__shape=shape)
+            if "optimizer__param_groups" not in self._head_kwargs():
+                tuned["optimizer__param_groups"] = [("blocks.*", {"lr": self.lr * self.backbone_lr_mult})]
+        else:
+            features = Z.reshape(-1, Z.shape[-1]) if Z.ndim == 3 else Z
+        mean, scale = feature_statistics(features)
         callbacks = list(self.callbacks or [])
         train_split = None
         if self.early_stopping:
             train_split = ValidSplit(self.validation_fraction, stratified=True, random_state=self._split_seed())
             callbacks.append(("early_stopping", EarlyStopping(patience=self.n_iter_no_change, load_best=True)))
+        if self.calibration is not None:
+            # The temperature is fitted on this split after training, so it needs a fixed seed.
+            seed = self._split_seed()
+            seed = np.random.randint(np.iinfo(np.int32).max) if seed is None else seed
+            train_split = ValidSplit(self.validation_fraction, stratified=True, random_state=seed)
         return HeadClassifier(
-            module=HeadModule,
-            module__in_features=Z.shape[1],
+            module=BlocksAndHead if self.unfreeze else HeadModule,
+            **tuned,
+            module__in_features=features.shape[1],
             module__n_outputs=n_classes,
             module__hidden_units=hidden_units,
             module__dropout=self.dropout,
@@ -469,20 +590,25 @@ class PretrainedImageClassifier(_VersionedMixin, ClassifierMixin, BaseEstimator)
         check_is_fitted(self, "head_")
         return self.head_.history
 
-    def _features(self, X):
+    def _features(self, X, view=None):
         check_is_fitted(self, "head_")
-        return self.embedder_.transform(as_image_list(X))
+        return self._embed(self.embedder_, as_image_list(X), view, getattr(self, "unfreeze_", 0))
 
     def predict_proba(self, X):
         """Class probabilities of each image, columns in the order of ``classes_``.
+
+        With ``tta``, the average of the probabilities of each image's views.
 
         Returns
         -------
         proba : ndarray of shape (n_images, n_classes)
         """
-        Z = self._features(X)
+        check_is_fitted(self, "head_")
+        items = as_image_list(X)
+        views = [None] if self.tta is None else tta_views(self.tta, self.embedder_.backbone_.preprocessing)
         self.head_.set_params(device=_check_device(self.head_.device, fitted=True))
-        proba = self.head_.predict_proba({"X": Z}).astype(np.float64)
+        probas = [self.head_.predict_proba({"X": self._features(items, v)}) for v in views]
+        proba = (probas[0] if len(probas) == 1 else np.mean(probas, axis=0)).astype(np.float64)
         return proba / proba.sum(axis=1, keepdims=True)  # exact sums after float32 softmax
 
     def predict(self, X):

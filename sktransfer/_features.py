@@ -204,18 +204,22 @@ def _reason(error):
 
 
 def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="cpu",
-                     name="X", progress=False):
+                     name="X", progress=False, view=None):
     """Features of every item, computing only those no cache holds.
 
     Every input is checked before the backbone runs (readable, an image
     Pillow identifies); images that fail to decode during the pass are
     collected, and one :class:`ImageInputError` lists them all at the end.
 
+    ``view`` (a :class:`sktransfer._augment.View`) transforms each decoded
+    image before preprocessing; its features are cached under the view's
+    identity beside the plain image's.
+
     Returns
     -------
     features : ndarray of shape (len(items), backbone.num_features), float32
     """
-    fingerprint = backbone.fingerprint
+    fingerprint = view_fingerprint(backbone.fingerprint, view)
     disk = DiskCache(cache_dir, fingerprint) if cache_dir is not None else None
     out = np.empty((len(items), backbone.num_features), dtype=np.float32)
     errors = []
@@ -245,20 +249,33 @@ def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="
     if errors:
         raise ImageInputError(errors, name=name)
     if todo:
-        errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress)
+        errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress,
+                               view, fingerprint)
         if errors:
             raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     return out
 
 
-def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress):
+def view_fingerprint(fingerprint, view):
+    """The cache namespace of a view's features: the backbone's own without a view."""
+    if view is None:
+        return fingerprint
+    return hashlib.blake2b(f"{fingerprint}|view|{view.key}".encode(), digest_size=16).hexdigest()
+
+
+def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress,
+                  view=None, fingerprint=None):
     prep = backbone.preprocessing
     module = backbone.on(device)
     channels_last = torch.device(device).type == "cpu"
+    fingerprint = fingerprint or backbone.fingerprint
 
-    def load(payload):
+    def load(payload, digest):
         try:
-            return prep.to_array(open_image(payload, min_size=prep.resize_size)), None
+            image = open_image(payload, min_size=prep.resize_size)
+            if view is not None:
+                image = view(image, digest)
+            return prep.to_array(image), None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return None, _reason(e)
 
@@ -269,11 +286,11 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
     # Decoding runs in a small thread pool (Pillow releases the GIL) one batch
     # ahead of the forward pass, so at most two batches of pixels are held.
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        pending = [pool.submit(load, p) for _, (p, _) in batches[0]] if batches else []
+        pending = [pool.submit(load, p, d) for d, (p, _) in batches[0]] if batches else []
         for b, batch in enumerate(batches):
             results = [f.result() for f in pending]
             if b + 1 < len(batches):
-                pending = [pool.submit(load, p) for _, (p, _) in batches[b + 1]]
+                pending = [pool.submit(load, p, d) for d, (p, _) in batches[b + 1]]
             arrays, kept = [], []
             for (digest, (_, indices)), (array, reason) in zip(batch, results):
                 if array is None:
@@ -287,7 +304,7 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
                     features = module(x).float().cpu().numpy()
                 for (digest, indices), vector in zip(kept, features):
                     vector = vector.copy()
-                    _MEMORY.put((backbone.fingerprint, digest), vector)
+                    _MEMORY.put((fingerprint, digest), vector)
                     if disk is not None:
                         disk.put(digest, vector)
                     out[indices] = vector
