@@ -182,10 +182,12 @@ def main():
             print(f"skipping {name}: ../shared/datasets/{name} not found")
             continue
         X, y, X_test, y_test = split(folder, args.train, args.test, args.seed)
-        rows = [(label, run_sktransfer(params, X, y, X_test, y_test, stem)) for label, params in VARIANTS]
-        rows.append((f"skorch peer: backbone in module + Freezer, {args.peer_epochs} epochs",
-                     run_skorch_peer(X, y, X_test, y_test, args.peer_epochs)))
-        for label, r in rows:
+        runs = [(label, lambda p=params: run_sktransfer(p, X, y, X_test, y_test, stem))
+                for label, params in VARIANTS]
+        runs.append((f"skorch peer: backbone in module + Freezer, {args.peer_epochs} epochs",
+                     lambda: run_skorch_peer(X, y, X_test, y_test, args.peer_epochs)))
+        for label, run in runs:
+            r = run()
             line = (f"| {name} ({len(X)}/{len(X_test)}) | {label} | {r['accuracy']:.3f} | {r['ece']:.3f} | "
                     f"{r['fit_s']:.1f} | {r['predict_s']:.1f} | {r['passes']} |")
             print(line, flush=True)
