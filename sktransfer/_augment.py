@@ -1,0 +1,145 @@
+"""Stage 2b: views of an image, applied to decoded pixels before preprocessing.
+
+A :class:`View` is a transform of a decoded RGB PIL image with a stable
+identity, so the features of a view can be cached like those of the image
+itself: the cache key is the backbone fingerprint, the view's identity and
+the image content. Random views (training augmentation) are seeded per
+image, view index and seed, so they are reproducible and reusable across
+the clones of a grid search; deterministic views serve test-time
+augmentation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import random
+import threading
+
+import torch
+from PIL import Image, ImageOps
+
+__all__ = ["AUGMENT_PRESETS", "TTA_PRESETS"]
+
+#: Names accepted as ``augment=``.
+AUGMENT_PRESETS = ("flip", "light", "strong")
+#: Names accepted as ``tta=``.
+TTA_PRESETS = ("flip", "flip+shift")
+
+# torchvision's random transforms draw from torch's (and some from Python's)
+# global generator: seeding it per image is only safe one image at a time.
+_RNG_LOCK = threading.Lock()
+
+
+class View:
+    """One view of every image: ``transform(image) -> image`` with a cache identity.
+
+    Parameters
+    ----------
+    transform : callable
+        Takes and returns an RGB PIL image.
+    identity : str
+        Names the transform; equal identities must mean equal transforms.
+    seed : int or None
+        For a random transform: the generators are seeded from ``seed`` and
+        the image's content digest, so each image gets its own, reproducible
+        draw. None for a deterministic transform.
+    """
+
+    def __init__(self, transform, identity, seed=None):
+        self.transform = transform
+        self.identity = identity
+        self.seed = seed
+
+    @property
+    def key(self):
+        """The part of the cache key that tells this view apart."""
+        return f"{self.identity}|seed={self.seed}"
+
+    def __call__(self, image, digest):
+        if self.seed is None:
+            return _to_pil(self.transform(image))
+        h = hashlib.blake2b(f"{self.seed}|{digest}".encode(), digest_size=8).digest()
+        image_seed = int.from_bytes(h, "little") & (2**63 - 1)
+        with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+            state = random.getstate()
+            try:
+                torch.manual_seed(image_seed)
+                random.seed(image_seed)
+                return _to_pil(self.transform(image))
+            finally:
+                random.setstate(state)
+
+
+def _to_pil(image):
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    raise TypeError(
+        f"augment transforms must return a PIL image (they run before resizing, cropping and "
+        f"normalisation), got {type(image).__name__}; leave out ToTensor/Normalize."
+    )
+
+
+def transform_identity(transform):
+    """A stable identity of a user transform: a digest of its pickle, else its repr."""
+    try:
+        return "user:" + hashlib.blake2b(pickle.dumps(transform), digest_size=16).hexdigest()
+    except Exception:
+        # Not picklable (a lambda): its repr, which includes its address, so
+        # its cached views are reused within this process only.
+        return "user-repr:" + repr(transform)
+
+
+def augment_transform(augment, preprocessing):
+    """The random transform of ``augment=`` (a preset name or a callable) and its identity."""
+    from torchvision import transforms as T
+
+    if callable(augment):
+        return augment, transform_identity(augment)
+    interpolation = T.InterpolationMode(preprocessing.interpolation)
+    # Random crops are cut at the resize size, so the weights' centre crop
+    # that follows keeps its usual proportion of each crop.
+    size = preprocessing.resize_size
+    presets = {
+        "flip": lambda: T.RandomHorizontalFlip(),
+        "light": lambda: T.Compose([
+            T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interpolation),
+            T.RandomHorizontalFlip(),
+        ]),
+        "strong": lambda: T.Compose([
+            T.RandomResizedCrop(size, scale=(0.25, 1.0), interpolation=interpolation),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
+        ]),
+    }
+    # The preset's name and the preprocessing it depends on are its identity.
+    return presets[augment](), f"preset:{augment}:v1:{preprocessing!r}"
+
+
+def augment_views(augment, n_views, seed, preprocessing):
+    """``n_views`` random views of ``augment``, each with its own seed stream."""
+    transform, identity = augment_transform(augment, preprocessing)
+    return [View(transform, identity, seed=f"{seed}/{k}") for k in range(n_views)]
+
+
+def _shift(corner, fraction):
+    def shift(image):
+        w, h = image.size
+        dx, dy = round(w * fraction), round(h * fraction)
+        left = dx if corner[0] else 0
+        top = dy if corner[1] else 0
+        return image.crop((left, top, left + w - dx, top + h - dy))
+    return shift
+
+
+def tta_views(tta, preprocessing):
+    """The deterministic views of ``tta=``; the first is the plain image (None)."""
+    if tta not in TTA_PRESETS:
+        raise ValueError(f"tta={tta!r} is not valid; use None or one of {list(TTA_PRESETS)}.")
+    views = [None, View(ImageOps.mirror, "tta:flip")]
+    if tta == "flip+shift":
+        # Shift by the margin the centre crop leaves (1 - crop/resize of each side).
+        fraction = max(0.0625, 1.0 - preprocessing.crop_size / preprocessing.resize_size)
+        for corner in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            views.append(View(_shift(corner, fraction), f"tta:shift{corner}:{fraction:.4f}"))
+    return views
