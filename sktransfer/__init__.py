@@ -9,9 +9,11 @@ __version__ = "0.1.0"
 
 from ._backbones import Backbone, list_backbones  # noqa: E402
 from ._estimator import ImageEmbedder, PretrainedImageClassifier  # noqa: E402
+from ._explain import explain  # noqa: E402
 from ._features import cache_info, clear_cache, set_memory_cache_size  # noqa: E402
 from ._images import Preprocessing  # noqa: E402
 from ._inputs import ImageInputError, load_image_folder  # noqa: E402
+from ._plotting import plot_history, plot_top_losses  # noqa: E402
 
 __all__ = [
     "Backbone",
@@ -21,7 +23,10 @@ __all__ = [
     "Preprocessing",
     "cache_info",
     "clear_cache",
+    "explain",
     "list_backbones",
     "load_image_folder",
+    "plot_history",
+    "plot_top_losses",
     "set_memory_cache_size",
 ]
