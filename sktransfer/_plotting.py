@@ -136,8 +136,9 @@ def plot_history(estimator, keys=None):
     fig : matplotlib.figure.Figure
         Losses on the left axis; accuracies, when drawn, on a right axis.
     """
-    history = getattr(estimator, "history_", None)
-    if history is None:
+    if hasattr(type(estimator), "history_"):
+        history = estimator.history_  # NotFittedError before fit
+    else:
         history = getattr(estimator, "history", estimator)
     if not hasattr(history, "__getitem__") or len(history) == 0:
         raise ValueError(
