@@ -298,8 +298,11 @@ def _evaluate(args):
     import html
     import json
 
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("sktransfer evaluate draws pictures with matplotlib: "
+                          "pip install 'sktransfer[plot]' (or matplotlib).") from None
     matplotlib.use("Agg")  # files only, never a window
     import numpy as np
     from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix
@@ -391,7 +394,7 @@ def _embed(args):
             import pandas as pd
             import pyarrow  # noqa: F401
         except ImportError:
-            raise ImportError("writing .parquet needs pandas and pyarrow (pip install pandas pyarrow); "
+            raise ImportError("writing .parquet needs pandas and pyarrow: pip install 'sktransfer[parquet]'; "
                               "or write .npy.") from None
     paths = _expand_inputs(args.inputs)
     embedder = ImageEmbedder(args.backbone, batch_size=args.batch_size, cache_dir=args.cache_dir,
