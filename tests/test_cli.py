@@ -130,8 +130,10 @@ def test_predict_one_row_per_input_in_input_order(trained, sample, tmp_path, cap
     proba = table[[f"proba_{c}" for c in CLASSES]].to_numpy()
     np.testing.assert_allclose(proba, model.predict_proba(expected_paths), atol=1e-6)
     assert main(["predict", str(model_path), single]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
     assert lines[0] == "path,prediction" and lines[1] == f"{single},{model.predict([single])[0]}"
+    assert captured.err == ""  # no progress bar when stderr is not a terminal
 
 
 def test_predict_errors_name_the_input(trained, tmp_path, capsys):
@@ -225,11 +227,38 @@ def test_console_command_exit_codes(trained):
     photo = str(next(data.rglob("*.jpg")))
     cmd = [sys.executable, "-m", "sktransfer"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ok = subprocess.run(cmd + ["predict", str(model_path), photo], capture_output=True, text=True, env=env)
-    assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.splitlines()[1].startswith(photo + ",")
+    # stderr on a real terminal: a progress bar there, and only the CSV on stdout.
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    terminal, stderr = pty.openpty()
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80 columns, as a shell's
+    ok = subprocess.run(cmd + ["predict", str(model_path), photo], stdout=subprocess.PIPE, stderr=stderr,
+                        text=True, env=env)
+    os.close(stderr)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    assert ok.returncode == 0, shown.decode(errors="replace")
+    assert ok.stdout.splitlines() == ["path,prediction", f"{photo},{joblib.load(model_path).predict([photo])[0]}"]
+    assert b"embedding images" in shown and b"100%" in shown
     failed = subprocess.run(cmd + ["predict", str(model_path), "missing.jpg"], capture_output=True, text=True, env=env)
     assert failed.returncode == 1 and failed.stdout == ""
     assert failed.stderr.startswith("sktransfer predict: error:") and "Traceback" not in failed.stderr
-    usage = subprocess.run(cmd + ["predict"], capture_output=True, text=True, env=env)
-    assert usage.returncode == 2 and "usage: sktransfer predict" in usage.stderr
+
+
+def test_usage_errors_exit_2_with_usage(capsys):
+    for argv in (["predict"], ["fit"], ["nonsense"], ["embed", "x.jpg"]):
+        with pytest.raises(SystemExit) as usage:
+            main(argv)
+        assert usage.value.code == 2
+        assert "usage: sktransfer" in capsys.readouterr().err
