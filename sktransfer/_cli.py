@@ -77,8 +77,8 @@ def _read_dataset(source, path_column="path", label_column="label"):
              or not (row[label_column] or "").strip()]
     if empty:
         raise ValueError(
-            f"{str(source)!r}: line(s) {empty[:20]} have an empty {path_column} or {label_column}; "
-            "every row needs both."
+            f"{str(source)!r}: line(s) {empty[:20]}{f' and {len(empty) - 20} more' if len(empty) > 20 else ''} "
+            f"have an empty {path_column} or {label_column}; every row needs both."
         )
     if not rows:
         raise ValueError(f"{str(source)!r} has no rows; expected one row per image.")

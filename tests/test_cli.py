@@ -111,6 +111,9 @@ def test_fit_rejects_bad_settings_and_data_before_training(sample, tmp_path, cap
     bad_csv.write_text("path,class\na.jpg,x\n")
     assert main(["fit", str(bad_csv)]) == 1
     assert "no column(s) 'label'" in capsys.readouterr().err
+    bad_csv.write_text("path,label\na.jpg,x\nb.jpg,\n")
+    assert main(["fit", str(bad_csv)]) == 1
+    assert "line(s) [3] have an empty path or label" in capsys.readouterr().err
     with pytest.raises(SystemExit) as usage:
         main(["fit", str(data), "--cv", "five"])
     assert usage.value.code == 2
