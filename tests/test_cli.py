@@ -1,0 +1,267 @@
+"""The `sktransfer` command line, run in-process through `main` and as a real console command."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_image_folder
+from sktransfer._cli import _parse_grid, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["daisy", "sunflower", "tulip"]
+
+
+def copy_images(sample, folder, per_class, offset=0):
+    """Real photos of the bundled sample copied into ``folder/<class>/``."""
+    paths, labels = sample
+    for c in CLASSES:
+        for p in [p for p, lab in zip(paths, labels) if lab == c][offset:offset + per_class]:
+            (folder / c).mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, folder / c / Path(p).name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(sample, tmp_path_factory):
+    """`sktransfer fit` with a small grid on 3 classes x 6 photos; its stdout and model file."""
+    root = tmp_path_factory.mktemp("cli")
+    data = copy_images(sample, root / "train", 6)
+    model = root / "model.joblib"
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["fit", str(data), "-o", str(model), "--cv", "2", "--max-epochs", "15",
+                     "--grid", "lr=0.001,0.01", "--grid", "hidden_units=(),(8,)"])
+    return code, out.getvalue(), model, data, root
+
+
+def test_grid_values_are_python_literals_or_words():
+    grid = _parse_grid(
+        ["hidden_units=(),(256,)", "lr=1e-3,0.01", "backbone=resnet18,efficientnet_lite0",
+         "class_weight=None,balanced", "optimizer__betas=(0.9, 0.99)"],
+        PretrainedImageClassifier(),
+    )
+    assert grid == {
+        "hidden_units": [(), (256,)],
+        "lr": [0.001, 0.01],
+        "backbone": ["resnet18", "efficientnet_lite0"],
+        "class_weight": [None, "balanced"],
+        "optimizer__betas": [(0.9, 0.99)],
+    }
+    for bad in (["lr"], ["lr="], ["lr=0.1,,0.2"], ["learning_rate=0.1"]):
+        with pytest.raises(ValueError, match="--grid"):
+            _parse_grid(bad, PretrainedImageClassifier())
+
+
+def test_fit_prints_cv_accuracy_and_chosen_settings_and_saves(trained):
+    code, out, model_path, data, _ = trained
+    assert code == 0
+    assert "2-fold cross-validated accuracy:" in out
+    assert "Grid of 4 candidates" in out
+    model = joblib.load(model_path)
+    assert isinstance(model, PretrainedImageClassifier)
+    chosen = out.split("Chosen settings: ")[1].splitlines()[0]
+    assert f"lr={model.lr!r}" in chosen and f"hidden_units={model.hidden_units!r}" in chosen
+    assert model.max_epochs == 15 and list(model.classes_) == CLASSES
+    X, y = load_image_folder(data)
+    assert model.score(X, y) > 0.8  # refit on all images
+
+
+def test_fit_from_csv_with_relative_paths(sample, tmp_path):
+    data = copy_images(sample, tmp_path / "photos", 4)
+    table = tmp_path / "labels.csv"
+    X, y = load_image_folder(data)
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "kind"])
+        writer.writerows([os.path.relpath(p, tmp_path), label] for p, label in zip(X, y))
+    model = tmp_path / "m.joblib"
+    code = main(["fit", str(table), "-o", str(model), "--cv", "2", "--max-epochs", "5",
+                 "--path-column", "file", "--label-column", "kind"])
+    assert code == 0
+    assert list(joblib.load(model).classes_) == CLASSES
+
+
+def test_fit_rejects_bad_settings_and_data_before_training(sample, tmp_path, capsys):
+    data = copy_images(sample, tmp_path / "d", 2)
+    assert main(["fit", str(data), "--grid", "learning_rate=0.1", "-o", str(tmp_path / "m.joblib")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sktransfer fit: error: --grid 'learning_rate=0.1'") and "lr" in err
+    assert main(["fit", str(data), "--cv", "3"]) == 1
+    assert "fewer than --cv 3" in capsys.readouterr().err
+    (data / "daisy" / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["fit", str(data), "--cv", "2", "-o", str(tmp_path / "m.joblib")]) == 1
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "not an image file" in err
+    assert not (tmp_path / "m.joblib").exists()
+    bad_csv = tmp_path / "t.csv"
+    bad_csv.write_text("path,class\na.jpg,x\n")
+    assert main(["fit", str(bad_csv)]) == 1
+    assert "no column(s) 'label'" in capsys.readouterr().err
+    bad_csv.write_text("path,label\na.jpg,x\nb.jpg,\n")
+    assert main(["fit", str(bad_csv)]) == 1
+    assert "line(s) [3] have an empty path or label" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["fit", str(data), "--cv", "five"])
+    assert usage.value.code == 2
+
+
+def test_predict_one_row_per_input_in_input_order(trained, sample, tmp_path, capsys):
+    _, _, model_path, _, _ = trained
+    unseen = copy_images(sample, tmp_path / "new", 2, offset=20)
+    single = sample[0][-1]  # a tulip photo, given as a file
+    assert main(["predict", str(model_path), str(unseen), single, "--proba", "-o", str(tmp_path / "p.csv")]) == 0
+    assert capsys.readouterr().out == f"7 predictions written to {tmp_path / 'p.csv'}\n"
+    table = pd.read_csv(tmp_path / "p.csv")
+    expected_paths = sorted(str(p) for p in unseen.rglob("*.jpg")) + [single]
+    assert table["path"].tolist() == expected_paths
+    model = joblib.load(model_path)
+    np.testing.assert_array_equal(table["prediction"], model.predict(expected_paths))
+    proba = table[[f"proba_{c}" for c in CLASSES]].to_numpy()
+    np.testing.assert_allclose(proba, model.predict_proba(expected_paths), atol=1e-6)
+    assert main(["predict", str(model_path), single]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[0] == "path,prediction" and lines[1] == f"{single},{model.predict([single])[0]}"
+    assert captured.err == ""  # no progress bar when stderr is not a terminal
+
+
+def test_predict_errors_name_the_input(trained, tmp_path, capsys):
+    _, _, model_path, data, _ = trained
+    assert main(["predict", str(model_path), str(tmp_path / "missing.jpg"), str(model_path)]) == 1
+    err = capsys.readouterr().err
+    assert "missing.jpg': file not found" in err and "model.joblib': not an image file" in err
+    assert main(["predict", str(tmp_path / "none.joblib"), str(data)]) == 1
+    assert "none.joblib' does not exist" in capsys.readouterr().err
+    photo = next(data.rglob("*.jpg"))
+    assert main(["predict", str(photo), str(photo)]) == 1
+    assert "is not a model saved by sktransfer fit" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(model_path), str(tmp_path / "empty")]) == 1
+    assert "is a folder with no image files" in capsys.readouterr().err
+
+
+def test_evaluate_writes_metrics_pictures_and_html(trained, sample, tmp_path):
+    _, _, model_path, _, _ = trained
+    data = copy_images(sample, tmp_path / "test", 5, offset=10)
+    # A tulip photo filed as a daisy: a mistake the report has to show.
+    shutil.copy(next((data / "tulip").iterdir()), data / "daisy" / "zz_filed_wrong.jpg")
+    report = tmp_path / "report"
+    assert main(["evaluate", str(model_path), str(data), "-o", str(report), "--top", "4"]) == 0
+
+    model = joblib.load(model_path)
+    X, y = load_image_folder(data)
+    predicted = model.predict(X)
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["n_images"] == 16 and metrics["accuracy"] == pytest.approx(np.mean(predicted == y))
+    assert metrics["classes"] == CLASSES
+    recall = np.mean(predicted[y == "daisy"] == "daisy")
+    assert metrics["per_class"]["daisy"]["recall"] == pytest.approx(recall)
+    assert np.asarray(metrics["confusion_matrix"]).sum() == 16
+    assert "precision" in (report / "report.txt").read_text()
+
+    with Image.open(report / "confusion_matrix.png") as im:
+        im.load()
+        assert im.size == (500, 500)  # 5 x 5 inches at 100 dpi
+    with Image.open(report / "top_losses.png") as im:
+        im.load()
+        assert im.size == (600, 660)  # 2 x 2 cells of 3 x 3.3 inches at 100 dpi
+        assert np.asarray(im.convert("L")).std() > 10  # photos, not a blank canvas
+    page = (report / "index.html").read_text()
+    assert 'src="confusion_matrix.png"' in page and 'src="top_losses.png"' in page
+    wrong = [p for p, t, q in zip(X, y, predicted) if t != q]
+    assert str(data / "daisy" / "zz_filed_wrong.jpg") in wrong
+    for path in wrong[:4]:
+        assert path in page
+
+
+def test_embed_to_npy_and_parquet_matches_the_embedder(sample, tmp_path):
+    data = copy_images(sample, tmp_path / "imgs", 2)
+    paths = sorted(str(p) for p in data.rglob("*.jpg"))
+    expected = ImageEmbedder().fit_transform(paths)
+    assert main(["embed", str(data), "-o", str(tmp_path / "f.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), expected, atol=1e-5)
+    assert (tmp_path / "f.paths.txt").read_text().splitlines() == paths
+    assert main(["embed", *paths[:3], "-o", str(tmp_path / "f.parquet")]) == 0
+    frame = pd.read_parquet(tmp_path / "f.parquet")
+    assert frame["path"].tolist() == paths[:3] and frame.shape == (3, 1 + 1280)
+    np.testing.assert_allclose(frame.drop(columns="path").to_numpy(), expected[:3], atol=1e-5)
+    assert main(["embed", str(data), "-o", str(tmp_path / "f.csv")]) == 1
+
+
+def test_backbones_lists_offline_weights_feature_size_and_cost(capsys):
+    assert main(["backbones"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
+    assert rows["efficientnet_lite0"][1:3] == ["yes", "1280"]
+    resnet18 = rows["resnet18"]
+    on_disk = os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", "resnet18-f37072fd.pth"))
+    assert resnet18[1] == ("yes" if on_disk else "no")
+    assert resnet18[2] == "512" and float(resnet18[3]) == pytest.approx(11.2, abs=0.1)
+    assert float(resnet18[4]) == pytest.approx(1.814)
+
+
+def test_help_everywhere():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"demo", "fit", "predict", "evaluate", "embed", "backbones"}
+    for name in [None, *commands]:
+        with pytest.raises(SystemExit) as done:
+            main(["--help"] if name is None else [name, "--help"])
+        assert done.value.code == 0
+
+
+@pytest.mark.slow
+def test_console_command_exit_codes(trained):
+    """The installed entry point, as a user's shell runs it."""
+    _, _, model_path, data, _ = trained
+    photo = str(next(data.rglob("*.jpg")))
+    cmd = [sys.executable, "-m", "sktransfer"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # stderr on a real terminal: a progress bar there, and only the CSV on stdout.
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    terminal, stderr = pty.openpty()
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80 columns, as a shell's
+    ok = subprocess.run(cmd + ["predict", str(model_path), photo], stdout=subprocess.PIPE, stderr=stderr,
+                        text=True, env=env)
+    os.close(stderr)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    assert ok.returncode == 0, shown.decode(errors="replace")
+    assert ok.stdout.splitlines() == ["path,prediction", f"{photo},{joblib.load(model_path).predict([photo])[0]}"]
+    assert b"embedding images" in shown and b"100%" in shown
+    failed = subprocess.run(cmd + ["predict", str(model_path), "missing.jpg"], capture_output=True, text=True, env=env)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.startswith("sktransfer predict: error:") and "Traceback" not in failed.stderr
+
+
+def test_usage_errors_exit_2_with_usage(capsys):
+    for argv in (["predict"], ["fit"], ["nonsense"], ["embed", "x.jpg"]):
+        with pytest.raises(SystemExit) as usage:
+            main(argv)
+        assert usage.value.code == 2
+        assert "usage: sktransfer" in capsys.readouterr().err

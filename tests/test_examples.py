@@ -1,0 +1,58 @@
+"""Each script in examples/ runs as a user would run it, on a small part of the bundled photos."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sktransfer" / "data" / "flowers_sample"
+ACCURACY = r"(0\.\d{3}|1\.000)"
+
+
+def run_example(name, *args, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), str(SAMPLE), *args],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_example(tmp_path):
+    out = run_example("pipeline.py", "--per-class", "6", tmp_path=tmp_path)
+    assert "22 training images, 8 test images" in out
+    assert re.search(rf"test accuracy: {ACCURACY}\n", out)
+    assert len(re.findall(r"^  \w+/\S+\.jpg -> (daisy|dandelion|rose|sunflower|tulip)$", out, re.M)) == 3
+
+
+@pytest.mark.slow
+def test_grid_search_example_embeds_each_image_once(tmp_path):
+    out = run_example("grid_search.py", "--per-class", "4", "--max-epochs", "5",
+                      "--cache-dir", str(tmp_path / "cache"), tmp_path=tmp_path)
+    assert "20 images, 4 candidates x 3 folds" in out
+    assert "features in the memory cache: 20 (one per image)" in out
+    assert re.search(rf"best cross-validated accuracy: {ACCURACY} with {{", out)
+    assert len(list((tmp_path / "cache").rglob("*.f32"))) == 20
+
+
+@pytest.mark.slow
+def test_images_and_tabular_example(tmp_path):
+    out = run_example("images_and_tabular.py", "--per-class", "6", tmp_path=tmp_path)
+    assert "path  kilobytes flickr_size" in out
+    assert re.search(rf"30 rows; 3-fold cross-validated accuracy: {ACCURACY} ± ", out)
+    assert re.search(rf"the same without the image column: {ACCURACY}\n", out)
+
+
+@pytest.mark.slow
+def test_dask_example_runs_on_a_local_cluster(tmp_path):
+    out = run_example("dask_run.py", "--per-class", "4", "--max-epochs", "5",
+                      "--cache-dir", str(tmp_path / "cache"), tmp_path=tmp_path)
+    assert "Dask cluster with 2 workers" in out
+    assert re.search(rf"20 images; best cross-validated accuracy {ACCURACY} with {{'hidden_units'", out)
+    assert re.search(r"refit model predicts: \['\w+', '\w+', '\w+'\]", out)

@@ -1,0 +1,162 @@
+"""Pictures: top losses, training curves and Grad-CAM, each rendered to a real PNG."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.exceptions import NotFittedError
+from sklearn.metrics import ConfusionMatrixDisplay
+
+from sktransfer import PretrainedImageClassifier, explain, plot_history, plot_top_losses
+from sktransfer._backbones import build_backbone
+
+from conftest import subset, SAMPLE
+
+
+def png(figure_or_image, **savefig):
+    """Render to PNG bytes and decode them again, as a viewer would."""
+    buffer = io.BytesIO()
+    if isinstance(figure_or_image, Image.Image):
+        figure_or_image.save(buffer, format="PNG")
+    else:
+        figure_or_image.savefig(buffer, format="png", **savefig)
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    image.load()
+    assert image.format == "PNG"
+    return image
+
+
+@pytest.fixture(scope="module")
+def data():
+    train = subset(SAMPLE, 6, ["daisy", "sunflower", "tulip"])
+    test = subset(SAMPLE, 4, ["daisy", "sunflower", "tulip"], offset=10)
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def clf(data):
+    (X, y), _ = data
+    return PretrainedImageClassifier(max_epochs=15, random_state=0).fit(X, y)
+
+
+def test_plot_top_losses_shows_the_highest_losses_first(clf, data):
+    _, (X, y) = data
+    proba = clf.predict_proba(X)
+    sure = int(proba.max(axis=1).argmax())
+    y = y.copy()
+    y[sure] = clf.classes_[proba[sure].argmin()]  # mislabel the surest photo: confidently wrong
+    fig = plot_top_losses(clf, X, y, k=4)
+    image = png(fig, dpi=50)
+    assert image.size == (2 * 150, 2 * 165)  # 2 x 2 cells of 3 x 3.3 inches at 50 dpi
+    assert np.asarray(image.convert("L")).std() > 10
+
+    true = [list(clf.classes_).index(v) for v in y]
+    losses = -np.log(np.clip(proba[np.arange(len(y)), true], 1e-12, None))
+    assert fig.indices == np.argsort(-losses, kind="stable")[:4].tolist()
+    assert sure in fig.indices  # the mislabelled photo is among the worst
+    title = fig.axes[fig.indices.index(sure)].get_title()
+    assert f"true {y[sure]}, loss {losses[sure]:.2f}" in title
+    assert f"predicted {clf.classes_[proba[sure].argmax()]}" in title
+
+    only_wrong = plot_top_losses(clf, X, y, k=9, wrong_only=True)
+    wrong = np.flatnonzero(clf.predict(X) != y)
+    assert sorted(only_wrong.indices) == sorted(wrong.tolist())
+    assert png(only_wrong, dpi=40).size == (3 * 120, 3 * 132)
+
+
+def test_plot_top_losses_rejects_labels_the_model_does_not_know(clf, data):
+    _, (X, y) = data
+    with pytest.raises(ValueError, match="labels the model does not know: 'rose'"):
+        plot_top_losses(clf, X[:2], ["rose", "daisy"])
+    with pytest.raises(ValueError, match="k=0"):
+        plot_top_losses(clf, X, y, k=0)
+
+
+def test_plot_history_draws_the_recorded_curves(clf, data):
+    image = png(plot_history(clf), dpi=50)
+    assert image.size == (320, 200)  # 6.4 x 4 inches at 50 dpi
+    fig = plot_history(clf)
+    (line,) = fig.axes[0].get_lines()
+    np.testing.assert_allclose(line.get_ydata(), clf.history_[:, "train_loss"])
+    assert list(line.get_xdata()) == list(range(1, 16))
+
+    (X, y), _ = data
+    stopped = PretrainedImageClassifier(max_epochs=6, early_stopping=True, validation_fraction=0.34,
+                                        random_state=0).fit(X, y)
+    fig = plot_history(stopped)
+    labels = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+    assert labels == ["train_loss", "valid_loss", "valid_acc"]
+    assert png(fig, dpi=50).size == (320, 200)
+    with pytest.raises(ValueError, match="keys \\['valid_acc'\\] are not in the history"):
+        plot_history(clf, keys=["valid_acc"])
+    with pytest.raises(NotFittedError):
+        plot_history(PretrainedImageClassifier())
+
+
+def test_confusion_matrix_through_sklearn_display(clf, data):
+    from matplotlib.figure import Figure
+
+    _, (X, y) = data
+    fig = Figure(figsize=(4, 4))
+    display = ConfusionMatrixDisplay.from_estimator(clf, X, y, ax=fig.subplots(), colorbar=False)
+    assert display.confusion_matrix.sum() == len(X)
+    assert list(display.display_labels) == list(clf.classes_)
+    assert png(fig, dpi=50).size == (200, 200)
+
+
+def test_explain_gives_gradcam_overlays_where_the_photo_is(clf, data):
+    _, (X, y) = data
+    photo = Image.open(X[4]).convert("RGB").resize((112, 224))  # a sunflower
+    half = Image.new("RGB", (224, 224), (128, 128, 128))
+    half.paste(photo, (0, 0))  # the photo on the left, flat grey on the right
+    overlays, heatmaps = explain(clf, [X[0], half], return_heatmaps=True)
+    assert len(overlays) == 2 and heatmaps.shape == (2, 224, 224)  # the backbone's 224 px crop
+    for overlay in overlays:
+        assert png(overlay).size == (224, 224) and overlay.mode == "RGB"
+    assert heatmaps.min() >= 0 and heatmaps.max() == pytest.approx(1.0)
+    assert heatmaps[0].std() > 0.05  # a map, not a constant
+    # The class evidence sits in the photo, not in the flat grey half.
+    assert heatmaps[1][:, :112].sum() > 2 * heatmaps[1][:, 112:].sum()
+
+    others = [c for c in clf.classes_ if c != clf.predict(X[:1])[0]]
+    _, other = explain(clf, X[:1], target=others[0], return_heatmaps=True)
+    assert not np.allclose(other[0], heatmaps[0])
+    plain = explain(clf, X[:1], alpha=0.0)[0]
+    crop = clf.embedder_.backbone_.preprocessing.to_array(Image.open(X[0]).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(plain), crop)  # alpha=0: the image as the backbone sees it
+
+
+def test_explain_leaves_the_frozen_backbone_untouched(clf, data):
+    _, (X, _) = data
+    module = clf.embedder_.backbone_.module
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    features = clf.embedder_.transform(X[:2])
+    explain(clf, X[:2])
+    assert module is build_backbone("efficientnet_lite0").module  # still the shared body
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert not any(p.requires_grad for p in module.parameters()) and not module.training
+    assert all(p.grad is None for p in module.parameters())
+    from sktransfer import clear_cache
+
+    clear_cache()
+    np.testing.assert_array_equal(clf.embedder_.transform(X[:2]), features)
+
+
+def test_explain_needs_a_fitted_cnn_and_known_targets(clf, data):
+    (X, y), _ = data
+    with pytest.raises(NotFittedError):
+        explain(PretrainedImageClassifier(), X[:1])
+    with pytest.raises(ValueError, match="'rose' is not a class of the model"):
+        explain(clf, X[:1], target="rose")
+    with pytest.raises(ValueError, match="target has 2 labels for 1 images"):
+        explain(clf, X[:1], target=["daisy", "tulip"])
+
+    class Flat(torch.nn.Module):  # a backbone with no spatial feature map
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+    flat = PretrainedImageClassifier(Flat(), max_epochs=2, random_state=0).fit(X, y)
+    with pytest.raises(ValueError, match="no spatial feature map"):
+        explain(flat, X[:1])
