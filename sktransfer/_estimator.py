@@ -925,8 +925,9 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         items = as_image_list(X)
         views = [None] if self.tta is None else tta_views(self.tta, self.embedder_.backbone_.preprocessing)
         self.head_.set_params(device=_check_device(self.head_.device, fitted=True))
+        features = [self._features(items, v) for v in views]  # the backbone keeps all its threads
         with one_thread():
-            probas = [self.head_.predict_proba({"X": self._features(items, v)}) for v in views]
+            probas = [self.head_.predict_proba({"X": Z}) for Z in features]
         proba = (probas[0] if len(probas) == 1 else np.mean(probas, axis=0)).astype(np.float64)
         if self.multilabel_:
             return proba

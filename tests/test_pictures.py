@@ -141,7 +141,8 @@ def test_explain_leaves_the_frozen_backbone_untouched(clf, data):
     from sktransfer import clear_cache
 
     clear_cache()
-    np.testing.assert_array_equal(clf.embedder_.transform(X[:2]), features)
+    # Recomputed in a batch of 2 rather than within the batch of fit: equal up to float rounding.
+    np.testing.assert_allclose(clf.embedder_.transform(X[:2]), features, rtol=1e-5, atol=1e-5)
 
 
 def test_explain_needs_a_fitted_cnn_and_known_targets(clf, data):
