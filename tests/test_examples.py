@@ -56,3 +56,35 @@ def test_dask_example_runs_on_a_local_cluster(tmp_path):
     assert "Dask cluster with 2 workers" in out
     assert re.search(rf"20 images; best cross-validated accuracy {ACCURACY} with {{'hidden_units'", out)
     assert re.search(r"refit model predicts: \['\w+', '\w+', '\w+'\]", out)
+
+
+def run_on(name, folder, *args, tmp_path):
+    if not Path(folder).is_dir():
+        pytest.skip(f"{folder} is not present")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / name), str(folder), *args],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_regression_example(tmp_path):
+    out = run_on("regression.py", ROOT.parent / "shared" / "datasets" / "sign_digits", "--per-class", "6",
+                 tmp_path=tmp_path)
+    assert re.search(r"R² on held-out photos: -?\d+\.\d{3}\n", out)
+    assert re.search(r"true \d, predicted -?\d+\.\d", out)
+
+
+@pytest.mark.slow
+def test_multilabel_example(tmp_path):
+    out = run_on("multilabel.py", SAMPLE, "--per-class", "8", tmp_path=tmp_path)
+    assert re.search(rf"samples-averaged F1: {ACCURACY}\n", out)
+    assert "precision" in out  # classification_report on the indicator matrix
+
+
+@pytest.mark.slow
+def test_incremental_example(tmp_path):
+    out = run_on("incremental.py", SAMPLE, "--per-class", "8", tmp_path=tmp_path)
+    assert re.search(rf"pass 1: \d+ epochs, held-out accuracy {ACCURACY}\n", out)
+    assert re.search(rf"warm start: \d+ epochs, held-out accuracy {ACCURACY}\n", out)
