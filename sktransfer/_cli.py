@@ -218,9 +218,11 @@ def _fit(args):
         raise ValueError(f"--cv {args.cv}: cross-validation needs at least 2 folds.")
     X, y = _read_dataset(args.data, args.path_column, args.label_column)
     clf = PretrainedImageClassifier(
-        backbone=args.backbone, max_epochs=args.max_epochs, cache_dir=args.cache_dir,
+        backbone=args.backbone, cache_dir=args.cache_dir,
         device=args.device, random_state=args.random_state,
     )
+    if args.max_epochs is not None:
+        clf.set_params(max_epochs=args.max_epochs)
     grid = _parse_grid(args.grid, clf)
     classes, counts = np.unique(y, return_counts=True)
     print(f"{len(X)} images, {len(classes)} classes: "
@@ -282,7 +284,10 @@ def _predict(args):
     _show_embedding_progress(model, _progress())
     proba = np.asarray(model.predict_proba(paths))
     classes = np.asarray(model.classes_)
-    predicted = classes[proba.argmax(axis=1)]
+    if getattr(model, "multilabel_", False):  # a 0/1 indicator row: name the labels that apply
+        predicted = [" ".join(str(c) for c, on in zip(classes, row) if on) for row in proba > 0.5]
+    else:
+        predicted = classes[proba.argmax(axis=1)]
     header = ["path", "prediction"]
     if args.proba:
         header += [f"proba_{c}" for c in classes]
@@ -458,7 +463,8 @@ def build_parser():
     fit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default: 5)")
     fit.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                      help="settings to try, e.g. lr=0.001,0.01 or hidden_units='(),(256,)'; repeatable")
-    fit.add_argument("--max-epochs", type=int, default=50, help="epochs of head training (default: 50)")
+    fit.add_argument("--max-epochs", type=int, default=None,
+                     help="epochs of head training (default: the estimator's, 30)")
     fit.add_argument("--cache-dir", help="folder of a disk feature cache, reused by later runs")
     fit.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
     fit.add_argument("--random-state", type=int, default=0, help="seed of folds and training (default: 0)")

@@ -391,12 +391,12 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
             Z = self._embed(embedder, items, None, self.unfreeze)
         else:
             # One backbone pass per image and view, cached: shape (n_images, n_views, n_features).
-            views = augment_views(self.augment, self.n_views, self._view_seed(),
+            views = augment_views(self.augment, self.n_views, self._seed(),
                                   embedder.backbone_.preprocessing)
             Z = np.stack([self._embed(embedder, items, v, self.unfreeze) for v in views], axis=1)
         head = self._build_head(Z, y_train, n_outputs, hidden_units, device, embedder.backbone_)
         data = {"X": Z, "sample_weight": weights}
-        with _seeded(self.random_state, device), one_thread():
+        with _seeded(self.random_state, device), one_thread(enabled=not self.unfreeze):
             if continuing:
                 self._resume(head)
             if continuing or epochs is not None:
@@ -426,10 +426,6 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
             compile=embedder.compile, view=view,
         )
 
-    def _view_seed(self):
-        # A fixed random_state fixes the views, so every grid candidate reuses the cached ones.
-        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-
     def _after_training(self, head, Z, y_train):
         """Fitted attributes computed from the trained head (none here)."""
         return {}
@@ -457,18 +453,32 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
                     f"callbacks contains {cb!r}; expected skorch callbacks "
                     "(instances of skorch.callbacks.Callback) or (name, callback) pairs."
                 )
-        if self.early_stopping and is_classifier(self) and y_train.ndim == 1:
+        for key in self._head_kwargs():
+            prefix, _, name = key.partition("__")
+            if prefix in ("iterator_train", "iterator_valid") and name not in FeatureLoader.SUPPORTED:
+                raise ValueError(
+                    f"{key}: the head trains on features already in memory, batched by slicing; "
+                    f"of the DataLoader settings only {', '.join(FeatureLoader.SUPPORTED)} apply."
+                )
+        calibration = getattr(self, "calibration", None)
+        if calibration is not None and y_train.ndim != 1:
+            raise ValueError(
+                f"calibration={calibration!r} applies to one label per image, not to multi-label y."
+            )
+        held_out = [name for name, on in (("early_stopping=True", self.early_stopping),
+                                          (f"calibration={calibration!r}", calibration is not None)) if on]
+        if held_out and is_classifier(self) and y_train.ndim == 1:
             y_enc, n_classes = y_train, int(y_train.max()) + 1
             n = len(y_enc)
             n_valid = int(np.ceil(self.validation_fraction * n))
             least = int(np.bincount(y_enc).min())
             if least < 2 or n_valid < n_classes or n - n_valid < n_classes:
                 raise ValueError(
-                    f"early_stopping=True holds out validation_fraction={self.validation_fraction} "
+                    f"{' and '.join(held_out)} holds out validation_fraction={self.validation_fraction} "
                     f"of the {n} images ({n_valid}), stratified by class: it needs every class at "
                     f"least twice (the rarest has {least}) and at least {n_classes} images (one per "
-                    "class) on each side. Use more images, another validation_fraction, or "
-                    "early_stopping=False."
+                    "class) on each side. Use more images or another validation_fraction, or turn "
+                    "it off."
                 )
 
     def _check_same_head(self, embedder, hidden_units, continuing):
@@ -479,6 +489,12 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
                 f"(with these weights and preprocessing) gives other features than "
                 f"{self.embedder_.backbone_.name!r}, the one it was trained on; restore the backbone "
                 "settings, or set warm_start=False and call fit to start over."
+            )
+        if int(self.unfreeze) != getattr(self, "unfreeze_", 0):
+            raise ValueError(
+                f"{continuing} continues training the fitted head, which was trained with "
+                f"unfreeze={getattr(self, 'unfreeze_', 0)}, but unfreeze={self.unfreeze} now; restore it, "
+                "or set warm_start=False and call fit to start over."
             )
         trained = (tuple(self.head_.module__hidden_units), self.head_.module__dropout)
         if (hidden_units, self.dropout) != trained:
@@ -526,14 +542,17 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
         callbacks = list(self.callbacks or [])
         train_split = None
         if self.early_stopping:
-            train_split = ValidSplit(self.validation_fraction, stratified=stratified, random_state=self._split_seed())
+            train_split = ValidSplit(self.validation_fraction, stratified=stratified, random_state=self._seed())
             callbacks.append(("early_stopping", EarlyStopping(patience=self.n_iter_no_change, load_best=True)))
         if getattr(self, "calibration", None) is not None:
             # The temperature is fitted on this split after training, so it needs a fixed seed.
-            seed = self._split_seed()
-            seed = np.random.randint(np.iinfo(np.int32).max) if seed is None else seed
+            seed = self._seed()
             train_split = ValidSplit(self.validation_fraction, stratified=stratified, random_state=seed)
-        return net(
+        # skorch's PrintLog formats a table row every epoch even when nothing is
+        # printed; over the many short fits of a grid search that costs more
+        # than the head's arithmetic, so it is left out unless verbose.
+        quiet = {} if self.verbose else {"callbacks__print_log": None}
+        settings = dict(
             module=BlocksAndHead if self.unfreeze else HeadModule,
             **tuned,
             module__in_features=features.shape[1],
@@ -555,12 +574,15 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
             device=device,
             verbose=self.verbose,
             **task,
-            **self._head_kwargs(),
+            **quiet,
         )
+        settings.update(self._head_kwargs())  # prefixed settings the user gave win
+        return net(**settings)
 
-    def _split_seed(self):
-        if self.random_state is None:
-            return None
+    def _seed(self):
+        """A seed drawn from ``random_state`` (a fresh one when it is None). With a fixed
+        random_state the validation split and the augmented views are fixed too, so every
+        grid candidate reuses the cached views."""
         return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
 
     # -- prediction ------------------------------------------------------------
@@ -926,7 +948,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         views = [None] if self.tta is None else tta_views(self.tta, self.embedder_.backbone_.preprocessing)
         self.head_.set_params(device=_check_device(self.head_.device, fitted=True))
         features = [self._features(items, v) for v in views]  # the backbone keeps all its threads
-        with one_thread():
+        with one_thread(enabled=not self.unfreeze_):
             probas = [self.head_.predict_proba({"X": Z}) for Z in features]
         proba = (probas[0] if len(probas) == 1 else np.mean(probas, axis=0)).astype(np.float64)
         if self.multilabel_:
@@ -1153,7 +1175,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         """
         Z = self._features(X)
         self.head_.set_params(device=_check_device(self.head_.device, fitted=True))
-        with one_thread():
+        with one_thread(enabled=not self.unfreeze_):
             pred = self.head_.predict({"X": Z}).astype(np.float64) * self.target_scale_ + self.target_mean_
         return pred[:, 0] if self._single_output else pred
 

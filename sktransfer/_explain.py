@@ -75,6 +75,11 @@ def explain(estimator, X, target=None, alpha=0.5, return_heatmaps=False):
         when nothing in the image raised the class score).
     """
     check_is_fitted(estimator, ["embedder_", "head_"])
+    if getattr(estimator, "unfreeze_", 0):
+        raise ValueError(
+            f"explain does not support models fine-tuned with unfreeze={estimator.unfreeze_} yet: their "
+            "last backbone blocks live in the head. Explain a frozen-backbone model (unfreeze=0)."
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha!r} must be between 0 and 1 (the heatmap's opacity).")
     items = as_image_list(X)

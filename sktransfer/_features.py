@@ -112,6 +112,8 @@ class DiskCache:
         try:
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            if hasattr(os, "fchmod"):  # mkstemp makes 0600; a shared cache must be readable by others
+                os.fchmod(fd, 0o644)
             with os.fdopen(fd, "wb") as f:
                 f.write(body + hashlib.blake2b(body, digest_size=16).digest())
             os.replace(tmp, path)

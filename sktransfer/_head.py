@@ -129,7 +129,10 @@ class FeatureLoader:
     global generator, so ``random_state`` still decides the order.
     """
 
-    def __init__(self, dataset, batch_size=32, shuffle=False, **ignored):
+    #: DataLoader settings that mean something for in-memory features.
+    SUPPORTED = ("batch_size", "shuffle", "drop_last")
+
+    def __init__(self, dataset, batch_size=32, shuffle=False, drop_last=False):
         indices = None
         if isinstance(dataset, torch.utils.data.Subset):  # a validation split
             indices = torch.as_tensor(np.asarray(dataset.indices), dtype=torch.long)
@@ -146,13 +149,14 @@ class FeatureLoader:
         self.n = len(first)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
+        self.drop_last = drop_last
 
     def __len__(self):
-        return -(-self.n // self.batch_size)
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __iter__(self):
         order = torch.randperm(self.n) if self.shuffle else torch.arange(self.n)
-        for start in range(0, self.n, self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start:start + self.batch_size]
             Xb = {k: v[idx] for k, v in self.X.items()} if isinstance(self.X, dict) else self.X[idx]
             yield Xb, (self.y[idx] if self.y is not None else torch.zeros(len(idx)))
@@ -242,9 +246,12 @@ def feature_statistics(Z):
 
 
 @contextlib.contextmanager
-def one_thread():
+def one_thread(enabled=True):
     """Run torch on one thread: the head's tiny matrix products only lose from
     more, and on a busy machine extra OpenMP threads spin and slow it tenfold."""
+    if not enabled:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

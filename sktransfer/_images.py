@@ -44,6 +44,10 @@ class Preprocessing:
     std: tuple
 
     def __post_init__(self):
+        # Lists are the natural way to write mean/std; keep them as tuples so a
+        # recipe is hashable and compares equal however it was written.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if self.interpolation not in _RESAMPLE:
             raise ValueError(
                 f"interpolation={self.interpolation!r} is not supported; "

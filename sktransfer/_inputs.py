@@ -226,6 +226,9 @@ def read_item(item):
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{item.mode}{item.size}".encode())
         h.update(item.tobytes())
+        # What decoding applies besides the pixels: the palette, transparency, EXIF orientation.
+        h.update(bytes(item.getpalette() or []))
+        h.update(repr((item.info.get("transparency"), item.getexif().get(0x0112))).encode())
         return h.hexdigest(), item
     if isinstance(item, np.ndarray):
         arr = np.ascontiguousarray(item)

@@ -70,7 +70,7 @@ def test_user_transform_is_applied_to_the_decoded_image(flowers_small, tmp_path)
     mirrored = [ImageOps.mirror(Image.open(p).convert("RGB")) for p in X[:3]]
     from sktransfer._augment import augment_views
 
-    view, = augment_views(always_flip, 1, clf._view_seed(), backbone.preprocessing)
+    view, = augment_views(always_flip, 1, clf._seed(), backbone.preprocessing)
     np.testing.assert_allclose(extract_features(X[:3], backbone, view=view),
                                extract_features(mirrored, backbone), atol=1e-5)
     # Fit embedded only the view (no plain pass), into its own disk-cache folder.

@@ -74,3 +74,10 @@ def test_user_module_feature_map_is_pooled():
                                                mean=(0.5,) * 3, std=(0.25,) * 3))
     assert b.num_features == 8 and b.preprocessing.crop_size == 56
     assert net[0].weight.requires_grad  # the user's module is copied, not frozen in place
+
+
+def test_preprocessing_written_with_lists():
+    recipe = dict(resize_size=256, crop_size=224, interpolation="bicubic", mean=[0.5] * 3, std=[0.5] * 3)
+    b = build_backbone("efficientnet_lite0", preprocessing=recipe)
+    assert b.preprocessing.mean == (0.5, 0.5, 0.5)
+    assert b is build_backbone("efficientnet_lite0", preprocessing=dict(recipe, mean=(0.5,) * 3, std=(0.5,) * 3))

@@ -181,6 +181,8 @@ BAD_PARAMS = [
     (dict(optimizer__betaz=(0.5, 0.6)), "optimizer__betaz: AdamW has no argument 'betaz'"),
     (dict(callbacks=["print"]), "expected skorch callbacks"),
     (dict(early_stopping=True, validation_fraction=0.1), "needs every class at least twice"),
+    (dict(calibration="temperature", validation_fraction=0.1), "calibration='temperature' holds out"),
+    (dict(iterator_train__num_workers=2), "only batch_size, shuffle, drop_last apply"),
 ]
 
 

@@ -98,6 +98,33 @@ def test_nested_settings_reach_skorch(flowers_small):
     clf = PretrainedImageClassifier(max_epochs=2, optimizer__betas=(0.5, 0.6), weight_decay=0.1).fit(X, y)
     group = clf.head_.optimizer_.param_groups[0]
     assert group["betas"] == (0.5, 0.6) and group["weight_decay"] == 0.1
+    # A prefixed setting the estimator also sets itself: the user's value wins.
+    clf = PretrainedImageClassifier(max_epochs=2, optimizer__weight_decay=0.3, iterator_train__shuffle=False,
+                                    iterator_train__drop_last=True, batch_size=8).fit(X, y)
+    assert clf.head_.optimizer_.param_groups[0]["weight_decay"] == 0.3
+    assert len(clf.head_.history[-1]["batches"]) == len(X) // 8  # drop_last reached the batches
+    with pytest.raises(ValueError, match="iterator_train__num_workers"):
+        PretrainedImageClassifier(iterator_train__num_workers=2).fit(X, y)
+
+
+def test_epoch_table_only_when_verbose(flowers_small, capsys):
+    X, y = flowers_small
+    PretrainedImageClassifier(max_epochs=2).fit(X, y)
+    assert "train_loss" not in capsys.readouterr().out
+    clf = PretrainedImageClassifier(max_epochs=2, verbose=1).fit(X, y)
+    assert "train_loss" in capsys.readouterr().out
+    assert len(clf.history_) == 2
+
+
+def test_one_thread_restores_the_thread_count():
+    from sktransfer._head import one_thread
+
+    before = torch.get_num_threads()
+    with one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with one_thread(enabled=False):
+        assert torch.get_num_threads() == before
 
 
 def test_early_stopping_holds_out_training_data(flowers_small):

@@ -96,3 +96,12 @@ def test_regressor_and_multilabel_partial_fit(flowers_split):
     for _ in range(10):
         clf.partial_fit(X, Y)  # the labels are the columns: no classes needed
     assert clf.multilabel_ and clf.score(X, Y) > 0.8
+
+
+def test_warm_start_refuses_another_unfreeze(flowers_split):
+    X, y, _, _ = flowers_split
+    clf = PretrainedImageClassifier(max_epochs=2, warm_start=True, random_state=0).fit(X, y)
+    before = clf.predict_proba(X[:3])
+    with pytest.raises(ValueError, match="unfreeze=1 now"):
+        clf.set_params(unfreeze=1).fit(X, y)
+    np.testing.assert_array_equal(clf.predict_proba(X[:3]), before)  # the model is as it was

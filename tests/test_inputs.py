@@ -80,3 +80,14 @@ def test_identity_is_content_not_path(tmp_path, sample):
     assert other != read_item(copy)[0]
     copy.write_bytes(Path(sample[0][1]).read_bytes())  # the file changes on disk
     assert read_item(copy)[0] == other
+
+
+def test_pil_identity_covers_palette_and_orientation():
+    pixels = Image.new("P", (4, 4))
+    red, blue = pixels.copy(), pixels.copy()
+    red.putpalette([255, 0, 0] * 256)
+    blue.putpalette([0, 0, 255] * 256)
+    assert read_item(red)[0] != read_item(blue)[0]
+    turned = Image.new("RGB", (4, 4))
+    turned.getexif()[0x0112] = 6
+    assert read_item(turned)[0] != read_item(Image.new("RGB", (4, 4)))[0]

@@ -161,3 +161,11 @@ def test_explain_needs_a_fitted_cnn_and_known_targets(clf, data):
     flat = PretrainedImageClassifier(Flat(), max_epochs=2, random_state=0).fit(X, y)
     with pytest.raises(ValueError, match="no spatial feature map"):
         explain(flat, X[:1])
+
+
+def test_explain_names_what_it_cannot_explain(sample):
+    paths, labels = sample
+    X, y = paths[:3] + paths[30:33], labels[[0, 1, 2, 30, 31, 32]]
+    tuned = PretrainedImageClassifier(unfreeze=1, max_epochs=1, random_state=0).fit(X, y)
+    with pytest.raises(ValueError, match="unfreeze=1"):
+        explain(tuned, X[:1])
