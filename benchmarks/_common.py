@@ -32,7 +32,7 @@ class Counter:
 
     def __init__(self, module):
         self.images = 0
-        module.register_forward_hook(self)
+        self.handle = module.register_forward_hook(self)
 
     def __call__(self, module, inputs, output):
         self.images += inputs[0].shape[0]

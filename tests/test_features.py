@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from sktransfer import ImageEmbedder, cache_info, clear_cache
 from sktransfer._backbones import build_backbone
