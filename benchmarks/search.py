@@ -74,6 +74,25 @@ def skorch_peer(backbone, max_epochs, lr, hidden_units, weight_decay):
     )
 
 
+def _table(args, X, Xtr, rows, search, best_acc, fresh_acc):
+    table = [
+        f"Search over {len(ParameterGrid(GRID))} head settings ({GRID}), cv=3, on {len(Xtr)} training photos "
+        f"of `{args.data.split('shared/')[-1]}` (seeded stratified subset of {len(X)}); {machine()}. "
+        "Ratios are to one `fit` with default settings in the same run; all from empty feature caches.",
+        "",
+        "| what | seconds | × one fit | backbone passes over the training set | fits |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, sec, ratio, passes, fits in rows:
+        table.append(f"| {name} | {sec:.1f} | {ratio:.2f} | {'' if np.isnan(passes) else f'{passes:.1f}'} | {fits} |")
+    table += [
+        "",
+        f"Best candidate {search.best_params_}: held-out accuracy {best_acc:.3f} from the search's refit, "
+        f"{fresh_acc:.3f} from a fresh fit with the same settings (equal: {best_acc == fresh_acc}).",
+    ]
+    return table
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(DATASETS / "flowers5"))
@@ -113,6 +132,9 @@ def main():
     rows.append(("same search, n_jobs=2, shared cache_dir (workers' passes not counted)",
                  par.seconds, par.seconds / fit.seconds, float("nan"), n_fits))
 
+    if args.peer_candidates < 1:
+        print("\n".join(_table(args, X, Xtr, rows, search, best_acc, fresh_acc)))
+        return
     backbone = build_backbone("efficientnet_lite0")
     candidates = list(ParameterGrid(GRID))[: args.peer_candidates]
     with Timer() as peer:
@@ -129,21 +151,7 @@ def main():
     rows.append((f"usual skorch way (Freezer, {args.peer_epochs} epochs): {len(candidates) * 3} fits timed, "
                  f"{n_fits} extrapolated", per_fit * n_fits, per_fit * n_fits / fit.seconds, peer_passes, n_fits))
 
-    table = [
-        f"Search over {len(ParameterGrid(GRID))} head settings ({GRID}), cv=3, on {len(Xtr)} training photos "
-        f"of `{args.data.split('shared/')[-1]}` (seeded stratified subset of {len(X)}); {machine()}. "
-        "Ratios are to one `fit` with default settings in the same run; all from empty feature caches.",
-        "",
-        "| what | seconds | × one fit | backbone passes over the training set | fits |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, sec, ratio, passes, fits in rows:
-        table.append(f"| {name} | {sec:.1f} | {ratio:.2f} | {'' if np.isnan(passes) else f'{passes:.1f}'} | {fits} |")
-    table += [
-        "",
-        f"Best candidate {search.best_params_}: held-out accuracy {best_acc:.3f} from the search's refit, "
-        f"{fresh_acc:.3f} from a fresh fit with the same settings (equal: {best_acc == fresh_acc}).",
-    ]
+    table = _table(args, X, Xtr, rows, search, best_acc, fresh_acc)
     print("\n".join(table))
     if args.write:
         write_section("search", "## Grid search\n\n" + "\n".join(table))

@@ -104,16 +104,24 @@ print(json.dumps({"seconds": time.perf_counter() - start, "n": len(paths)}))
 '''
 
 MEMORY = r'''
-import json, sys, resource
+import json, sys, threading, time
 from sktransfer import ImageEmbedder, load_image_folder
 paths, _ = load_image_folder(sys.argv[1])
 emb = ImageEmbedder(compile=False).fit()
 emb.transform(paths[:64])
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
-base = rss()
+base, peak, running = rss(), 0, True
+def watch():  # the peak while embedding, sampled every 5 ms
+    global peak
+    while running:
+        peak = max(peak, rss())
+        time.sleep(0.005)
+watcher = threading.Thread(target=watch)
+watcher.start()
 features = emb.transform(paths)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+running = False
+watcher.join()
 print(json.dumps({"base": base, "peak": peak, "n": len(paths), "features_bytes": features.nbytes}))
 '''
 

@@ -114,7 +114,7 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
     preprocessing : dict or None, default=None
         Override the weights' preprocessing with keys ``resize_size``,
         ``crop_size``, ``interpolation``, ``mean``, ``std``.
-    batch_size : int, default=32
+    batch_size : int, default=16
         Images per backbone forward pass.
     cache_dir : str, path-like or None, default=None
         Folder of a disk feature cache shared across processes and sessions.
@@ -160,7 +160,7 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
     }
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None,
-                 batch_size=32, cache_dir=None, device="cpu", compile="auto", verbose=0):
+                 batch_size=16, cache_dir=None, device="cpu", compile="auto", verbose=0):
         self.backbone = backbone
         self.weights = weights
         self.preprocessing = preprocessing
@@ -649,7 +649,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         y only).
     callbacks : list of skorch callbacks or None, default=None
         Extra skorch callbacks for the head's training.
-    embed_batch_size : int, default=32
+    embed_batch_size : int, default=16
         Images per backbone forward pass.
     random_state : int, RandomState or None, default=None
         Seeds head initialisation, shuffling and the validation split, so
@@ -737,7 +737,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                  hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=30,
                  batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, class_weight=None, callbacks=None,
-                 embed_batch_size=32, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
+                 embed_batch_size=16, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
                  warm_start=False, augment=None, n_views=4, unfreeze=0, backbone_lr_mult=0.1,
                  tta=None, calibration=None, **kwargs):
         self.class_weight = class_weight
@@ -794,6 +794,14 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
             raise ValueError(f"X has {n} images but y has {len(y)} labels; they must match.")
         if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in y):
             raise ValueError("y contains missing labels (None or NaN); every image needs a label.")
+        if y.dtype == object:
+            # A list was read as objects so a missing label could not hide as the
+            # string "nan"; labels of one kind get their natural dtype, as
+            # scikit-learn's classifiers give them (classes_ of ints stay ints).
+            if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in y):
+                y = y.astype(np.int64)
+            elif all(isinstance(v, str) for v in y):
+                y = y.astype(str)
         try:
             check_classification_targets(y)
         except ValueError as e:
@@ -1034,7 +1042,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         back, so the learning rate suits targets of any scale.
     callbacks : list of skorch callbacks or None, default=None
         Extra skorch callbacks for the head's training.
-    embed_batch_size : int, default=32
+    embed_batch_size : int, default=16
         Images per backbone forward pass.
     random_state : int, RandomState or None, default=None
         Seeds head initialisation, shuffling and the validation split.
@@ -1107,7 +1115,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
                  hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=30,
                  batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, target_scaling=True, callbacks=None,
-                 embed_batch_size=32, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
+                 embed_batch_size=16, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
                  warm_start=False, augment=None, n_views=4, unfreeze=0, backbone_lr_mult=0.1,
                  **kwargs):
         self.target_scaling = target_scaling

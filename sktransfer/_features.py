@@ -214,7 +214,7 @@ def _reason(error):
 COMPILE_MIN_IMAGES = 3000
 
 
-def extract_features(items, backbone, *, batch_size=32, cache_dir=None, device="cpu",
+def extract_features(items, backbone, *, batch_size=16, cache_dir=None, device="cpu",
                      name="X", progress=False, compile="auto", view=None):
     """Features of every item, computing only those no cache holds.
 

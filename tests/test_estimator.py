@@ -39,6 +39,8 @@ def test_integer_labels_and_every_input_type(digits_small):
     X, y = digits_small
     clf = PretrainedImageClassifier(**FAST).fit(X, y)
     assert clf.classes_.tolist() == [0, 1, 2] and clf.predict(X[:3]).dtype.kind == "i"
+    from_list = PretrainedImageClassifier(**FAST).fit(X, [int(v) for v in y])
+    assert from_list.classes_.dtype.kind == "i"  # a plain list of ints keeps int labels
     images = [Image.open(p) for p in X[:3]]
     arrays = [np.asarray(im.convert("RGB")) for im in images]
     expected = clf.predict_proba(X[:3])
