@@ -121,7 +121,7 @@ class Backbone:
                 probe = probe.contiguous(memory_format=torch.channels_last)
                 shape = tuple(body.net(probe).shape[1:])
                 # The split must reproduce the body: prefix, blocks, average pooling.
-                pooled = _pool(nn.Sequential(*stages[-unfreeze:])(body.net(probe)))
+                pooled = pool(nn.Sequential(*stages[-unfreeze:])(body.net(probe)))
                 if pooled.shape != (1, self.num_features) or not torch.allclose(
                         pooled, self.module(probe), rtol=1e-4, atol=1e-4):
                     self.stages = None
@@ -141,7 +141,8 @@ class Backbone:
         return blocks.requires_grad_(True)
 
 
-def _pool(out):
+def pool(out):
+    """One flat feature vector per image: feature maps are averaged over space."""
     if out.ndim == 4:  # a feature map: global average pooling
         out = out.mean(dim=(2, 3))
     return out.flatten(1)
@@ -179,9 +180,7 @@ class _Body(nn.Module):
             out = out[0]
         elif isinstance(out, dict):
             out = next(iter(out.values()))
-        if out.ndim == 4:  # a feature map: global average pooling
-            out = out.mean(dim=(2, 3))
-        return out.flatten(1)
+        return pool(out)
 
 
 # --------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import torch
 from skorch import NeuralNetClassifier, NeuralNetRegressor
 from torch import nn
 
+from ._backbones import pool
+
 
 class HeadModule(nn.Module):
     """Standardise the features, then a linear layer or an MLP.
@@ -72,8 +74,7 @@ def pick_view(X, training):
 def pooled_features(blocks, shape, X):
     """Pooled features of flattened boundary activations ``X``, as the backbone body gives."""
     x = X.reshape(-1, *shape).contiguous(memory_format=torch.channels_last)
-    x = blocks(x)
-    return x.mean(dim=(2, 3)) if x.ndim == 4 else x.flatten(1)
+    return pool(blocks(x))
 
 
 class BlocksAndHead(nn.Module):
