@@ -113,3 +113,31 @@ def test_compiled_backbone_gives_the_same_features_and_still_pickles(sample):
     restored = pickle.loads(pickle.dumps(compiled))
     clear_cache()
     np.testing.assert_allclose(restored.transform(paths), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_path_matches_the_straightforward_pipeline(tmp_path, sample):
+    """Draft-mode decoding, the decode thread pool, channels_last and batching
+    against PIL -> torchvision transforms -> a plain eager forward."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    big = tmp_path / "big.jpg"
+    Image.open(sample[0][70]).convert("RGB").resize((1600, 1200)).save(big, quality=92)
+    paths = [str(big)] + sample[0][::30]
+    backbone = build_backbone("efficientnet_lite0")
+    prep = backbone.preprocessing
+    reference = v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(prep.resize_size, interpolation=v2.InterpolationMode(prep.interpolation), antialias=True),
+        v2.CenterCrop(prep.crop_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(prep.mean, prep.std),
+    ])
+    x = torch.stack([reference(Image.open(p).convert("RGB")) for p in paths])
+    with torch.inference_mode():
+        expected = backbone.module(x.contiguous()).numpy()
+    clear_cache()
+    ours = ImageEmbedder(batch_size=4).fit_transform(paths)
+    cosine = (ours * expected).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() > 0.99, cosine  # resize kernels differ in rounding, nothing more
