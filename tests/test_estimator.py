@@ -104,6 +104,9 @@ def test_nested_settings_reach_skorch(flowers_small):
     clf = PretrainedImageClassifier(max_epochs=2, optimizer__weight_decay=0.3, iterator_train__shuffle=False,
                                     iterator_train__drop_last=True, batch_size=8).fit(X, y)
     assert clf.head_.optimizer_.param_groups[0]["weight_decay"] == 0.3
+    assert clf.head_.optimizer_.defaults["fused"] is True  # the fused AdamW kernel by default
+    unfused = PretrainedImageClassifier(max_epochs=2, optimizer__fused=False).fit(X, y)
+    assert not unfused.head_.optimizer_.defaults["fused"]
     assert len(clf.head_.history[-1]["batches"]) == len(X) // 8  # drop_last reached the batches
     with pytest.raises(ValueError, match="iterator_train__num_workers"):
         PretrainedImageClassifier(iterator_train__num_workers=2).fit(X, y)
