@@ -897,9 +897,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
 
     def _after_training(self, head, Z, y_train):
         temperature = 1.0
-        if self.calibration == "temperature":
-            if y_train.ndim != 1:
-                raise ValueError("calibration='temperature' applies to one label per image, not to multi-label y.")
+        if self.calibration == "temperature":  # single-label y: _check_head_settings refused the rest
             temperature = self._fit_temperature(head, Z, y_train)
             head.predict_nonlinearity = _TemperatureSoftmax(temperature)
         return {"temperature_": temperature}

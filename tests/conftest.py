@@ -73,3 +73,17 @@ class ForwardCounter:
 
     def __exit__(self, *exc):
         self.handle.remove()
+
+
+def reference_pixels(prep, image):
+    """The straightforward torchvision pipeline for a preprocessing recipe: a CHW float tensor."""
+    import torch
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(prep.resize_size, interpolation=v2.InterpolationMode(prep.interpolation), antialias=True),
+        v2.CenterCrop(prep.crop_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(prep.mean, prep.std),
+    ])(image)

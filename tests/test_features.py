@@ -10,7 +10,7 @@ from sktransfer import ImageEmbedder, cache_info, clear_cache
 from sktransfer._backbones import build_backbone
 from sktransfer._features import MemoryCache, extract_features
 
-from conftest import ForwardCounter
+from conftest import ForwardCounter, reference_pixels
 
 
 def test_each_image_runs_once_then_comes_from_memory(sample):
@@ -120,21 +120,13 @@ def test_fast_path_matches_the_straightforward_pipeline(tmp_path, sample):
     against PIL -> torchvision transforms -> a plain eager forward."""
     import torch
     from PIL import Image
-    from torchvision.transforms import v2
 
     big = tmp_path / "big.jpg"
     Image.open(sample[0][70]).convert("RGB").resize((1600, 1200)).save(big, quality=92)
     paths = [str(big)] + sample[0][::30]
     backbone = build_backbone("efficientnet_lite0")
     prep = backbone.preprocessing
-    reference = v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize(prep.resize_size, interpolation=v2.InterpolationMode(prep.interpolation), antialias=True),
-        v2.CenterCrop(prep.crop_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(prep.mean, prep.std),
-    ])
-    x = torch.stack([reference(Image.open(p).convert("RGB")) for p in paths])
+    x = torch.stack([reference_pixels(prep, Image.open(p).convert("RGB")) for p in paths])
     with torch.inference_mode():
         expected = backbone.module(x.contiguous()).numpy()
     clear_cache()

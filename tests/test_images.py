@@ -1,24 +1,12 @@
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 from sktransfer import Preprocessing
 from sktransfer._backbones import build_backbone
 from sktransfer._images import open_image
 
-
-def _reference(prep, image):
-    """The straightforward torchvision pipeline for the same recipe."""
-    t = v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize(prep.resize_size, interpolation=v2.InterpolationMode(prep.interpolation), antialias=True),
-        v2.CenterCrop(prep.crop_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(prep.mean, prep.std),
-    ])
-    return t(image)
+from conftest import reference_pixels
 
 
 def test_default_recipe_comes_from_the_weights():
@@ -33,7 +21,7 @@ def test_pixels_match_torchvision_pipeline(sample, size):
     prep = build_backbone("resnet18", weights=None).preprocessing
     image = Image.open(sample[0][5]).convert("RGB").resize(size)
     ours = prep.normalize([prep.to_array(image)])[0]
-    ref = _reference(prep, image)
+    ref = reference_pixels(prep, image)
     assert ours.shape == ref.shape == (3, 224, 224)
     # PIL and torch resize kernels differ by rounding: a couple of grey levels at most.
     assert (ours - ref).abs().mean() < 0.02
