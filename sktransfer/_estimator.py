@@ -643,7 +643,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         Learning rate of the head's optimizer.
     weight_decay : float, default=1e-4
         Weight decay of the head's optimizer.
-    max_epochs : int, default=30
+    max_epochs : int, default=15
         Epochs of head training.
     batch_size : int, default=64
         Mini-batch size of head training.
@@ -747,7 +747,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     }
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
-                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=30,
+                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=15,
                  batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, class_weight=None, callbacks=None,
                  embed_batch_size=16, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,

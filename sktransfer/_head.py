@@ -156,11 +156,15 @@ class FeatureLoader:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(self.n) if self.shuffle else torch.arange(self.n)
+        X, y = self.X, self.y
+        if self.shuffle:  # one gather per epoch; the batches are then views of it
+            order = torch.randperm(self.n)
+            X = {k: v[order] for k, v in X.items()} if isinstance(X, dict) else X[order]
+            y = None if y is None else y[order]
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            Xb = {k: v[idx] for k, v in self.X.items()} if isinstance(self.X, dict) else self.X[idx]
-            yield Xb, (self.y[idx] if self.y is not None else torch.zeros(len(idx)))
+            end = min(start + self.batch_size, self.n)
+            Xb = {k: v[start:end] for k, v in X.items()} if isinstance(X, dict) else X[start:end]
+            yield Xb, (y[start:end] if y is not None else torch.zeros(end - start))
 
 
 class WeightedLossMixin:
