@@ -500,7 +500,7 @@ def build_parser():
     embed.add_argument("inputs", metavar="PATH_OR_DIR", nargs="+", help="image files or folders")
     embed.add_argument("-o", "--output", required=True, help="features.parquet or features.npy")
     embed.add_argument("--backbone", default="efficientnet_lite0", help="see `sktransfer backbones` (default: efficientnet_lite0)")
-    embed.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    embed.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     embed.add_argument("--cache-dir", help="folder of a disk feature cache")
     embed.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     embed.set_defaults(run=_embed)

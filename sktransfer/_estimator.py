@@ -33,7 +33,7 @@ from sklearn.utils.validation import (
 from . import __version__
 from ._augment import AUGMENT_PRESETS, TTA_PRESETS, augment_views, tta_views
 from ._backbones import build_backbone
-from ._features import extract_features
+from ._features import extract_features, steady_heap
 from ._head import (
     BlocksAndHead,
     FeatureLoader,
@@ -114,7 +114,7 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
     preprocessing : dict or None, default=None
         Override the weights' preprocessing with keys ``resize_size``,
         ``crop_size``, ``interpolation``, ``mean``, ``std``.
-    batch_size : int, default=16
+    batch_size : int, default=8
         Images per backbone forward pass.
     cache_dir : str, path-like or None, default=None
         Folder of a disk feature cache shared across processes and sessions.
@@ -160,7 +160,7 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
     }
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None,
-                 batch_size=16, cache_dir=None, device="cpu", compile="auto", verbose=0):
+                 batch_size=8, cache_dir=None, device="cpu", compile="auto", verbose=0):
         self.backbone = backbone
         self.weights = weights
         self.preprocessing = preprocessing
@@ -405,7 +405,9 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
             Z = np.stack([self._embed(embedder, items, v, self.unfreeze) for v in views], axis=1)
         head = self._build_head(Z, y_train, n_outputs, hidden_units, device, embedder.backbone_)
         data = {"X": Z, "sample_weight": weights}
-        with _seeded(self.random_state, device), one_thread(enabled=not self.unfreeze):
+        # Fine-tuning runs backbone blocks every step: keep their buffers in the heap too.
+        heap = steady_heap() if self.unfreeze else contextlib.nullcontext()
+        with _seeded(self.random_state, device), one_thread(enabled=not self.unfreeze), heap:
             if continuing:
                 self._resume(head)
             if continuing or epochs is not None:
@@ -662,7 +664,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         y only).
     callbacks : list of skorch callbacks or None, default=None
         Extra skorch callbacks for the head's training.
-    embed_batch_size : int, default=16
+    embed_batch_size : int, default=8
         Images per backbone forward pass.
     random_state : int, RandomState or None, default=None
         Seeds head initialisation, shuffling and the validation split, so
@@ -750,7 +752,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                  hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=15,
                  batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, class_weight=None, callbacks=None,
-                 embed_batch_size=16, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
+                 embed_batch_size=8, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
                  warm_start=False, augment=None, n_views=4, unfreeze=0, backbone_lr_mult=0.1,
                  tta=None, calibration=None, **kwargs):
         self.class_weight = class_weight
@@ -1053,7 +1055,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         back, so the learning rate suits targets of any scale.
     callbacks : list of skorch callbacks or None, default=None
         Extra skorch callbacks for the head's training.
-    embed_batch_size : int, default=16
+    embed_batch_size : int, default=8
         Images per backbone forward pass.
     random_state : int, RandomState or None, default=None
         Seeds head initialisation, shuffling and the validation split.
@@ -1126,7 +1128,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
                  hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=30,
                  batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, target_scaling=True, callbacks=None,
-                 embed_batch_size=16, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
+                 embed_batch_size=8, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
                  warm_start=False, augment=None, n_views=4, unfreeze=0, backbone_lr_mult=0.1,
                  **kwargs):
         self.target_scaling = target_scaling

@@ -9,9 +9,13 @@ and every clone a grid search makes, and optionally in a disk cache
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import hashlib
 import os
+import platform
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -208,13 +212,75 @@ def _reason(error):
     return text or type(error).__name__
 
 
+# glibc returns freed memory at the top of the heap to the kernel, and serves
+# allocations above a (growing) threshold with fresh mmaps. Both hit a CNN's
+# activations on every forward pass: each batch allocates and frees tens of
+# megabytes, and the kernel zeroes every page again. On the 2-core machine in
+# docs/benchmarks.md that page-fault work took about half of a pass. During a
+# pass the thresholds are raised so freed activations stay in the heap for the
+# next batch; afterwards they are set to glibc's own ceilings for its adaptive
+# values (32 MiB and 64 MiB) and the heap is trimmed, giving the memory back.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_HEAP_STATE = {"users": 0, "libc": None}
+_HEAP_LOCK = threading.Lock()
+#: Environment variables by which users tune glibc's malloc themselves.
+_USER_MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def _tunable_libc():
+    """glibc's ``mallopt``/``malloc_trim``, or None where the heap is not tuned."""
+    if os.environ.get("SKTRANSFER_TUNE_HEAP", "1") == "0":
+        return None
+    if any(name in os.environ for name in _USER_MALLOC_SETTINGS):
+        return None  # the user's own malloc settings stay in charge
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    if _HEAP_STATE["libc"] is None:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            return None
+        _HEAP_STATE["libc"] = libc
+    return _HEAP_STATE["libc"]
+
+
+@contextlib.contextmanager
+def steady_heap():
+    """Keep activation buffers in the heap for the duration of backbone passes.
+
+    Nested and concurrent passes share one setting; the last one to finish
+    restores glibc's ceilings and trims. A no-op off glibc, when
+    ``SKTRANSFER_TUNE_HEAP=0``, or when the user sets malloc's thresholds
+    through the environment.
+    """
+    libc = _tunable_libc()
+    if libc is None:
+        yield
+        return
+    with _HEAP_LOCK:
+        _HEAP_STATE["users"] += 1
+        if _HEAP_STATE["users"] == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        with _HEAP_LOCK:
+            _HEAP_STATE["users"] -= 1
+            if _HEAP_STATE["users"] == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+                libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+                libc.malloc_trim(0)
+
+
 # torch.compile roughly doubles a CNN's CPU throughput but costs tens of
 # seconds to compile (a few with a warm inductor cache): with "auto" it is used
 # only when this many images are to be embedded in one call.
 COMPILE_MIN_IMAGES = 3000
 
 
-def extract_features(items, backbone, *, batch_size=16, cache_dir=None, device="cpu",
+def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="cpu",
                      name="X", progress=False, compile="auto", view=None):
     """Features of every item, computing only those no cache holds.
 
@@ -266,8 +332,9 @@ def extract_features(items, backbone, *, batch_size=16, cache_dir=None, device="
         raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     if todo:
         use_compile = compile is True or (compile == "auto" and len(todo) >= COMPILE_MIN_IMAGES)
-        errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress,
-                               use_compile, view, fingerprint)
+        with steady_heap():
+            errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress,
+                                   use_compile, view, fingerprint)
         if errors:
             raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     return out

@@ -133,3 +133,56 @@ def test_fast_path_matches_the_straightforward_pipeline(tmp_path, sample):
     ours = ImageEmbedder(batch_size=4).fit_transform(paths)
     cosine = (ours * expected).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(expected, axis=1)
     assert cosine.min() > 0.99, cosine  # resize kernels differ in rounding, nothing more
+
+
+# -- the heap during backbone passes ------------------------------------------
+
+_PASS_FAULTS = r'''
+import json, resource, sys
+import numpy as np
+from sktransfer import clear_cache
+from sktransfer._backbones import build_backbone
+from sktransfer._features import extract_features
+paths = json.loads(sys.argv[1])
+backbone = build_backbone("efficientnet_lite0")
+extract_features(paths[:8], backbone)  # the first batch builds what every later one reuses
+clear_cache()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+features = extract_features(paths, backbone)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+np.save(sys.argv[2], features)
+print(faults)
+'''
+
+
+@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="the heap is tuned only where glibc's malloc runs")
+def test_backbone_passes_reuse_the_heap_instead_of_faulting_in_new_pages(sample, tmp_path):
+    # glibc would hand each batch's freed activations back to the kernel and
+    # fault them in again for the next batch; during a pass they stay in the
+    # heap. Counted in minor page faults (not time), in fresh processes.
+    import json
+    import os
+
+    paths = json.dumps(sample[0][:48])
+    faults = {}
+    for tune in ("1", "0"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+        env.update(SKTRANSFER_TUNE_HEAP=tune, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        out = subprocess.run([sys.executable, "-c", _PASS_FAULTS, paths, str(tmp_path / f"{tune}.npy")],
+                             capture_output=True, text=True, env=env, check=True)
+        faults[tune] = int(out.stdout.split()[-1])
+    assert faults["1"] * 3 < faults["0"], faults
+    np.testing.assert_array_equal(np.load(tmp_path / "1.npy"), np.load(tmp_path / "0.npy"))
+
+
+def test_users_own_malloc_settings_are_left_alone(monkeypatch):
+    from sktransfer import _features
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert _features._tunable_libc() is None
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("SKTRANSFER_TUNE_HEAP", "0")
+    assert _features._tunable_libc() is None
+    with _features.steady_heap():  # a plain no-op then
+        pass
