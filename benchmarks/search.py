@@ -9,7 +9,11 @@ The peer is slow, so only ``--peer-candidates`` of its 12 candidates are timed
 (3 folds each) and its full search time is extrapolated from them (said so in
 the table).
 
-    python benchmarks/search.py [--data ../shared/datasets/flowers5] [--n 300] [--write]
+    python benchmarks/search.py [--data ../shared/datasets/flowers5] [--n 300] [--backbone NAME] [--write]
+
+``--backbone`` other than the default runs with random weights (other
+weights need a download): the timings are the same, the accuracies are not
+meaningful.
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ def skorch_peer(backbone, max_epochs, lr, hidden_units, weight_decay):
 def _table(args, X, Xtr, rows, search, best_acc, fresh_acc):
     table = [
         f"Search over {len(ParameterGrid(GRID))} head settings ({GRID}), cv=3, on {len(Xtr)} training photos "
-        f"of `{args.data.split('shared/')[-1]}` (seeded stratified subset of {len(X)}); {machine()}. "
+        f"of `{args.data.split('shared/')[-1]}` (seeded stratified subset of {len(X)}), backbone "
+        f"{args.backbone}{'' if args.backbone == 'efficientnet_lite0' else ' (random weights)'}; {machine()}. "
         "Ratios are to one `fit` with default settings in the same run; all from empty feature caches.",
         "",
         "| what | seconds | × one fit | backbone passes over the training set | fits |",
@@ -99,15 +104,18 @@ def main():
     parser.add_argument("--n", type=int, default=300, help="photos (80%% train, 20%% test)")
     parser.add_argument("--peer-candidates", type=int, default=1)
     parser.add_argument("--peer-epochs", type=int, default=10)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
+    weights = "DEFAULT" if args.backbone == "efficientnet_lite0" else None
+    model = dict(backbone=args.backbone, weights=weights, random_state=0)
 
     X, y = stratified_subset(args.data, args.n)
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
-    body = build_backbone("efficientnet_lite0").module
+    body = build_backbone(args.backbone, weights).module
     counter = Counter(body)
     cv = StratifiedKFold(3, shuffle=True, random_state=0)
-    base = PretrainedImageClassifier(random_state=0)
+    base = PretrainedImageClassifier(**model)
     rows = []
 
     clear_cache()
@@ -123,38 +131,39 @@ def main():
     n_fits = len(ParameterGrid(GRID)) * cv.get_n_splits() + 1
     rows.append((f"GridSearchCV, {len(ParameterGrid(GRID))} candidates x 3 folds + refit, n_jobs=1",
                  search_t.seconds, search_t.seconds / fit.seconds, counter.images / len(Xtr), n_fits))
-    fresh = PretrainedImageClassifier(random_state=0).set_params(**search.best_params_).fit(Xtr, ytr)
+    fresh = PretrainedImageClassifier(**model).set_params(**search.best_params_).fit(Xtr, ytr)
     best_acc, fresh_acc = search.score(Xte, yte), fresh.score(Xte, yte)
 
     clear_cache()
     with tempfile.TemporaryDirectory() as cache, Timer() as par:
-        GridSearchCV(PretrainedImageClassifier(random_state=0, cache_dir=cache), GRID, cv=cv, n_jobs=2).fit(Xtr, ytr)
+        GridSearchCV(PretrainedImageClassifier(**model, cache_dir=cache), GRID, cv=cv, n_jobs=2).fit(Xtr, ytr)
     rows.append(("same search, n_jobs=2, shared cache_dir (workers' passes not counted)",
                  par.seconds, par.seconds / fit.seconds, float("nan"), n_fits))
 
-    if args.peer_candidates < 1:
-        print("\n".join(_table(args, X, Xtr, rows, search, best_acc, fresh_acc)))
-        return
-    backbone = build_backbone("efficientnet_lite0")
-    candidates = list(ParameterGrid(GRID))[: args.peer_candidates]
-    with Timer() as peer:
-        for params in candidates:
-            for train, _ in cv.split(Xtr, ytr):
-                net = skorch_peer(backbone, args.peer_epochs, **params)
-                ytr_enc = np.searchsorted(np.unique(ytr), ytr[train])
-                net.fit([Xtr[i] for i in train], ytr_enc)
-    per_fit = peer.seconds / (len(candidates) * cv.get_n_splits())
-    # Each of its fits runs the backbone in every epoch over 2/3 of the training
-    # set, and once more over the other 1/3 to score; the refit over all of it.
-    n_candidates = len(ParameterGrid(GRID))
-    peer_passes = n_candidates * 3 * (args.peer_epochs * 2 / 3 + 1 / 3) + args.peer_epochs
-    rows.append((f"usual skorch way (Freezer, {args.peer_epochs} epochs): {len(candidates) * 3} fits timed, "
-                 f"{n_fits} extrapolated", per_fit * n_fits, per_fit * n_fits / fit.seconds, peer_passes, n_fits))
+    if args.peer_candidates > 0:
+        backbone = build_backbone(args.backbone, weights)
+        candidates = list(ParameterGrid(GRID))[: args.peer_candidates]
+        with Timer() as peer:
+            for params in candidates:
+                for train, _ in cv.split(Xtr, ytr):
+                    net = skorch_peer(backbone, args.peer_epochs, **params)
+                    ytr_enc = np.searchsorted(np.unique(ytr), ytr[train])
+                    net.fit([Xtr[i] for i in train], ytr_enc)
+        per_fit = peer.seconds / (len(candidates) * cv.get_n_splits())
+        # Each of its fits runs the backbone in every epoch over 2/3 of the training
+        # set, and once more over the other 1/3 to score; the refit over all of it.
+        n_candidates = len(ParameterGrid(GRID))
+        peer_passes = n_candidates * 3 * (args.peer_epochs * 2 / 3 + 1 / 3) + args.peer_epochs
+        rows.append((f"usual skorch way (Freezer, {args.peer_epochs} epochs): {len(candidates) * 3} fits timed, "
+                     f"{n_fits} extrapolated", per_fit * n_fits, per_fit * n_fits / fit.seconds, peer_passes, n_fits))
 
     table = _table(args, X, Xtr, rows, search, best_acc, fresh_acc)
     print("\n".join(table))
     if args.write:
-        write_section("search", "## Grid search\n\n" + "\n".join(table))
+        if args.backbone == "efficientnet_lite0":
+            write_section("search", "## Grid search\n\n" + "\n".join(table))
+        else:
+            write_section(f"search-{args.backbone}", f"### Grid search with {args.backbone}\n\n" + "\n".join(table))
 
 
 if __name__ == "__main__":

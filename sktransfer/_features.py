@@ -332,7 +332,10 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
         raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     if todo:
         use_compile = compile is True or (compile == "auto" and len(todo) >= COMPILE_MIN_IMAGES)
-        with steady_heap():
+        # One batch gains nothing from a steady heap, and trimming after it would
+        # make the next small call (predicting one image) fault its pages in again.
+        heap = steady_heap() if len(todo) > batch_size else contextlib.nullcontext()
+        with heap:
             errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress,
                                    use_compile, view, fingerprint)
         if errors:
