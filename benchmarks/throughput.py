@@ -30,17 +30,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import DATASETS, Timer, machine, stratified_subset, write_section
-
-HERE = Path(__file__).resolve().parent
+from _common import DATASETS, Timer, machine, run_script, stratified_subset, write_section
 
 
 def make_photos(folder, n, size, seed=0):
@@ -132,13 +128,6 @@ running = False
 watcher.join()
 print(json.dumps({"base": base, "peak": peak, "n": len(paths), "features_bytes": features.nbytes}))
 '''
-
-
-def run_script(code, *args):
-    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=HERE)
-    if result.returncode:
-        raise RuntimeError(result.stderr[-2000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main():
