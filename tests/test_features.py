@@ -185,4 +185,18 @@ def test_users_own_malloc_settings_are_left_alone(monkeypatch):
     monkeypatch.setenv("SKTRANSFER_TUNE_HEAP", "0")
     assert _features._tunable_libc() is None
     with _features.steady_heap():  # a plain no-op then
-        pass
+        assert _features._HEAP_STATE["users"] == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="the heap is tuned only where glibc's malloc runs")
+def test_nested_passes_share_one_heap_setting(monkeypatch):
+    from sktransfer import _features
+
+    for name in ("SKTRANSFER_TUNE_HEAP", *_features._USER_MALLOC_SETTINGS):
+        monkeypatch.delenv(name, raising=False)
+    with _features.steady_heap():
+        with _features.steady_heap():
+            assert _features._HEAP_STATE["users"] == 2
+        assert _features._HEAP_STATE["users"] == 1  # the outer pass keeps the setting
+    assert _features._HEAP_STATE["users"] == 0
