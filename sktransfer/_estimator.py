@@ -121,10 +121,11 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
     device : str, default="cpu"
         Torch device of the backbone (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
     compile : bool or "auto", default="auto"
-        Run the backbone through ``torch.compile`` (about twice the CPU
-        throughput of a CNN, after tens of seconds of compilation). "auto"
-        compiles only when one call embeds at least 3,000 new images; without
-        a working compiler it runs eagerly. Features agree within float
+        Run the backbone through ``torch.compile`` (a sixth more CPU
+        throughput for the default backbone in docs/benchmarks.md, after up to
+        tens of seconds of compilation). "auto" compiles only when one call
+        embeds at least 20,000 new images; without a working compiler it runs
+        eagerly. Features agree within float
         tolerance either way.
     verbose : int, default=0
         Show a progress bar while embedding when > 0.
