@@ -7,6 +7,7 @@ paths and work in Pipelines, GridSearchCV and cross-validation.
 
 __version__ = "0.1.0"
 
+from ._audit import AuditReport, audit  # noqa: E402
 from ._backbones import Backbone, list_backbones  # noqa: E402
 from ._distributed import embed_dask  # noqa: E402
 from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor  # noqa: E402
@@ -18,12 +19,14 @@ from ._inputs import ImageInputError, load_image_folder  # noqa: E402
 from ._plotting import plot_history, plot_top_losses  # noqa: E402
 
 __all__ = [
+    "AuditReport",
     "Backbone",
     "ImageEmbedder",
     "ImageInputError",
     "PretrainedImageClassifier",
     "PretrainedImageRegressor",
     "Preprocessing",
+    "audit",
     "cache_info",
     "clear_cache",
     "embed_dask",
