@@ -11,7 +11,7 @@ installed. Also measures the duplicate threshold: the cosine similarity of
 re-encoded and resized copies to their original against that of each photo's
 nearest distinct photo of its class.
 
-    python benchmarks/audit.py [--cache-dir DIR]
+    python benchmarks/audit.py [--cache-dir DIR] [--datasets ../shared/datasets]
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def unit(features):
     return features / np.linalg.norm(features, axis=1, keepdims=True)
 
 
-def similarities(name, embedder, n_copies=60, seed=0):
+def similarities(folder, embedder, n_copies=30, seed=0):
     """Similarity of copies to their original vs. of each photo to its nearest distinct same-class photo."""
-    X, y = load_image_folder(DATASETS / name)
+    X, y = load_image_folder(folder)
     F = unit(embedder.transform(X))
     S = F @ F.T  # a few thousand photos: the full matrix is small here
     np.fill_diagonal(S, -1.0)
@@ -71,8 +71,8 @@ def recall_at_precision(ranked, truth, precision=0.5):
     return float(hits[ok].max() / len(truth)) if ok.any() else 0.0
 
 
-def run(name, cache_dir, tmp, seed=0):
-    X, y = load_image_folder(DATASETS / name)
+def run(datasets, name, cache_dir, tmp, seed=0):
+    X, y = load_image_folder(datasets / name)
     y = y.copy()
     classes = np.unique(y)
     n = len(X)
@@ -92,7 +92,7 @@ def run(name, cache_dir, tmp, seed=0):
         y = np.append(y, y[i])
         if i in flipped:
             flipped.add(len(X) - 1)
-    outsiders_from, _ = load_image_folder(DATASETS / "flowers5")
+    outsiders_from, _ = load_image_folder(datasets / "flowers5")
     outsiders = []
     for p in rng.choice(outsiders_from, 5, replace=False):
         outsiders.append(len(X))
@@ -109,6 +109,7 @@ def run(name, cache_dir, tmp, seed=0):
     flagged = set(report.label_issues.tolist())
     result = {
         "name": name, "images": len(X), "flipped": len(flipped), "accuracy": accuracy, "seconds": seconds,
+        "threshold": report.duplicate_threshold,
         "recall": recall_at_precision(report.label_issues, flipped),
         "flagged": len(flagged), "flagged_precision": len(flagged & flipped) / max(len(flagged), 1),
         "flagged_recall": len(flagged & flipped) / len(flipped),
@@ -142,6 +143,8 @@ def run(name, cache_dir, tmp, seed=0):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", help="disk feature cache (reruns skip the backbone)")
+    parser.add_argument("--datasets", type=Path, default=DATASETS,
+                        help="folder holding trash6, sign_digits and flowers5 (default: ../shared/datasets)")
     args = parser.parse_args()
     cpu = machine()
     embedder = ImageEmbedder(cache_dir=args.cache_dir).fit()
@@ -150,11 +153,11 @@ def main():
              "seconds are indicative only. Backbone efficientnet_lite0, default head, 5 folds.", "",
              "### Duplicate threshold", "",
              "Cosine similarity of features: each photo's nearest *distinct* photo of its own class "
-             "(quantiles over all photos) against copies of 60 random photos:", "",
+             "(quantiles over all photos) against copies of 30 random photos:", "",
              "| data set | distinct: median | 99% | max | " + " | ".join(f"{k}: min / 5%" for k in COPIES) + " |",
              "|---|---|---|---|" + "---|" * len(COPIES)]
     for name in ("trash6", "sign_digits"):
-        nearest, copies = similarities(name, embedder)
+        nearest, copies = similarities(args.datasets / name, embedder)
         q50, q99, top = np.quantile(nearest, [0.5, 0.99, 1.0])
         lines.append(f"| {name} | {q50:.3f} | {q99:.3f} | {top:.3f} | "
                      + " | ".join(f"{s.min():.3f} / {np.quantile(s, 0.05):.3f}" for s in copies.values()) + " |")
@@ -165,16 +168,17 @@ def main():
               "labels. *Recall @ P≥0.5*: the highest recall of the flipped labels among the top-k "
               "suspects over all k whose precision is at least 0.5.", "",
               "| data set | images | out-of-fold accuracy | method | recall @ P≥0.5 | flagged | precision "
-              "| recall | duplicates grouped | other duplicate groups | flowers flagged (of 5) "
+              "| recall | duplicates grouped (threshold) | other duplicate groups | flowers flagged (of 5) "
               "| outliers | seconds |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("trash6", "sign_digits"):
-            r = run(name, args.cache_dir, Path(tmp))
+            r = run(args.datasets, name, args.cache_dir, Path(tmp))
             by_kind = ", ".join(f"{k}: {v:.2f}" for k, v in r["grouped_by_kind"].items())
             lines.append(f"| {name} | {r['images']} | {r['accuracy']:.3f} | sktransfer.audit | "
                          f"**{r['recall']:.2f}** | {r['flagged']} | {r['flagged_precision']:.2f} | "
-                         f"{r['flagged_recall']:.2f} | **{r['grouped']:.2f}** of {r['duplicates']} ({by_kind}) | "
+                         f"{r['flagged_recall']:.2f} | **{r['grouped']:.2f}** of {r['duplicates']} ({by_kind}; "
+                         f"auto threshold {r['threshold']:.3f}) | "
                          f"{r['other_groups']} | {r['outsiders_flagged']} | {r['outliers']} | {r['seconds']:.0f} |")
             c = r["cleanlab"]
             if c is not None:

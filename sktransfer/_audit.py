@@ -14,7 +14,12 @@ probabilities of one cross-validation of the head.
 * Duplicates are images whose L2-normalised features have a cosine
   similarity of at least ``duplicate_threshold`` (found with scikit-learn's
   ``NearestNeighbors`` radius search), joined into groups; byte-identical
-  files are duplicates whatever the threshold. A group with members in both
+  files are duplicates whatever the threshold. The default ("auto") adapts
+  to the folder: a pair is joined when its cosine distance is at most
+  ``AUTO_DISTANCE_RATIO`` times the median distance of an image to its third
+  nearest neighbour (the third, so that groups of up to three copies do not
+  shrink the yardstick), since how alike distinct photos look to the backbone
+  varies from folder to folder (hands on one white wall vs. household waste). A group with members in both
   ``X`` and ``X_test`` is leakage.
 * Outliers are far from every class: for each class, the mean cosine distance
   of an image to its ``n_neighbors`` nearest images of that class, divided by
@@ -42,6 +47,8 @@ __all__ = ["audit", "AuditReport"]
 
 #: The kinds of finding, in the order a report lists them.
 FINDINGS = ("label_issue", "duplicate", "leakage", "outlier")
+#: duplicate_threshold="auto": duplicates are this much closer than the median third-nearest neighbour.
+AUTO_DISTANCE_RATIO = 0.35
 COLUMNS = ["path", "finding", "given_label", "suggested_label", "score", "group"]
 
 
@@ -59,6 +66,8 @@ class AuditReport:
         Out-of-fold predicted probabilities of the cross-validated estimator.
     thresholds : ndarray of shape (n_classes,)
         Per-class confident-learning thresholds (average self-confidence).
+    duplicate_threshold : float
+        The cosine similarity from which images were joined as duplicates.
     label_issues : ndarray of int
         Suspected label errors, most suspicious first.
     suggested_labels : ndarray
@@ -79,7 +88,8 @@ class AuditReport:
         Per outlier: its distance to the nearest class relative to that class's fence (> 1).
     """
 
-    def __init__(self, items, y, test_items, y_test, *, classes, oof_proba, thresholds, label_issues,
+    def __init__(self, items, y, test_items, y_test, *, classes, oof_proba, thresholds, duplicate_threshold,
+                 label_issues,
                  suggested_labels, label_scores, duplicate_groups, duplicate_scores, leakage_groups,
                  outliers, outlier_scores):
         self.items, self.y = items, y
@@ -87,6 +97,7 @@ class AuditReport:
         self.classes = classes
         self.oof_proba = oof_proba
         self.thresholds = thresholds
+        self.duplicate_threshold = duplicate_threshold
         self.label_issues = label_issues
         self.suggested_labels = suggested_labels
         self.label_scores = label_scores
@@ -199,6 +210,13 @@ class AuditReport:
         thumbnail_size : int, default=128
             Longest side of the thumbnails, in pixels.
         """
+        files = [os.path.abspath(os.fspath(item)) for item in self.items + self.test_items
+                 if isinstance(item, (str, os.PathLike, np.str_))]
+        # Paths are shown relative to the folder all the images are in, to keep captions short.
+        try:
+            root = os.path.commonpath([os.path.dirname(f) for f in files]) if files else None
+        except ValueError:  # on different drives
+            root = None
         sections = []
         for finding, title, explanation in (
             ("label_issue", "Suspected label errors",
@@ -213,7 +231,10 @@ class AuditReport:
             cells = []
             for _, side, i, given, suggested, score, group in rows:
                 item = (self.test_items if side == "X_test" else self.items)[i]
-                caption = [html.escape(self._name(i, side == "X_test"))]
+                name = self._name(i, side == "X_test")
+                if root is not None and isinstance(item, (str, os.PathLike, np.str_)):
+                    name = os.path.relpath(os.path.abspath(name), root)
+                caption = [html.escape(name)]
                 if side == "X_test":
                     caption.append("<b>test set</b>")
                 if given is not None:
@@ -240,7 +261,7 @@ figure{{margin:0;width:{thumbnail_size + 32}px;font-size:small;overflow-wrap:any
 img{{max-width:{thumbnail_size}px;max-height:{thumbnail_size}px;display:block}}</style>
 </head><body>
 <h1>Audit of {len(self.items)} images</h1>
-<p>{html.escape(repr(self))}</p>
+<p>{html.escape(repr(self))}{"" if root is None else f". Paths are relative to {html.escape(root)}"}</p>
 {chr(10).join(sections)}
 </body></html>
 """
@@ -314,6 +335,16 @@ def confident_label_issues(y_enc, proba):
     indices = np.flatnonzero(issue)
     indices = indices[np.argsort(self_confidence[indices], kind="stable")]
     return indices, guess[indices], 1.0 - self_confidence[indices], thresholds
+
+
+def auto_threshold(unit):
+    """The cosine similarity of ``duplicate_threshold="auto"`` for these unit feature vectors."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(4, len(unit))  # the image itself and its three nearest neighbours
+    distance, _ = NearestNeighbors(n_neighbors=k).fit(unit).kneighbors(unit)
+    third = distance[:, k - 1] ** 2 / 2.0  # cosine distance on unit vectors
+    return float(1.0 - AUTO_DISTANCE_RATIO * np.median(third))
 
 
 def duplicate_components(unit, digests, threshold):
@@ -394,7 +425,7 @@ def _check_cv(cv, y, random_state):
     raise ValueError(f"cv={cv!r} must be a number of folds (int >= 2) or a scikit-learn splitter.")
 
 
-def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshold=0.95,
+def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshold="auto",
           n_neighbors=5, random_state=0, verbose=0):
     """Find suspected label errors, duplicates, train/test leakage and outliers in labelled images.
 
@@ -421,11 +452,12 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
         A held-out set to check for leakage: images of ``X`` duplicated in it.
     y_test : array-like or None, default=None
         Labels of ``X_test``, shown beside leakage findings.
-    duplicate_threshold : float, default=0.95
+    duplicate_threshold : float or "auto", default="auto"
         Cosine similarity of features from which two images are duplicates.
-        With the default backbone, re-encoded and resized copies score above
-        0.95 and distinct photos of the same class rarely reach it
-        (docs/audit.md has the measurements).
+        "auto": ``1 - 0.35 * m``, where ``m`` is the median cosine distance of
+        an image to its third-nearest neighbour in ``X`` and ``X_test`` (0.857
+        for the household-waste photos of trash6, 0.972 for the hands of sign_digits; docs/audit.md has the measurements
+        behind it). A fixed value suits folders you know.
     n_neighbors : int, default=5
         Neighbours per class in the outlier distance.
     random_state : int, RandomState or None, default=0
@@ -471,8 +503,10 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
         if X_test is None or y_test.shape != (len(test_items),):
             raise ValueError(f"y_test must hold one label per image of X_test ({len(test_items)}), "
                              f"got shape {y_test.shape}.")
-    if not (isinstance(duplicate_threshold, numbers.Real) and 0.0 < duplicate_threshold <= 1.0):
-        raise ValueError(f"duplicate_threshold={duplicate_threshold!r} must be a cosine similarity in (0, 1].")
+    if not (duplicate_threshold == "auto" or isinstance(duplicate_threshold, numbers.Real)
+            and not isinstance(duplicate_threshold, bool) and 0.0 < duplicate_threshold <= 1.0):
+        raise ValueError(f"duplicate_threshold={duplicate_threshold!r} must be a cosine similarity in (0, 1] "
+                         "or 'auto'.")
     if not (isinstance(n_neighbors, numbers.Integral) and n_neighbors >= 1):
         raise ValueError(f"n_neighbors={n_neighbors!r} must be a positive integer.")
     splitter = _check_cv(cv, y, random_state)
@@ -502,6 +536,8 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
             errors.append((i, item, str(e) or type(e).__name__))
     if errors:
         raise ImageInputError(errors)
+    if duplicate_threshold == "auto":
+        duplicate_threshold = auto_threshold(unit)
     components, best = duplicate_components(unit, digests, float(duplicate_threshold))
     n = len(items)
     duplicate_groups, leakage_groups = [], []
@@ -517,6 +553,7 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     outliers, outlier_scores = class_outliers(unit[:n], y_enc, len(classes), components[:n], n_neighbors)
     return AuditReport(
         items, y, test_items, y_test, classes=classes, oof_proba=proba, thresholds=thresholds,
+        duplicate_threshold=float(duplicate_threshold),
         label_issues=issues, suggested_labels=classes[suggested], label_scores=label_scores,
         duplicate_groups=duplicate_groups, duplicate_scores=best, leakage_groups=leakage_groups,
         outliers=outliers, outlier_scores=outlier_scores,

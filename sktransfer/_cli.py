@@ -457,7 +457,8 @@ def _audit(args):
     print(f"{len(X)} images audited: {len(report.label_issues)} suspected label errors, "
           f"{len(report.duplicate_groups)} duplicate groups, {len(report.leakage_groups)} leakage groups, "
           f"{len(report.outliers)} outliers")
-    print(f"Report written to {out / 'index.html'} and {out / 'findings.csv'}")
+    print(f"Duplicates joined from cosine similarity {report.duplicate_threshold:.3f}. "
+          f"Report written to {out / 'index.html'} and {out / 'findings.csv'}")
     return 0
 
 
@@ -538,8 +539,9 @@ def build_parser():
     audit.add_argument("--test", metavar="DATA", help="a held-out set (same forms as DATA) to check for leakage")
     audit.add_argument("--backbone", default="efficientnet_lite0", help="see `sktransfer backbones` (default: efficientnet_lite0)")
     audit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default: 5)")
-    audit.add_argument("--threshold", type=float, default=0.95,
-                       help="cosine similarity of features from which images are duplicates (default: 0.95)")
+    audit.add_argument("--threshold", type=lambda v: v if v == "auto" else float(v), default="auto",
+                       help="cosine similarity of features from which images are duplicates, or auto: "
+                            "relative to the folder's nearest-neighbour distances (default: auto)")
     audit.add_argument("--cache-dir", help="folder of a disk feature cache, reused by later runs")
     audit.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     audit.add_argument("--random-state", type=int, default=0, help="seed of folds and training (default: 0)")

@@ -106,6 +106,9 @@ def test_duplicates_grouped(faulty):
     for original, copy in faulty["pairs"]:
         assert any({original, copy} <= g for g in groups), (original, copy)
     assert report.duplicate_scores[faulty["pairs"][-1][1]] == 1.0  # the byte-identical copy
+    # "auto" adapts the threshold to the folder, between its distinct photos and the copies.
+    assert 0.5 < report.duplicate_threshold < min(report.duplicate_scores[c] for _, c in faulty["pairs"])
+    assert sum(len(g) for g in report.duplicate_groups) < 2 * len(faulty["pairs"]) + 4
 
 
 def test_leakage_across_the_split_found(faulty):
@@ -140,7 +143,8 @@ def test_frame_and_cleaned_data(faulty):
     for original, copy in faulty["pairs"]:
         assert (X[original] in X_clean) != (X[copy] in X_clean)  # one of each pair stays
     assert len(X_clean) == len(y_clean)
-    assert report.cleaned(drop=["outlier"])[0] == [x for i, x in enumerate(X) if i != faulty["outlier"]]
+    outliers = set(report.outliers.tolist())
+    assert report.cleaned(drop="outlier")[0] == [x for i, x in enumerate(X) if i not in outliers]
     with pytest.raises(ValueError, match="drop="):
         report.cleaned(drop=["typo"])
 
@@ -194,6 +198,7 @@ def test_cli_writes_report_and_findings(sample, tmp_path):
     (dict(cv=20), "fewer than cv=20"),
     (dict(cv=1), "at least 2"),
     (dict(duplicate_threshold=1.5), "duplicate_threshold"),
+    (dict(duplicate_threshold="high"), "duplicate_threshold"),
     (dict(n_neighbors=0), "n_neighbors"),
     (dict(X_test=["missing.jpg"], y_test=["a", "b"]), "y_test"),
     (dict(y=["a"] * 12), "at least 2 classes"),
