@@ -47,6 +47,8 @@ __all__ = ["audit", "AuditReport"]
 
 #: The kinds of finding, in the order a report lists them.
 FINDINGS = ("label_issue", "duplicate", "leakage", "outlier")
+#: Outliers lie beyond this many inter-quartile ranges above each class's upper quartile.
+OUTLIER_IQR = 1.5
 #: duplicate_threshold="auto": duplicates are this much closer than the median third-nearest neighbour.
 AUTO_DISTANCE_RATIO = 0.35
 COLUMNS = ["path", "finding", "given_label", "suggested_label", "score", "group"]
@@ -387,6 +389,8 @@ def class_outliers(unit, y_enc, n_classes, components, n_neighbors):
     ratio = np.full(n, np.inf)
     for c in range(n_classes):
         members = np.flatnonzero(y_enc == c)
+        if len(members) < 2:  # no spread to measure (possible with a custom cv splitter)
+            continue
         k = min(n_neighbors, len(members) - 1)
         # Skip the image itself and its duplicates: a twin must not hide an outlier.
         extra = int(sizes[components[members]].max())
@@ -397,7 +401,7 @@ def class_outliers(unit, y_enc, n_classes, components, n_neighbors):
         distance = np.where(same, np.inf, distance)
         nearest = np.sort(distance, axis=1)[:, :k].mean(axis=1)
         q1, q3 = np.quantile(nearest[members], [0.25, 0.75])
-        fence = q3 + 1.5 * (q3 - q1)
+        fence = max(q3 + OUTLIER_IQR * (q3 - q1), 1e-12)
         ratio = np.minimum(ratio, nearest / fence)
     indices = np.flatnonzero(ratio > 1.0)
     indices = indices[np.argsort(-ratio[indices], kind="stable")]

@@ -219,7 +219,7 @@ def test_backbones_lists_offline_weights_feature_size_and_cost(capsys):
 def test_help_everywhere():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"demo", "fit", "predict", "evaluate", "embed", "backbones"}
+    assert set(commands) == {"demo", "fit", "predict", "evaluate", "embed", "backbones", "audit"}
     for name in [None, *commands]:
         with pytest.raises(SystemExit) as done:
             main(["--help"] if name is None else [name, "--help"])
