@@ -46,6 +46,18 @@ def copy_of(path, quality=90, scale=None):
     return buffer.getvalue()
 
 
+def cpu_model():
+    """The CPU's model name and its widest vector extensions, from /proc/cpuinfo (Linux)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU model unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    vector = [f for f in ("avx2", "avx512f", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(vector) or 'no AVX2'})"
+
+
 def unit(features):
     return features / np.linalg.norm(features, axis=1, keepdims=True)
 
@@ -146,7 +158,7 @@ def main():
     parser.add_argument("--datasets", type=Path, default=DATASETS,
                         help="folder holding trash6, sign_digits and flowers5 (default: ../shared/datasets)")
     args = parser.parse_args()
-    cpu = machine()
+    cpu = f"{machine()}, {cpu_model()}"
     embedder = ImageEmbedder(cache_dir=args.cache_dir).fit()
     lines = ["## Audit: label errors, duplicates, outliers", "",
              f"`python benchmarks/audit.py` on {cpu}; the machine was shared with other jobs, so "
