@@ -121,17 +121,6 @@ def test_epoch_table_only_when_verbose(flowers_small, capsys):
     assert len(clf.history_) == 2
 
 
-def test_one_thread_restores_the_thread_count():
-    from sktransfer._head import one_thread
-
-    before = torch.get_num_threads()
-    with one_thread():
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    with one_thread(enabled=False):
-        assert torch.get_num_threads() == before
-
-
 def test_early_stopping_holds_out_training_data(flowers_small):
     X, y = flowers_small
     clf = PretrainedImageClassifier(early_stopping=True, validation_fraction=0.2, n_iter_no_change=2,
