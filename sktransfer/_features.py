@@ -54,14 +54,18 @@ class MemoryCache:
                 self._bytes -= old.nbytes
             self._data[key] = value
             self._bytes += value.nbytes
-            while self._bytes > self.max_bytes:
-                _, evicted = self._data.popitem(last=False)
-                self._bytes -= evicted.nbytes
+            self._evict()
 
     def resize(self, max_bytes):
         with self._lock:
             self.max_bytes = int(max_bytes)
-        self.put(("", ""), np.zeros(0, np.float32))  # evicts down to the new bound
+            self._evict()
+
+    def _evict(self):
+        """Drop least recently used entries down to the bound; the caller holds the lock."""
+        while self._bytes > self.max_bytes:
+            _, evicted = self._data.popitem(last=False)
+            self._bytes -= evicted.nbytes
 
     def clear(self):
         with self._lock:
