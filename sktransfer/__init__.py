@@ -14,7 +14,7 @@ from ._features import cache_info, clear_cache, set_memory_cache_size
 from ._images import Preprocessing
 from ._inputs import ImageInputError, load_image_folder
 from ._plotting import plot_history, plot_top_losses
-from ._version import __version__
+from ._version import __version__  # noqa: F401 (the package's version)
 
 __all__ = [
     "Backbone",
