@@ -156,6 +156,10 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         The frozen body with its preprocessing and fingerprint.
     n_features_out_ : int
         Length of the feature vectors.
+    n_features_in_ : int
+        1: the images are one input column.
+    feature_names_in_ : ndarray of shape (1,)
+        The column's name, when ``fit`` was given a DataFrame with one.
 
     See Also
     --------
