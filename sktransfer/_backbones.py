@@ -534,7 +534,7 @@ def build_backbone(backbone, weights="DEFAULT", preprocessing=None):
         except (TypeError, ValueError) as e:
             raise ValueError(
                 f"preprocessing={preprocessing!r} is not valid ({e}); pass a dict with keys "
-                "resize_size, crop_size, interpolation, mean, std."
+                "resize_size, crop_size, interpolation, mean, std and optionally crop_mode."
             ) from None
     if isinstance(backbone, nn.Module):
         return _from_module(backbone, weights, preprocessing)

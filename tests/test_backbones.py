@@ -59,11 +59,11 @@ def test_unknown_name_suggests_close_matches():
 
 def test_timm_family_by_name():
     import timm
-    from timm.data import resolve_data_config
+    from timm.data import resolve_model_data_config
 
     b = build_backbone("timm/resnet10t", weights=None)
     assert b.num_features == 512
-    config = resolve_data_config({}, model=timm.create_model("resnet10t"))
+    config = resolve_model_data_config(timm.create_model("resnet10t"))
     assert b.preprocessing.crop_size == config["input_size"][-1]  # the model's own recipe
     assert b.preprocessing.mean == pytest.approx(config["mean"])
 
