@@ -29,8 +29,6 @@ _CROP_MODES = ("center", "squash", "border")
 _TIMM_CROP_PCT = 0.875  # timm's DEFAULT_CROP_PCT, used when a config has none
 
 
-
-
 def _shape(value, name):
     """A size as (height, width): an int is a square."""
     try:
