@@ -128,7 +128,7 @@ def tta_views(tta, preprocessing):
     views = [None, View(ImageOps.mirror, "tta:flip")]
     if tta == "flip+shift":
         # Shift by the margin the centre crop leaves (1 - crop/resize of each side).
-        fraction = max(0.0625, 1.0 - preprocessing.crop_size / preprocessing.resize_size)
+        fraction = max(0.0625, 1.0 - max(preprocessing.crop_shape) / preprocessing.decode_size)
         for corner in ((0, 0), (1, 0), (0, 1), (1, 1)):
             views.append(View(_shift(corner, fraction), f"tta:shift{corner}:{fraction:.4f}"))
     return views

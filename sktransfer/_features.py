@@ -319,7 +319,7 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
 
     def load(payload, digest):
         try:
-            image = open_image(payload, min_size=prep.resize_size)
+            image = open_image(payload, min_size=prep.decode_size)
             if view is not None:
                 image = view(image, digest)
             return prep.to_array(image), None
