@@ -197,8 +197,10 @@ def main():
                          f"{r['flagged_recall']:.2f} | **{r['grouped']:.2f}** of {r['duplicates']} ({by_kind}; "
                          f"auto threshold {r['threshold']:.3f}) | "
                          f"{r['other_groups']} | {r['outsiders_flagged']} | {r['outliers']} ({'yes' if r['outsiders_first'] else 'no'}; "
-                         f"flowers ≥ {r['lowest_outsider_score']:.2f}, others ≤ {r['top_other_score']:.2f}) | "
-                         f"{r['seconds']:.0f} |")
+                         f"flowers ≥ {r['lowest_outsider_score']:.2f}, "
+                         + (f"others ≤ {r['top_other_score']:.2f}) | " if r["outliers"] > r["outsiders_flagged"]
+                            else "no others) | ")
+                         + f"{r['seconds']:.0f} |")
             c = r["cleanlab"]
             if c is not None:
                 lines.append(f"| {name} | | | cleanlab find_label_issues (same probabilities) | "
