@@ -240,11 +240,11 @@ def load_model(folder, backbone=None):
         head.initialize()
         estimator.unfreeze_ = 0
         if kind is PretrainedImageClassifier:
-            from ._estimator import _TemperatureSoftmax
+            from ._head import TemperatureSoftmax
 
             estimator.temperature_ = head_info.get("temperature", 1.0)
             if estimator.temperature_ != 1.0:
-                head.predict_nonlinearity = _TemperatureSoftmax(estimator.temperature_)
+                head.predict_nonlinearity = TemperatureSoftmax(estimator.temperature_)
         try:
             head.module_.load_state_dict(_load_tensors(folder, HEAD_FILE))
         except RuntimeError as e:

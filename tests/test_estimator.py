@@ -91,8 +91,8 @@ def test_sklearn_contract():
     assert not hasattr(clf, "classes_")
     with pytest.raises(NotFittedError):
         clf.predict(["x.jpg"])
-    with pytest.raises(TypeError, match="prefix"):
-        PretrainedImageClassifier(learning_rate=0.1)
+    # Unknown settings are stored, as skorch does, and refused at fit (tests/test_head.py).
+    assert PretrainedImageClassifier(learning_rate=0.1).get_params()["learning_rate"] == 0.1
 
 
 def test_nested_settings_reach_skorch(flowers_small):
