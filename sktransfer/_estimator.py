@@ -233,7 +233,7 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
 
     The flow shared by :class:`PretrainedImageClassifier` and
     :class:`PretrainedImageRegressor`: check the inputs, embed the images
-    (once; cached), build the head (``_build_head``) and train it. Subclasses
+    (once; cached), build the head (``_head.build_head``) and train it. Subclasses
     say what the targets are (``_prepare_targets``) and which skorch net and
     loss learn them (``_head_task``).
     """
