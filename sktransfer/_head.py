@@ -532,7 +532,8 @@ def tune_l2(X, y, weights, criterion, n_outputs, folds):
                    + l2 * l2_penalty(layer))
             with torch.no_grad():
                 losses[i] += float(weighted_loss(criterion, layer(X[valid]), y[valid], weights[valid]))
-    return float(L2_GRID[int(np.argmin(losses))])
+    # A fold whose held-out weights are all zero scores NaN: then the strongest penalty is kept.
+    return float(L2_GRID[int(np.argmin(np.nan_to_num(losses, nan=np.inf)))])
 
 
 def _tuning_folds(y, stratified, seed):
