@@ -44,6 +44,7 @@ from ._head import (
     check_head_settings,
     resume,
 )
+from ._head import TemperatureSoftmax as _TemperatureSoftmax  # noqa: F401  (the name in pickles of calibrated models from 0.1.0)
 from ._inputs import as_image_list
 from ._runtime import limited_threads, seeded_rng, steady_heap
 
