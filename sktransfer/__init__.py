@@ -12,7 +12,7 @@ from ._distributed import embed_dask  # noqa: E402
 from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor  # noqa: E402
 from ._export import load_model, save_model  # noqa: E402
 from ._explain import explain  # noqa: E402
-from ._features import cache_info, clear_cache, set_memory_cache_size  # noqa: E402
+from ._cache import cache_info, clear_cache, set_memory_cache_size  # noqa: E402
 from ._images import Preprocessing  # noqa: E402
 from ._inputs import ImageInputError, load_image_folder  # noqa: E402
 from ._plotting import plot_history, plot_top_losses  # noqa: E402

@@ -19,6 +19,8 @@ import threading
 import torch
 from PIL import Image, ImageOps
 
+from ._cache import digest as content_digest
+
 __all__ = ["AUGMENT_PRESETS", "TTA_PRESETS"]
 
 #: Names accepted as ``augment=``.
@@ -83,7 +85,7 @@ def _to_pil(image):
 def transform_identity(transform):
     """A stable identity of a user transform: a digest of its pickle, else its repr."""
     try:
-        return "user:" + hashlib.blake2b(pickle.dumps(transform), digest_size=16).hexdigest()
+        return "user:" + content_digest(pickle.dumps(transform))
     except Exception:
         # Not picklable (a lambda): its repr, which includes its address, so
         # its cached views are reused within this process only.
