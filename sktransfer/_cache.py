@@ -286,11 +286,10 @@ def write_atomic(path, data, mode=None, makedirs=False):
 
 
 def _scan(cache_dir):
-    """``(entries, others)`` under a disk cache folder: paths the cache wrote, and the rest.
-
-    Nothing is followed through a symbolic link.
+    """``(entries, folders, others)`` under a disk cache folder: the files and
+    folders the cache wrote, and the rest. No symbolic link is followed.
     """
-    entries, others = [], []
+    entries, folders, others = [], [], []
 
     def listing(folder):
         try:
@@ -302,14 +301,16 @@ def _scan(cache_dir):
         if not (_HEX32.match(top.name) and top.is_dir(follow_symlinks=False)):
             others.append(top.path)
             continue
+        folders.append(top.path)
         for sub in listing(top.path):
             if not (_HEX2.match(sub.name) and sub.is_dir(follow_symlinks=False)):
                 others.append(sub.path)
                 continue
+            folders.append(sub.path)
             for entry in listing(sub.path):
                 ours = _ENTRY.match(entry.name) or entry.name.startswith(_TEMP_PREFIX)
                 (entries if ours and entry.is_file(follow_symlinks=False) else others).append(entry.path)
-    return entries, others
+    return entries, folders, others
 
 
 def cache_info(cache_dir=None):
@@ -328,7 +329,7 @@ def cache_info(cache_dir=None):
     """
     if cache_dir is None:
         return MEMORY.info()
-    entries, _ = _scan(os.fspath(cache_dir))
+    entries = _scan(os.fspath(cache_dir))[0]
     entries = [p for p in entries if p.endswith(DiskCache.SUFFIX)]
     size = 0
     for path in entries:
@@ -354,14 +355,13 @@ def clear_cache(cache_dir=None):
         MEMORY.clear()
         return
     cache_dir = os.fspath(cache_dir)
-    entries, others = _scan(cache_dir)
+    entries, folders, others = _scan(cache_dir)
     for path in entries:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-    folders = {os.path.dirname(p) for p in entries}
-    for folder in sorted(folders | {os.path.dirname(f) for f in folders}, reverse=True):
+    for folder in reversed(folders):  # sub-folders before their namespace folder
         try:
             os.rmdir(folder)  # only when empty: what else sits there stays
         except OSError:

@@ -232,6 +232,7 @@ def load_model(folder, backbone=None):
     embedder = estimator._make_embedder() if has_head else estimator
     embedder.backbone_ = body
     embedder.n_features_out_ = body.num_features
+    embedder.n_features_in_ = 1  # one column of images, as fit records it
     if has_head:
         from skorch.history import History
 
@@ -274,6 +275,7 @@ def load_model(folder, backbone=None):
             head.history = History(info["history"])
         estimator.embedder_ = embedder
         estimator.head_ = head
+    check_is_fitted(estimator)  # the estimator's own account of its fitted state is whole
     return estimator
 
 

@@ -81,6 +81,7 @@ def test_clear_cache_removes_a_whole_cache_silently(tmp_path, sample, recwarn):
     cache = _two_entries(tmp_path, sample)
     (next(cache.iterdir()) / "00").mkdir()
     (next(cache.iterdir()) / "00" / ".tmp-killed").write_bytes(b"half")
+    (next(cache.iterdir()) / "01").mkdir()  # a folder emptied earlier
     clear_cache(cache)
     assert list(cache.iterdir()) == [] and not recwarn.list
 
