@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from . import __version__
+from ._version import __version__
 from ._backbones import _looks_like_path, rebuild_backbone
 from ._cache import write_atomic
 from ._estimator import (

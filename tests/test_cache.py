@@ -33,14 +33,15 @@ def test_memory_cache_is_bounded():
     assert cache.get(0) is None and cache.get(4) is not None
 
 
-def test_memory_cache_resize_evicts_without_adding_an_entry():
+def test_memory_cache_resize_evicts_down_to_the_new_bound_and_adds_nothing():
     cache = MemoryCache(max_bytes=3 * 400)
     for k in range(3):
         cache.put(k, np.zeros(100, np.float32))
     cache.resize(2 * 400)
     assert cache.info() == {"entries": 2, "bytes": 800, "max_bytes": 800}
-    cache.resize(10 * 400)
-    assert cache.info()["entries"] == 2
+    assert cache.get(0) is None and cache.get(2) is not None  # the least recently used went first
+    cache.resize(3 * 400)
+    assert cache.info()["entries"] == 2  # growing keeps every entry, and invents none
 
 
 def test_namespaces_are_derived_in_one_place():
