@@ -38,10 +38,10 @@ from ._estimator import (
     ImageEmbedder,
     PretrainedImageClassifier,
     PretrainedImageRegressor,
-    _HEAD_PREFIXES,
     _check_device,
     _PretrainedImageModel,
 )
+from ._head import HEAD_PREFIXES
 from ._images import Preprocessing
 
 __all__ = ["save_model", "load_model"]
@@ -59,6 +59,8 @@ MAX_JSON_BYTES = 64 * 2**20
 MAX_IMAGE_SIDE = 2048
 MAX_FEATURES = 2**20
 MAX_OUTPUTS = 2**20
+_HEAD_SHAPE_PARAMS = tuple("module__" + name for name in (
+    "in_features", "n_outputs", "hidden_units", "mean", "scale", "blocks", "shape"))
 
 
 def save_model(estimator, folder):
@@ -260,11 +262,11 @@ def load_model(folder, backbone=None):
         head.initialize()
         estimator.unfreeze_ = 0
         if kind is PretrainedImageClassifier:
-            from ._estimator import _TemperatureSoftmax
+            from ._head import TemperatureSoftmax
 
             estimator.temperature_ = head_info.get("temperature", 1.0)
             if estimator.temperature_ != 1.0:
-                head.predict_nonlinearity = _TemperatureSoftmax(estimator.temperature_)
+                head.predict_nonlinearity = TemperatureSoftmax(estimator.temperature_)
         # skorch's own loader, held to tensors only whatever its version's default.
         head.set_params(torch_load_kwargs={"weights_only": True})
         try:
@@ -466,7 +468,7 @@ def _to_json(value):
 def _params_to_json(params):
     kept, omitted = {}, []
     for key, value in params.items():
-        if key == "optimizer":
+        if key == "optimizer" and value is not None:  # None: the estimator picks it
             if getattr(torch.optim, getattr(value, "__name__", ""), None) is value:
                 kept[key] = "torch.optim." + value.__name__
             else:
@@ -483,9 +485,11 @@ def _params_from_json(params, kind):
     known = kind().get_params(deep=False)
     out = {}
     for key, value in _shareable(params).items():
-        if key not in known and not key.startswith(_HEAD_PREFIXES):
+        if key not in known and not key.startswith(HEAD_PREFIXES):
             raise ValueError(f"load_model: params.{key} in {MODEL_FILE} is not a setting of {kind.__name__}.")
-        if key == "optimizer":
+        if key in _HEAD_SHAPE_PARAMS:  # the head's shape is head.* in model.json, checked against head.pt
+            raise ValueError(f"load_model: params.{key} in {MODEL_FILE} would override the head's shape.")
+        if key == "optimizer" and value is not None:
             # Only a name looked up in torch.optim: JSON never chooses code to import.
             name = str(value).rpartition(".")[2]
             value = getattr(torch.optim, name, None)

@@ -25,7 +25,7 @@ def fitted(sample):
     keep = list(range(5)) + list(range(30, 35)) + list(range(60, 65))
     X, y = [paths[i] for i in keep], labels[keep]
     clf = PretrainedImageClassifier(hidden_units=(16,), max_epochs=5, random_state=0,
-                                    optimizer__betas=(0.8, 0.95)).fit(X, y)
+                                    optimizer=torch.optim.AdamW, optimizer__betas=(0.8, 0.95)).fit(X, y)
     return clf, X, y
 
 
@@ -211,6 +211,7 @@ def _set(path, value):
     (_set("classes.dtype", "V1000000000"), "classes.dtype"),
     (_set("classes.values", ["a"]), "classes.values"),
     (_set("params.bogus", 1), "params.bogus"),
+    (_set("params.module__hidden_units", [40000, 40000]), "params.module__hidden_units"),
     (_set("params.embed_batch_size", -3), "embed_batch_size"),
     (_set("history", "epochs"), "history"),
 ])
