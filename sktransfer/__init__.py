@@ -11,7 +11,7 @@ from ._distributed import embed_dask
 from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor
 from ._export import load_model, save_model
 from ._explain import explain
-from ._features import cache_info, clear_cache, set_memory_cache_size
+from ._cache import cache_info, clear_cache, set_memory_cache_size
 from ._images import Preprocessing
 from ._inputs import ImageInputError, load_image_folder
 from ._plotting import plot_history, plot_top_losses

@@ -36,12 +36,11 @@ import io
 import numbers
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
 from ._inputs import ImageInputError, as_image_list, read_item
+from ._outputs import csv_text, write_atomic
 
 __all__ = ["audit", "AuditReport"]
 
@@ -267,44 +266,17 @@ img{{max-width:{thumbnail_size}px;max-height:{thumbnail_size}px;display:block}}<
 {chr(10).join(sections)}
 </body></html>
 """
-        write_atomic(path, page.encode("utf-8"))
+        write_atomic(path, page.encode("utf-8"), mode=0o644)
 
     def to_csv(self, path):
         """Write the rows of :meth:`to_frame` as CSV, atomically, with spreadsheet formulas neutralised."""
-        import csv
-
-        text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        for record in self._records():
-            writer.writerow(["" if v is None else _spreadsheet_safe(v) for v in record])
-        write_atomic(path, text.getvalue().encode("utf-8"))
+        write_atomic(path, csv_text([COLUMNS, *self._records()], lineterminator="\n").encode("utf-8"),
+                     mode=0o644)
 
 
 def _plain(value):
     """numpy scalars as Python values, for a tidy frame."""
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _spreadsheet_safe(value):
-    """A leading ' before text a spreadsheet would run as a formula (= + - @)."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
-def write_atomic(path, data):
-    """Write ``data`` (bytes) to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _thumbnail(item, size):

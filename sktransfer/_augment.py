@@ -16,6 +16,7 @@ import pickle
 
 from PIL import Image, ImageOps
 
+from ._cache import digest as content_digest
 from ._runtime import seeded_rng
 
 __all__ = ["AUGMENT_PRESETS", "TTA_PRESETS"]
@@ -72,7 +73,7 @@ def _to_pil(image):
 def transform_identity(transform):
     """A stable identity of a user transform: a digest of its pickle, else its repr."""
     try:
-        return "user:" + hashlib.blake2b(pickle.dumps(transform), digest_size=16).hexdigest()
+        return "user:" + content_digest(pickle.dumps(transform))
     except Exception:
         # Not picklable (a lambda): its repr, which includes its address, so
         # its cached views are reused within this process only.

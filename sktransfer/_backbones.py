@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import os
 import threading
 import warnings
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._cache import namespace, new_hasher
 from ._images import Preprocessing
 
 __all__ = ["list_backbones", "Backbone"]
@@ -126,10 +126,10 @@ class Backbone:
                         pooled, self.module(probe), rtol=1e-4, atol=1e-4):
                     self.stages = None
                     return self.prefix(unfreeze)
-            h = hashlib.blake2b(f"{self.fingerprint}|prefix|{len(stages) - unfreeze}".encode(), digest_size=16)
             self._prefixes[unfreeze] = Backbone(
                 name=f"{self.name} (frozen part)", module=body, preprocessing=self.preprocessing,
-                num_features=int(torch.Size(shape).numel()), fingerprint=h.hexdigest(),
+                num_features=int(torch.Size(shape).numel()),
+                fingerprint=namespace(self.fingerprint, "prefix", len(stages) - unfreeze),
             )
             self._prefixes[unfreeze].shape = shape
         return self._prefixes[unfreeze]
@@ -630,7 +630,7 @@ def _freeze(name, net, preprocessing, stages):
 
 
 def _fingerprint(body, preprocessing):
-    h = hashlib.blake2b(digest_size=16)
+    h = new_hasher()
     h.update(f"sktransfer-features-{FEATURE_VERSION}|{preprocessing!r}|".encode())
     h.update(repr(body).encode())
     for name, tensor in body.state_dict().items():

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._outputs import csv_text, safe_text, write_atomic
+
 SAMPLE = Path(__file__).resolve().parent / "data" / "flowers_sample"
 
 
@@ -161,19 +163,24 @@ def _parse_grid(specs, estimator):
 
 
 def _load_model(path):
-    """A fitted classifier from a joblib file, with a plain error for anything else."""
+    """A fitted classifier from a save_model folder or a joblib file, with a plain error for anything else."""
     import pickle
 
     import joblib
     from sklearn.utils.validation import check_is_fitted
 
-    if not Path(path).is_file():
-        raise ValueError(f"model file {str(path)!r} does not exist (save one with `sktransfer fit -o`).")
-    try:
-        model = joblib.load(path)
-    except (pickle.UnpicklingError, EOFError, KeyError, IndexError, AttributeError, ModuleNotFoundError) as e:
-        raise ValueError(f"{str(path)!r} is not a model saved by sktransfer fit or joblib.dump "
-                         f"({type(e).__name__}: {e}).") from None
+    if Path(path).is_dir():
+        from ._export import load_model
+
+        model = load_model(path)  # tensors and JSON: no code runs
+    elif not Path(path).is_file():
+        raise ValueError(f"model {str(path)!r} does not exist (save one with `sktransfer fit -o`).")
+    else:
+        try:
+            model = joblib.load(path)
+        except (pickle.UnpicklingError, EOFError, KeyError, IndexError, AttributeError, ModuleNotFoundError) as e:
+            raise ValueError(f"{str(path)!r} is not a model saved by sktransfer fit or joblib.dump "
+                             f"({type(e).__name__}: {e}).") from None
     if not (hasattr(model, "predict_proba") and hasattr(model, "classes_")):
         raise ValueError(
             f"{str(path)!r} holds a {type(model).__name__}, not a fitted classifier with predict_proba."
@@ -189,14 +196,14 @@ def _show_embedding_progress(model, on):
 
 
 def _write_table(header, rows, output):
-    """CSV to ``output``, or to stdout when it is None."""
-    import csv
+    """CSV to ``output`` (written whole, or not at all), or to stdout when it is None.
 
+    Cells that a spreadsheet would run as a formula are neutralised (:func:`csv_cell`).
+    """
     if output is None:
-        csv.writer(sys.stdout, lineterminator="\n").writerows([header, *rows])
+        sys.stdout.write(csv_text([header, *rows], lineterminator="\n"))
         return
-    with open(output, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([header, *rows])
+    write_atomic(output, csv_text([header, *rows]).encode("utf-8"), mode=0o644)
 
 
 # --------------------------------------------------------------------------
@@ -271,8 +278,13 @@ def _fit(args):
     params = model.get_params(deep=False)
     shown = [k for k in _SHOWN_SETTINGS if k not in grid] + list(grid)
     print("Chosen settings: " + ", ".join(f"{k}={params[k]!r}" for k in shown))
-    joblib.dump(model, args.output)
-    print(f"Model trained on all {len(X)} images saved to {args.output}")
+    if args.output.endswith(("/", os.sep)) or os.path.isdir(args.output):
+        from ._export import save_model
+
+        save_model(model, args.output)  # tensors and JSON: safe to share
+    else:
+        joblib.dump(model, args.output)
+    print(f"Model trained on all {len(X)} images saved to {safe_text(args.output)}")
     return 0
 
 
@@ -295,13 +307,15 @@ def _predict(args):
             for path, label, row in zip(paths, predicted, proba)]
     _write_table(header, rows, args.output)
     if args.output is not None:
-        print(f"{len(rows)} predictions written to {args.output}")
+        print(f"{len(rows)} predictions written to {safe_text(args.output)}")
     return 0
 
 
 def _evaluate(args):
     import html
+    import io
     import json
+
 
     try:
         import matplotlib
@@ -317,7 +331,6 @@ def _evaluate(args):
     model = _load_model(args.model)
     X, y = _read_dataset(args.data, args.path_column, args.label_column)
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     _show_embedding_progress(model, _progress())
     classes = np.asarray(model.classes_)
     if classes.dtype.kind in "iu" and y.dtype.kind in "US":  # integer classes, labels read as text
@@ -338,34 +351,43 @@ def _evaluate(args):
                       for c in classes},
         "confusion_matrix": matrix.tolist(),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # Everything is made in memory first, then each file is replaced whole: a
+    # failure leaves no half-written report.
+    files = {"metrics.json": json.dumps(metrics, indent=2) + "\n"}
     text = classification_report(y, predicted, labels=classes, zero_division=0, digits=3)
-    (out / "report.txt").write_text(f"accuracy {accuracy:.3f} on {len(X)} images\n\n{text}")
+    files["report.txt"] = safe_text(f"accuracy {accuracy:.3f} on {len(X)} images\n\n{text}")
 
-    size = max(5.0, 0.6 * len(classes) + 3)
-    fig = _figure((size, size))
-    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(
-        ax=fig.subplots(), xticks_rotation=45 if len(classes) > 5 else "horizontal", colorbar=False)
-    fig.tight_layout()
-    fig.savefig(out / "confusion_matrix.png", dpi=100)
-    n_wrong = int(np.sum(predicted != y))
-    fig = plot_top_losses(model, X, y, k=args.top, wrong_only=True)
-    fig.savefig(out / "top_losses.png", dpi=100)
+    def png(fig):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        return buffer.getvalue()
+
+    # Labels are drawn as they are: '$' in a class name is text, not mathtext.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        size = max(5.0, 0.6 * len(classes) + 3)
+        fig = _figure((size, size))
+        ConfusionMatrixDisplay(matrix, display_labels=[safe_text(c) for c in classes]).plot(
+            ax=fig.subplots(), xticks_rotation=45 if len(classes) > 5 else "horizontal", colorbar=False)
+        fig.tight_layout()
+        files["confusion_matrix.png"] = png(fig)
+        n_wrong = int(np.sum(predicted != y))
+        fig = plot_top_losses(model, X, y, k=args.top, wrong_only=True)
+        files["top_losses.png"] = png(fig)
     wrong = [(X[i], y[i], predicted[i], losses[i]) for i in fig.indices]
 
     rows = "\n".join(
-        f"<tr><td>{html.escape(str(c))}</td><td>{report[str(c)]['precision']:.3f}</td>"
+        f"<tr><td>{html.escape(safe_text(c))}</td><td>{report[str(c)]['precision']:.3f}</td>"
         f"<td>{report[str(c)]['recall']:.3f}</td><td>{report[str(c)]['f1-score']:.3f}</td>"
         f"<td>{int(report[str(c)]['support'])}</td></tr>" for c in classes)
     mistakes = "\n".join(
-        f"<tr><td>{html.escape(str(p))}</td><td>{html.escape(str(t))}</td><td>{html.escape(str(q))}</td>"
+        f"<tr><td>{html.escape(safe_text(p))}</td><td>{html.escape(safe_text(t))}</td><td>{html.escape(safe_text(q))}</td>"
         f"<td>{loss:.3f}</td></tr>" for p, t, q, loss in wrong)
-    (out / "index.html").write_text(f"""<!DOCTYPE html>
+    files["index.html"] = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>sktransfer evaluation</title>
 <style>body{{font-family:sans-serif;max-width:70em;margin:auto}}td,th{{padding:0 1em;text-align:left}}</style>
 </head><body>
-<h1>Evaluation of {html.escape(Path(args.model).name)}</h1>
-<p>Data: {html.escape(str(args.data))}, {len(X)} images. Accuracy <b>{accuracy:.3f}</b>;
+<h1>Evaluation of {html.escape(safe_text(Path(args.model).name))}</h1>
+<p>Data: {html.escape(safe_text(args.data))}, {len(X)} images. Accuracy <b>{accuracy:.3f}</b>;
 {n_wrong} misclassified.</p>
 <h2>Per class</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>f1</th><th>images</th></tr>
@@ -380,13 +402,18 @@ def _evaluate(args):
 {mistakes}
 </table>
 </body></html>
-""", encoding="utf-8")
+"""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        write_atomic(out / name, data if isinstance(data, bytes) else data.encode("utf-8"), mode=0o644)
     print(f"accuracy {accuracy:.3f} on {len(X)} images ({n_wrong} misclassified)")
-    print(f"Report written to {out / 'index.html'}")
+    print(f"Report written to {safe_text(out / 'index.html')}")
     return 0
 
 
 def _embed(args):
+    import io
+
     import numpy as np
 
     from . import ImageEmbedder
@@ -405,17 +432,23 @@ def _embed(args):
     embedder = ImageEmbedder(args.backbone, batch_size=args.batch_size, cache_dir=args.cache_dir,
                              device=args.device, verbose=int(_progress())).fit()
     features = embedder.transform(paths)
+    # Made in memory, then each file is replaced whole: no command leaves a
+    # partial file, or a features file without its list of paths.
+    names = [safe_text(p) for p in paths]
+    data = io.BytesIO()
     if output.suffix.lower() == ".npy":
-        np.save(output, features)
+        np.save(data, features)
         listing = output.with_suffix(".paths.txt")
-        listing.write_text("".join(p + "\n" for p in paths), encoding="utf-8")
-        print(f"{features.shape[0]} x {features.shape[1]} features written to {output}; "
-              f"row i is the image on line i of {listing}")
+        write_atomic(listing, "".join(n + "\n" for n in names).encode("utf-8"), mode=0o644)
+        write_atomic(output, data.getvalue(), mode=0o644)
+        print(f"{features.shape[0]} x {features.shape[1]} features written to {safe_text(output)}; "
+              f"row i is the image on line i of {safe_text(listing)}")
     else:
         frame = pd.DataFrame(features, columns=embedder.get_feature_names_out())
-        frame.insert(0, "path", paths)
-        frame.to_parquet(output, index=False)
-        print(f"{features.shape[0]} images x {features.shape[1]} features written to {output}")
+        frame.insert(0, "path", names)
+        frame.to_parquet(data, index=False)
+        write_atomic(output, data.getvalue(), mode=0o644)
+        print(f"{features.shape[0]} images x {features.shape[1]} features written to {safe_text(output)}")
     return 0
 
 
@@ -462,6 +495,10 @@ def _audit(args):
     return 0
 
 
+_MODEL_HELP = ("a folder written by `sktransfer fit -o FOLDER/` or save_model (safe to share), or a "
+               "joblib file (runs code when loaded: trusted sources only)")
+
+
 def build_parser():
     from ._estimator import PretrainedImageClassifier
 
@@ -484,7 +521,9 @@ def build_parser():
         description="Train a PretrainedImageClassifier, choosing settings by cross-validated grid "
                     "search when --grid is given, then refit on all images and save with joblib.")
     fit.add_argument("data", metavar="DATA", help=data_help)
-    fit.add_argument("-o", "--output", default="model.joblib", help="where to save the model (default: model.joblib)")
+    fit.add_argument("-o", "--output", default="model.joblib",
+                     help="where to save the model: a FOLDER/ (ending in /) for the safe save_model format, "
+                          "else a joblib file (default: model.joblib)")
     fit.add_argument("--backbone", default="efficientnet_lite0", help="see `sktransfer backbones` (default: efficientnet_lite0)")
     fit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default: 5)")
     fit.add_argument("--grid", action="append", metavar="KEY=V1,V2",
@@ -502,7 +541,7 @@ def build_parser():
         "predict", help="predict the class of images; one CSV row per input, in input order",
         description="Predict with a saved model. Folders are replaced by the image files under "
                     "them, sorted by path. Writes CSV rows: path, prediction[, proba_<class>...].")
-    predict.add_argument("model", metavar="MODEL", help="a model saved by `sktransfer fit`")
+    predict.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     predict.add_argument("inputs", metavar="PATH_OR_DIR", nargs="+", help="image files or folders")
     predict.add_argument("--proba", action="store_true", help="add the probability of each class")
     predict.add_argument("-o", "--output", help="CSV file to write (default: standard output)")
@@ -512,7 +551,7 @@ def build_parser():
         "evaluate", help="accuracy, per-class metrics, confusion matrix and worst mistakes as a report",
         description="Evaluate a saved model on labelled images and write a report folder: "
                     "metrics.json, report.txt, confusion_matrix.png, top_losses.png and index.html.")
-    evaluate.add_argument("model", metavar="MODEL", help="a model saved by `sktransfer fit`")
+    evaluate.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     evaluate.add_argument("data", metavar="DATA", help=data_help)
     evaluate.add_argument("-o", "--output", default="report", help="report folder (default: report)")
     evaluate.add_argument("--top", type=int, default=9, help="misclassified images shown (default: 9)")

@@ -49,6 +49,16 @@ from ._inputs import as_image_list
 from ._runtime import limited_threads, seeded_rng, steady_heap
 
 
+def _is_missing(label):
+    """None, NaN, pandas.NA or NaT: each way a table marks a missing label."""
+    if label is None:
+        return True
+    try:
+        return bool(label != label)
+    except TypeError:  # pandas.NA refuses to be a truth value
+        return True
+
+
 class _FittedStateMixin:
     """Fitted state listed once per class, in ``_fitted_attributes``, and pickles that keep it whole.
 
@@ -722,8 +732,8 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         y = column_or_1d(np.asarray(y, dtype=object) if not hasattr(y, "dtype") else y, warn=True)
         if len(y) != n:
             raise ValueError(f"X has {n} images but y has {len(y)} labels; they must match.")
-        if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in y):
-            raise ValueError("y contains missing labels (None or NaN); every image needs a label.")
+        if any(_is_missing(v) for v in y):
+            raise ValueError("y contains missing labels (None, NaN or pandas.NA); every image needs a label.")
         if y.dtype == object:
             # A list was read as objects so a missing label could not hide as the
             # string "nan"; labels of one kind get their natural dtype, as
@@ -803,7 +813,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                 f"class_weight={self.class_weight!r} applies to one label per image; with multi-label "
                 "y, weigh images with sample_weight instead."
             )
-        weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32)
+        weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32, ensure_non_negative=True)
         fitted = {"classes_": np.arange(n_labels), "multilabel_": True}
         return Y.astype(np.float32), weights, n_labels, fitted
 
@@ -814,7 +824,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     def _sample_weights(self, y_enc, classes, sample_weight, n):
         from sklearn.utils.class_weight import compute_class_weight
 
-        weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32)
+        weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32, ensure_non_negative=True)
         if self.class_weight is not None:
             if isinstance(self.class_weight, dict):
                 unknown = set(self.class_weight) - set(classes)
@@ -1082,7 +1092,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
             scale[scale == 0] = 1.0
         else:
             mean, scale = np.zeros(Y.shape[1]), np.ones(Y.shape[1])
-        weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32)
+        weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32, ensure_non_negative=True)
         fitted = {"n_outputs_": Y.shape[1], "target_mean_": mean, "target_scale_": scale,
                   "_single_output": y.ndim == 1}
         return ((Y - mean) / scale).astype(np.float32), weights, Y.shape[1], fitted

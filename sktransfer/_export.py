@@ -10,13 +10,20 @@ from trusted sources. :func:`save_model` writes a folder that holds only data:
   plain containers.
 
 :func:`load_model` rebuilds the architecture from the backbone registry (no
-download, no weights package) and loads the tensors into it.
+download, no weights package) and loads the tensors into it. Settings that
+belong to the machine (:data:`MACHINE_LOCAL_PARAMS`: a cache folder, a
+device, a weights file path) are not written, and are ignored when a folder
+holds them: a shared folder cannot point the loader's process at files.
+Every field of ``model.json`` is checked, naming it, before anything large
+is allocated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import math
 import numbers
 import os
 
@@ -25,7 +32,8 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from ._version import __version__
-from ._backbones import rebuild_backbone
+from ._backbones import _looks_like_path, rebuild_backbone
+from ._cache import write_atomic
 from ._estimator import (
     ImageEmbedder,
     PretrainedImageClassifier,
@@ -33,6 +41,7 @@ from ._estimator import (
     _check_device,
     _PretrainedImageModel,
 )
+from ._head import HEAD_PREFIXES
 from ._images import Preprocessing
 
 __all__ = ["save_model", "load_model"]
@@ -41,6 +50,17 @@ FORMAT = "sktransfer-model"
 FORMAT_VERSION = 1
 MODEL_FILE, BACKBONE_FILE, HEAD_FILE = "model.json", "backbone.pt", "head.pt"
 _ESTIMATORS = {cls.__name__: cls for cls in (PretrainedImageClassifier, PretrainedImageRegressor, ImageEmbedder)}
+#: Settings of one machine, never written by save_model nor read by load_model
+#: (a loaded model gets the defaults): where features are cached, which device
+#: runs, and ``weights`` when it is a file path (the weights are in backbone.pt).
+MACHINE_LOCAL_PARAMS = ("cache_dir", "device", "weights")
+#: Bounds checked before anything is allocated from model.json's numbers.
+MAX_JSON_BYTES = 64 * 2**20
+MAX_IMAGE_SIDE = 2048
+MAX_FEATURES = 2**20
+MAX_OUTPUTS = 2**20
+_HEAD_SHAPE_PARAMS = tuple("module__" + name for name in (
+    "in_features", "n_outputs", "hidden_units", "mean", "scale", "blocks", "shape"))
 
 
 def save_model(estimator, folder):
@@ -86,7 +106,7 @@ def save_model(estimator, folder):
         )
     embedder = estimator.embedder_ if has_head else estimator
     backbone = embedder.backbone_
-    params, omitted = _params_to_json(estimator.get_params(deep=False))
+    params, omitted = _params_to_json(_shareable(estimator.get_params(deep=False)))
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -136,11 +156,15 @@ def save_model(estimator, folder):
             info["history"] = None
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    torch.save(backbone.module.state_dict(), os.path.join(folder, BACKBONE_FILE))
+    # Each file is replaced whole; model.json last, so a folder that has it is complete.
+    tensors = io.BytesIO()
+    torch.save(backbone.module.state_dict(), tensors)
+    write_atomic(os.path.join(folder, BACKBONE_FILE), tensors.getvalue(), mode=0o644)
     if has_head:
-        torch.save(estimator.head_.module_.state_dict(), os.path.join(folder, HEAD_FILE))
-    with open(os.path.join(folder, MODEL_FILE), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
+        tensors = io.BytesIO()
+        estimator.head_.save_params(f_params=tensors)
+        write_atomic(os.path.join(folder, HEAD_FILE), tensors.getvalue(), mode=0o644)
+    write_atomic(os.path.join(folder, MODEL_FILE), json.dumps(info, indent=2).encode("utf-8"), mode=0o644)
     return folder
 
 
@@ -165,25 +189,9 @@ def load_model(folder, backbone=None):
         Fitted, ready to ``predict`` / ``transform``.
     """
     folder = os.fspath(folder)
-    path = os.path.join(folder, MODEL_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"load_model: {folder!r} has no {MODEL_FILE}; expected a folder written by save_model.") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"load_model: {path!r} is not valid JSON ({e}).") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise ValueError(f"load_model: {path!r} was not written by sktransfer.save_model.")
-    if info.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"load_model: {folder!r} was written by sktransfer {info.get('sktransfer_version')} in a "
-            f"newer format ({info['format_version']}) than this sktransfer {__version__} reads "
-            f"({FORMAT_VERSION}); upgrade sktransfer."
-        )
-    kind = _ESTIMATORS.get(info.get("estimator"))
-    if kind is None:
-        raise ValueError(f"load_model: unknown estimator {info.get('estimator')!r} in {path!r}.")
+    info = _read_info(folder)
+    kind = _ESTIMATORS[info["estimator"]]
+    has_head = issubclass(kind, _PretrainedImageModel)
     saved = info["backbone"]
     if saved["source"] == "module":
         if not isinstance(backbone, torch.nn.Module):
@@ -201,18 +209,32 @@ def load_model(folder, backbone=None):
         )
     else:
         architecture = saved["name"]
-    prep = dict(saved["preprocessing"])
-    prep["mean"], prep["std"] = tuple(prep["mean"]), tuple(prep["std"])
-    body = rebuild_backbone(architecture, _load_tensors(folder, BACKBONE_FILE), Preprocessing(**prep))
-
-    params = _params_from_json(info["params"])
+    try:
+        preprocessing = Preprocessing(**saved["preprocessing"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"load_model: backbone.preprocessing in {MODEL_FILE} is not a recipe: {e}") from None
+    params = _params_from_json(info["params"], kind)
     if saved["source"] == "module":
         params["backbone"] = backbone
     estimator = kind(**params)
-    has_head = issubclass(kind, _PretrainedImageModel)
+    try:
+        estimator._validate_params()
+    except ValueError as e:
+        raise ValueError(f"load_model: params in {MODEL_FILE}: {e}") from None
+    if has_head:
+        head_state, head_bytes = _load_tensors(folder, HEAD_FILE)
+        _check_head_shapes(info["head"], head_state)
+    body = rebuild_backbone(architecture, _load_tensors(folder, BACKBONE_FILE)[0], preprocessing)
+    if body.num_features != saved["num_features"] or (has_head and body.num_features != info["head"]["in_features"]):
+        raise ValueError(
+            f"load_model: {MODEL_FILE} says the backbone gives {saved['num_features']} features, "
+            f"but {saved['name']!r} with {BACKBONE_FILE} gives {body.num_features}."
+        )
+
     embedder = estimator._make_embedder() if has_head else estimator
     embedder.backbone_ = body
     embedder.n_features_out_ = body.num_features
+    embedder.n_features_in_ = 1  # one column of images, as fit records it
     if has_head:
         from skorch.history import History
 
@@ -245,25 +267,185 @@ def load_model(folder, backbone=None):
             estimator.temperature_ = head_info.get("temperature", 1.0)
             if estimator.temperature_ != 1.0:
                 head.predict_nonlinearity = TemperatureSoftmax(estimator.temperature_)
+        # skorch's own loader, held to tensors only whatever its version's default.
+        head.set_params(torch_load_kwargs={"weights_only": True})
         try:
-            head.module_.load_state_dict(_load_tensors(folder, HEAD_FILE))
+            head.load_params(f_params=io.BytesIO(head_bytes))
         except RuntimeError as e:
             raise ValueError(f"load_model: {HEAD_FILE} does not fit the head described in {MODEL_FILE}: {e}") from None
         if info.get("history"):
             head.history = History(info["history"])
         estimator.embedder_ = embedder
         estimator.head_ = head
+    check_is_fitted(estimator)  # the estimator's own account of its fitted state is whole
     return estimator
 
 
 def _load_tensors(folder, name):
+    """``(state_dict, file bytes)`` of a tensor file, read with ``weights_only=True``."""
     path = os.path.join(folder, name)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise ValueError(f"load_model: {folder!r} has no {name}.") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"load_model: {path!r} is not a tensor file torch.load(weights_only=True) accepts: {e}") from None
+    if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
+        raise ValueError(f"load_model: {path!r} does not hold a state dict (names and tensors).")
+    return state, data
+
+
+def _read_info(folder):
+    """model.json, checked field by field: a ValueError names the first wrong one."""
+    path = os.path.join(folder, MODEL_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except FileNotFoundError:
+        raise ValueError(f"load_model: {folder!r} has no {MODEL_FILE}; expected a folder written by save_model.") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"load_model: {path!r} is larger than {MAX_JSON_BYTES} bytes; not written by save_model.")
+    try:
+        info = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"load_model: {path!r} is not valid JSON ({type(e).__name__}: {e}).") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ValueError(f"load_model: {path!r} was not written by sktransfer.save_model.")
+    version = _field(info, "format_version", int, 0, None)
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"load_model: {folder!r} was written by sktransfer {info.get('sktransfer_version')} in a "
+            f"newer format ({version}) than this sktransfer {__version__} reads "
+            f"({FORMAT_VERSION}); upgrade sktransfer."
+        )
+    if info.get("estimator") not in _ESTIMATORS:
+        raise ValueError(f"load_model: unknown estimator {info.get('estimator')!r} in {path!r}; "
+                         f"expected one of {sorted(_ESTIMATORS)}.")
+    _field(info, "params", dict)
+    _field(info, "backbone.name", str)
+    _field(info, "backbone.source", str, choices=("module", "registry"))
+    _field(info, "backbone.num_features", int, 1, MAX_FEATURES)
+    prep = _field(info, "backbone.preprocessing", dict)
+    for key, value in prep.items():
+        if key.endswith("_size"):  # resize_size, crop_size: an int or (height, width)
+            sides = value if isinstance(value, list) else [value]
+            for side in sides:
+                _check(f"backbone.preprocessing.{key}", side, int, 1, MAX_IMAGE_SIDE)
+    for key in ("mean", "std"):
+        values = _field(info, f"backbone.preprocessing.{key}", list)
+        if len(values) != 3:
+            raise ValueError(f"load_model: backbone.preprocessing.{key} in {MODEL_FILE} has {len(values)} "
+                             "values; expected 3 (one per channel).")
+        for v in values:
+            _check(f"backbone.preprocessing.{key}", v, float, 1e-6 if key == "std" else -1e6, 1e6)
+    if info["estimator"] == "ImageEmbedder":
+        return info
+    n_outputs = _field(info, "head.n_outputs", int, 1, MAX_OUTPUTS)
+    _field(info, "head.in_features", int, 1, MAX_FEATURES)
+    for units in _field(info, "head.hidden_units", list):
+        _check("head.hidden_units", units, int, 1, MAX_FEATURES)
+    _field(info, "head.temperature", float, 1e-6, 1e6, default=1.0)
+    history = info.get("history")
+    if history is not None and not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        raise ValueError(f"load_model: history in {MODEL_FILE} must be a list of objects (one per epoch).")
+    if info["estimator"] == "PretrainedImageClassifier":
+        values = _field(info, "classes.values", list)
+        if len(values) != n_outputs or not all(isinstance(v, (str, int, float, bool)) for v in values):
+            raise ValueError(f"load_model: classes.values in {MODEL_FILE} must be {n_outputs} (head.n_outputs) "
+                             "labels of type str, int, float or bool.")
+        dtype = _field(info, "classes.dtype", str)
+        try:
+            ok = dtype == "object" or (np.dtype(dtype).kind in "biufU" and np.dtype(dtype).itemsize <= 4096)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"load_model: classes.dtype={dtype!r} in {MODEL_FILE} is not a label dtype; "
+                             "expected 'object' or a bool, int, float or str (at most 1024 characters) dtype.")
+        _field(info, "classes.multilabel", bool, default=False)
+    else:
+        for key in ("mean", "scale"):
+            values = _field(info, f"targets.{key}", list)
+            if len(values) != n_outputs:
+                raise ValueError(f"load_model: targets.{key} in {MODEL_FILE} has {len(values)} values; "
+                                 f"expected {n_outputs} (head.n_outputs).")
+            for v in values:
+                _check(f"targets.{key}", v, float, 1e-30 if key == "scale" else None, None)
+        _field(info, "targets.single_output", bool)
+    return info
+
+
+_MISSING = object()
+
+
+def _field(info, name, kind, low=None, high=None, choices=None, default=_MISSING):
+    """The value at dotted ``name`` in ``info``, checked by :func:`_check`."""
+    value = info
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            if default is not _MISSING:
+                return default
+            raise ValueError(f"load_model: {MODEL_FILE} has no {name}; it was not written by save_model.")
+        value = value[part]
+    return _check(name, value, kind, low, high, choices)
+
+
+def _check(name, value, kind, low=None, high=None, choices=None):
+    """``value`` if it is a ``kind`` within [low, high] (and among ``choices``), else a ValueError naming it."""
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    what = {float: "a finite number", int: "an integer", bool: "true or false", str: "a string",
+            list: "a list", dict: "an object"}[kind]
+    if ok and low is not None and value < low or ok and high is not None and value > high:
+        ok = False
+        what += f" in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+    if ok and choices is not None and value not in choices:
+        ok, what = False, f"one of {list(choices)}"
+    if not ok:
+        raise ValueError(f"load_model: {name}={_short(value)} in {MODEL_FILE} is not valid; expected {what}.")
+    return value
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_head_shapes(head_info, state):
+    """The head described in model.json has the shapes of the tensors in head.pt.
+
+    Checked on PyTorch's ``meta`` device (shapes, no memory), so numbers in
+    model.json never allocate more than head.pt holds.
+    """
+    from ._head import HeadModule
+
+    with torch.device("meta"):
+        described = HeadModule(head_info["in_features"], head_info["n_outputs"], head_info["hidden_units"])
+    expected = {k: tuple(v.shape) for k, v in described.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        raise ValueError(
+            f"load_model: head.in_features, head.hidden_units and head.n_outputs in {MODEL_FILE} "
+            f"({head_info['in_features']}, {head_info['hidden_units']}, {head_info['n_outputs']}) do not "
+            f"describe the tensors in {HEAD_FILE}."
+        )
+
+
+def _shareable(params):
+    """``params`` without the settings of one machine (:data:`MACHINE_LOCAL_PARAMS`)."""
+    return {key: value for key, value in params.items() if not _machine_local(key, value)}
+
+
+def _machine_local(key, value):
+    if key != "weights":
+        return key in MACHINE_LOCAL_PARAMS
+    return isinstance(value, os.PathLike) or (isinstance(value, str) and _looks_like_path(value))
 
 
 def _to_json(value):
@@ -299,9 +481,14 @@ def _params_to_json(params):
     return kept, omitted
 
 
-def _params_from_json(params):
+def _params_from_json(params, kind):
+    known = kind().get_params(deep=False)
     out = {}
-    for key, value in params.items():
+    for key, value in _shareable(params).items():
+        if key not in known and not key.startswith(HEAD_PREFIXES):
+            raise ValueError(f"load_model: params.{key} in {MODEL_FILE} is not a setting of {kind.__name__}.")
+        if key in _HEAD_SHAPE_PARAMS:  # the head's shape is head.* in model.json, checked against head.pt
+            raise ValueError(f"load_model: params.{key} in {MODEL_FILE} would override the head's shape.")
         if key == "optimizer" and value is not None:
             # Only a name looked up in torch.optim: JSON never chooses code to import.
             name = str(value).rpartition(".")[2]

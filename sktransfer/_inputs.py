@@ -8,13 +8,14 @@ feature-cache key. Nothing here decodes pixels.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
+import stat
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ._cache import digest, file_digest, new_hasher
 
 __all__ = ["load_image_folder", "ImageInputError"]
 
@@ -107,8 +108,9 @@ def as_image_list(X, name="X"):
     """Validate the container ``X`` and return its items as a list.
 
     Raises ``ValueError``/``TypeError`` naming ``name`` and what is accepted.
-    Each item's type is checked here; whether a file exists and decodes is
-    checked when the images are read.
+    The items themselves (their type, whether a file exists and decodes) are
+    checked when the images are read, all in one pass, so that one
+    :class:`ImageInputError` lists every bad item whatever is wrong with it.
     """
     if X is None:
         raise ValueError(f"{name} is None; expected a list of image paths or images.")
@@ -148,13 +150,6 @@ def as_image_list(X, name="X"):
             ) from None
     if len(items) == 0:
         raise ValueError(f"{name} is empty; expected at least one image.")
-    bad = []
-    for i, item in enumerate(items):
-        reason = _item_type_error(item)
-        if reason:
-            bad.append((i, item, reason))
-    if bad:
-        raise ImageInputError(bad, name=name)
     return items
 
 
@@ -180,14 +175,23 @@ def _item_type_error(item):
     return f"{type(item).__name__} {item!r:.40} is not an image or a path"
 
 
-# Content hashes of files, memoised by (path, size, mtime) so a file is read
-# for hashing once per process; a file changed on disk gets a new entry.
-_FILE_HASHES: dict = {}
-_FILE_HASHES_LOCK = threading.Lock()
+#: Files above this size are identified as images before they are read whole
+#: for hashing, so a huge file of another kind is refused after its header.
+HEADER_FIRST_BYTES = 1 << 24
 
 
-def _digest(data):
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def error_reason(error):
+    """A short reason, in words, for an exception raised while reading an item."""
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, IsADirectoryError):
+        return "is a folder, not an image file"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]  # the words, not the errno number
+    text = str(error.args[0]) if getattr(error, "args", None) else str(error)
+    return text or type(error).__name__
 
 
 def read_item(item):
@@ -196,46 +200,49 @@ def read_item(item):
     ``identity`` is a hex digest of the image content (the file's bytes for
     paths and bytes, the pixels for arrays and PIL images), so a moved or
     copied file keeps its cached features and an edited file never gets
-    stale ones. ``payload`` is what :func:`sktransfer._images.open_image`
-    decodes: the path for files, else the item itself.
+    stale ones (see :func:`sktransfer._cache.file_digest`). ``payload`` is
+    what :func:`sktransfer._images.open_image` decodes: the path for files,
+    else the item itself; a file is hashed again when it is decoded, and its
+    features are stored under the digest of the bytes decoded.
 
-    Raises ``OSError``/``ValueError`` with a short reason for unusable items.
+    Raises ``OSError``/``ValueError``/``TypeError`` with a short reason for
+    unusable items.
     """
+    wrong_type = _item_type_error(item)
+    if wrong_type:
+        raise TypeError(wrong_type)
     if isinstance(item, (str, os.PathLike, np.str_)):
         path = os.fspath(item)
         st = os.stat(path)  # FileNotFoundError / PermissionError carry the reason
-        if os.path.isdir(path):
+        if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError("is a folder, not an image file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file (a pipe, socket or device)")
         if st.st_size == 0:
             raise ValueError("file is empty (0 bytes)")
-        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-        with _FILE_HASHES_LOCK:
-            digest = _FILE_HASHES.get(key)
-        if digest is not None:
-            return digest, path
-        with open(path, "rb") as f:
-            data = f.read()
-        digest = _digest(data)
-        with _FILE_HASHES_LOCK:
-            _FILE_HASHES[key] = digest
+        if st.st_size > HEADER_FIRST_BYTES:
+            try:
+                Image.open(path).close()  # reads the header only
+            except Image.UnidentifiedImageError:
+                raise ValueError("not an image file Pillow can read") from None
+            except Exception:  # noqa: BLE001  (other header faults are reported by the decoder)
+                pass
         # The path, not the bytes: holding every file's bytes until its batch is
         # decoded would grow memory with the data set; the re-read hits the OS cache.
-        return digest, path
+        return file_digest(path, st), path
     if isinstance(item, (bytes, bytearray, memoryview)):
         data = bytes(item)
-        return _digest(data), data
+        return digest(data), data
     if isinstance(item, Image.Image):
-        h = hashlib.blake2b(digest_size=16)
+        h = new_hasher()
         h.update(f"{item.mode}{item.size}".encode())
         h.update(item.tobytes())
         # What decoding applies besides the pixels: the palette, transparency, EXIF orientation.
         h.update(bytes(item.getpalette() or []))
         h.update(repr((item.info.get("transparency"), item.getexif().get(0x0112))).encode())
         return h.hexdigest(), item
-    if isinstance(item, np.ndarray):
-        arr = np.ascontiguousarray(item)
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{arr.shape}".encode())
-        h.update(arr.data)
-        return h.hexdigest(), arr
-    raise TypeError(f"a {type(item).__name__} is not an image or a path")
+    arr = np.ascontiguousarray(item)
+    h = new_hasher()
+    h.update(f"{arr.shape}".encode())
+    h.update(arr.data)
+    return h.hexdigest(), arr

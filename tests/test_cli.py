@@ -275,3 +275,77 @@ def test_usage_errors_exit_2_with_usage(capsys):
             main(argv)
         assert usage.value.code == 2
         assert "usage: sktransfer" in capsys.readouterr().err
+
+
+def _labelled_model(sample, tmp_path, labels):
+    """A classifier trained (briefly) on photos filed under the given class names."""
+    data = tmp_path / "odd"
+    paths, y = sample
+    for label, cls in zip(labels, CLASSES):
+        (data / label).mkdir(parents=True)
+        for p in [p for p, lab in zip(paths, y) if lab == cls][:3]:
+            shutil.copy(p, data / label / Path(p).name)
+    X, y = load_image_folder(data)
+    model = PretrainedImageClassifier(max_epochs=2, random_state=0).fit(X, y)
+    joblib.dump(model, tmp_path / "odd.joblib")
+    return tmp_path / "odd.joblib", data
+
+
+def test_csv_cells_that_would_run_as_formulas_are_neutralised(sample, tmp_path, monkeypatch):
+    labels = ["=HYPERLINK(\"x\")", "+1+cmd", "@SUM(A1)"]
+    model, data = _labelled_model(sample, tmp_path, labels)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(sample[0][0], "=1+2.jpg")  # given as a relative path, so the cell starts with '='
+    assert main(["predict", str(model), "=1+2.jpg", str(data), "--proba", "-o", "p.csv"]) == 0
+    with open("p.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    cells = [c for row in rows for c in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@")]
+    assert rows[1][0] == "'=1+2.jpg" and {"'" + lab for lab in labels} & set(cells)
+    assert all(float(c) >= 0 for row in rows[1:] for c in row[2:])  # numbers stay numbers
+    assert rows[0][2:] == [f"proba_{lab}" for lab in sorted(labels)]
+
+
+def test_file_names_that_are_not_utf8_are_written_whole(sample, tmp_path, trained, capsys):
+    _, _, model_path, _, _ = trained
+    odd = tmp_path / os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(sample[0][0], odd)
+    assert main(["predict", str(model_path), str(odd), "-o", str(tmp_path / "p.csv")]) == 0
+    table = pd.read_csv(tmp_path / "p.csv")  # valid UTF-8
+    assert table["path"].tolist() == [str(tmp_path / "caf\\xe9.jpg")]
+    assert main(["embed", str(odd), sample[0][1], "-o", str(tmp_path / "f.npy")]) == 0
+    assert np.load(tmp_path / "f.npy").shape == (2, 1280)
+    assert (tmp_path / "f.paths.txt").read_text(encoding="utf-8").splitlines() == \
+        [str(tmp_path / "caf\\xe9.jpg"), sample[0][1]]
+    capsys.readouterr()
+
+
+def test_failed_predict_leaves_the_previous_output_in_place(trained, tmp_path):
+    _, _, model_path, _, _ = trained
+    out = tmp_path / "p.csv"
+    out.write_text("earlier results\n")
+    assert main(["predict", str(model_path), str(tmp_path / "missing.jpg"), "-o", str(out)]) == 1
+    assert out.read_text() == "earlier results\n" and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_evaluate_draws_class_names_with_dollar_signs_as_text(sample, tmp_path):
+    model, data = _labelled_model(sample, tmp_path, ["$\\notacommand$", "price $5", "tulip"])
+    report = tmp_path / "report"
+    assert main(["evaluate", str(model), str(data), "-o", str(report)]) == 0
+    assert sorted(p.name for p in report.iterdir()) == [
+        "confusion_matrix.png", "index.html", "metrics.json", "report.txt", "top_losses.png"]
+    assert "$\\notacommand$" in json.loads((report / "metrics.json").read_text())["classes"]
+
+
+def test_predict_and_evaluate_take_the_safe_save_model_folder(trained, sample, tmp_path, capsys):
+    _, _, model_path, data, _ = trained
+    folder = str(tmp_path / "shared") + os.sep
+    assert main(["fit", str(data), "-o", folder, "--cv", "2", "--max-epochs", "2"]) == 0
+    assert sorted(os.listdir(folder)) == ["backbone.pt", "head.pt", "model.json"]
+    assert main(["predict", folder, str(data), "-o", str(tmp_path / "p.csv")]) == 0
+    table = pd.read_csv(tmp_path / "p.csv")
+    from sktransfer import load_model
+
+    np.testing.assert_array_equal(table["prediction"], load_model(folder).predict(table["path"].tolist()))
+    assert main(["evaluate", folder, str(data), "-o", str(tmp_path / "report")]) == 0
+    capsys.readouterr()

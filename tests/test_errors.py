@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -120,7 +121,7 @@ def test_unreadable_file(tmp_path, small):
 def test_wrong_X_is_named_with_what_is_accepted(X, match, small):
     _, y = small
     with pytest.raises((ValueError, TypeError), match=match):
-        PretrainedImageClassifier(**QUICK).fit(X, y[: len(X)] if len(X) else y)
+        PretrainedImageClassifier(**QUICK).fit(X, np.resize(y[3:5], len(X)) if len(X) else y)  # two classes
 
 
 @pytest.mark.parametrize("make_y, match", [
@@ -128,6 +129,8 @@ def test_wrong_X_is_named_with_what_is_accepted(X, match, small):
     (lambda y: ["daisy"] * 8, "single class"),
     (lambda y: np.where(np.arange(8) == 3, np.nan, np.arange(8) % 2), "missing labels"),
     (lambda y: [None] + list(y[1:]), "missing labels"),
+    (lambda y: [pd.NA] + list(y[1:]), "missing labels"),
+    (lambda y: pd.Series(y, dtype="string").where(np.arange(8) != 2), "missing labels"),
     (lambda y: np.linspace(0, 1, 8), "y must hold class labels"),
     (lambda y: None, "requires y"),
 ])
@@ -215,3 +218,13 @@ def test_file_not_readable_as_weights_is_named(tmp_path):
     path.write_text("not a state dict")
     with pytest.raises(ValueError, match="weights_only=True"):
         build_backbone("resnet18", weights=os.fspath(path))
+
+
+def test_negative_sample_weight_is_refused_before_embedding(small):
+    X, y = small
+    weights = np.ones(len(X))
+    weights[2] = -1.0
+    with ForwardCounter(build_backbone("efficientnet_lite0").module) as counter:
+        with pytest.raises(ValueError, match="sample_weight"):
+            PretrainedImageClassifier(**QUICK).fit(X, y, sample_weight=weights)
+        assert counter.images == 0

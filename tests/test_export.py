@@ -150,3 +150,89 @@ def test_regressor_and_multilabel_round_trip(tmp_path, digits_small):
     assert loaded.multilabel_
     np.testing.assert_array_equal(loaded.predict_proba(X[:4]), tagger.predict_proba(X[:4]))
     np.testing.assert_array_equal(loaded.predict(X[:4]), tagger.predict(X[:4]))
+
+
+def test_machine_local_settings_are_not_saved_and_ignored_at_load(tmp_path, fitted):
+    clf, X, _ = fitted
+    author_cache = tmp_path / "author-cache"
+    clf.set_params(cache_dir=str(author_cache))
+    try:
+        save_model(clf, tmp_path / "model")
+    finally:
+        clf.set_params(cache_dir=None)
+    text = (tmp_path / "model" / "model.json").read_text()
+    assert "author-cache" not in text
+    info = json.loads(text)
+    assert not {"cache_dir", "device"} & set(info["params"])
+    # A folder from someone else that names a cache, a device and a weights file anyway.
+    planted = tmp_path / "planted"
+    info["params"].update(cache_dir=str(planted), device="cuda:7", weights=str(tmp_path / "w.pth"))
+    (tmp_path / "model" / "model.json").write_text(json.dumps(info))
+    loaded = load_model(tmp_path / "model")
+    defaults = PretrainedImageClassifier().get_params()
+    assert [loaded.get_params()[k] for k in ("cache_dir", "device", "weights")] == \
+        [defaults[k] for k in ("cache_dir", "device", "weights")]
+    np.testing.assert_array_equal(loaded.predict_proba(X[:2]), clf.predict_proba(X[:2]))
+    assert not planted.exists()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, fitted):
+    folder = tmp_path_factory.mktemp("saved")
+    save_model(fitted[0], folder)
+    return folder, json.loads((folder / "model.json").read_text())
+
+
+def _set(path, value):
+    def edit(info):
+        *parents, last = path.split(".")
+        node = info
+        for key in parents:
+            node = node[key]
+        if value is KeyError:
+            del node[last]
+        else:
+            node[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, field", [
+    (_set("backbone.preprocessing.crop_size", 10**6), "backbone.preprocessing.crop_size"),
+    (_set("backbone.preprocessing.std", [0.5, 0.0, 0.5]), "backbone.preprocessing.std"),
+    (_set("head.hidden_units", [40000]), "head.hidden_units"),
+    (_set("head.hidden_units", [40000, 40000]), "head.hidden_units"),
+    (_set("head.in_features", 10**12), "head.in_features"),
+    (_set("head.n_outputs", 10**9), "head.n_outputs"),
+    (_set("head.temperature", 0), "head.temperature"),
+    (_set("head.temperature", "hot"), "head.temperature"),
+    (_set("head.hidden_units", "(16,)"), "head.hidden_units"),
+    (_set("backbone.num_features", KeyError), "backbone.num_features"),
+    (_set("backbone", []), "backbone.name"),
+    (_set("classes.dtype", "V1000000000"), "classes.dtype"),
+    (_set("classes.values", ["a"]), "classes.values"),
+    (_set("params.bogus", 1), "params.bogus"),
+    (_set("params.module__hidden_units", [40000, 40000]), "params.module__hidden_units"),
+    (_set("params.embed_batch_size", -3), "embed_batch_size"),
+    (_set("history", "epochs"), "history"),
+])
+def test_wrong_model_json_fields_are_named(tmp_path, saved, edit, field):
+    import copy
+    import shutil
+
+    folder, info = saved
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    info = copy.deepcopy(info)
+    edit(info)
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_model(tmp_path)
+
+
+def test_malformed_json_is_a_value_error(tmp_path, saved):
+    import shutil
+
+    shutil.copytree(saved[0], tmp_path, dirs_exist_ok=True)
+    for text in ("[" * 100_000 + "]" * 100_000, '{"format": "sktransfer-model"', "\xff"):
+        (tmp_path / "model.json").write_bytes(text.encode("latin-1"))
+        with pytest.raises(ValueError, match="model.json"):
+            load_model(tmp_path)

@@ -18,7 +18,7 @@ from skorch.callbacks import Callback
 
 import sktransfer
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, cache_info
-from sktransfer._features import DiskCache
+from sktransfer._cache import DiskCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_early_stopping_is_a_normal_end_not_an_interrupt(sample):
 
 WRITER = """
 import sys, numpy as np
-from sktransfer._features import DiskCache
+from sktransfer._cache import DiskCache
 cache = DiskCache(sys.argv[1], "f" * 32)
 base = np.arange(int(sys.argv[2]), dtype=np.float32)
 i = 0

@@ -8,7 +8,7 @@ import pytest
 
 from sktransfer import ImageEmbedder, cache_info, clear_cache
 from sktransfer._backbones import build_backbone
-from sktransfer._features import MemoryCache, extract_features
+from sktransfer._features import extract_features
 
 from conftest import ForwardCounter, reference_pixels
 
@@ -35,26 +35,6 @@ def test_batching_does_not_change_features(sample):
     clear_cache()
     b = extract_features(paths, backbone, batch_size=2)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_memory_cache_is_bounded():
-    cache = MemoryCache(max_bytes=3 * 400)
-    for k in range(5):
-        cache.put(k, np.zeros(100, np.float32))
-    info = cache.info()
-    assert info["entries"] == 3 and info["bytes"] <= 1200
-    assert cache.get(0) is None and cache.get(4) is not None
-
-
-def test_memory_cache_resize_evicts_down_to_the_new_bound_and_adds_nothing():
-    cache = MemoryCache(max_bytes=3 * 400)
-    for k in range(3):
-        cache.put(k, np.zeros(100, np.float32))
-    cache.resize(2 * 400)
-    assert cache.info() == {"entries": 2, "bytes": 800, "max_bytes": 800}
-    assert cache.get(0) is None and cache.get(2) is not None  # the least recently used went first
-    cache.resize(3 * 400)
-    assert cache.info()["entries"] == 2  # growing keeps every entry, and invents none
 
 
 def test_disk_cache_persists_across_processes(tmp_path, sample):

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -5,8 +6,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sktransfer import ImageInputError, load_image_folder
-from sktransfer._inputs import as_image_list, read_item
+from sktransfer import ImageEmbedder, ImageInputError, load_image_folder
+from sktransfer._inputs import HEADER_FIRST_BYTES, as_image_list, read_item
 
 
 def test_load_image_folder_is_sorted_with_class_labels(sample):
@@ -62,13 +63,45 @@ def test_bad_containers_name_X_and_what_is_accepted(X, match):
         as_image_list(X)
 
 
-def test_bad_items_are_all_listed_with_their_index(sample):
-    X = [sample[0][0], None, float("nan"), 3, np.zeros((4, 4), dtype=np.float32), ""]
+def test_wrong_types_and_unreadable_files_are_listed_in_one_error(tmp_path, sample):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    X = [sample[0][0], None, str(tmp_path / "missing.jpg"), float("nan"), 3, str(text),
+         np.zeros((4, 4), dtype=np.float32), ""]
+    assert as_image_list(X) == X  # the container is fine; the items are checked when read
     with pytest.raises(ImageInputError) as info:
-        as_image_list(X)
-    assert [i for i, _, _ in info.value.errors] == [1, 2, 3, 4, 5]
+        ImageEmbedder().fit().transform(X)
+    assert [i for i, _, _ in info.value.errors] == [1, 2, 3, 4, 5, 6, 7]
     message = str(info.value)
-    assert "5 input(s) of X" in message and "[3]" in message and "Accepted:" in message
+    assert "7 input(s) of X" in message and "file not found" in message and "not an image file" in message
+    assert "None is not an image" in message and "Accepted:" in message
+
+
+def test_reasons_are_words_not_errno_numbers(tmp_path):
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    long_name = tmp_path / ("x" * 300 + ".jpg")
+    with pytest.raises(ImageInputError) as info:
+        ImageEmbedder().fit().transform([str(loop), str(long_name)])
+    reasons = [reason for _, _, reason in info.value.errors]
+    assert reasons == ["too many levels of symbolic links", "file name too long"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_pipe_is_not_read_as_an_image(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_item(str(fifo))
+
+
+def test_huge_non_image_is_refused_after_its_header(tmp_path):
+    huge = tmp_path / "video.jpg"
+    with open(huge, "wb") as f:
+        f.write(b"this is a text file, not a picture\n")
+        f.truncate(HEADER_FIRST_BYTES + 1)  # sparse: takes no disk space
+    with pytest.raises(ValueError, match="not an image file Pillow can read"):
+        read_item(str(huge))  # before: read and hashed whole, refused only later
 
 
 def test_identity_is_content_not_path(tmp_path, sample):

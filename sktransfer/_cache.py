@@ -1,0 +1,358 @@
+"""Stage 4's memory: content digests, cache namespaces and the feature caches.
+
+Every cache key in sktransfer is made here:
+
+- :func:`digest` / :func:`new_hasher`: the content digest (BLAKE2b, 16 bytes)
+  of an image's bytes or pixels, and of a backbone's weights;
+- :func:`file_digest` / :func:`read_file`: the digest of a file, remembered
+  per process in a memo that is never stale (see :func:`file_digest`);
+- :func:`namespace`: a feature namespace derived from a backbone fingerprint
+  and the parts that change its features (a view, a frozen prefix, ...);
+- :class:`MemoryCache` (one per process) and :class:`DiskCache`
+  (``cache_dir``), which store feature vectors under ``(namespace, digest)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import hashlib
+import os
+import re
+import stat
+import threading
+import time
+import warnings
+
+import numpy as np
+
+from ._outputs import TEMP_PREFIX as _TEMP_PREFIX, write_atomic
+
+__all__ = ["clear_cache", "cache_info", "set_memory_cache_size"]
+
+DIGEST_SIZE = 16
+
+
+def new_hasher():
+    """An incremental hasher of the content digest (``update``, then ``hexdigest``)."""
+    return hashlib.blake2b(digest_size=DIGEST_SIZE)
+
+
+def digest(data):
+    """The hex content digest of ``data`` (bytes-like)."""
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).hexdigest()
+
+
+def namespace(fingerprint, *parts):
+    """The cache namespace of features derived from ``fingerprint`` by ``parts``.
+
+    ``namespace(fp)`` is ``fp`` itself; each part (a view's key, a prefix
+    depth, an engine and its precision, ...) gives features a namespace of
+    their own, so features computed differently never share an entry.
+    """
+    if not parts:
+        return fingerprint
+    return digest("|".join([fingerprint, *map(str, parts)]).encode())
+
+
+def view_fingerprint(fingerprint, view):
+    """The cache namespace of a view's features: the backbone's own without a view."""
+    return fingerprint if view is None else namespace(fingerprint, "view", view.key)
+
+
+# --------------------------------------------------------------------------
+# Reading files: regular files only, never past the expected length
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+#: A FIFO opened without O_NONBLOCK waits for a writer; a regular file ignores it.
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def _read_regular(path, *, size=None, follow_links=True):
+    """``(stat, bytes)`` of the regular file at ``path``.
+
+    Opens without blocking (a FIFO would wait for a writer) and, when
+    ``follow_links`` is False, refuses a symbolic link; raises ``OSError``
+    for anything but a regular file, and for a file whose size is not
+    ``size`` when given. Reads at most the size the file had when opened.
+    """
+    flags = _OPEN_FLAGS | _NONBLOCK | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0))
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if size is not None and st.st_size != size:
+            raise OSError(errno.EINVAL, f"holds {st.st_size} bytes, expected {size}")
+        chunks, left = [], st.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return st, b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# The file memo: a file's digest, read once per process while it is unchanged
+
+#: A file changed less than this long before it was hashed is not memoised.
+#: Its ctime might not move on a rewrite within the same timestamp tick (coarse
+#: kernel clocks, 1-2 s on some network and FAT file systems); later, any
+#: write moves the ctime past the one remembered.
+RACY_SECONDS = 2.0
+_FILE_MEMO: dict = {}
+_FILE_MEMO_LOCK = threading.Lock()
+
+
+def _memo_key(st):
+    # ctime cannot be set by users (os.utime sets it to now), so a rewrite that
+    # restores size and mtime still changes it; device and inode catch a rename.
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _remember(path, st, value):
+    if time.time_ns() - st.st_ctime_ns <= RACY_SECONDS * 1e9:
+        return
+    with _FILE_MEMO_LOCK:
+        _FILE_MEMO[os.path.abspath(path)] = (_memo_key(st), value)
+
+
+def read_file(path):
+    """``(digest, bytes)`` of a regular file: the digest of exactly the bytes returned."""
+    st, data = _read_regular(path)
+    value = digest(data)
+    try:
+        unchanged = _memo_key(os.stat(path)) == _memo_key(st)
+    except OSError:
+        unchanged = False
+    if unchanged:  # not rewritten while it was read
+        _remember(path, st, value)
+    return value, data
+
+
+def file_digest(path, st):
+    """The digest of the file at ``path`` whose ``os.stat`` is ``st``.
+
+    Remembered per process under the file's device, inode, size, mtime and
+    ctime, so a file is read for hashing once while it stays the same. The
+    memo is never stale: any write changes the ctime (which, unlike the mtime,
+    cannot be set back), a replaced file has a new inode, and a file written
+    within :data:`RACY_SECONDS` of hashing is not remembered. (This relies on
+    the file system keeping ctime and on the system clock not being set back.)
+    """
+    with _FILE_MEMO_LOCK:
+        key, value = _FILE_MEMO.get(os.path.abspath(path), (None, None))
+    if key == _memo_key(st):
+        return value
+    return read_file(path)[0]
+
+
+# --------------------------------------------------------------------------
+# Feature caches
+
+class MemoryCache:
+    """A thread-safe least-recently-used mapping bounded by the bytes it holds."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes = int(max_bytes)
+        self._data = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key, value):
+        if value.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._data[key] = value
+            self._bytes += value.nbytes
+            self._evict()
+
+    def _evict(self):
+        while self._bytes > self.max_bytes:
+            _, evicted = self._data.popitem(last=False)
+            self._bytes -= evicted.nbytes
+
+    def resize(self, max_bytes):
+        with self._lock:
+            self.max_bytes = int(max_bytes)
+            self._evict()
+
+    def clear(self):
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+
+    def info(self):
+        with self._lock:
+            return {"entries": len(self._data), "bytes": self._bytes, "max_bytes": self.max_bytes}
+
+
+MEMORY = MemoryCache(int(os.environ.get("SKTRANSFER_MEMORY_CACHE_MB", "1024")) * 2**20)
+
+_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+_HEX2 = re.compile(r"[0-9a-f]{2}\Z")
+_ENTRY = re.compile(r"[0-9a-f]{32}\.f32\Z")
+
+
+class DiskCache:
+    """Feature vectors as files under ``root/<namespace>/<digest[:2]>/<digest>.f32``.
+
+    Each file is the float32 vector followed by a 16-byte checksum of the
+    namespace, the digest and the vector, so an entry copied under another
+    key fails its check. Files are written to a temporary name and renamed
+    into place, so a reader sees a whole entry or none, even beside a writer
+    that is killed. Reads open only regular files (no links, no FIFOs, no
+    devices) of exactly the expected size. An entry whose check fails is
+    ignored and rewritten.
+
+    The checksum guards against damage, not against someone who may write to
+    the folder: a ``cache_dir`` must be writable only by people you trust.
+    """
+
+    SUFFIX = ".f32"
+
+    def __init__(self, root, namespace):
+        self.root = os.fspath(root)
+        self.namespace = namespace
+        self.folder = os.path.join(self.root, namespace)
+
+    def _path(self, key):
+        return os.path.join(self.folder, key[:2], key + self.SUFFIX)
+
+    def _check(self, key, body):
+        h = new_hasher()
+        h.update(f"{self.namespace}/{key}|".encode())
+        h.update(body)
+        return h.digest()
+
+    def get(self, key, num_features):
+        try:
+            _, data = _read_regular(self._path(key), size=4 * num_features + DIGEST_SIZE, follow_links=False)
+        except OSError:
+            return None
+        body, check = data[:-DIGEST_SIZE], data[-DIGEST_SIZE:]
+        if self._check(key, body) != check:
+            return None
+        return np.frombuffer(body, dtype=np.float32).copy()
+
+    def put(self, key, vector):
+        """Store ``vector``; return the ``OSError`` that prevented it, else None."""
+        body = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+        try:
+            # mkstemp makes 0600; a shared cache must be readable by others
+            write_atomic(self._path(key), body + self._check(key, body), mode=0o644, makedirs=True)
+        except OSError as e:
+            # A full or read-only disk costs recomputation later, never a wrong entry.
+            return e
+        return None
+
+
+def _scan(cache_dir):
+    """``(entries, folders, others)`` under a disk cache folder: the files and
+    folders the cache wrote, and the rest. No symbolic link is followed.
+    """
+    entries, folders, others = [], [], []
+
+    def listing(folder):
+        try:
+            return sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return []
+
+    for top in listing(cache_dir):
+        if not (_HEX32.match(top.name) and top.is_dir(follow_symlinks=False)):
+            others.append(top.path)
+            continue
+        folders.append(top.path)
+        for sub in listing(top.path):
+            if not (_HEX2.match(sub.name) and sub.is_dir(follow_symlinks=False)):
+                others.append(sub.path)
+                continue
+            folders.append(sub.path)
+            for entry in listing(sub.path):
+                ours = _ENTRY.match(entry.name) or entry.name.startswith(_TEMP_PREFIX)
+                (entries if ours and entry.is_file(follow_symlinks=False) else others).append(entry.path)
+    return entries, folders, others
+
+
+def cache_info(cache_dir=None):
+    """Size of the feature caches.
+
+    Parameters
+    ----------
+    cache_dir : str or path-like, default=None
+        A disk cache folder; when None, the process-wide memory cache.
+
+    Returns
+    -------
+    info : dict
+        ``entries`` and ``bytes`` (and ``max_bytes`` for the memory cache).
+        For a disk cache, only the entries the cache wrote are counted.
+    """
+    if cache_dir is None:
+        return MEMORY.info()
+    entries = _scan(os.fspath(cache_dir))[0]
+    entries = [p for p in entries if p.endswith(DiskCache.SUFFIX)]
+    size = 0
+    for path in entries:
+        try:
+            size += os.lstat(path).st_size
+        except OSError:
+            pass
+    return {"entries": len(entries), "bytes": size}
+
+
+def clear_cache(cache_dir=None):
+    """Empty the process-wide memory cache, or delete a disk cache folder's entries.
+
+    Parameters
+    ----------
+    cache_dir : str or path-like, default=None
+        A disk cache folder to empty; when None, the memory cache is cleared.
+        Only what the cache wrote there is deleted (``<namespace>/<xx>/<digest>.f32``
+        entries, unfinished ``.tmp-*`` writes, and the folders they leave
+        empty). Anything else is left in place, and one ``UserWarning`` lists it.
+    """
+    if cache_dir is None:
+        MEMORY.clear()
+        return
+    cache_dir = os.fspath(cache_dir)
+    entries, folders, others = _scan(cache_dir)
+    for path in entries:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    for folder in reversed(folders):  # sub-folders before their namespace folder
+        try:
+            os.rmdir(folder)  # only when empty: what else sits there stays
+        except OSError:
+            pass
+    if others:
+        shown = ", ".join(repr(p) for p in others[:10])
+        more = f" and {len(others) - 10} more" if len(others) > 10 else ""
+        warnings.warn(
+            f"clear_cache({cache_dir!r}) left {len(others)} path(s) that the feature cache did not "
+            f"write in place: {shown}{more}. Delete them yourself if they are not needed.",
+            UserWarning, stacklevel=2,
+        )
+
+
+def set_memory_cache_size(max_bytes):
+    """Bound the process-wide memory cache to ``max_bytes`` (default 1 GiB,
+    or ``SKTRANSFER_MEMORY_CACHE_MB`` from the environment)."""
+    MEMORY.resize(max_bytes)

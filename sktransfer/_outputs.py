@@ -1,0 +1,74 @@
+"""Files a user reads: written whole or not at all, with text every writer and spreadsheet takes.
+
+Used by the disk cache, ``save_model``, the audit report and the command
+line, so each output is written one way.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import tempfile
+
+#: Name prefix of temporary files before their rename (``clear_cache`` knows it).
+TEMP_PREFIX = ".tmp-"
+
+
+def write_atomic(path, data, mode=None, makedirs=False):
+    """Write ``data`` (bytes) to ``path`` through a temporary file and a rename.
+
+    A reader sees the old file or the whole new one, never a part, even when
+    the writer is killed; a failed write leaves no temporary file behind.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if makedirs:
+        os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX)
+    try:
+        if mode is not None and hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def safe_text(value):
+    """``value`` as text every writer accepts: a file name's bytes that are not
+    UTF-8 (kept by Python as surrogates) become ``\\xNN`` escapes."""
+    text = str(value)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "backslashreplace")
+        return raw.decode("utf-8", "backslashreplace")
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_cell(value):
+    """A CSV cell a spreadsheet shows as text: one that would start a formula gets a leading ``'``."""
+    text = safe_text(value)
+    if text.startswith(("=", "+", "-", "@", "\t", "\r")) and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
+def csv_text(rows, lineterminator="\r\n"):
+    """``rows`` as CSV text, each cell through :func:`csv_cell` (empty for None)."""
+    text = io.StringIO(newline="")
+    csv.writer(text, lineterminator=lineterminator).writerows(
+        [["" if v is None else csv_cell(v) for v in row] for row in rows])
+    return text.getvalue()

@@ -1,0 +1,191 @@
+"""The feature caches and the content digests they are keyed on."""
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sktransfer import ImageEmbedder, cache_info, clear_cache
+from sktransfer import _cache
+from sktransfer._augment import View
+from sktransfer._backbones import build_backbone
+from sktransfer._cache import DiskCache, MemoryCache, digest, namespace, view_fingerprint
+from sktransfer._features import extract_features
+from sktransfer._inputs import read_item
+
+from conftest import ForwardCounter
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return build_backbone("efficientnet_lite0")
+
+
+def test_memory_cache_is_bounded():
+    cache = MemoryCache(max_bytes=3 * 400)
+    for k in range(5):
+        cache.put(k, np.zeros(100, np.float32))
+    info = cache.info()
+    assert info["entries"] == 3 and info["bytes"] <= 1200
+    assert cache.get(0) is None and cache.get(4) is not None
+
+
+def test_memory_cache_resize_evicts_down_to_the_new_bound_and_adds_nothing():
+    cache = MemoryCache(max_bytes=3 * 400)
+    for k in range(3):
+        cache.put(k, np.zeros(100, np.float32))
+    cache.resize(2 * 400)
+    assert cache.info() == {"entries": 2, "bytes": 800, "max_bytes": 800}
+    assert cache.get(0) is None and cache.get(2) is not None  # the least recently used went first
+    cache.resize(3 * 400)
+    assert cache.info()["entries"] == 2  # growing keeps every entry, and invents none
+
+
+def test_namespaces_are_derived_in_one_place():
+    fp = "ab" * 16
+    assert namespace(fp) == fp
+    assert len({namespace(fp, "view", "x"), namespace(fp, "view", "y"), namespace(fp, "prefix", 2)}) == 3
+    # Unchanged derivation: disk caches written before keep their namespaces.
+    assert namespace(fp, "prefix", 2) == digest(f"{fp}|prefix|2".encode())
+    view = View(lambda im: im, "flip")
+    assert view_fingerprint(fp, view) == namespace(fp, "view", view.key)
+    assert view_fingerprint(fp, None) == fp
+
+
+def _two_entries(tmp_path, sample):
+    cache = tmp_path / "cache"
+    clear_cache()
+    ImageEmbedder(cache_dir=cache).fit_transform(sample[0][:2])
+    return cache
+
+
+def test_clear_cache_deletes_only_what_the_cache_wrote(tmp_path, sample):
+    cache = _two_entries(tmp_path, sample)
+    (folder,) = [p for p in cache.iterdir()]
+    mine = [cache / ("c" * 32), cache / "notes.txt", folder / "zz", next(folder.iterdir()) / "keep.f32"]
+    mine[0].mkdir()
+    (mine[0] / "thesis.tex").write_text("years of work")
+    mine[1].write_text("hello")
+    mine[2].mkdir()
+    mine[3].write_text("not an entry name")
+    with pytest.warns(UserWarning, match="left 4 path"):
+        clear_cache(cache)
+    assert cache_info(cache)["entries"] == 0
+    assert (mine[0] / "thesis.tex").read_text() == "years of work"
+    assert all(p.exists() for p in mine)
+
+
+def test_clear_cache_removes_a_whole_cache_silently(tmp_path, sample, recwarn):
+    cache = _two_entries(tmp_path, sample)
+    (next(cache.iterdir()) / "00").mkdir()
+    (next(cache.iterdir()) / "00" / ".tmp-killed").write_bytes(b"half")
+    (next(cache.iterdir()) / "01").mkdir()  # a folder emptied earlier
+    clear_cache(cache)
+    assert list(cache.iterdir()) == [] and not recwarn.list
+
+
+def test_entry_copied_under_another_key_is_not_served(tmp_path, sample, backbone):
+    cache = _two_entries(tmp_path, sample)
+    a, b = (read_item(p)[0] for p in sample[0][:2])
+    entry = {p.stem: p for p in cache.rglob("*.f32")}
+    shutil.copyfile(entry[a], entry[b])  # b's features replaced by a's, with a's valid checksum
+    clear_cache()
+    with ForwardCounter(backbone.module) as counter:
+        features = extract_features(sample[0][:2], backbone, cache_dir=cache)
+        assert counter.images == 1
+    clear_cache()
+    np.testing.assert_allclose(features, extract_features(sample[0][:2], backbone), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(features[0], features[1])
+
+
+def _get_within(cache, key, seconds=20):
+    result = []
+    reader = threading.Thread(target=lambda: result.append(cache.get(key, 4)), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    assert not reader.is_alive(), "the cache read hung"
+    return result[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_cache_reads_only_regular_files_of_the_expected_size(tmp_path):
+    cache = DiskCache(tmp_path, "f" * 32)
+    keys = [f"{k:032x}" for k in range(4)]
+    for key in keys:
+        cache.put(key, np.arange(4, dtype=np.float32))
+    paths = [Path(cache._path(key)) for key in keys]
+    paths[0].unlink()
+    os.mkfifo(paths[0])  # would block an open() for reading until a writer comes
+    paths[1].unlink()
+    paths[1].symlink_to("/dev/zero")  # would read without end
+    with open(paths[2], "ab") as f:
+        f.write(b"\0" * 10**6)  # longer than an entry
+    assert _get_within(cache, keys[0]) is None
+    assert _get_within(cache, keys[1]) is None
+    assert _get_within(cache, keys[2]) is None
+    np.testing.assert_array_equal(_get_within(cache, keys[3]), np.arange(4, dtype=np.float32))
+
+
+def _rewrite_keeping_size_and_mtime(path, data):
+    st = os.stat(path)
+    assert len(data) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _same_size_other_image(sample, size):
+    """Another photo, padded with zeros (ignored after a JPEG's end) to ``size`` bytes."""
+    data = next(d for d in (Path(p).read_bytes() for p in sample[0][40:]) if len(d) < size)
+    return data + b"\0" * (size - len(data))
+
+
+def test_file_rewritten_with_same_size_and_mtime_gets_new_features(photo, sample):
+    other = _same_size_other_image(sample, photo.stat().st_size)
+    emb = ImageEmbedder().fit()
+    before = emb.transform([photo])
+    _rewrite_keeping_size_and_mtime(photo, other)  # at once: within the racy window
+    after = emb.transform([photo])
+    assert not np.allclose(before, after)
+    np.testing.assert_allclose(after, emb.transform([other]), rtol=1e-4, atol=1e-5)
+
+
+def test_memoised_digest_follows_a_rewrite_that_keeps_size_and_mtime(photo, sample, monkeypatch):
+    monkeypatch.setattr(_cache, "RACY_SECONDS", 0.05)
+    other = _same_size_other_image(sample, photo.stat().st_size)
+    os.utime(photo, ns=(0, 10**18))
+    threading.Event().wait(0.2)  # the file is now older than the racy window: its digest is memoised
+    first = read_item(str(photo))[0]
+    assert _cache._FILE_MEMO[os.path.abspath(photo)][1] == first
+    threading.Event().wait(0.02)  # let the kernel's timestamp clock tick
+    _rewrite_keeping_size_and_mtime(photo, other)
+    assert read_item(str(photo))[0] == digest(other) != first
+
+
+def test_file_replaced_between_check_and_decode_is_cached_under_what_was_decoded(tmp_path, sample, backbone):
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    shutil.copyfile(sample[0][0], a)
+    shutil.copyfile(sample[0][1], b)
+    original, replacement = b.read_bytes(), Path(sample[0][40]).read_bytes()
+    swapped = []
+
+    def replace_b(image):  # runs while a is decoded: after b was hashed, before b is decoded
+        if not swapped:
+            b.write_bytes(replacement)
+            swapped.append(True)
+        return image
+
+    view = View(replace_b, "replace-b-test")
+    clear_cache()
+    features = extract_features([str(a), str(b)], backbone, batch_size=1, view=view)
+    assert swapped
+    b.write_bytes(original)
+    served = extract_features([str(b)], backbone, view=view)  # never the replacement's features
+    clear_cache()
+    np.testing.assert_allclose(served, extract_features([original], backbone, view=view), rtol=1e-4, atol=1e-5)
+    # What was returned for b is what was decoded at the time.
+    np.testing.assert_allclose(features[1], extract_features([replacement], backbone, view=view)[0],
+                               rtol=1e-4, atol=1e-5)
