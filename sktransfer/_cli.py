@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-SAMPLE = Path(__file__).resolve().parent / "data" / "flowers_sample"
+SAMPLE = Path(__file__).resolve().parent / "data" / "trash_sample"
 
 
 def _demo(args):

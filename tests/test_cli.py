@@ -19,7 +19,7 @@ from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_image_fold
 from sktransfer._cli import _parse_grid, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ["daisy", "sunflower", "tulip"]
+CLASSES = ["cardboard", "glass", "metal"]
 
 
 def copy_images(sample, folder, per_class, offset=0):
@@ -102,7 +102,7 @@ def test_fit_rejects_bad_settings_and_data_before_training(sample, tmp_path, cap
     assert err.startswith("sktransfer fit: error: --grid 'learning_rate=0.1'") and "lr" in err
     assert main(["fit", str(data), "--cv", "3"]) == 1
     assert "fewer than --cv 3" in capsys.readouterr().err
-    (data / "daisy" / "broken.jpg").write_bytes(b"not a jpeg")
+    (data / "cardboard" / "broken.jpg").write_bytes(b"not a jpeg")
     assert main(["fit", str(data), "--cv", "2", "-o", str(tmp_path / "m.joblib")]) == 1
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "not an image file" in err
@@ -122,7 +122,7 @@ def test_fit_rejects_bad_settings_and_data_before_training(sample, tmp_path, cap
 def test_predict_one_row_per_input_in_input_order(trained, sample, tmp_path, capsys):
     _, _, model_path, _, _ = trained
     unseen = copy_images(sample, tmp_path / "new", 2, offset=20)
-    single = sample[0][-1]  # a tulip photo, given as a file
+    single = sample[0][-1]  # a photo of another class, given as a file
     assert main(["predict", str(model_path), str(unseen), single, "--proba", "-o", str(tmp_path / "p.csv")]) == 0
     assert capsys.readouterr().out == f"7 predictions written to {tmp_path / 'p.csv'}\n"
     table = pd.read_csv(tmp_path / "p.csv")
@@ -157,8 +157,8 @@ def test_predict_errors_name_the_input(trained, tmp_path, capsys):
 def test_evaluate_writes_metrics_pictures_and_html(trained, sample, tmp_path):
     _, _, model_path, _, _ = trained
     data = copy_images(sample, tmp_path / "test", 5, offset=10)
-    # A tulip photo filed as a daisy: a mistake the report has to show.
-    shutil.copy(next((data / "tulip").iterdir()), data / "daisy" / "zz_filed_wrong.jpg")
+    # A metal photo filed as cardboard: a mistake the report has to show.
+    shutil.copy(next((data / "metal").iterdir()), data / "cardboard" / "zz_filed_wrong.jpg")
     report = tmp_path / "report"
     assert main(["evaluate", str(model_path), str(data), "-o", str(report), "--top", "4"]) == 0
 
@@ -168,8 +168,8 @@ def test_evaluate_writes_metrics_pictures_and_html(trained, sample, tmp_path):
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["n_images"] == 16 and metrics["accuracy"] == pytest.approx(np.mean(predicted == y))
     assert metrics["classes"] == CLASSES
-    recall = np.mean(predicted[y == "daisy"] == "daisy")
-    assert metrics["per_class"]["daisy"]["recall"] == pytest.approx(recall)
+    recall = np.mean(predicted[y == "cardboard"] == "cardboard")
+    assert metrics["per_class"]["cardboard"]["recall"] == pytest.approx(recall)
     assert np.asarray(metrics["confusion_matrix"]).sum() == 16
     assert "precision" in (report / "report.txt").read_text()
 
@@ -183,7 +183,7 @@ def test_evaluate_writes_metrics_pictures_and_html(trained, sample, tmp_path):
     page = (report / "index.html").read_text()
     assert 'src="confusion_matrix.png"' in page and 'src="top_losses.png"' in page
     wrong = [p for p, t, q in zip(X, y, predicted) if t != q]
-    assert wrong  # the misfiled tulip at least gives the report something to show
+    assert wrong  # the misfiled photo at least gives the report something to show
     proba = model.predict_proba(X)
     loss = -np.log(proba[np.arange(len(y)), np.searchsorted(model.classes_, y)])
     most_wrong = [X[i] for i in np.argsort(-loss) if predicted[i] != y[i]][:4]

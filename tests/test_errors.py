@@ -125,7 +125,7 @@ def test_wrong_X_is_named_with_what_is_accepted(X, match, small):
 
 @pytest.mark.parametrize("make_y, match", [
     (lambda y: y[:-1], "8 images but y has 7 labels"),
-    (lambda y: ["daisy"] * 8, "single class"),
+    (lambda y: ["cardboard"] * 8, "single class"),
     (lambda y: np.where(np.arange(8) == 3, np.nan, np.arange(8) % 2), "missing labels"),
     (lambda y: [None] + list(y[1:]), "missing labels"),
     (lambda y: np.linspace(0, 1, 8), "y must hold class labels"),
@@ -146,8 +146,8 @@ def test_predict_before_fit_and_unseen_labels(small):
     with pytest.raises(NotFittedError):
         PretrainedImageClassifier().predict_proba(X)
     clf = PretrainedImageClassifier(**QUICK).fit(X, y)
-    with pytest.raises(ValueError, match=r"never seen in fit: 'orchid'; the model knows \['daisy', 'dandelion'\]"):
-        clf.score(X[:2], ["daisy", "orchid"])
+    with pytest.raises(ValueError, match=r"never seen in fit: 'orchid'; the model knows \['cardboard', 'glass'\]"):
+        clf.score(X[:2], ["cardboard", "orchid"])
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ def png(figure_or_image, **savefig):
 
 @pytest.fixture(scope="module")
 def data():
-    train = subset(SAMPLE, 6, ["daisy", "sunflower", "tulip"])
-    test = subset(SAMPLE, 4, ["daisy", "sunflower", "tulip"], offset=10)
+    train = subset(SAMPLE, 6, ["cardboard", "glass", "metal"])
+    test = subset(SAMPLE, 4, ["cardboard", "glass", "metal"], offset=10)
     return train, test
 
 
@@ -108,7 +108,7 @@ def test_confusion_matrix_through_sklearn_display(clf, data):
 
 def test_explain_gives_gradcam_overlays_where_the_photo_is(clf, data):
     _, (X, y) = data
-    photo = Image.open(X[4]).convert("RGB").resize((112, 224))  # a sunflower
+    photo = Image.open(X[4]).convert("RGB").resize((112, 224))  # a glass photo
     half = Image.new("RGB", (224, 224), (128, 128, 128))
     half.paste(photo, (0, 0))  # the photo on the left, flat grey on the right
     overlays, heatmaps = explain(clf, [X[0], half], return_heatmaps=True)
@@ -149,10 +149,10 @@ def test_explain_needs_a_fitted_cnn_and_known_targets(clf, data):
     (X, y), _ = data
     with pytest.raises(NotFittedError):
         explain(PretrainedImageClassifier(), X[:1])
-    with pytest.raises(ValueError, match="'rose' is not a class of the model"):
-        explain(clf, X[:1], target="rose")
+    with pytest.raises(ValueError, match="'paper' is not a class of the model"):
+        explain(clf, X[:1], target="paper")
     with pytest.raises(ValueError, match="target has 2 labels for 1 images"):
-        explain(clf, X[:1], target=["daisy", "tulip"])
+        explain(clf, X[:1], target=["cardboard", "metal"])
 
     class Flat(torch.nn.Module):  # a backbone with no spatial feature map
         def forward(self, x):
