@@ -15,7 +15,8 @@ from ._explain import explain  # noqa: E402
 from ._features import cache_info, clear_cache, set_memory_cache_size  # noqa: E402
 from ._images import Preprocessing  # noqa: E402
 from ._inputs import ImageInputError, load_image_folder  # noqa: E402
-from ._plotting import plot_history, plot_top_losses  # noqa: E402
+from ._onnx import export_onnx  # noqa: E402
+from ._plotting import TopLossesDisplay, plot_history, plot_top_losses  # noqa: E402
 
 __all__ = [
     "Backbone",
@@ -24,10 +25,12 @@ __all__ = [
     "PretrainedImageClassifier",
     "PretrainedImageRegressor",
     "Preprocessing",
+    "TopLossesDisplay",
     "cache_info",
     "clear_cache",
     "embed_dask",
     "explain",
+    "export_onnx",
     "list_backbones",
     "load_image_folder",
     "load_model",

@@ -46,6 +46,7 @@ from ._head import (
     pooled_features,
 )
 from ._inputs import as_image_list
+from ._repr import visual_block
 
 _HEAD_PREFIXES = ("optimizer__", "iterator_train__", "iterator_valid__", "callbacks__")
 
@@ -144,7 +145,7 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
     Examples
     --------
     >>> from sktransfer import ImageEmbedder, load_image_folder
-    >>> paths, labels = load_image_folder("sktransfer/data/flowers_sample")
+    >>> paths, labels = load_image_folder("sktransfer/data/trash_sample")
     >>> ImageEmbedder().fit_transform(paths[:4]).shape
     (4, 1280)
     """
@@ -207,6 +208,9 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
     @property
     def _n_features_out(self):
         return self.n_features_out_
+
+    def _sk_visual_block_(self):
+        return visual_block(self)  # the notebook diagram: the backbone summarised
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -608,6 +612,9 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
         check_is_fitted(self, "head_")
         return self.head_.history
 
+    def _sk_visual_block_(self):
+        return visual_block(self)  # the notebook diagram: backbone, then head
+
     def _features(self, X, view=None):
         check_is_fitted(self, "head_")
         return self._embed(self.embedder_, as_image_list(X), view, getattr(self, "unfreeze_", 0))
@@ -736,7 +743,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     Examples
     --------
     >>> from sktransfer import PretrainedImageClassifier, load_image_folder
-    >>> paths, labels = load_image_folder("sktransfer/data/flowers_sample")
+    >>> paths, labels = load_image_folder("sktransfer/data/trash_sample")
     >>> clf = PretrainedImageClassifier(random_state=0).fit(paths, labels)
     >>> clf.predict(paths[:2]).shape
     (2,)
@@ -1113,7 +1120,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
     >>> import numpy as np
     >>> from PIL import Image
     >>> from sktransfer import PretrainedImageRegressor, load_image_folder
-    >>> paths, _ = load_image_folder("sktransfer/data/flowers_sample")
+    >>> paths, _ = load_image_folder("sktransfer/data/trash_sample")
     >>> brightness = [np.asarray(Image.open(p).convert("L")).mean() for p in paths]
     >>> reg = PretrainedImageRegressor(random_state=0).fit(paths, brightness)
     >>> reg.predict(paths[:2]).shape

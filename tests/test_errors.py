@@ -42,7 +42,7 @@ def _bad_files(tmp_path, photo_bytes):
     (tmp_path / "zero.jpg").write_bytes(b"")
     (tmp_path / "truncated.jpg").write_bytes(photo_bytes[: len(photo_bytes) // 2])
     (tmp_path / "notes.jpg").write_text("this is a text file, not a photo\n")
-    Image.new("RGB", (300, 300), "white").save(tmp_path / "huge.png")
+    Image.new("RGB", (600, 600), "white").save(tmp_path / "huge.png")
     return {
         "missing.jpg": "file not found",
         "a-folder.jpg": "is a folder",
@@ -56,7 +56,7 @@ def _bad_files(tmp_path, photo_bytes):
 def test_every_unusable_file_is_listed_in_one_error_before_any_work(tmp_path, small, monkeypatch):
     X, y = small
     expected = _bad_files(tmp_path, Path(X[0]).read_bytes())
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200 * 200)  # huge.png is 300x300
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 400)  # huge.png is 600x600, the photos 288x384
     bad = [str(tmp_path / name) for name in expected]
     X_all = X[:4] + bad + X[4:]
     y_all = list(y[:4]) + [y[0]] * len(bad) + list(y[4:])
