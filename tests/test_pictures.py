@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.exceptions import NotFittedError
-from sklearn.metrics import ConfusionMatrixDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-from sktransfer import PretrainedImageClassifier, explain, plot_history, plot_top_losses
+from sktransfer import PretrainedImageClassifier, TopLossesDisplay, explain, plot_history, plot_top_losses
 from sktransfer._backbones import build_backbone
 
 from conftest import subset, SAMPLE
@@ -101,9 +101,33 @@ def test_confusion_matrix_through_sklearn_display(clf, data):
     _, (X, y) = data
     fig = Figure(figsize=(4, 4))
     display = ConfusionMatrixDisplay.from_estimator(clf, X, y, ax=fig.subplots(), colorbar=False)
-    assert display.confusion_matrix.sum() == len(X)
+    assert display.confusion_matrix.sum() == len(X)  # X: image paths, as for any classifier
+    np.testing.assert_array_equal(display.confusion_matrix, confusion_matrix(y, clf.predict(X)))
     assert list(display.display_labels) == list(clf.classes_)
     assert png(fig, dpi=50).size == (200, 200)
+
+
+def test_top_losses_display_follows_sklearn_display_conventions(clf, data):
+    from matplotlib.figure import Figure
+
+    _, (X, y) = data
+    display = TopLossesDisplay.from_estimator(clf, X, y, k=4)
+    assert display.indices == plot_top_losses(clf, X, y, k=4).indices
+    titles = [ax.get_title() for ax in display.axes_[:4]]
+    assert len(display.images) == 4 and display.figure_ is display.axes_[0].figure
+
+    fig = Figure(figsize=(8, 4))
+    left, right = fig.subplots(1, 2)
+    assert display.plot(ax=right) is display  # one Axes: its area becomes the 2 x 2 grid
+    assert display.figure_ is fig and left in fig.axes and right not in fig.axes
+    assert [ax.get_title() for ax in display.axes_] == titles
+    assert np.asarray(display.axes_[0].get_images()[0].get_array()).shape[2] == 3  # the photo itself
+    cells = Figure().subplots(1, 4)
+    display.plot(ax=cells)  # one Axes per image
+    assert list(display.axes_) == list(cells) and [ax.get_title() for ax in cells] == titles
+    with pytest.raises(ValueError, match="ax has 2 axes for 4 images"):
+        display.plot(ax=cells[:2])
+    assert png(display, dpi=20).size == (128, 96)  # savefig reaches the figure, as before the display
 
 
 def test_explain_gives_gradcam_overlays_where_the_photo_is(clf, data):
