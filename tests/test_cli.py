@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -219,7 +220,7 @@ def test_backbones_lists_offline_weights_feature_size_and_cost(capsys):
 def test_help_everywhere():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"demo", "fit", "predict", "evaluate", "embed", "backbones"}
+    assert set(commands) == {"demo", "fit", "predict", "evaluate", "embed", "export", "backbones"}
     for name in [None, *commands]:
         with pytest.raises(SystemExit) as done:
             main(["--help"] if name is None else [name, "--help"])
@@ -268,3 +269,23 @@ def test_usage_errors_exit_2_with_usage(capsys):
             main(argv)
         assert usage.value.code == 2
         assert "usage: sktransfer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_shows_accuracy_time_confusion_matrix_and_next_steps(tmp_path, capsys):
+    model = tmp_path / "demo.joblib"
+    assert main(["demo", "-o", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "Bundled sample: 180 camera photos" in out
+    accuracy = re.search(r"5-fold cross-validated accuracy: (0\.\d{3}) ± (0\.\d{3}) \(folds( \d\.\d\d){5}\)", out)
+    assert accuracy and float(accuracy.group(1)) > 0.5  # six classes: chance is 0.17
+    assert re.search(r"180 photos through the backbone and 5 heads trained in [\d.]+ s \([\d.]+ images/s\)", out)
+    rows = re.findall(r"^ *(cardboard|glass|metal|paper|plastic|trash)  (.*)$", out, re.M)
+    assert [c for c, _ in rows] == ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+    counts = [int(n.strip("[]")) for _, cells in rows for n in cells.split() if n != "."]
+    assert sum(counts) == 180  # every photo predicted once, out of fold
+    right = sum(int(n.strip("[]")) for _, cells in rows for n in cells.split() if n.startswith("["))
+    assert right / 180 == pytest.approx(float(accuracy.group(1)), abs=0.02)  # equal folds of 36
+    assert f"saved to {model.resolve()}" in out and "predictions identical = True" in out
+    assert "sktransfer fit path/to/photos -o model.joblib" in out
+    assert list(joblib.load(model).classes_) == ["cardboard", "glass", "metal", "paper", "plastic", "trash"]

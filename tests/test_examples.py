@@ -88,3 +88,14 @@ def test_incremental_example(tmp_path):
     out = run_on("incremental.py", SAMPLE, "--per-class", "8", tmp_path=tmp_path)
     assert re.search(rf"pass 1: \d+ epochs, held-out accuracy {ACCURACY}\n", out)
     assert re.search(rf"warm start: \d+ epochs, held-out accuracy {ACCURACY}\n", out)
+
+
+@pytest.mark.slow
+def test_onnx_deploy_example(tmp_path):
+    out = run_example("onnx_deploy.py", "--per-class", "8", tmp_path=tmp_path)
+    assert re.search(r"36 training photos; exported to model\.onnx \(\d+\.\d MB\)", out)
+    assert re.search(rf"onnxruntime on 12 held-out photos: accuracy {ACCURACY}, same predictions as the "
+                     r"estimator: True, largest probability difference \d\.\de-\d\d", out)
+    assert len(re.findall(r"^  \w+/\S+\.jpg -> (cardboard|glass|metal|paper|plastic|trash) \(\d\.\d\d\)$",
+                          out, re.M)) == 3
+    assert (tmp_path / "model.onnx").stat().st_size > 1e6

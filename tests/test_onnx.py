@@ -85,7 +85,9 @@ def test_graph_runs_without_torch_and_equals_predict_proba(exported, split, tmp_
     meta = report["meta"]
     assert json.loads(meta["classes"]) == clf.classes_.tolist()
     assert meta["task"] == "classification" and float(meta["temperature"]) == clf.temperature_
-    assert (meta["crop_size"], meta["resize_size"], meta["interpolation"]) == ("224", "256", "bicubic")
+    prep = clf.embedder_.backbone_.preprocessing
+    assert (meta["crop_size"], meta["resize_size"], meta["interpolation"]) == (
+        str(prep.crop_size), str(prep.resize_size), prep.interpolation)
 
 
 def test_batch_size_is_free(exported, split):
