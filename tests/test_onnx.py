@@ -1,8 +1,10 @@
 """ONNX export: one graph from decoded pixels to predictions, run by onnxruntime alone."""
 
+import io
 import json
 import subprocess
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import joblib
@@ -61,17 +63,21 @@ def exported(split, tmp_path_factory):
     """A calibrated classifier saved with joblib and exported by `sktransfer export`."""
     X, y, _, _ = split
     root = tmp_path_factory.mktemp("onnx")
-    clf = PretrainedImageClassifier(calibration="temperature", random_state=0).fit(X, y)
+    clf = PretrainedImageClassifier(calibration="temperature", validation_fraction=0.25, random_state=0).fit(X, y)
     assert clf.temperature_ != 1.0  # the temperature has to be in the graph
     joblib.dump(clf, root / "model.joblib")
-    assert main(["export", str(root / "model.joblib"), str(root / "model.onnx")]) == 0
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["export", str(root / "model.joblib"), str(root / "model.onnx")]) == 0
+    side = clf.embedder_.backbone_.preprocessing.crop_size
+    assert f"exported to {root / 'model.onnx'}" in out.getvalue()
+    assert f"uint8 images (n, {side}, {side}, 3) in, probabilities out" in out.getvalue()
     return clf, root / "model.onnx"
 
 
-def test_graph_runs_without_torch_and_equals_predict_proba(exported, split, tmp_path, capsys):
+def test_graph_runs_without_torch_and_equals_predict_proba(exported, split, tmp_path):
     clf, path = exported
     _, _, X_test, _ = split
-    assert "exported to" in capsys.readouterr().out
     result = subprocess.run(
         [sys.executable, "-c", WITHOUT_TORCH, str(EXAMPLE), str(path), json.dumps(X_test), str(tmp_path / "p.npy")],
         capture_output=True, text=True, timeout=300,
