@@ -24,7 +24,8 @@ def _demo(args):
     print(f"Bundled sample: {len(X)} camera photos of household waste (TrashNet), "
           f"{len(classes)} classes: {', '.join(classes)}")
     clf = PretrainedImageClassifier(random_state=0)
-    print(f"Model: PretrainedImageClassifier() - frozen {clf.backbone} backbone, linear head")
+    head = f"MLP head {clf.hidden_units}" if clf.hidden_units else "linear head"
+    print(f"Model: PretrainedImageClassifier() - frozen {clf.backbone} backbone, {head}")
     start = time.perf_counter()
     cv = cross_validate(clf, X, y, cv=StratifiedKFold(5, shuffle=True, random_state=0),
                         return_estimator=True, return_indices=True)
@@ -55,7 +56,7 @@ def _text_confusion_matrix(matrix, classes):
     """A confusion matrix as text: true classes down, predicted across, the diagonal marked."""
     width = max(5, *(len(str(c)) for c in classes))
     head = " " * (width + 2) + " ".join(f"{str(c)[:width]:>{width}}" for c in classes)
-    rows = [f"Confusion matrix (rows: true class, columns: predicted; [n] = right)", head]
+    rows = ["Confusion matrix (rows: true class, columns: predicted; [n] = right)", head]
     for i, c in enumerate(classes):
         cells = [f"[{n}]" if i == j else f"{n}" if n else "." for j, n in enumerate(matrix[i])]
         rows.append(f"{str(c):>{width}}  " + " ".join(f"{cell:>{width}}" for cell in cells))
