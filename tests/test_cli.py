@@ -280,12 +280,15 @@ def test_demo_shows_accuracy_time_confusion_matrix_and_next_steps(tmp_path, caps
     accuracy = re.search(r"5-fold cross-validated accuracy: (0\.\d{3}) ± (0\.\d{3}) \(folds( \d\.\d\d){5}\)", out)
     assert accuracy and float(accuracy.group(1)) > 0.5  # six classes: chance is 0.17
     assert re.search(r"180 photos through the backbone and 5 heads trained in [\d.]+ s \([\d.]+ images/s\)", out)
-    rows = re.findall(r"^ *(cardboard|glass|metal|paper|plastic|trash)  (.*)$", out, re.M)
-    assert [c for c, _ in rows] == ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
-    counts = [int(n.strip("[]")) for _, cells in rows for n in cells.split() if n != "."]
-    assert sum(counts) == 180  # every photo predicted once, out of fold
-    right = sum(int(n.strip("[]")) for _, cells in rows for n in cells.split() if n.startswith("["))
-    assert right / 180 == pytest.approx(float(accuracy.group(1)), abs=0.02)  # equal folds of 36
+    classes = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+    lines = out[out.index("Confusion matrix"):].splitlines()
+    assert lines[1].split() == classes  # predicted classes across
+    rows = [line.split() for line in lines[2:8]]
+    assert [row[0] for row in rows] == classes  # true classes down
+    counts = np.array([[int(n.strip("[]")) if n != "." else 0 for n in row[1:]] for row in rows])
+    assert counts.sum() == 180 and (counts.sum(axis=1) == 30).all()  # every photo once, out of fold
+    assert all(rows[i][1 + i].startswith("[") for i in range(6))  # the diagonal is marked
+    assert np.trace(counts) / 180 == pytest.approx(float(accuracy.group(1)), abs=0.02)  # equal folds of 36
     assert f"saved to {model.resolve()}" in out and "predictions identical = True" in out
     assert "sktransfer fit path/to/photos -o model.joblib" in out
-    assert list(joblib.load(model).classes_) == ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+    assert list(joblib.load(model).classes_) == classes
