@@ -60,7 +60,7 @@ def weights_for(name):
 def compute_only(backbone, batch=32, seconds=8.0):
     """img/s of the bare forward pass on random tensors, eager channels_last and
     compiled, each in glibc's default heap and with sktransfer's heap setting."""
-    from sktransfer._features import steady_heap
+    from sktransfer._runtime import steady_heap
 
     module = backbone.module
     x = torch.randn(batch, 3, backbone.preprocessing.crop_size, backbone.preprocessing.crop_size)

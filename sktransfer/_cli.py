@@ -167,7 +167,7 @@ def _split_top_level(text):
 
 def _parse_grid(specs, estimator):
     """``["lr=1e-3,1e-2", "hidden_units=(),(256,)"]`` -> a GridSearchCV param grid."""
-    from ._estimator import _HEAD_PREFIXES
+    from ._head import HEAD_PREFIXES
 
     grid = {}
     known = sorted(estimator.get_params(deep=False))
@@ -176,7 +176,7 @@ def _parse_grid(specs, estimator):
         key = key.strip()
         if not sep or not key or not values.strip():
             raise ValueError(f"--grid {spec!r} is not KEY=V1,V2,...; e.g. --grid lr=0.001,0.01")
-        if key not in known and not key.startswith(_HEAD_PREFIXES):
+        if key not in known and not key.startswith(HEAD_PREFIXES):
             raise ValueError(
                 f"--grid {spec!r}: {key!r} is not a setting of PretrainedImageClassifier; "
                 f"use one of {', '.join(known)} or a skorch setting such as optimizer__betas."
@@ -490,6 +490,8 @@ def _backbones(args):
 
 
 def build_parser():
+    from ._estimator import PretrainedImageClassifier
+
     parser = argparse.ArgumentParser(
         prog="sktransfer",
         description="Transfer learning for images with a frozen pretrained backbone.",
@@ -515,7 +517,8 @@ def build_parser():
     fit.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                      help="settings to try, e.g. lr=0.001,0.01 or hidden_units='(),(256,)'; repeatable")
     fit.add_argument("--max-epochs", type=int, default=None,
-                     help="epochs of head training (default: the estimator's, 30)")
+                     help="epochs of head training (default: the classifier's, "
+                          f"{PretrainedImageClassifier().max_epochs})")
     fit.add_argument("--cache-dir", help="folder of a disk feature cache, reused by later runs")
     fit.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
     fit.add_argument("--random-state", type=int, default=0, help="seed of folds and training (default: 0)")

@@ -183,7 +183,7 @@ def export_onnx(model, path):
     >>> export_onnx(ImageEmbedder().fit(), os.path.join(tempfile.mkdtemp(), "features.onnx")).name
     'features.onnx'
     """
-    from . import __version__
+    from ._version import __version__
 
     _require_onnx()  # before the export, which takes a while
     backbone, body, head, output, output_name, metadata = _parts(model)
