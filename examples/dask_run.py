@@ -21,7 +21,7 @@ from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_image_fold
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "flowers5"
-SAMPLE = REPO / "sktransfer" / "data" / "flowers_sample"
+SAMPLE = REPO / "sktransfer" / "data" / "trash_sample"
 
 
 def load(data, per_class):

@@ -5,8 +5,8 @@
 The image column goes through ImageEmbedder (and PCA to a few components);
 numeric and categorical columns are handled as usual; a
 HistGradientBoostingClassifier sees them all. The table columns here are
-real file metadata: size on disk and the Flickr size suffix in the file
-name (_n, _m or none).
+real file metadata: size on disk and the photo's orientation (portrait,
+landscape or square).
 """
 
 import argparse
@@ -20,13 +20,14 @@ from sklearn.decomposition import PCA
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
+from PIL import Image
 from sklearn.preprocessing import OneHotEncoder
 
 from sktransfer import ImageEmbedder, load_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "flowers5"
-SAMPLE = REPO / "sktransfer" / "data" / "flowers_sample"
+SAMPLE = REPO / "sktransfer" / "data" / "trash_sample"
 
 
 def load(data, per_class):
@@ -42,11 +43,12 @@ def table(paths):
     """One row per image: its path and a few columns of metadata."""
     rows = []
     for path in paths:
-        stem = Path(path).stem
+        with Image.open(path) as image:  # reads the header only
+            w, h = image.size
         rows.append({
             "path": path,
             "kilobytes": os.path.getsize(path) / 1024,
-            "flickr_size": stem.rsplit("_", 1)[-1] if stem.endswith(("_n", "_m")) else "original",
+            "orientation": "portrait" if h > w else "landscape" if w > h else "square",
         })
     return pd.DataFrame(rows)
 
@@ -64,7 +66,7 @@ def main():
         # A column name as a string (not a list) hands the transformer a 1-D column of paths.
         ("image", make_pipeline(ImageEmbedder(), PCA(n_components=8, random_state=0)), "path"),
         ("numbers", "passthrough", ["kilobytes"]),
-        ("kinds", OneHotEncoder(handle_unknown="ignore"), ["flickr_size"]),
+        ("kinds", OneHotEncoder(handle_unknown="ignore"), ["orientation"]),
     ])
     # min_samples_leaf below the default of 20 lets the trees split on small data sets.
     model = make_pipeline(columns, HistGradientBoostingClassifier(max_iter=50, min_samples_leaf=5, random_state=0))
@@ -72,7 +74,7 @@ def main():
     print(f"{len(frame)} rows; 3-fold cross-validated accuracy: {scores.mean():.3f} ± {scores.std():.3f}")
     metadata_only = make_pipeline(
         ColumnTransformer([("numbers", "passthrough", ["kilobytes"]),
-                           ("kinds", OneHotEncoder(handle_unknown="ignore"), ["flickr_size"])]),
+                           ("kinds", OneHotEncoder(handle_unknown="ignore"), ["orientation"])]),
         HistGradientBoostingClassifier(max_iter=50, min_samples_leaf=5, random_state=0),
     )
     print(f"the same without the image column: {cross_val_score(metadata_only, frame, y, cv=3).mean():.3f}")

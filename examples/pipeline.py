@@ -19,7 +19,7 @@ from sktransfer import ImageEmbedder, load_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "flowers5"
-SAMPLE = REPO / "sktransfer" / "data" / "flowers_sample"
+SAMPLE = REPO / "sktransfer" / "data" / "trash_sample"
 
 
 def load(data, per_class):

@@ -14,7 +14,8 @@ from ._explain import explain
 from ._cache import cache_info, clear_cache, set_memory_cache_size
 from ._images import Preprocessing
 from ._inputs import ImageInputError, load_image_folder
-from ._plotting import plot_history, plot_top_losses
+from ._onnx import export_onnx
+from ._plotting import TopLossesDisplay, plot_history, plot_top_losses
 from ._version import __version__  # noqa: F401 (the package's version)
 
 __all__ = [
@@ -26,10 +27,12 @@ __all__ = [
     "PretrainedImageRegressor",
     "Preprocessing",
     "audit",
+    "TopLossesDisplay",
     "cache_info",
     "clear_cache",
     "embed_dask",
     "explain",
+    "export_onnx",
     "list_backbones",
     "load_image_folder",
     "load_model",

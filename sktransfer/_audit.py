@@ -448,7 +448,7 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     Examples
     --------
     >>> from sktransfer import PretrainedImageClassifier, audit, load_image_folder
-    >>> X, y = load_image_folder("sktransfer/data/flowers_sample")
+    >>> X, y = load_image_folder("sktransfer/data/trash_sample")
     >>> report = audit(PretrainedImageClassifier(random_state=0), X[::3], y[::3], cv=3)
     >>> list(report.to_frame().columns)
     ['path', 'finding', 'given_label', 'suggested_label', 'score', 'group']

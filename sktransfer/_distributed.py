@@ -55,7 +55,7 @@ def embed_dask(paths, embedder=None, *, npartitions=None):
     first and compute or write the result the same way.
 
     >>> from sktransfer import ImageEmbedder, embed_dask, load_image_folder
-    >>> paths, _ = load_image_folder("sktransfer/data/flowers_sample")
+    >>> paths, _ = load_image_folder("sktransfer/data/trash_sample")
     >>> features = embed_dask(paths[:4], ImageEmbedder(), npartitions=2)
     >>> features.compute(scheduler="synchronous").shape
     (4, 1280)

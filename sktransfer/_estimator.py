@@ -46,6 +46,7 @@ from ._head import (
 )
 from ._head import TemperatureSoftmax as _TemperatureSoftmax  # noqa: F401  (the name in pickles of calibrated models from 0.1.0)
 from ._inputs import as_image_list
+from ._repr import visual_block
 from ._runtime import limited_threads, seeded_rng, steady_heap
 
 
@@ -177,7 +178,7 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
     Examples
     --------
     >>> from sktransfer import ImageEmbedder, load_image_folder
-    >>> paths, labels = load_image_folder("sktransfer/data/flowers_sample")
+    >>> paths, labels = load_image_folder("sktransfer/data/trash_sample")
     >>> ImageEmbedder().fit_transform(paths[:4]).shape
     (4, 1280)
     """
@@ -242,6 +243,9 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
     @property
     def _n_features_out(self):
         return self.n_features_out_
+
+    def _sk_visual_block_(self):
+        return visual_block(self)  # the notebook diagram: the backbone summarised
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -502,6 +506,9 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         check_is_fitted(self)
         return self.head_.history
 
+    def _sk_visual_block_(self):
+        return visual_block(self)  # the notebook diagram: backbone, then head
+
     def _features(self, X, view=None):
         check_is_fitted(self)
         return self._embed(self.embedder_, as_image_list(X), view, self.unfreeze_)
@@ -644,7 +651,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     Examples
     --------
     >>> from sktransfer import PretrainedImageClassifier, load_image_folder
-    >>> paths, labels = load_image_folder("sktransfer/data/flowers_sample")
+    >>> paths, labels = load_image_folder("sktransfer/data/trash_sample")
     >>> clf = PretrainedImageClassifier(random_state=0).fit(paths, labels)
     >>> clf.predict(paths[:2]).shape
     (2,)
@@ -1026,7 +1033,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
     >>> import numpy as np
     >>> from PIL import Image
     >>> from sktransfer import PretrainedImageRegressor, load_image_folder
-    >>> paths, _ = load_image_folder("sktransfer/data/flowers_sample")
+    >>> paths, _ = load_image_folder("sktransfer/data/trash_sample")
     >>> brightness = [np.asarray(Image.open(p).convert("L")).mean() for p in paths]
     >>> reg = PretrainedImageRegressor(random_state=0).fit(paths, brightness)
     >>> reg.predict(paths[:2]).shape

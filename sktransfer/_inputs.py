@@ -80,9 +80,9 @@ def load_image_folder(root):
     Examples
     --------
     >>> from sktransfer import load_image_folder
-    >>> paths, labels = load_image_folder("sktransfer/data/flowers_sample")
+    >>> paths, labels = load_image_folder("sktransfer/data/trash_sample")
     >>> len(paths), sorted(set(labels.tolist()))
-    (150, ['daisy', 'dandelion', 'rose', 'sunflower', 'tulip'])
+    (180, ['cardboard', 'glass', 'metal', 'paper', 'plastic', 'trash'])
     """
     root = Path(root)
     if not root.is_dir():

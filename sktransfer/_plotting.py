@@ -1,9 +1,11 @@
 """Pictures of a fitted classifier: its worst mistakes and its training curves.
 
-Both functions return a matplotlib ``Figure`` (saved with
-``fig.savefig("file.png")``) and never call ``plt.show()``. The confusion
-matrix is scikit-learn's own :class:`sklearn.metrics.ConfusionMatrixDisplay`,
-which works with these estimators as with any classifier.
+:func:`plot_top_losses` returns a :class:`TopLossesDisplay` (scikit-learn's
+Display conventions: ``from_estimator``, ``plot(ax=...)``, ``figure_``);
+:func:`plot_history` returns a matplotlib ``Figure``. Nothing calls
+``plt.show()``; save with ``.savefig("file.png")``. The confusion matrix is
+scikit-learn's own :class:`sklearn.metrics.ConfusionMatrixDisplay`, whose
+``from_estimator`` takes image paths as X with these estimators.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._images import open_image
 from ._inputs import as_image_list, read_item
 
-__all__ = ["plot_top_losses", "plot_history"]
+__all__ = ["TopLossesDisplay", "plot_top_losses", "plot_history"]
 
 #: Size of one picture of the grid of :func:`plot_top_losses`, in inches (width, height).
 CELL_SIZE = (3.0, 3.3)
@@ -64,12 +66,142 @@ def top_losses(estimator, X, y):
     return losses, np.asarray(estimator.classes_)[best], proba[np.arange(len(best)), best]
 
 
+class TopLossesDisplay:
+    """The images a classifier got most confidently wrong, in scikit-learn's Display style.
+
+    Build it with :meth:`from_estimator` (or :func:`plot_top_losses`), which
+    computes the losses and draws; :meth:`plot` draws again, e.g. into axes
+    of your own figure. Attribute access the display does not have goes to
+    :attr:`figure_`, so ``plot_top_losses(...).savefig(...)`` works as when
+    it returned the figure.
+
+    Parameters
+    ----------
+    images : list of PIL.Image.Image
+        The decoded images shown, in order.
+    indices : list of int
+        Their positions in the ``X`` they came from.
+    y_true, y_pred : ndarray of shape (n_shown,)
+        True and predicted class of each image shown.
+    confidence, losses : ndarray of shape (n_shown,)
+        Probability of the predicted class and the loss of each image shown.
+
+    Attributes
+    ----------
+    figure_ : matplotlib.figure.Figure
+        The figure drawn into.
+    axes_ : ndarray of matplotlib.axes.Axes
+        One axes per cell of the grid, row by row (the unused ones blank).
+    """
+
+    def __init__(self, images, indices, y_true, y_pred, confidence, losses):
+        self.images = images
+        self.indices = indices
+        self.y_true = y_true
+        self.y_pred = y_pred
+        self.confidence = confidence
+        self.losses = losses
+
+    @classmethod
+    def from_estimator(cls, estimator, X, y, *, k=9, wrong_only=False, ax=None):
+        """Rank images by loss (minus the log-probability of the true class) and draw the top ``k``.
+
+        Parameters
+        ----------
+        estimator : fitted classifier with ``predict_proba`` and ``classes_``
+            A :class:`PretrainedImageClassifier`, or a Pipeline ending in a classifier.
+        X : sequence of images
+            Paths, bytes, PIL images or uint8 arrays.
+        y : array-like of shape (n_images,)
+            The true labels.
+        k : int, default=9
+            Number of images shown, at most.
+        wrong_only : bool, default=False
+            Show only misclassified images (fewer than ``k`` when there are fewer).
+        ax : matplotlib Axes or array of Axes, default=None
+            See :meth:`plot`.
+
+        Returns
+        -------
+        display : TopLossesDisplay
+        """
+        if not (isinstance(k, (int, np.integer)) and k >= 1):
+            raise ValueError(f"k={k!r} must be a positive integer (the number of images shown).")
+        items = as_image_list(X)
+        losses, predicted, confidence = top_losses(estimator, items, y)
+        y = np.asarray(y, dtype=object)
+        order = np.argsort(-losses, kind="stable")
+        if wrong_only:
+            order = order[predicted[order].astype(object) != y[order]]
+        order = order[:k]
+        display = cls([open_image(read_item(items[i])[1]) for i in order], order.tolist(), y[order],
+                      predicted[order], confidence[order], losses[order])
+        return display.plot(ax=ax, n_cells=k)
+
+    def plot(self, ax=None, n_cells=None):
+        """Draw the images in a grid, titled with predicted class (probability), true class and loss.
+
+        Parameters
+        ----------
+        ax : matplotlib Axes or array of Axes, default=None
+            None: a new figure of ``CELL_SIZE`` inches per cell (not attached
+            to pyplot). One Axes: its area is divided into the grid. An array
+            of Axes: one per image, at least as many as there are images.
+        n_cells : int, default=None
+            Cells of the grid (``ceil(sqrt(n_cells))`` columns); by default
+            the number of images.
+
+        Returns
+        -------
+        self : TopLossesDisplay
+        """
+        n_cells = max(1, n_cells or len(self.images))
+        ncols = math.ceil(math.sqrt(n_cells))
+        nrows = math.ceil(n_cells / ncols)
+        if ax is None:
+            fig = _figure((CELL_SIZE[0] * ncols, CELL_SIZE[1] * nrows))
+            axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        elif hasattr(ax, "get_subplotspec"):
+            fig = ax.figure
+            grid = ax.get_subplotspec().subgridspec(nrows, ncols)
+            ax.remove()
+            axes = np.array([fig.add_subplot(grid[i // ncols, i % ncols]) for i in range(nrows * ncols)])
+        else:
+            axes = np.asarray(ax, dtype=object).ravel()
+            if len(axes) < len(self.images):
+                raise ValueError(f"ax has {len(axes)} axes for {len(self.images)} images; pass at least one "
+                                 "per image, a single Axes to divide, or None.")
+            fig = axes[0].figure
+        for a in axes:
+            a.set_axis_off()
+        for a, image, true, pred, p, loss in zip(axes, self.images, self.y_true, self.y_pred,
+                                                  self.confidence, self.losses):
+            a.imshow(image)
+            a.set_title(f"predicted {pred} ({p:.2f})\ntrue {true}, loss {loss:.2f}",
+                        fontsize=9, color="firebrick" if pred != true else "black")
+        if not self.images:
+            axes[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center",
+                         transform=axes[0].transAxes)
+        if ax is None:
+            fig.suptitle("Top losses: predicted (probability) / true class", fontsize=11)
+        self.figure_, self.axes_ = fig, axes
+        return self
+
+    def __getattr__(self, name):
+        # Only reached for names the display lacks: savefig, axes, ... of the figure.
+        if name.startswith("_") or "figure_" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.figure_, name)
+
+
 def plot_top_losses(estimator, X, y, k=9, wrong_only=False):
     """A grid of the ``k`` images the classifier got most confidently wrong.
 
     Images are ranked by their loss (minus the log-probability the model
     gives their true class), highest first; each is titled with the
     predicted class and its probability, the true class and the loss.
+    The same as ``TopLossesDisplay.from_estimator(estimator, X, y, k=k,
+    wrong_only=wrong_only)``.
 
     Parameters
     ----------
@@ -86,37 +218,12 @@ def plot_top_losses(estimator, X, y, k=9, wrong_only=False):
 
     Returns
     -------
-    fig : matplotlib.figure.Figure
-        ``ceil(sqrt(k))`` columns of ``CELL_SIZE`` inches each. ``fig.indices``
-        holds the positions in ``X`` of the images shown, in order.
+    display : TopLossesDisplay
+        ``display.figure_`` has ``ceil(sqrt(k))`` columns of ``CELL_SIZE``
+        inches each; ``display.indices`` holds the positions in ``X`` of
+        the images shown, in order. ``display.savefig(...)`` saves the figure.
     """
-    if not (isinstance(k, (int, np.integer)) and k >= 1):
-        raise ValueError(f"k={k!r} must be a positive integer (the number of images shown).")
-    items = as_image_list(X)
-    losses, predicted, confidence = top_losses(estimator, items, y)
-    y = np.asarray(y, dtype=object)
-    order = np.argsort(-losses, kind="stable")
-    if wrong_only:
-        order = order[predicted[order].astype(object) != y[order]]
-    order = order[:k]
-    ncols = math.ceil(math.sqrt(k))
-    nrows = math.ceil(k / ncols)
-    fig = _figure((CELL_SIZE[0] * ncols, CELL_SIZE[1] * nrows))
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes:
-        ax.set_axis_off()
-    for ax, i in zip(axes, order):
-        ax.imshow(open_image(read_item(items[i])[1]))
-        ax.set_title(
-            f"predicted {predicted[i]} ({confidence[i]:.2f})\ntrue {y[i]}, loss {losses[i]:.2f}",
-            fontsize=9, color="firebrick" if predicted[i] != y[i] else "black",
-        )
-    if len(order) == 0:
-        axes[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center",
-                     transform=axes[0].transAxes)
-    fig.suptitle("Top losses: predicted (probability) / true class", fontsize=11)
-    fig.indices = order.tolist()
-    return fig
+    return TopLossesDisplay.from_estimator(estimator, X, y, k=k, wrong_only=wrong_only)
 
 
 def plot_history(estimator, keys=None):

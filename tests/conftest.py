@@ -1,18 +1,43 @@
-"""Shared fixtures: real photos from ../shared/datasets (or the bundled sample)."""
+"""Shared fixtures: real photos from ../shared/datasets, or stand-ins made from the bundled sample.
 
+A fresh clone has no ``../shared/datasets``: :func:`dataset` then returns a
+stand-in folder with the same class names, made once from the bundled
+TrashNet photos (each class of the sample plays one class of the data set,
+its photos and their mirrored and cropped copies, at the data set's image
+size), so every test runs. ``SKTRANSFER_TEST_DATASETS=/path/to/datasets``
+points at the real data sets elsewhere; ``SKTRANSFER_TEST_NO_SHARED=1``
+uses the stand-ins even where the real ones are present.
+"""
+
+import hashlib
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import joblib
 import numpy as np
 import pytest
+from PIL import Image, ImageOps
 
 from sktransfer import load_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ROOT.parent / "shared" / "datasets"
-SAMPLE = ROOT / "sktransfer" / "data" / "flowers_sample"
+DATASETS = Path(os.environ.get("SKTRANSFER_TEST_DATASETS") or ROOT.parent / "shared" / "datasets")
+SAMPLE = ROOT / "sktransfer" / "data" / "trash_sample"
+
+#: Class names and image size (None: the sample's own) of each data set's stand-in.
+#: sign_digits has ten classes and the sample six: the digits the tests use most
+#: (0, 1, 2 and the even ones) come first and get a class of their own.
+STAND_INS = {
+    "flowers5": (["daisy", "dandelion", "rose", "sunflower", "tulip"], (128, 128)),
+    "sign_digits": (["0", "1", "2", "4", "6", "8", "3", "5", "7", "9"], (100, 100)),
+    "trash6": (["cardboard", "glass", "metal", "paper", "plastic", "trash"], None),
+}
+#: Photos in each class of a stand-in: the sample's photos, then mirrored and cropped copies.
+STAND_IN_PER_CLASS = 90
 
 
 def subset(folder, per_class, classes=None, offset=0):
@@ -26,27 +51,73 @@ def subset(folder, per_class, classes=None, offset=0):
 
 
 def dataset(name):
+    """The folder of data set ``name``: the real one when present, else its stand-in."""
     folder = DATASETS / name
-    if not folder.is_dir():
-        pytest.skip(f"../shared/datasets/{name} is not present")
-    return folder
+    if folder.is_dir() and not os.environ.get("SKTRANSFER_TEST_NO_SHARED"):
+        return folder
+    if name not in STAND_INS:
+        raise LookupError(f"no data set {name!r} in {DATASETS} and no stand-in for it; add one to STAND_INS.")
+    return _stand_in(name)
+
+
+def _variants(image):
+    """The photo, its mirror image, then crops of 80% of each side from two corners."""
+    w, h = image.size
+    cw, ch = int(w * 0.8), int(h * 0.8)
+    yield image
+    yield ImageOps.mirror(image)
+    yield image.crop((0, 0, cw, ch))
+    yield ImageOps.mirror(image.crop((w - cw, h - ch, w, h)))
+
+
+def _stand_in(name):
+    """Made once per sample and recipe, in the temporary folder, shared by test processes."""
+    classes, size = STAND_INS[name]
+    paths, labels = load_image_folder(SAMPLE)
+    sources = sorted(set(labels))
+    digest = hashlib.blake2b(repr((name, classes, size, STAND_IN_PER_CLASS)).encode(), digest_size=8)
+    for p in paths:
+        digest.update(Path(p).read_bytes())
+    target = Path(tempfile.gettempdir()) / f"sktransfer-test-{name}-{digest.hexdigest()}"
+    if target.is_dir():
+        return target
+    build = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for i, c in enumerate(classes):
+            photos = [p for p, label in zip(paths, labels) if label == sources[i % len(sources)]]
+            (build / c).mkdir()
+            made = 0
+            for variant in range(4):
+                for p in photos[:STAND_IN_PER_CLASS - made]:
+                    image = list(_variants(Image.open(p).convert("RGB")))[variant]
+                    if size is not None:
+                        image = image.resize(size, Image.Resampling.BICUBIC)
+                    image.save(build / c / f"{made:03d}_{Path(p).stem}_{variant}.jpg", quality=90)
+                    made += 1
+        try:
+            os.replace(build, target)
+        except OSError:  # another test process made it first
+            pass
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return target
 
 
 @pytest.fixture(scope="session")
 def sample():
-    """The 150 bundled flower photos (5 classes x 30)."""
+    """The 180 bundled TrashNet photos (6 classes x 30, 288x384 pixels)."""
     return load_image_folder(SAMPLE)
 
 
 @pytest.fixture(scope="session")
 def flowers_small():
-    """30 photos of 3 flower classes from ../shared/datasets/flowers5."""
+    """30 photos of 3 flower classes from ../shared/datasets/flowers5 (or its stand-in)."""
     return subset(dataset("flowers5"), 10, ["daisy", "sunflower", "tulip"])
 
 
 @pytest.fixture(scope="session")
 def digits_small():
-    """24 sign-language digit photos, 3 classes with integer labels."""
+    """24 sign-language digit photos, 3 classes with integer labels (or their stand-ins)."""
     paths, labels = subset(dataset("sign_digits"), 8, ["0", "1", "2"])
     return paths, labels.astype(int)
 

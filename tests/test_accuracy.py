@@ -169,7 +169,8 @@ def test_grid_search_routes_sample_weight(flowers_small, routing):
     direct = PretrainedImageClassifier(**FULL_BATCH).fit(X, y, sample_weight=w)
     np.testing.assert_allclose(search.best_estimator_.predict_proba(X), direct.predict_proba(X), atol=1e-6)
     unweighted = PretrainedImageClassifier(**FULL_BATCH).fit(X, y)
-    assert not np.allclose(direct.predict_proba(X), unweighted.predict_proba(X), atol=1e-3)
+    # Log-probabilities: on well-separated photos the probabilities themselves saturate near 0 and 1.
+    assert not np.allclose(np.log(direct.predict_proba(X)), np.log(unweighted.predict_proba(X)), atol=1e-3)
 
 
 # -- fine-tuning -----------------------------------------------------------------

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_image_fold
 from sktransfer._cli import _parse_grid, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ["daisy", "sunflower", "tulip"]
+CLASSES = ["cardboard", "glass", "metal"]
 
 
 def copy_images(sample, folder, per_class, offset=0):
@@ -102,7 +103,7 @@ def test_fit_rejects_bad_settings_and_data_before_training(sample, tmp_path, cap
     assert err.startswith("sktransfer fit: error: --grid 'learning_rate=0.1'") and "lr" in err
     assert main(["fit", str(data), "--cv", "3"]) == 1
     assert "fewer than --cv 3" in capsys.readouterr().err
-    (data / "daisy" / "broken.jpg").write_bytes(b"not a jpeg")
+    (data / "cardboard" / "broken.jpg").write_bytes(b"not a jpeg")
     assert main(["fit", str(data), "--cv", "2", "-o", str(tmp_path / "m.joblib")]) == 1
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "not an image file" in err
@@ -122,7 +123,7 @@ def test_fit_rejects_bad_settings_and_data_before_training(sample, tmp_path, cap
 def test_predict_one_row_per_input_in_input_order(trained, sample, tmp_path, capsys):
     _, _, model_path, _, _ = trained
     unseen = copy_images(sample, tmp_path / "new", 2, offset=20)
-    single = sample[0][-1]  # a tulip photo, given as a file
+    single = sample[0][-1]  # a photo of another class, given as a file
     assert main(["predict", str(model_path), str(unseen), single, "--proba", "-o", str(tmp_path / "p.csv")]) == 0
     assert capsys.readouterr().out == f"7 predictions written to {tmp_path / 'p.csv'}\n"
     table = pd.read_csv(tmp_path / "p.csv")
@@ -157,8 +158,8 @@ def test_predict_errors_name_the_input(trained, tmp_path, capsys):
 def test_evaluate_writes_metrics_pictures_and_html(trained, sample, tmp_path):
     _, _, model_path, _, _ = trained
     data = copy_images(sample, tmp_path / "test", 5, offset=10)
-    # A tulip photo filed as a daisy: a mistake the report has to show.
-    shutil.copy(next((data / "tulip").iterdir()), data / "daisy" / "zz_filed_wrong.jpg")
+    # A metal photo filed as cardboard: a mistake the report has to show.
+    shutil.copy(next((data / "metal").iterdir()), data / "cardboard" / "zz_filed_wrong.jpg")
     report = tmp_path / "report"
     assert main(["evaluate", str(model_path), str(data), "-o", str(report), "--top", "4"]) == 0
 
@@ -168,8 +169,8 @@ def test_evaluate_writes_metrics_pictures_and_html(trained, sample, tmp_path):
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["n_images"] == 16 and metrics["accuracy"] == pytest.approx(np.mean(predicted == y))
     assert metrics["classes"] == CLASSES
-    recall = np.mean(predicted[y == "daisy"] == "daisy")
-    assert metrics["per_class"]["daisy"]["recall"] == pytest.approx(recall)
+    recall = np.mean(predicted[y == "cardboard"] == "cardboard")
+    assert metrics["per_class"]["cardboard"]["recall"] == pytest.approx(recall)
     assert np.asarray(metrics["confusion_matrix"]).sum() == 16
     assert "precision" in (report / "report.txt").read_text()
 
@@ -183,7 +184,7 @@ def test_evaluate_writes_metrics_pictures_and_html(trained, sample, tmp_path):
     page = (report / "index.html").read_text()
     assert 'src="confusion_matrix.png"' in page and 'src="top_losses.png"' in page
     wrong = [p for p, t, q in zip(X, y, predicted) if t != q]
-    assert wrong  # the misfiled tulip at least gives the report something to show
+    assert wrong  # the misfiled photo at least gives the report something to show
     proba = model.predict_proba(X)
     loss = -np.log(proba[np.arange(len(y)), np.searchsorted(model.classes_, y)])
     most_wrong = [X[i] for i in np.argsort(-loss) if predicted[i] != y[i]][:4]
@@ -226,7 +227,7 @@ def test_fit_help_states_the_classifiers_default_epochs(capsys):
 def test_help_everywhere():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"demo", "fit", "predict", "evaluate", "embed", "backbones", "audit"}
+    assert set(commands) == {"demo", "fit", "predict", "evaluate", "embed", "export", "audit", "backbones"}
     for name in [None, *commands]:
         with pytest.raises(SystemExit) as done:
             main(["--help"] if name is None else [name, "--help"])
@@ -349,3 +350,26 @@ def test_predict_and_evaluate_take_the_safe_save_model_folder(trained, sample, t
     np.testing.assert_array_equal(table["prediction"], load_model(folder).predict(table["path"].tolist()))
     assert main(["evaluate", folder, str(data), "-o", str(tmp_path / "report")]) == 0
     capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_demo_shows_accuracy_time_confusion_matrix_and_next_steps(tmp_path, capsys):
+    model = tmp_path / "demo.joblib"
+    assert main(["demo", "-o", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "Bundled sample: 180 camera photos" in out
+    accuracy = re.search(r"5-fold cross-validated accuracy: (0\.\d{3}) ± (0\.\d{3}) \(folds( \d\.\d\d){5}\)", out)
+    assert accuracy and float(accuracy.group(1)) > 0.5  # six classes: chance is 0.17
+    assert re.search(r"180 photos through the backbone and 5 heads trained in [\d.]+ s \([\d.]+ images/s\)", out)
+    classes = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+    lines = out[out.index("Confusion matrix"):].splitlines()
+    assert lines[1].split() == classes  # predicted classes across
+    rows = [line.split() for line in lines[2:8]]
+    assert [row[0] for row in rows] == classes  # true classes down
+    counts = np.array([[int(n.strip("[]")) if n != "." else 0 for n in row[1:]] for row in rows])
+    assert counts.sum() == 180 and (counts.sum(axis=1) == 30).all()  # every photo once, out of fold
+    assert all(rows[i][1 + i].startswith("[") for i in range(6))  # the diagonal is marked
+    assert np.trace(counts) / 180 == pytest.approx(float(accuracy.group(1)), abs=0.02)  # equal folds of 36
+    assert f"saved to {model.resolve()}" in out and "predictions identical = True" in out
+    assert "sktransfer fit path/to/photos -o model.joblib" in out
+    assert list(joblib.load(model).classes_) == classes

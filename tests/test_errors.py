@@ -43,7 +43,7 @@ def _bad_files(tmp_path, photo_bytes):
     (tmp_path / "zero.jpg").write_bytes(b"")
     (tmp_path / "truncated.jpg").write_bytes(photo_bytes[: len(photo_bytes) // 2])
     (tmp_path / "notes.jpg").write_text("this is a text file, not a photo\n")
-    Image.new("RGB", (300, 300), "white").save(tmp_path / "huge.png")
+    Image.new("RGB", (600, 600), "white").save(tmp_path / "huge.png")
     return {
         "missing.jpg": "file not found",
         "a-folder.jpg": "is a folder",
@@ -57,7 +57,7 @@ def _bad_files(tmp_path, photo_bytes):
 def test_every_unusable_file_is_listed_in_one_error_before_any_work(tmp_path, small, monkeypatch):
     X, y = small
     expected = _bad_files(tmp_path, Path(X[0]).read_bytes())
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200 * 200)  # huge.png is 300x300
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 400)  # huge.png is 600x600, the photos 288x384
     bad = [str(tmp_path / name) for name in expected]
     X_all = X[:4] + bad + X[4:]
     y_all = list(y[:4]) + [y[0]] * len(bad) + list(y[4:])
@@ -126,7 +126,7 @@ def test_wrong_X_is_named_with_what_is_accepted(X, match, small):
 
 @pytest.mark.parametrize("make_y, match", [
     (lambda y: y[:-1], "8 images but y has 7 labels"),
-    (lambda y: ["daisy"] * 8, "single class"),
+    (lambda y: ["cardboard"] * 8, "single class"),
     (lambda y: np.where(np.arange(8) == 3, np.nan, np.arange(8) % 2), "missing labels"),
     (lambda y: [None] + list(y[1:]), "missing labels"),
     (lambda y: [pd.NA] + list(y[1:]), "missing labels"),
@@ -149,8 +149,8 @@ def test_predict_before_fit_and_unseen_labels(small):
     with pytest.raises(NotFittedError):
         PretrainedImageClassifier().predict_proba(X)
     clf = PretrainedImageClassifier(**QUICK).fit(X, y)
-    with pytest.raises(ValueError, match=r"never seen in fit: 'orchid'; the model knows \['daisy', 'dandelion'\]"):
-        clf.score(X[:2], ["daisy", "orchid"])
+    with pytest.raises(ValueError, match=r"never seen in fit: 'orchid'; the model knows \['cardboard', 'glass'\]"):
+        clf.score(X[:2], ["cardboard", "orchid"])
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def test_backbone_runs_once_per_image_not_per_epoch(sample):
     from sktransfer import clear_cache
 
     clear_cache()
-    X, y = sample[0][::7], sample[1][::7]  # 22 photos of the 5 classes
+    X, y = sample[0][::7], sample[1][::7]  # 26 photos of the 6 classes
     with ForwardCounter(build_backbone("efficientnet_lite0").module) as counter:
         PretrainedImageClassifier(max_epochs=8).fit(X, y)
         assert counter.images == len(X)

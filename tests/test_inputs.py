@@ -12,9 +12,9 @@ from sktransfer._inputs import HEADER_FIRST_BYTES, as_image_list, read_item
 
 def test_load_image_folder_is_sorted_with_class_labels(sample):
     paths, labels = sample
-    assert len(paths) == 150 and len(labels) == 150
+    assert len(paths) == 180 and len(labels) == 180
     assert list(labels) == sorted(labels)
-    assert sorted(set(labels)) == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
+    assert sorted(set(labels)) == ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
     for p, label in zip(paths, labels):
         assert Path(p).parent.name == label
     assert (paths, list(labels)) == (load_image_folder(Path(paths[0]).parents[1])[0], list(labels))

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.exceptions import NotFittedError
-from sklearn.metrics import ConfusionMatrixDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-from sktransfer import PretrainedImageClassifier, explain, plot_history, plot_top_losses
+from sktransfer import PretrainedImageClassifier, TopLossesDisplay, explain, plot_history, plot_top_losses
 from sktransfer._backbones import build_backbone
 
 from conftest import subset, SAMPLE
@@ -30,8 +30,8 @@ def png(figure_or_image, **savefig):
 
 @pytest.fixture(scope="module")
 def data():
-    train = subset(SAMPLE, 6, ["daisy", "sunflower", "tulip"])
-    test = subset(SAMPLE, 4, ["daisy", "sunflower", "tulip"], offset=10)
+    train = subset(SAMPLE, 6, ["cardboard", "glass", "metal"])
+    test = subset(SAMPLE, 4, ["cardboard", "glass", "metal"], offset=10)
     return train, test
 
 
@@ -68,8 +68,8 @@ def test_plot_top_losses_shows_the_highest_losses_first(clf, data):
 
 def test_plot_top_losses_rejects_labels_the_model_does_not_know(clf, data):
     _, (X, y) = data
-    with pytest.raises(ValueError, match="labels the model does not know: 'rose'"):
-        plot_top_losses(clf, X[:2], ["rose", "daisy"])
+    with pytest.raises(ValueError, match="labels the model does not know: 'paper'"):
+        plot_top_losses(clf, X[:2], ["paper", "cardboard"])
     with pytest.raises(ValueError, match="k=0"):
         plot_top_losses(clf, X, y, k=0)
 
@@ -101,14 +101,38 @@ def test_confusion_matrix_through_sklearn_display(clf, data):
     _, (X, y) = data
     fig = Figure(figsize=(4, 4))
     display = ConfusionMatrixDisplay.from_estimator(clf, X, y, ax=fig.subplots(), colorbar=False)
-    assert display.confusion_matrix.sum() == len(X)
+    assert display.confusion_matrix.sum() == len(X)  # X: image paths, as for any classifier
+    np.testing.assert_array_equal(display.confusion_matrix, confusion_matrix(y, clf.predict(X)))
     assert list(display.display_labels) == list(clf.classes_)
     assert png(fig, dpi=50).size == (200, 200)
 
 
+def test_top_losses_display_follows_sklearn_display_conventions(clf, data):
+    from matplotlib.figure import Figure
+
+    _, (X, y) = data
+    display = TopLossesDisplay.from_estimator(clf, X, y, k=4)
+    assert display.indices == plot_top_losses(clf, X, y, k=4).indices
+    titles = [ax.get_title() for ax in display.axes_[:4]]
+    assert len(display.images) == 4 and display.figure_ is display.axes_[0].figure
+
+    fig = Figure(figsize=(8, 4))
+    left, right = fig.subplots(1, 2)
+    assert display.plot(ax=right) is display  # one Axes: its area becomes the 2 x 2 grid
+    assert display.figure_ is fig and left in fig.axes and right not in fig.axes
+    assert [ax.get_title() for ax in display.axes_] == titles
+    assert np.asarray(display.axes_[0].get_images()[0].get_array()).shape[2] == 3  # the photo itself
+    cells = Figure().subplots(1, 4)
+    display.plot(ax=cells)  # one Axes per image
+    assert list(display.axes_) == list(cells) and [ax.get_title() for ax in cells] == titles
+    with pytest.raises(ValueError, match="ax has 2 axes for 4 images"):
+        display.plot(ax=cells[:2])
+    assert png(display, dpi=20).size == (128, 96)  # savefig reaches the figure, as before the display
+
+
 def test_explain_gives_gradcam_overlays_where_the_photo_is(clf, data):
     _, (X, y) = data
-    photo = Image.open(X[4]).convert("RGB").resize((112, 224))  # a sunflower
+    photo = Image.open(X[4]).convert("RGB").resize((112, 224))  # a glass photo
     half = Image.new("RGB", (224, 224), (128, 128, 128))
     half.paste(photo, (0, 0))  # the photo on the left, flat grey on the right
     overlays, heatmaps = explain(clf, [X[0], half], return_heatmaps=True)
@@ -149,10 +173,10 @@ def test_explain_needs_a_fitted_cnn_and_known_targets(clf, data):
     (X, y), _ = data
     with pytest.raises(NotFittedError):
         explain(PretrainedImageClassifier(), X[:1])
-    with pytest.raises(ValueError, match="'rose' is not a class of the model"):
-        explain(clf, X[:1], target="rose")
+    with pytest.raises(ValueError, match="'paper' is not a class of the model"):
+        explain(clf, X[:1], target="paper")
     with pytest.raises(ValueError, match="target has 2 labels for 1 images"):
-        explain(clf, X[:1], target=["daisy", "tulip"])
+        explain(clf, X[:1], target=["cardboard", "metal"])
 
     class Flat(torch.nn.Module):  # a backbone with no spatial feature map
         def forward(self, x):

@@ -1,0 +1,79 @@
+"""Deploy without PyTorch: export a classifier to ONNX, then predict with onnxruntime.
+
+    python examples/onnx_deploy.py [DATA_DIR] [--per-class N] [-o model.onnx]
+
+Trains a PretrainedImageClassifier on part of DATA_DIR (one sub-folder per
+class; default: the photo sample bundled with sktransfer), exports it with
+``export_onnx``, predicts the held-out photos with onnxruntime and compares
+with the estimator. ``load_pixels`` and ``predict_onnx`` use only Pillow,
+numpy and onnxruntime: copy them to the machine that serves the model.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sktransfer" / "data" / "trash_sample"
+
+
+def load_pixels(paths, meta):
+    """Decode each image, resize its shorter side and cut out the centre, as the model's metadata says."""
+    resize, crop = int(meta["resize_size"]), int(meta["crop_size"])
+    resample = Image.Resampling[meta["interpolation"].upper()]
+    batch = []
+    for path in paths:
+        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        w, h = image.size
+        size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+        image = image.resize(size, resample)
+        left, top = round((size[0] - crop) / 2), round((size[1] - crop) / 2)
+        batch.append(np.asarray(image.crop((left, top, left + crop, top + crop))))
+    return np.stack(batch)  # uint8, (n, crop, crop, 3)
+
+
+def predict_onnx(model_path, paths):
+    """Class probabilities of image files from an exported model, and its metadata."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    (proba,) = session.run(None, {"images": load_pixels(paths, meta)})
+    return proba, meta
+
+
+def main():
+    import json
+
+    from sklearn.model_selection import train_test_split
+
+    from sktransfer import PretrainedImageClassifier, export_onnx, load_image_folder
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", nargs="?", default=SAMPLE, help="folder with one sub-folder per class")
+    parser.add_argument("--per-class", type=int, default=20, help="photos of each class used (default: 20)")
+    parser.add_argument("-o", "--output", default="model.onnx", help="the ONNX file (default: model.onnx)")
+    args = parser.parse_args()
+    paths, labels = load_image_folder(args.data)
+    keep = np.concatenate([np.flatnonzero(labels == c)[:args.per_class] for c in np.unique(labels)])
+    X_train, X_test, y_train, y_test = train_test_split(
+        [paths[i] for i in keep], labels[keep], test_size=0.25, stratify=labels[keep], random_state=0)
+
+    clf = PretrainedImageClassifier(random_state=0).fit(X_train, y_train)
+    export_onnx(clf, args.output)
+    print(f"{len(X_train)} training photos; exported to {args.output} "
+          f"({Path(args.output).stat().st_size / 1e6:.1f} MB)")
+
+    proba, meta = predict_onnx(args.output, X_test)
+    classes = np.array(json.loads(meta["classes"]))
+    expected = clf.predict_proba(X_test)
+    print(f"onnxruntime on {len(X_test)} held-out photos: accuracy {np.mean(classes[proba.argmax(1)] == y_test):.3f}, "
+          f"same predictions as the estimator: {np.array_equal(proba.argmax(1), expected.argmax(1))}, "
+          f"largest probability difference {np.abs(proba - expected).max():.1e}")
+    for path, row in list(zip(X_test, proba))[:3]:
+        print(f"  {Path(path).parent.name}/{Path(path).name} -> {classes[row.argmax()]} ({row.max():.2f})")
+
+
+if __name__ == "__main__":
+    main()

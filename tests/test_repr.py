@@ -1,0 +1,47 @@
+"""The estimators in a notebook: scikit-learn's HTML diagram summarises backbone and head."""
+
+import html
+import re
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.utils import estimator_html_repr
+
+from sktransfer import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor
+
+from conftest import SAMPLE, subset
+
+
+def boxes(estimator):
+    """The unfolding details of the boxes of the estimator's diagram, as a notebook shows it."""
+    page = estimator._repr_html_()
+    return [html.unescape(d) for d in re.findall(r"<pre>([^<]*)</pre>", page)]
+
+
+def test_unfitted_models_show_their_settings_without_loading_anything():
+    clf = PretrainedImageClassifier("resnet18", hidden_units=(64,), unfreeze=1)
+    shown = boxes(clf)
+    assert "backbone: resnet18" in clf._repr_html_() and "head: MLP 64" in clf._repr_html_()
+    assert any("weights='DEFAULT', last 1 block(s) fine-tuned\n(not loaded yet" in d for d in shown)
+    assert not hasattr(clf, "embedder_")  # drawing built nothing
+    assert f"backbone: {ImageEmbedder().backbone}" in ImageEmbedder()._repr_html_()
+
+
+def test_fitted_models_show_what_fit_made():
+    X, y = subset(SAMPLE, 3, ["cardboard", "glass", "metal"])
+    clf = PretrainedImageClassifier(max_epochs=4, random_state=0).fit(X, y)
+    page = clf._repr_html_()
+    backbone = f"backbone: {clf.backbone} -&gt; {clf.embedder_.backbone_.num_features} features"
+    assert backbone in page
+    assert "head: linear -&gt; 3 classes (softmax)" in page
+    shown = boxes(clf)
+    prep = clf.embedder_.backbone_.preprocessing
+    assert any(f"input {prep.crop_size}x{prep.crop_size} px: shorter side to {prep.resize_size}" in d
+               for d in shown)
+    assert any("trained 4 epoch(s)\nclasses: cardboard, glass, metal" in d for d in shown)
+
+    reg = PretrainedImageRegressor(max_epochs=2, random_state=0).fit(X, np.arange(len(X), dtype=float))
+    assert "head: linear -&gt; 1 output(s)" in reg._repr_html_()
+    pipe = make_pipeline(ImageEmbedder(), LogisticRegression()).fit(X, y)
+    assert backbone in estimator_html_repr(pipe)
