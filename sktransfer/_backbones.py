@@ -77,8 +77,8 @@ class Backbone:
             with _HANDLES_LOCK:
                 if "openvino" not in self._handles:
                     self._handles["openvino"] = _engine.convert(self.module, self.fingerprint, side, self.name)
-            if self._handles["openvino"] is None:
-                plan = _engine.Plan("torch", plan.precision)
+            if self._handles["openvino"] is None:  # could not convert (told once)
+                plan = _engine.choose("torch", precision, device, compile, n_images=n_images, converted=False)
         return plan
 
     def runner(self, plan, device="cpu", compiled=False, batch_size=None):

@@ -13,7 +13,7 @@ import math
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from ._images import open_image
+from ._images import load_pixels, open_image
 from ._inputs import as_image_list, read_item
 
 __all__ = ["plot_top_losses", "plot_history"]
@@ -69,7 +69,9 @@ def plot_top_losses(estimator, X, y, k=9, wrong_only=False):
 
     Images are ranked by their loss (minus the log-probability the model
     gives their true class), highest first; each is titled with the
-    predicted class and its probability, the true class and the loss.
+    predicted class and its probability, the true class and the loss, and
+    shown as the model saw it (decoded, resized and cropped by its
+    backbone's preprocessing; a Pipeline's images as decoded).
 
     Parameters
     ----------
@@ -105,8 +107,12 @@ def plot_top_losses(estimator, X, y, k=9, wrong_only=False):
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes:
         ax.set_axis_off()
+    embedder = getattr(estimator, "embedder_", None)  # a Pipeline shows the decoded image
     for ax, i in zip(axes, order):
-        ax.imshow(open_image(read_item(items[i])[1]))
+        payload = read_item(items[i])[1]
+        # The pixels the model saw: decoded, resized and cropped as they were embedded.
+        ax.imshow(open_image(payload) if embedder is None
+                  else load_pixels(payload, embedder.backbone_.preprocessing))
         ax.set_title(
             f"predicted {predicted[i]} ({confidence[i]:.2f})\ntrue {y[i]}, loss {losses[i]:.2f}",
             fontsize=9, color="firebrick" if predicted[i] != y[i] else "black",

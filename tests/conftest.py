@@ -1,5 +1,9 @@
 """Shared fixtures: real photos from ../shared/datasets (or the bundled sample)."""
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,12 @@ from sktransfer import load_image_folder
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 SAMPLE = ROOT / "sktransfer" / "data" / "flowers_sample"
+
+# Bodies converted for OpenVINO go to a folder of this test session (inherited
+# by the processes tests start), never to the user's cache: engine="auto"
+# behaves the same on every run.
+os.environ["SKTRANSFER_ENGINE_CACHE"] = tempfile.mkdtemp(prefix="sktransfer-engine-")
+atexit.register(shutil.rmtree, os.environ["SKTRANSFER_ENGINE_CACHE"], True)
 
 
 def subset(folder, per_class, classes=None, offset=0):
