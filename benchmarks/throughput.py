@@ -113,6 +113,7 @@ def compute_only(backbone, batch=32, seconds=8.0):
                 done += batch
         label = f"{engine} {precision}" + (" compiled" if compiled else "")
         rates[label] = done / (time.perf_counter() - start)
+        print(f"compute-only {backbone.name}, {label}: {rates[label]:.1f} img/s", flush=True)
     return rates
 
 
@@ -170,7 +171,8 @@ print(json.dumps({"base": base, "peak": peak, "n": len(paths), "features_bytes":
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=320, help="photos for the steady-state rows")
-    parser.add_argument("--cold-n", type=int, default=1600, help="photos for the cold-job rows")
+    parser.add_argument("--cold-n", type=int, default=1600, help="photos for the cold-job rows (0: none)")
+    parser.add_argument("--no-memory", action="store_true", help="leave out the peak-memory row")
     parser.add_argument("--backbones", default="efficientnet_lite0,resnet18,resnet50")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
@@ -222,6 +224,8 @@ def main():
                 f"| {steady['torch']:.1f} | {steady['auto'] / best:.2f} | {steady['auto'] / steady['torch']:.2f} |"
             )
             print(lines[-1], flush=True)
+        if not args.cold_n:
+            continue
         cold_paths, _ = make_photos(work, args.cold_n, (500, 375), seed=1)
         cold_listing = work / "cold.json"
         cold_listing.write_text(json.dumps(cold_paths))
@@ -235,7 +239,7 @@ def main():
         print(colds[-1], flush=True)
         os.environ["SKTRANSFER_ENGINE_CACHE"] = str(work / "converted")
 
-    lines += [
+    lines += [] if not colds else [
         "",
         "| backbone | naive cold job s | sktransfer torch s | sktransfer auto, converting s "
         "| sktransfer auto, converted before s | speed-up, converting | speed-up, converted before |",
@@ -246,7 +250,7 @@ def main():
         lines += ["", f"Not measured, their ImageNet weights are not on this machine (a download): "
                       f"{', '.join(skipped)}."]
 
-    paths, labels = make_photos(work, 160, None, source="trash6")
+    paths, labels = make_photos(work, min(args.n, 160), None, source="trash6")
     latency = {}
     for engine in ("auto", "torch"):
         clf = PretrainedImageClassifier(random_state=0, engine=engine).fit(paths, labels)
@@ -260,16 +264,19 @@ def main():
             times.append(t.seconds * 1000)
         plan = clf.embedder_.backbone_.plan(engine=engine, precision="auto")
         latency[f"{engine} ({plan.engine} {plan.precision})"] = np.median(times)
-    mem = run_script(MEMORY, DATASETS / "flowers5")
     lines += [
         "",
         "Predicting one trash6 photo with a fitted default model, warm, feature cache emptied each time, "
         "median of 20 calls: " + ", ".join(f"engine={k}: {v:.0f} ms" for k, v in latency.items()) + ".",
-        "",
-        f"Embedding all {mem['n']} photos of `../shared/datasets/flowers5`: peak memory "
-        f"{(mem['peak'] - mem['base']) / 2**20:.0f} MB above the loaded model "
-        f"(the feature matrix itself is {mem['features_bytes'] / 2**20:.0f} MB).",
     ]
+    if not args.no_memory:
+        mem = run_script(MEMORY, DATASETS / "flowers5")
+        lines += [
+            "",
+            f"Embedding all {mem['n']} photos of `../shared/datasets/flowers5`: peak memory "
+            f"{(mem['peak'] - mem['base']) / 2**20:.0f} MB above the loaded model "
+            f"(the feature matrix itself is {mem['features_bytes'] / 2**20:.0f} MB).",
+        ]
     print("\n".join(lines))
     if args.write:
         write_section("throughput", "## Throughput\n\n" + "\n".join(lines))
