@@ -31,7 +31,7 @@ def main():
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
     args = parser.parse_args()
 
-    plans = [(engine, precision) for engine, precision, compiled in plans_offered() if not compiled]
+    plans = plans_offered()
     rows = []
     for name in args.datasets.split(","):
         X, y, X_test, y_test = split(DATASETS / name, args.train, args.test, args.seed)

@@ -2,9 +2,9 @@
 
 For each backbone and photo size, in one run:
 - compute-only img/s of every engine and precision this machine offers
-  (PyTorch float32 eager channels_last, torch.compile, OpenVINO float32;
-  OpenVINO and PyTorch bfloat16 only where the CPU computes bfloat16
-  natively): a batch of 32 preprocessed uint8 images already in memory
+  (PyTorch float32 eager channels_last, OpenVINO float32; OpenVINO and
+  PyTorch bfloat16 only where the CPU computes bfloat16 natively;
+  torch.compile's figures are in the earlier runs of this page): a batch of 32 preprocessed uint8 images already in memory
   through sktransfer's runner for that path, with sktransfer's heap setting;
 - naive img/s: PIL.Image.open -> torchvision transforms -> eager forward,
   batch 32, decoding in the main thread, in a fresh process;
@@ -82,16 +82,16 @@ def weights_for(name):
 
 
 def plans_offered():
-    """Every engine and precision this machine runs natively, as (engine, precision, compiled)."""
+    """Every engine and precision this machine runs natively, as (engine, precision)."""
     from sktransfer import _engine
 
-    plans = [("torch", "float32", False), ("torch", "float32", True)]
+    plans = [("torch", "float32")]
     if _engine.cpu_has_bf16():
-        plans.append(("torch", "bfloat16", False))
+        plans.append(("torch", "bfloat16"))
     if _engine._openvino_core() is not None:
-        plans.append(("openvino", "float32", False))
+        plans.append(("openvino", "float32"))
         if _engine.cpu_has_bf16():
-            plans.append(("openvino", "bfloat16", False))
+            plans.append(("openvino", "bfloat16"))
     return plans
 
 
@@ -102,16 +102,16 @@ def compute_only(backbone, batch=32, seconds=8.0):
     side = backbone.preprocessing.crop_size
     arrays = list(np.random.default_rng(0).integers(0, 256, (batch, side, side, 3), dtype=np.uint8))
     rates = {}
-    for engine, precision, compiled in plans_offered():
+    for engine, precision in plans_offered():
         plan = backbone.plan(engine=engine, precision=precision)
-        run = backbone.runner(plan, "cpu", compiled, batch)
+        run = backbone.runner(plan, "cpu")
         with steady_heap():
-            run(arrays)  # warm-up (and compilation)
+            run(arrays)  # warm-up
             done, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
                 run(arrays)
                 done += batch
-        label = f"{engine} {precision}" + (" compiled" if compiled else "")
+        label = f"{engine} {precision}"
         rates[label] = done / (time.perf_counter() - start)
         print(f"compute-only {backbone.name}, {label}: {rates[label]:.1f} img/s", flush=True)
     return rates
