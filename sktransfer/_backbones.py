@@ -71,7 +71,8 @@ class Backbone:
         where OpenVINO cannot convert the body, the plan is PyTorch's (told once).
         """
         side = self.preprocessing.crop_size
-        converted = "openvino" in self._handles or _engine.is_converted(self.fingerprint, side)
+        converted = engine == "auto" and ("openvino" in self._handles
+                                          or _engine.is_converted(self.fingerprint, side))
         plan = _engine.choose(engine, precision, device, compile, n_images=n_images, converted=converted)
         if plan.engine == "openvino":
             with _HANDLES_LOCK:
