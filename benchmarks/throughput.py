@@ -219,7 +219,7 @@ def main():
                 if engine == "auto":
                     chose = emb.backbone_.plan(engine="auto", precision="auto")
             lines.append(
-                f"| {name} | {size} | {', '.join(f'{k} {v:.0f}' for k, v in rates.items())} "
+                f"| {name} | {size} | {', '.join(f'{k} {v:.1f}' for k, v in rates.items())} "
                 f"| {naive['n'] / naive['seconds']:.1f} | {steady['auto']:.1f} ({chose.engine} {chose.precision}) "
                 f"| {steady['torch']:.1f} | {steady['auto'] / best:.2f} | {steady['auto'] / steady['torch']:.2f} |"
             )
