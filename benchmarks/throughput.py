@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from _common import DATASETS, Timer, machine, run_script, stratified_subset, write_section
 
 
@@ -97,10 +96,10 @@ def plans_offered():
 
 def compute_only(backbone, batch=32, seconds=8.0):
     """img/s of each offered path on a batch of uint8 images already in memory."""
-    from sktransfer._features import steady_heap
+    from sktransfer._runtime import steady_heap
 
-    side = backbone.preprocessing.crop_size
-    arrays = list(np.random.default_rng(0).integers(0, 256, (batch, side, side, 3), dtype=np.uint8))
+    h, w = backbone.preprocessing.crop_shape
+    arrays = list(np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), dtype=np.uint8))
     rates = {}
     for engine, precision in plans_offered():
         plan = backbone.plan(engine=engine, precision=precision)

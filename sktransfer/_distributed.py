@@ -51,9 +51,14 @@ def embed_dask(paths, embedder=None, *, npartitions=None):
 
     Examples
     --------
-    >>> import dask.dataframe as dd                                  # doctest: +SKIP
-    >>> paths = dd.read_csv("images-*.csv")["path"]                  # doctest: +SKIP
-    >>> embed_dask(paths, ImageEmbedder(cache_dir="/shared/cache")).to_parquet("features/")  # doctest: +SKIP
+    Here with Dask's local scheduler; on a cluster, create its ``Client``
+    first and compute or write the result the same way.
+
+    >>> from sktransfer import ImageEmbedder, embed_dask, load_image_folder
+    >>> paths, _ = load_image_folder("sktransfer/data/flowers_sample")
+    >>> features = embed_dask(paths[:4], ImageEmbedder(), npartitions=2)
+    >>> features.compute(scheduler="synchronous").shape
+    (4, 1280)
     """
     import dask.dataframe as dd
     import pandas as pd

@@ -209,34 +209,36 @@ def model_cache_folder():
     return os.path.join(base, "sktransfer", "openvino")
 
 
-def _model_path(fingerprint, side):
+def _model_path(fingerprint, shape):
     import openvino
 
-    key = f"{fingerprint}|{side}|openvino-{openvino.get_version()}"
+    key = f"{fingerprint}|{shape}|openvino-{openvino.get_version()}"
     return os.path.join(model_cache_folder(), hashlib.blake2b(key.encode(), digest_size=16).hexdigest() + ".xml")
 
 
-def is_converted(fingerprint, side):
-    """Whether a converted body is on disk (False where OpenVINO is missing)."""
-    return _openvino_core() is not None and os.path.exists(_model_path(fingerprint, side))
+def is_converted(fingerprint, shape):
+    """Whether a converted body for images of ``shape`` (height, width) is on disk
+    (False where OpenVINO is missing)."""
+    return _openvino_core() is not None and os.path.exists(_model_path(fingerprint, shape))
 
 
-def convert(module, fingerprint, side, name):
+def convert(module, fingerprint, shape, name):
     """The body as an OpenVINO model with a dynamic batch size, read from disk when
     converted before; None (told once) when it cannot be converted."""
     core = _openvino_core()
-    path = _model_path(fingerprint, side)
+    path = _model_path(fingerprint, shape)
     try:
         return core.read_model(path)
     except Exception:  # not converted yet, or a damaged file: convert again
         pass
     import openvino
 
-    example = torch.zeros(1, 3, side, side).contiguous(memory_format=torch.channels_last)
+    h, w = shape
+    example = torch.zeros(1, 3, h, w).contiguous(memory_format=torch.channels_last)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on torch.jit
-            model = openvino.convert_model(module, example_input=example, input=[(-1, 3, side, side)])
+            model = openvino.convert_model(module, example_input=example, input=[(-1, 3, h, w)])
     except Exception as e:
         warn_once(("openvino-convert", fingerprint),
                   f"OpenVINO could not convert backbone {name!r} ({type(e).__name__}: {e}); "

@@ -30,12 +30,12 @@ from sklearn.utils.validation import (
     _check_feature_names, _check_sample_weight, check_array, check_is_fitted, column_or_1d,
 )
 
-from . import __version__
+from ._version import __version__
 from ._augment import AUGMENT_PRESETS, TTA_PRESETS, augment_views, tta_views
 from ._backbones import build_backbone
 from ._engine import ENGINES, PRECISIONS
 from ._engine import check_settings as check_engine_settings
-from ._features import extract_features, steady_heap
+from ._features import extract_features
 from ._head import (
     BlocksAndHead,
     FeatureLoader,
@@ -44,16 +44,29 @@ from ._head import (
     HeadMultiLabelClassifier,
     HeadRegressor,
     feature_statistics,
-    one_thread,
     pooled_features,
 )
 from ._inputs import as_image_list
+from ._runtime import limited_threads, seeded_rng, steady_heap
 
 _HEAD_PREFIXES = ("optimizer__", "iterator_train__", "iterator_valid__", "callbacks__")
 
 
-class _VersionedMixin:
-    """Refuse to unpickle a model saved by an incompatible sktransfer release."""
+class _FittedStateMixin:
+    """Fitted state listed once per class, in ``_fitted_attributes``, and pickles that keep it whole.
+
+    ``fit`` sets every listed attribute, so the estimator is fitted when all
+    are present (sklearn's ``check_is_fitted`` asks ``__sklearn_is_fitted__``).
+    A pickle records the sktransfer release that wrote it; loading refuses a
+    pickle from an incompatible release, or one that holds only part of the
+    fitted state.
+    """
+
+    #: Names of the attributes ``fit`` sets: the whole fitted state.
+    _fitted_attributes = ()
+
+    def __sklearn_is_fitted__(self):
+        return all(name in vars(self) for name in self._fitted_attributes)
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
@@ -67,6 +80,13 @@ class _VersionedMixin:
                 f"This {type(self).__name__} was saved with sktransfer {saved} and cannot be "
                 f"loaded with sktransfer {__version__}: install sktransfer=={saved} to load it, "
                 "or refit the model with this release."
+            )
+        missing = [name for name in self._fitted_attributes if name not in state]
+        if missing and len(missing) < len(self._fitted_attributes):
+            raise RuntimeError(
+                f"This {type(self).__name__} pickle holds only part of a fitted model: "
+                f"{', '.join(missing)} missing. It is damaged or was not written by sktransfer; "
+                "refit the model."
             )
         if hasattr(super(), "__setstate__"):
             super().__setstate__(state)
@@ -93,7 +113,7 @@ def _check_device(device, fitted=False):
     return str(dev)
 
 
-class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Turn images into feature vectors with a frozen, pretrained backbone.
 
     A scikit-learn transformer: ``transform`` maps each image (a path, encoded
@@ -153,6 +173,10 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
         The frozen body with its preprocessing and fingerprint.
     n_features_out_ : int
         Length of the feature vectors.
+    n_features_in_ : int
+        1: the images are one input column.
+    feature_names_in_ : ndarray of shape (1,)
+        The column's name, when ``fit`` was given a DataFrame with one.
 
     See Also
     --------
@@ -178,6 +202,8 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
         "precision": [StrOptions(set(PRECISIONS))],
         "verbose": ["verbose"],
     }
+    # feature_names_in_, set when X has column names, is optional, as in scikit-learn.
+    _fitted_attributes = ("backbone_", "n_features_out_", "n_features_in_")
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None,
                  batch_size=8, cache_dir=None, device="cpu", compile="auto", verbose=0,
@@ -198,10 +224,10 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
         self._validate_params()
         if X is not None:
             as_image_list(X)
-            # X is one column of images: recorded so a ColumnTransformer (or
-            # get_feature_names_out) can check the input names it passes.
-            self.n_features_in_ = 1
-            _check_feature_names(self, X if hasattr(X, "columns") else None, reset=True)
+        # X is one column of images, given or not: recorded so a ColumnTransformer
+        # (or get_feature_names_out) can check the input names it passes.
+        self.n_features_in_ = 1
+        _check_feature_names(self, X if hasattr(X, "columns") else None, reset=True)
         _check_device(self.device)
         check_engine_settings(self.engine, self.precision, self.device, self.compile)
         self.backbone_ = build_backbone(self.backbone, self.weights, self.preprocessing)
@@ -215,7 +241,7 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
         -------
         features : ndarray of shape (n_images, n_features_out_), float32
         """
-        check_is_fitted(self, "backbone_")
+        check_is_fitted(self)
         items = as_image_list(X)
         return extract_features(
             items,
@@ -238,6 +264,7 @@ class ImageEmbedder(_VersionedMixin, ClassNamePrefixFeaturesOutMixin, Transforme
         tags.input_tags.two_d_array = False
         tags.input_tags.string = True
         tags.requires_fit = True
+        tags.transformer_tags.preserves_dtype = []  # float32 features, whatever the images
         return tags
 
 
@@ -260,20 +287,7 @@ def _fused_available(optimizer):
             and "fused" in inspect.signature(optimizer).parameters)
 
 
-@contextlib.contextmanager
-def _seeded(random_state, device):
-    """Run with torch's RNG seeded from ``random_state``, restoring it afterwards."""
-    if random_state is None:
-        yield
-        return
-    seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
-    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
+class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
     """An :class:`ImageEmbedder` (``embedder_``) and a skorch head (``head_``) trained on its features.
 
     The flow shared by :class:`PretrainedImageClassifier` and
@@ -435,7 +449,8 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
         data = {"X": Z, "sample_weight": weights}
         # Fine-tuning runs backbone blocks every step: keep their buffers in the heap too.
         heap = steady_heap() if self.unfreeze else contextlib.nullcontext()
-        with _seeded(self.random_state, device), one_thread(enabled=not self.unfreeze), heap:
+        seed = None if self.random_state is None else self._seed()
+        with seeded_rng(seed, device), limited_threads(enabled=not self.unfreeze), heap:
             if continuing:
                 self._resume(head)
             if continuing or epochs is not None:
@@ -632,12 +647,12 @@ class _PretrainedImageModel(_VersionedMixin, BaseEstimator):
 
     @property
     def history_(self):
-        check_is_fitted(self, "head_")
+        check_is_fitted(self)
         return self.head_.history
 
     def _features(self, X, view=None):
-        check_is_fitted(self, "head_")
-        return self._embed(self.embedder_, as_image_list(X), view, getattr(self, "unfreeze_", 0))
+        check_is_fitted(self)
+        return self._embed(self.embedder_, as_image_list(X), view, self.unfreeze_)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -775,6 +790,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         "tta": [StrOptions(set(TTA_PRESETS)), None],
         "calibration": [StrOptions({"temperature"}), None],
     }
+    _fitted_attributes = ("embedder_", "head_", "unfreeze_", "classes_", "multilabel_", "temperature_")
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
                  hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=15,
@@ -992,12 +1008,11 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         -------
         proba : ndarray of shape (n_images, n_classes)
         """
-        check_is_fitted(self, "head_")
+        check_is_fitted(self)
         items = as_image_list(X)
         views = [None] if self.tta is None else tta_views(self.tta, self.embedder_.backbone_.preprocessing)
-        self.head_.set_params(device=_check_device(self.head_.device, fitted=True))
         features = [self._features(items, v) for v in views]  # the backbone keeps all its threads
-        with one_thread(enabled=not self.unfreeze_):
+        with limited_threads(enabled=not self.unfreeze_):
             probas = [self.head_.predict_proba({"X": Z}) for Z in features]
         proba = (probas[0] if len(probas) == 1 else np.mean(probas, axis=0)).astype(np.float64)
         if self.multilabel_:
@@ -1021,7 +1036,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         For multi-label models, subset accuracy: the share of images whose
         every label is predicted right, as in scikit-learn.
         """
-        check_is_fitted(self, "head_")
+        check_is_fitted(self)
         if self.multilabel_:
             if np.ndim(y) != 2 or np.shape(y)[1] != len(self.classes_):
                 raise ValueError(
@@ -1151,6 +1166,8 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         **_PretrainedImageModel._parameter_constraints,
         "target_scaling": ["boolean"],
     }
+    _fitted_attributes = ("embedder_", "head_", "unfreeze_", "n_outputs_", "target_mean_", "target_scale_",
+                          "_single_output")
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
                  hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=30,
@@ -1223,8 +1240,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
             1-D when ``y`` was 1-D in fit.
         """
         Z = self._features(X)
-        self.head_.set_params(device=_check_device(self.head_.device, fitted=True))
-        with one_thread(enabled=not self.unfreeze_):
+        with limited_threads(enabled=not self.unfreeze_):
             pred = self.head_.predict({"X": Z}).astype(np.float64) * self.target_scale_ + self.target_mean_
         return pred[:, 0] if self._single_output else pred
 

@@ -22,14 +22,14 @@ from ._inputs import ImageInputError, as_image_list, read_item
 __all__ = ["explain"]
 
 
-def _last_feature_map_module(body, crop_size):
+def _last_feature_map_module(body, crop_shape):
     """The module whose output is the body's last spatial (N x C x H x W, H*W > 1) activation."""
     finished = []
     hooks = [m.register_forward_hook(lambda m, i, o: finished.append((m, o)))
              for m in body.modules() if m is not body]
     try:
         with torch.no_grad():
-            body(torch.zeros(1, 3, crop_size, crop_size))
+            body(torch.zeros(1, 3, *crop_shape))
     finally:
         for h in hooks:
             h.remove()
@@ -99,7 +99,7 @@ def explain(estimator, X, target=None, alpha=0.5, return_heatmaps=False):
 
     # A private copy with gradients enabled; the shared body stays frozen and unchanged.
     body = copy.deepcopy(backbone.module).cpu().eval().requires_grad_(True)
-    layer = _last_feature_map_module(body, prep.crop_size)
+    layer = _last_feature_map_module(body, prep.crop_shape)
     if layer is None:
         raise ValueError(
             f"backbone {backbone.name!r} has no spatial feature map (no N x C x H x W activation "
@@ -118,7 +118,7 @@ def explain(estimator, X, target=None, alpha=0.5, return_heatmaps=False):
 
     captured = {}
     handle = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("map", o))
-    heatmaps = np.zeros((len(items), prep.crop_size, prep.crop_size), dtype=np.float32)
+    heatmaps = np.zeros((len(items), *prep.crop_shape), dtype=np.float32)
     try:
         for i, array in enumerate(arrays):
             x = prep.normalize([array])
@@ -129,7 +129,7 @@ def explain(estimator, X, target=None, alpha=0.5, return_heatmaps=False):
                 (grads,) = torch.autograd.grad(logits[0, column], fmap)
             weights = grads.mean(dim=(2, 3), keepdim=True)
             cam = torch.relu((weights * fmap).sum(dim=1, keepdim=True)).detach()
-            cam = torch.nn.functional.interpolate(cam, size=(prep.crop_size,) * 2, mode="bilinear",
+            cam = torch.nn.functional.interpolate(cam, size=prep.crop_shape, mode="bilinear",
                                                   align_corners=False)[0, 0]
             top = float(cam.max())
             heatmaps[i] = (cam / top).numpy() if top > 0 else 0.0

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from . import __version__
+from ._version import __version__
 from ._backbones import rebuild_backbone
 from ._estimator import (
     ImageEmbedder,

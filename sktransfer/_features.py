@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import hashlib
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import threading
 import warnings
@@ -27,6 +24,7 @@ from PIL import Image
 
 from ._images import header_error, load_pixels, open_image
 from ._inputs import ImageInputError, read_item
+from ._runtime import steady_heap
 
 __all__ = ["clear_cache", "cache_info", "set_memory_cache_size"]
 
@@ -56,14 +54,18 @@ class MemoryCache:
                 self._bytes -= old.nbytes
             self._data[key] = value
             self._bytes += value.nbytes
-            while self._bytes > self.max_bytes:
-                _, evicted = self._data.popitem(last=False)
-                self._bytes -= evicted.nbytes
+            self._evict()
 
     def resize(self, max_bytes):
         with self._lock:
             self.max_bytes = int(max_bytes)
-        self.put(("", ""), np.zeros(0, np.float32))  # evicts down to the new bound
+            self._evict()
+
+    def _evict(self):
+        """Drop least recently used entries down to the bound; the caller holds the lock."""
+        while self._bytes > self.max_bytes:
+            _, evicted = self._data.popitem(last=False)
+            self._bytes -= evicted.nbytes
 
     def clear(self):
         with self._lock:
@@ -190,68 +192,6 @@ def _reason(error):
         return "is a folder, not an image file"
     text = str(error.args[0]) if getattr(error, "args", None) else str(error)
     return text or type(error).__name__
-
-
-# glibc returns freed memory at the top of the heap to the kernel, and serves
-# allocations above a (growing) threshold with fresh mmaps. Both hit a CNN's
-# activations on every forward pass: each batch allocates and frees tens of
-# megabytes, and the kernel zeroes every page again. On the 2-core machine in
-# docs/benchmarks.md that page-fault work took about half of a pass. During a
-# pass the thresholds are raised so freed activations stay in the heap for the
-# next batch; afterwards they are set to glibc's own ceilings for its adaptive
-# values (32 MiB and 64 MiB) and the heap is trimmed, giving the memory back.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_HEAP_STATE = {"users": 0, "libc": None}
-_HEAP_LOCK = threading.Lock()
-#: Environment variables by which users tune glibc's malloc themselves.
-_USER_MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-
-
-def _tunable_libc():
-    """glibc's ``mallopt``/``malloc_trim``, or None where the heap is not tuned."""
-    if os.environ.get("SKTRANSFER_TUNE_HEAP", "1") == "0":
-        return None
-    if any(name in os.environ for name in _USER_MALLOC_SETTINGS):
-        return None  # the user's own malloc settings stay in charge
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    if _HEAP_STATE["libc"] is None:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            return None
-        _HEAP_STATE["libc"] = libc
-    return _HEAP_STATE["libc"]
-
-
-@contextlib.contextmanager
-def steady_heap():
-    """Keep activation buffers in the heap for the duration of backbone passes.
-
-    Nested and concurrent passes share one setting; the last one to finish
-    restores glibc's ceilings and trims. A no-op off glibc, when
-    ``SKTRANSFER_TUNE_HEAP=0``, or when the user sets malloc's thresholds
-    through the environment.
-    """
-    libc = _tunable_libc()
-    if libc is None:
-        yield
-        return
-    with _HEAP_LOCK:
-        _HEAP_STATE["users"] += 1
-        if _HEAP_STATE["users"] == 1:
-            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    try:
-        yield
-    finally:
-        with _HEAP_LOCK:
-            _HEAP_STATE["users"] -= 1
-            if _HEAP_STATE["users"] == 0:
-                libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-                libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-                libc.malloc_trim(0)
 
 
 # With the steady heap, torch.compile added about a sixth to EfficientNet-Lite0's

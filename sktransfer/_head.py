@@ -7,8 +7,6 @@ skorch. Only this part learns; the backbone stays frozen.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 from skorch import NeuralNetClassifier, NeuralNetRegressor
@@ -249,17 +247,3 @@ def feature_statistics(Z):
     scale = np.full(Z.shape[1], spread if spread > 0 else 1.0, dtype=Z.dtype)
     return mean, scale
 
-
-@contextlib.contextmanager
-def one_thread(enabled=True):
-    """Run torch on one thread: the head's tiny matrix products only lose from
-    more, and on a busy machine extra OpenMP threads spin and slow it tenfold."""
-    if not enabled:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -25,34 +25,95 @@ _RESAMPLE = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+_CROP_MODES = ("center", "squash", "border")
+_TIMM_CROP_PCT = 0.875  # timm's DEFAULT_CROP_PCT, used when a config has none
 
 
-@dataclass(frozen=True)
+def _shape(value, name):
+    """A size as (height, width): an int is a square."""
+    try:
+        pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in pair):
+        raise ValueError(f"{name}={value!r} is not valid; use a positive int or a (height, width) pair.")
+    return int(pair[0]), int(pair[1])
+
+
+@dataclass(frozen=True, repr=False)
 class Preprocessing:
     """How images are prepared for a backbone: the weights' own recipe.
 
-    The shorter side is resized to ``resize_size`` with ``interpolation``,
-    the centre ``crop_size`` square is cut out, and pixel values in [0, 1]
-    are normalised with ``mean`` and ``std`` per channel: the same steps as
-    torchvision's ``ImageClassification`` preset and timm's eval transform.
+    The image is resized with ``interpolation`` as ``crop_mode`` says, the
+    centre ``crop_size`` is cut out, and pixel values in [0, 1] are
+    normalised with ``mean`` and ``std`` per channel: the same pixels as
+    timm's eval transform (``transforms_imagenet_eval``) and torchvision's
+    ``ImageClassification`` preset.
+
+    Parameters
+    ----------
+    resize_size : int or (height, width)
+        With ``crop_mode="center"``, an int is the length of the shorter side
+        after resizing (torchvision's ``Resize(int)``); a pair is the smallest
+        size that the resized image covers, keeping its aspect ratio. With
+        ``"squash"`` the image is resized to exactly this size; with
+        ``"border"`` it is resized to fit inside it, keeping its aspect ratio.
+    crop_size : int or (height, width)
+        The centre crop fed to the network.
+    interpolation : str
+        One of ``"nearest"``, ``"bilinear"``, ``"bicubic"``, ``"lanczos"``,
+        ``"box"``, ``"hamming"``.
+    mean, std : sequence of 3 floats
+        Per-channel normalisation of pixel values in [0, 1].
+    crop_mode : {"center", "squash", "border"}, default="center"
+        timm's crop modes: ``"center"`` keeps the aspect ratio and crops,
+        ``"squash"`` ignores the aspect ratio, ``"border"`` keeps it and pads
+        with the mean colour instead of cutting anything off.
     """
 
-    resize_size: int
-    crop_size: int
+    resize_size: object
+    crop_size: object
     interpolation: str
     mean: tuple
     std: tuple
+    # A default, so recipes pickled before the field existed load as "center".
+    crop_mode: str = "center"
 
     def __post_init__(self):
         # Lists are the natural way to write mean/std; keep them as tuples so a
-        # recipe is hashable and compares equal however it was written.
+        # recipe is hashable and compares equal however it was written. A
+        # square size is stored as an int, as timm and torchvision treat it.
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        for name in ("resize_size", "crop_size"):
+            h, w = _shape(getattr(self, name), name)
+            object.__setattr__(self, name, h if h == w else (h, w))
         if self.interpolation not in _RESAMPLE:
             raise ValueError(
                 f"interpolation={self.interpolation!r} is not supported; "
                 f"use one of {sorted(_RESAMPLE)}."
             )
+        if self.crop_mode not in _CROP_MODES:
+            raise ValueError(f"crop_mode={self.crop_mode!r} is not supported; use one of {list(_CROP_MODES)}.")
+
+    def __repr__(self):
+        # The repr is part of feature fingerprints: the default crop mode is
+        # left out so recipes from before the field keep their fingerprints.
+        fields = [f"resize_size={self.resize_size!r}", f"crop_size={self.crop_size!r}",
+                  f"interpolation={self.interpolation!r}", f"mean={self.mean!r}", f"std={self.std!r}"]
+        if self.crop_mode != "center":
+            fields.append(f"crop_mode={self.crop_mode!r}")
+        return f"Preprocessing({', '.join(fields)})"
+
+    @property
+    def crop_shape(self):
+        """``(height, width)`` of the crop: the network's input size."""
+        return _shape(self.crop_size, "crop_size")
+
+    @property
+    def decode_size(self):
+        """The shorter side a decoder may shrink an image to without losing pixels the resize keeps."""
+        return max(_shape(self.resize_size, "resize_size"))
 
     @classmethod
     def from_torchvision(cls, transform):
@@ -67,44 +128,49 @@ class Preprocessing:
 
     @classmethod
     def from_timm(cls, config):
-        """Read the recipe from a timm data config (``resolve_data_config``)."""
-        crop = int(config["input_size"][-1])
+        """Read the recipe from a timm data config (``timm.data.resolve_model_data_config``)."""
+        crop = _shape(tuple(config["input_size"][-2:]), "input_size")
+        crop_pct = config.get("crop_pct") or _TIMM_CROP_PCT
         return cls(
-            resize_size=int(math.floor(crop / config.get("crop_pct", 1.0))),
+            resize_size=tuple(math.floor(side / crop_pct) for side in crop),
             crop_size=crop,
             interpolation=config.get("interpolation", "bilinear"),
             mean=tuple(float(v) for v in config["mean"]),
             std=tuple(float(v) for v in config["std"]),
+            crop_mode=config.get("crop_mode") or "center",
         )
 
-    def to_array(self, image, draft=None):
+    def _resized(self, w, h):
+        """The ``(width, height)`` the image is resized to."""
+        if self.crop_mode == "center" and isinstance(self.resize_size, int):
+            s = self.resize_size  # the shorter side, as torchvision's Resize(int)
+            return (s, max(1, int(s * h / w))) if w <= h else (max(1, int(s * w / h)), s)
+        rh, rw = _shape(self.resize_size, "resize_size")
+        if self.crop_mode == "squash":
+            return rw, rh
+        ratios = (h / rh, w / rw)  # keep the ratio: cover the size ("center") or fit in it ("border")
+        ratio = min(ratios) if self.crop_mode == "center" else max(ratios)
+        return max(1, round(w / ratio)), max(1, round(h / ratio))
+
+    def to_array(self, image):
         """Resize and crop one decoded RGB image; return an HxWx3 uint8 array."""
         w, h = image.size
-        if w <= h:
-            size = (self.resize_size, max(1, int(self.resize_size * h / w)))
-        else:
-            size = (max(1, int(self.resize_size * w / h)), self.resize_size)
+        size = self._resized(w, h)
+        ch, cw = self.crop_shape
         if size != (w, h):
             box = None
-            if max(size) > 4 * max(self.crop_size, self.resize_size):
+            if self.crop_mode == "center" and max(size) > 4 * max(ch, cw, self.decode_size):
                 # A long panorama: resample only the centre band the crop keeps
                 # (the same pixels), not a resized copy of the whole strip.
                 if w > h:
-                    keep = w * self.crop_size / size[0]
-                    box, size = ((w - keep) / 2, 0, (w + keep) / 2, h), (self.crop_size, size[1])
+                    keep = w * cw / size[0]
+                    box, size = ((w - keep) / 2, 0, (w + keep) / 2, h), (cw, size[1])
                 else:
-                    keep = h * self.crop_size / size[1]
-                    box, size = (0, (h - keep) / 2, w, (h + keep) / 2), (size[0], self.crop_size)
+                    keep = h * ch / size[1]
+                    box, size = (0, (h - keep) / 2, w, (h + keep) / 2), (size[0], ch)
             image = image.resize(size, _RESAMPLE[self.interpolation], box=box)
-        w, h = image.size
-        left = int(round((w - self.crop_size) / 2.0))
-        top = int(round((h - self.crop_size) / 2.0))
-        if left < 0 or top < 0:  # like torchvision's center_crop: pad with zeros
-            canvas = Image.new("RGB", (max(w, self.crop_size), max(h, self.crop_size)))
-            canvas.paste(image, (max(0, -left), max(0, -top)))
-            image, left, top = canvas, max(0, left), max(0, top)
-        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
-        return np.asarray(image, dtype=np.uint8)
+        fill = tuple(round(255 * v) for v in self.mean) if self.crop_mode == "border" else (0, 0, 0)
+        return np.asarray(_crop_or_pad(image, ch, cw, fill), dtype=np.uint8)
 
     def normalize(self, batch, device="cpu", channels_last=False):
         """Turn a list of HxWx3 uint8 arrays into a normalised NCHW float batch."""
@@ -161,6 +227,17 @@ def header_error(payload):
     except (OSError, ValueError) as e:
         return str(e) or type(e).__name__
     return None
+def _crop_or_pad(image, ch, cw, fill):
+    """The centre ``ch`` x ``cw`` of ``image``, padded with ``fill`` where it is smaller
+    (the padding split as torchvision's ``center_crop`` and timm's ``CenterCropOrPad`` split it)."""
+    w, h = image.size
+    if cw > w or ch > h:
+        left, top = max(0, (cw - w) // 2), max(0, (ch - h) // 2)
+        canvas = Image.new("RGB", (max(w, cw), max(h, ch)), fill)
+        canvas.paste(image, (left, top))
+        image, (w, h) = canvas, canvas.size
+    left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
+    return image.crop((left, top, left + cw, top + ch))
 
 
 def open_image(payload, min_size=None):
@@ -206,7 +283,7 @@ def load_pixels(payload, preprocessing, view=None, key=None):
     :class:`sktransfer._augment.View`) transforms the decoded image, seeded by
     ``key``, before ``preprocessing.to_array`` resizes and crops it.
     """
-    image = open_image(payload, min_size=preprocessing.resize_size)
+    image = open_image(payload, min_size=preprocessing.decode_size)
     if view is not None:
         image = view(image, key)
     return preprocessing.to_array(image)

@@ -79,7 +79,9 @@ def load_image_folder(root):
     Examples
     --------
     >>> from sktransfer import load_image_folder
-    >>> paths, labels = load_image_folder("../shared/datasets/flowers5")  # doctest: +SKIP
+    >>> paths, labels = load_image_folder("sktransfer/data/flowers_sample")
+    >>> len(paths), sorted(set(labels.tolist()))
+    (150, ['daisy', 'dandelion', 'rose', 'sunflower', 'tulip'])
     """
     root = Path(root)
     if not root.is_dir():

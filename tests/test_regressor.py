@@ -1,9 +1,5 @@
 """PretrainedImageRegressor on real photos: brightness of flowers, sign-digit index as a number."""
 
-import subprocess
-import sys
-
-import joblib
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,7 +10,7 @@ from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
 from sktransfer import PretrainedImageClassifier, PretrainedImageRegressor, clear_cache
 from sktransfer._backbones import build_backbone
 
-from conftest import ROOT, ForwardCounter, dataset, subset
+from conftest import ForwardCounter, assert_same_in_fresh_process, dataset, subset
 
 FAST = dict(max_epochs=30, random_state=0)
 
@@ -130,13 +126,4 @@ def test_grid_search_and_cross_validation(digits_split):
 def test_pickle_predicts_the_same_in_a_fresh_process(tmp_path, flowers_split):
     train, test = flowers_split
     reg = PretrainedImageRegressor(**FAST).fit(train, np.column_stack([brightness(train), redness(train)]))
-    joblib.dump(reg, tmp_path / "reg.joblib")
-    np.save(tmp_path / "pred.npy", reg.predict(test))
-    code = (
-        "import joblib, numpy as np\n"
-        f"model = joblib.load({str(tmp_path / 'reg.joblib')!r})\n"
-        f"pred = model.predict({list(test)!r})\n"
-        f"assert np.array_equal(pred, np.load({str(tmp_path / 'pred.npy')!r})), 'predictions differ'\n"
-    )
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}  # this checkout
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    assert_same_in_fresh_process(reg, test, tmp_path)

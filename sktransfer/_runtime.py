@@ -1,0 +1,173 @@
+"""Process-wide side effects, in one place: the heap, thread counts, random generators.
+
+Everything here changes state that the whole process shares (glibc's
+malloc settings, OpenMP and torch thread counts, torch's and Python's global
+random generators). Each is a context manager that restores what it changed,
+and each is safe to nest and to use from several threads at once:
+
+- :func:`steady_heap` is shared: the first user applies the setting, the
+  last one to leave restores it.
+- :func:`limited_threads` changes only the calling thread's thread pool
+  size, so other threads keep theirs.
+- :func:`seeded_rng` runs one block at a time per process, since the
+  generators it seeds are global.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import platform
+import random
+import sys
+import threading
+
+import torch
+
+# -- the heap ---------------------------------------------------------------------
+
+# glibc returns freed memory at the top of the heap to the kernel, and serves
+# allocations above a (growing) threshold with fresh mmaps. Both hit a CNN's
+# activations on every forward pass: each batch allocates and frees tens of
+# megabytes, and the kernel zeroes every page again. On the 2-core machine in
+# docs/benchmarks.md that page-fault work took about half of a pass. During a
+# pass the thresholds are raised so freed activations stay in the heap for the
+# next batch; afterwards they are set to glibc's own ceilings for its adaptive
+# values (32 MiB and 64 MiB) and the heap is trimmed, giving the memory back.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_HEAP_STATE = {"users": 0, "libc": None}
+_HEAP_LOCK = threading.Lock()
+#: Environment variables by which users tune glibc's malloc themselves.
+_USER_MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def _tunable_libc():
+    """glibc's ``mallopt``/``malloc_trim``, or None where the heap is not tuned."""
+    if os.environ.get("SKTRANSFER_TUNE_HEAP", "1") == "0":
+        return None
+    if any(name in os.environ for name in _USER_MALLOC_SETTINGS):
+        return None  # the user's own malloc settings stay in charge
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    if _HEAP_STATE["libc"] is None:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            return None
+        _HEAP_STATE["libc"] = libc
+    return _HEAP_STATE["libc"]
+
+
+@contextlib.contextmanager
+def steady_heap():
+    """Keep activation buffers in the heap for the duration of backbone passes.
+
+    Nested and concurrent passes share one setting; the last one to finish
+    restores glibc's ceilings and trims. A no-op off glibc, when
+    ``SKTRANSFER_TUNE_HEAP=0``, or when the user sets malloc's thresholds
+    through the environment.
+    """
+    libc = _tunable_libc()
+    if libc is None:
+        yield
+        return
+    with _HEAP_LOCK:
+        _HEAP_STATE["users"] += 1
+        if _HEAP_STATE["users"] == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        with _HEAP_LOCK:
+            _HEAP_STATE["users"] -= 1
+            if _HEAP_STATE["users"] == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+                libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+                libc.malloc_trim(0)
+
+
+# -- thread counts ----------------------------------------------------------------
+
+_OPENMP = {}
+
+
+def _openmp_pools():
+    """threadpoolctl's handle on the OpenMP runtimes loaded in this process (torch's among them)."""
+    if "controller" not in _OPENMP:  # scanning the loaded libraries costs milliseconds: once
+        from threadpoolctl import ThreadpoolController
+
+        _OPENMP["controller"] = ThreadpoolController().select(user_api="openmp")
+    return _OPENMP["controller"]
+
+
+@contextlib.contextmanager
+def limited_threads(n_threads=1, enabled=True):
+    """Run torch's CPU work in the calling thread on at most ``n_threads`` threads.
+
+    For the head: its small matrix products only lose from more threads, and
+    on a busy machine idle OpenMP threads spin and slow it tenfold. Only the
+    calling thread's pools change (OpenMP's thread count is a per-thread
+    setting), so a backbone pass in another thread keeps its threads.
+
+    threadpoolctl sets the OpenMP runtimes' count, which is torch's intra-op
+    pool, but not all of torch's: once ``torch.set_num_threads`` has run in a
+    thread, the MKL that torch links statically (invisible to threadpoolctl)
+    keeps its own count there, and torch's lazy per-thread set-up, when it
+    first runs inside the block, would reset OpenMP's. So torch's own setter
+    runs inside threadpoolctl's limit. numpy's BLAS is left alone: the head
+    does not use it, and its thread count is process-wide.
+    """
+    if not enabled:
+        yield
+        return
+    before = torch.get_num_threads()  # also runs torch's per-thread set-up before the limit
+    with _openmp_pools().limit(limits=n_threads):
+        torch.set_num_threads(n_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+# -- random generators --------------------------------------------------------------
+
+# One lock for every block that seeds or draws from torch's (and Python's)
+# global generators: two such blocks in two threads would draw from, and
+# reseed, each other's stream. Re-entrant, so seeded blocks may nest.
+_RNG_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def seeded_rng(seed, device="cpu"):
+    """Run the block with torch's and Python's global generators seeded from ``seed``.
+
+    The generators are restored afterwards (``torch.random.fork_rng``, and the
+    CUDA generator of ``device`` when it is a GPU). Blocks run one at a time
+    per process, so equal seeds give equal draws even when estimators are
+    fitted in several threads at once. ``seed=None`` takes the lock without
+    seeding: an unseeded fit still does not draw from a seeded block's
+    stream.
+
+    Parameters
+    ----------
+    seed : int or None
+        The seed of both generators.
+    device : str or torch.device, default="cpu"
+        Also forks and seeds this device's generator when it is a GPU.
+    """
+    with _RNG_LOCK:
+        if seed is None:
+            yield
+            return
+        devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            state = random.getstate()
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                yield
+            finally:
+                random.setstate(state)
