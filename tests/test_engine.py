@@ -1,7 +1,9 @@
 """Where the frozen body runs: engines and precisions, their agreement, fallbacks and pickles."""
 
 import json
+import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +21,21 @@ from conftest import ROOT, ForwardCounter
 HAS_OPENVINO = _engine._openvino_core() is not None
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO is not installed on this platform")
 OPENVINO_NATIVE = "bfloat16" if cpu_has_bf16() else "float32"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def conversions_stay_in_this_module():
+    """Once a body is converted, engine="auto" runs it in OpenVINO for the rest of the
+    process: undo the conversions made here, so later tests see a fresh machine."""
+    yield
+    from sktransfer import _backbones
+
+    for backbone in list(_backbones._BUILT.values()):
+        backbone._handles.clear()
+        backbone._prefixes.clear()
+    folder = os.environ["SKTRANSFER_ENGINE_CACHE"]
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
 
 
 def cosine(a, b):
