@@ -16,7 +16,14 @@ fit and predict together; every row starts from an empty feature cache).
 The table is written into docs/benchmarks.md between
 ``<!-- accuracy:start -->`` and ``<!-- accuracy:end -->``.
 
-Run from the project root: ``python benchmarks/accuracy.py [--full]``.
+With ``--probes``, instead: the default classifier against
+``LogisticRegressionCV`` and the default regressor against ``RidgeCV`` on the
+same standardised features of ``trash6``, ``sign_digits`` and ``flowers5``
+(seeded splits; regression targets: the digit shown, else the photo's mean
+brightness), and the seconds of one linear-head fit on 1,000 cached feature
+rows; written between ``<!-- head:start -->`` and ``<!-- head:end -->``.
+
+Run from the project root: ``python benchmarks/accuracy.py [--full | --probes]``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import torch
 from sktransfer import PretrainedImageClassifier, clear_cache, load_image_folder
 from sktransfer._backbones import build_backbone
 
-from _common import DATASETS, Counter, write_section
+from _common import DATASETS, Counter, machine, stratified_subset, write_section
 
 
 def split(folder, n_train, n_test, seed):
@@ -130,6 +137,127 @@ def run_skorch_peer(X, y, X_test, y_test, epochs):
                 fit_s=t1 - t0, predict_s=t2 - t1, passes=counter.images)
 
 
+def _probe_data(name, n, cache_dir):
+    """Paths, labels, a numeric target and cached features of a seeded stratified subset of ``name``."""
+    from PIL import Image
+
+    from sktransfer import ImageEmbedder
+
+    X, y = stratified_subset(DATASETS / name, n)
+    if name == "sign_digits":
+        target = y.astype(float)  # the digit shown
+    else:  # no number comes with these photos: their mean brightness
+        target = np.array([np.asarray(Image.open(p).convert("L").resize((64, 64))).mean() for p in X])
+    Z = ImageEmbedder(cache_dir=cache_dir).fit_transform(X)
+    return X, y, target, Z
+
+
+def probe_rows(name, n, seeds, cache_dir):
+    """The default heads against LogisticRegressionCV and RidgeCV on the same standardised features."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+    from sklearn.model_selection import train_test_split
+
+    from sktransfer import PretrainedImageRegressor
+    from sktransfer._head import feature_statistics
+
+    X, y, target, Z = _probe_data(name, n, cache_dir)
+    rows = []
+    for seed in seeds:
+        train, test = train_test_split(np.arange(len(X)), test_size=0.3, stratify=y, random_state=seed)
+        Xtr, Xte = [X[i] for i in train], [X[i] for i in test]
+        mean, scale = feature_statistics(Z[train])
+        S = (Z - mean) / scale
+        t0 = time.perf_counter()
+        clf = PretrainedImageClassifier(cache_dir=cache_dir, random_state=0).fit(Xtr, y[train])
+        acc = clf.score(Xte, y[test])
+        t1 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            lr = LogisticRegressionCV(max_iter=2000).fit(S[train], y[train])
+        t2 = time.perf_counter()
+        r2 = PretrainedImageRegressor(cache_dir=cache_dir, random_state=0).fit(Xtr, target[train]).score(
+            Xte, target[test])
+        t3 = time.perf_counter()
+        ridge = RidgeCV(alphas=np.logspace(-3, 4, 15)).fit(S[train], target[train])
+        t4 = time.perf_counter()
+        # tta costs a backbone pass per test photo: measured on the first split only.
+        tta = clf.set_params(tta="flip").score(Xte, y[test]) if seed == seeds[0] else float("nan")
+        rows.append(dict(dataset=name, n=f"{len(train)}/{len(test)}", seed=seed, acc=acc, tta=tta,
+                         lr=lr.score(S[test], y[test]), r2=r2, ridge=ridge.score(S[test], target[test]),
+                         fit_clf=t1 - t0, fit_lr=t2 - t1, fit_reg=t3 - t2, fit_ridge=t4 - t3))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def linear_fit_seconds(Z, y, repeats=5):
+    """Best-of seconds of one head fit on cached features (``weight_decay="auto"`` and a fixed one)."""
+    from sktransfer._head import HeadClassifier, build_head, one_thread
+
+    params = PretrainedImageClassifier().get_params()
+    classes, y_enc = np.unique(y, return_inverse=True)
+    task = dict(criterion=torch.nn.CrossEntropyLoss, criterion__reduction="none", classes=np.arange(len(classes)))
+    weights = np.ones(len(Z), np.float32)
+    out = {}
+    for label, settings in (("auto", {}), ("weight_decay=1e-4 (AdamW)", {"weight_decay": 1e-4})):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with one_thread():
+                head = build_head({**params, **settings}, {}, Z, y_enc, weights, len(classes), net=HeadClassifier,
+                                  task=task, hidden_units=(), device="cpu", seed=0, stratified=True)
+                head.fit({"X": Z, "sample_weight": weights}, y_enc)
+            best = min(best, time.perf_counter() - t0)
+        out[label] = best
+    return out
+
+
+def main_probes(args):
+    rows = []
+    for name, n in (("trash6", 600), ("sign_digits", 800), ("flowers5", 800)):
+        if not (DATASETS / name).is_dir():
+            print(f"skipping {name}: ../shared/datasets/{name} not found")
+            continue
+        rows += probe_rows(name, n, list(range(args.seed, args.seed + args.splits)), args.cache_dir)
+    lines = [
+        f"Default heads against tuned scikit-learn models on the same features (the classifier's "
+        f"standardisation: feature means and one common scale), seeded stratified subsets (trash6: all "
+        f"600 photos, the others 800) split 70/30 with seeds {args.seed}-{args.seed + args.splits - 1}; "
+        "efficientnet_lite0; "
+        f"{machine()}, shared with other jobs, so seconds are indicative only. Regression targets: the digit "
+        "for sign_digits, the photo's mean brightness for the others. "
+        f"`python benchmarks/accuracy.py --probes --splits {args.splits}`.",
+        "",
+        "| dataset | train/test | seed | default classifier | + tta='flip' | LogisticRegressionCV "
+        "| default regressor R² | RidgeCV R² | fit s: classifier / LR-CV / regressor / RidgeCV |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        tta = "" if np.isnan(r["tta"]) else f"{r['tta']:.3f}"
+        lines.append(f"| {r['dataset']} | {r['n']} | {r['seed']} | {r['acc']:.3f} | {tta} | {r['lr']:.3f} | {r['r2']:.3f} "
+                     f"| {r['ridge']:.3f} | {r['fit_clf']:.2f} / {r['fit_lr']:.2f} / {r['fit_reg']:.2f} / "
+                     f"{r['fit_ridge']:.2f} |")
+    if rows:
+        worst_clf = min(r["acc"] - r["lr"] for r in rows)
+        worst_reg = min(r["r2"] - r["ridge"] for r in rows)
+        lines += ["", f"Smallest margin over all rows: classifier {worst_clf:+.3f} accuracy against "
+                      f"LogisticRegressionCV, regressor {worst_reg:+.3f} R² against RidgeCV."]
+    if all((DATASETS / n).is_dir() for n in ("sign_digits", "flowers5")):
+        # 1,000 rows from the features the rows above cached: sign_digits' 800 and 200 of flowers5.
+        _, y1, _, Z1 = _probe_data("sign_digits", 800, args.cache_dir)
+        _, y2, _, Z2 = _probe_data("flowers5", 800, args.cache_dir)
+        Z, y = np.concatenate([Z1, Z2[:200]]), np.concatenate([y1.astype(str), y2[:200].astype(str)])
+        seconds = linear_fit_seconds(Z, y)
+        lines += ["", f"One linear-head fit on {len(Z)} cached feature rows ({len(np.unique(y))} classes: "
+                      "sign_digits' 800 and 200 of flowers5; best of 5, one torch thread, skorch included): "
+                      + "; ".join(f"{k} {v * 1000:.0f} ms" for k, v in seconds.items()) + "."]
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        write_section("head", "## The default head against tuned linear models\n\n" + table)
+
+
 VARIANTS = [
     ("default (frozen + linear head)", {}),
     ("+ MLP head (256), dropout 0.2", dict(hidden_units=(256,), dropout=0.2)),
@@ -150,7 +278,13 @@ def main():
     parser.add_argument("--peer-epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
+    parser.add_argument("--probes", action="store_true",
+                        help="the default heads against LogisticRegressionCV and RidgeCV, and a head fit's seconds")
+    parser.add_argument("--splits", type=int, default=3, help="seeded splits per dataset (--probes)")
+    parser.add_argument("--cache-dir", default=None, help="feature cache folder (--probes), reused across runs")
     args = parser.parse_args()
+    if args.probes:
+        return main_probes(args)
     if args.full:
         args.train, args.test = 100, 100
     torch.set_num_threads(max(1, os.cpu_count() or 1))

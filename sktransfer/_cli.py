@@ -141,7 +141,7 @@ def _split_top_level(text):
 
 def _parse_grid(specs, estimator):
     """``["lr=1e-3,1e-2", "hidden_units=(),(256,)"]`` -> a GridSearchCV param grid."""
-    from ._estimator import _HEAD_PREFIXES
+    from ._head import HEAD_PREFIXES
 
     grid = {}
     known = sorted(estimator.get_params(deep=False))
@@ -150,7 +150,7 @@ def _parse_grid(specs, estimator):
         key = key.strip()
         if not sep or not key or not values.strip():
             raise ValueError(f"--grid {spec!r} is not KEY=V1,V2,...; e.g. --grid lr=0.001,0.01")
-        if key not in known and not key.startswith(_HEAD_PREFIXES):
+        if key not in known and not key.startswith(HEAD_PREFIXES):
             raise ValueError(
                 f"--grid {spec!r}: {key!r} is not a setting of PretrainedImageClassifier; "
                 f"use one of {', '.join(known)} or a skorch setting such as optimizer__betas."

@@ -10,10 +10,10 @@ backbone (stages 1-4). :class:`PretrainedImageClassifier` and
 from __future__ import annotations
 
 import contextlib
-import copy
 import numbers
 import os
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from sklearn.base import (
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.multiclass import _check_partial_fit_first_call, check_classification_targets, type_of_target
 from sklearn.utils.validation import (
     _check_feature_names, _check_sample_weight, check_array, check_is_fitted, column_or_1d,
 )
@@ -38,18 +38,17 @@ from ._engine import check_settings as check_engine_settings
 from ._features import extract_features
 from ._head import (
     BlocksAndHead,
-    FeatureLoader,
     HeadClassifier,
     HeadModule,
     HeadMultiLabelClassifier,
     HeadRegressor,
-    feature_statistics,
-    pooled_features,
+    build_head,
+    check_head_settings,
+    resume,
 )
+from ._head import TemperatureSoftmax as _TemperatureSoftmax  # noqa: F401  (the name in pickles of calibrated models from 0.1.0)
 from ._inputs import as_image_list
 from ._runtime import limited_threads, seeded_rng, steady_heap
-
-_HEAD_PREFIXES = ("optimizer__", "iterator_train__", "iterator_valid__", "callbacks__")
 
 
 class _FittedStateMixin:
@@ -268,31 +267,12 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         return tags
 
 
-class _TemperatureSoftmax:
-    """skorch's predict nonlinearity with calibrated logits: softmax(logits / temperature)."""
-
-    def __init__(self, temperature):
-        self.temperature = float(temperature)
-
-    def __call__(self, logits):
-        return torch.softmax(logits / self.temperature, dim=-1)
-
-
-def _fused_available(optimizer):
-    """Whether ``optimizer`` takes ``fused=True`` on CPU and GPU (Adam and AdamW from torch 2.4)."""
-    import inspect
-
-    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    return (optimizer in (torch.optim.Adam, torch.optim.AdamW) and version >= (2, 4)
-            and "fused" in inspect.signature(optimizer).parameters)
-
-
 class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
     """An :class:`ImageEmbedder` (``embedder_``) and a skorch head (``head_``) trained on its features.
 
     The flow shared by :class:`PretrainedImageClassifier` and
     :class:`PretrainedImageRegressor`: check the inputs, embed the images
-    (once; cached), build the head (``_build_head``) and train it. Subclasses
+    (once; cached), build the head (``_head.build_head``) and train it. Subclasses
     say what the targets are (``_prepare_targets``) and which skorch net and
     loss learn them (``_head_task``).
     """
@@ -302,9 +282,9 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         "hidden_units": [tuple, list],
         "dropout": [Interval(numbers.Real, 0, 1, closed="left")],
         "lr": [Interval(numbers.Real, 0, None, closed="neither")],
-        "weight_decay": [Interval(numbers.Real, 0, None, closed="left")],
+        "weight_decay": [Interval(numbers.Real, 0, None, closed="left"), StrOptions({"auto"})],
         "max_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
-        "optimizer": [type],
+        "optimizer": [type, None],
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -350,29 +330,26 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         self.backbone_lr_mult = backbone_lr_mult
         self.engine = engine
         self.precision = precision
-        for key, value in kwargs.items():
-            if not key.startswith(_HEAD_PREFIXES):
-                raise TypeError(
-                    f"{type(self).__name__} got an unexpected keyword argument {key!r}; "
-                    f"skorch settings are passed with a prefix: {', '.join(p + '*' for p in _HEAD_PREFIXES)}."
-                )
-            setattr(self, key, value)
+        # Other settings (skorch's, by prefix) are stored as given and checked at fit.
+        vars(self).update(kwargs)
 
-    # -- parameters routed to skorch by prefix, as skorch itself does ---------
+    # -- skorch settings routed by prefix, stored and checked as skorch does ----
 
-    def _head_kwargs(self):
-        return {k: v for k, v in vars(self).items() if k.startswith(_HEAD_PREFIXES)}
+    def _extra_settings(self):
+        """Settings stored besides the named parameters: skorch's, by prefix (checked at fit)."""
+        named = self._get_param_names()
+        return {k: v for k, v in vars(self).items()
+                if k not in named and not k.startswith("_") and not k.endswith("_")}
 
     def get_params(self, deep=True):
         params = super().get_params(deep=deep)
-        params.update(self._head_kwargs())
+        params.update(self._extra_settings())
         return params
 
     def set_params(self, **params):
-        routed = {k: v for k, v in params.items() if k.startswith(_HEAD_PREFIXES)}
-        for key, value in routed.items():
-            setattr(self, key, value)
-        super().set_params(**{k: v for k, v in params.items() if k not in routed})
+        named = self._get_param_names()
+        vars(self).update({k: v for k, v in params.items() if k not in named})
+        super().set_params(**{k: v for k, v in params.items() if k in named})
         return self
 
     # -- fitting ---------------------------------------------------------------
@@ -431,7 +408,12 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             y, len(items), sample_weight, continuing=continuing, classes=classes
         )
         device = _check_device(self.device)
-        self._check_head_settings(y_train)
+        net, task = self._head_task(y_train, n_outputs)  # the skorch net and loss for these targets
+        params, extra = self._head_settings()
+        # partial_fit trains on batches as they come, so even its first call is not a full-batch fit.
+        incremental = bool(continuing) or epochs is not None
+        check_head_settings(params, extra, y_train, task=task, module=BlocksAndHead if self.unfreeze else HeadModule,
+                            classifier=is_classifier(self), owner=type(self).__name__, continuing=incremental)
 
         embedder = self._make_embedder().fit()
         if continuing:
@@ -445,21 +427,25 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             views = augment_views(self.augment, self.n_views, self._seed(),
                                   embedder.backbone_.preprocessing)
             Z = np.stack([self._embed(embedder, items, v, self.unfreeze) for v in views], axis=1)
-        head = self._build_head(Z, y_train, n_outputs, hidden_units, device, embedder.backbone_)
-        data = {"X": Z, "sample_weight": weights}
         # Fine-tuning runs backbone blocks every step: keep their buffers in the heap too.
         heap = steady_heap() if self.unfreeze else contextlib.nullcontext()
-        seed = None if self.random_state is None else self._seed()
-        with seeded_rng(seed, device), limited_threads(enabled=not self.unfreeze), heap:
+        seed = self._seed()  # the held-out split's and the tuning folds' (fresh when random_state is None)
+        with seeded_rng(None if self.random_state is None else seed, device), \
+                limited_threads(enabled=not self.unfreeze), heap:
+            head = build_head(params, extra, Z, y_train, weights, n_outputs, net=net, task=task,
+                              hidden_units=hidden_units, device=device, backbone=embedder.backbone_,
+                              seed=seed, stratified=is_classifier(self) and y_train.ndim == 1,
+                              continuing=incremental)
             if continuing:
-                self._resume(head)
-            if continuing or epochs is not None:
+                resume(head, self.head_)
+            data = {"X": Z, "sample_weight": weights}
+            if incremental:
                 head.partial_fit(data, y_train, epochs=epochs or self.max_epochs)
             else:
                 head.fit(data, y_train)
         if head.interrupted_:  # skorch swallowed it; re-raise without keeping a half-trained head
             raise KeyboardInterrupt("fit was interrupted; the estimator keeps its previous state.")
-        fitted.update(self._after_training(head, Z, y_train))
+        fitted.update(self._after_training(head))
         fitted["unfreeze_"] = int(self.unfreeze)
         # Fitted state is assigned together at the end: an interrupted fit
         # leaves the estimator as it was before.
@@ -468,6 +454,12 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         self.embedder_ = embedder
         self.head_ = head
         return self
+
+    def _head_settings(self):
+        """The parameters the head is built from, and the other (prefixed skorch) settings."""
+        extra = self._extra_settings()
+        params = {k: v for k, v in self.get_params(deep=False).items() if k not in extra}
+        return params, extra
 
     def _embed(self, embedder, items, view=None, unfreeze=0):
         """Features of ``items`` (boundary activations when fine-tuning), under ``view``."""
@@ -480,60 +472,9 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             compile=embedder.compile, view=view, engine=embedder.engine, precision=embedder.precision,
         )
 
-    def _after_training(self, head, Z, y_train):
+    def _after_training(self, head):
         """Fitted attributes computed from the trained head (none here)."""
         return {}
-
-    def _check_head_settings(self, y_train):
-        """Settings skorch would reject only after the images are embedded."""
-        import inspect
-
-        from skorch.callbacks import Callback
-
-        signature = inspect.signature(self.optimizer).parameters
-        open_ended = any(p.kind is p.VAR_KEYWORD for p in signature.values())
-        accepted = (set(signature) | {"param_groups"}) - {"self", "params"}  # skorch's own key
-        for key in self._head_kwargs():
-            name = key[len("optimizer__"):]
-            if key.startswith("optimizer__") and not open_ended and name not in accepted:
-                raise ValueError(
-                    f"{key}: {self.optimizer.__name__} has no argument {name!r}; "
-                    f"it accepts {sorted(accepted)}."
-                )
-        for cb in self.callbacks or []:
-            obj = cb[1] if isinstance(cb, tuple) and len(cb) == 2 else cb
-            if not (isinstance(obj, Callback) or (isinstance(obj, type) and issubclass(obj, Callback))):
-                raise ValueError(
-                    f"callbacks contains {cb!r}; expected skorch callbacks "
-                    "(instances of skorch.callbacks.Callback) or (name, callback) pairs."
-                )
-        for key in self._head_kwargs():
-            prefix, _, name = key.partition("__")
-            if prefix in ("iterator_train", "iterator_valid") and name not in FeatureLoader.SUPPORTED:
-                raise ValueError(
-                    f"{key}: the head trains on features already in memory, batched by slicing; "
-                    f"of the DataLoader settings only {', '.join(FeatureLoader.SUPPORTED)} apply."
-                )
-        calibration = getattr(self, "calibration", None)
-        if calibration is not None and y_train.ndim != 1:
-            raise ValueError(
-                f"calibration={calibration!r} applies to one label per image, not to multi-label y."
-            )
-        held_out = [name for name, on in (("early_stopping=True", self.early_stopping),
-                                          (f"calibration={calibration!r}", calibration is not None)) if on]
-        if held_out and is_classifier(self) and y_train.ndim == 1:
-            y_enc, n_classes = y_train, int(y_train.max()) + 1
-            n = len(y_enc)
-            n_valid = int(np.ceil(self.validation_fraction * n))
-            least = int(np.bincount(y_enc).min())
-            if least < 2 or n_valid < n_classes or n - n_valid < n_classes:
-                raise ValueError(
-                    f"{' and '.join(held_out)} holds out validation_fraction={self.validation_fraction} "
-                    f"of the {n} images ({n_valid}), stratified by class: it needs every class at "
-                    f"least twice (the rarest has {least}) and at least {n_classes} images (one per "
-                    "class) on each side. Use more images or another validation_fraction, or turn "
-                    "it off."
-                )
 
     def _check_same_head(self, embedder, hidden_units, continuing):
         """Refuse to continue training a head on other features or of another shape."""
@@ -558,84 +499,12 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                 f"dropout={self.dropout!r}; restore them, or set warm_start=False and call fit to start over."
             )
 
-    def _resume(self, head):
-        """Start ``head`` from the fitted one: its weights (with the feature statistics of
-        the first fit, which the weights assume), optimizer state and history."""
-        previous = self.head_
-        head.initialize()
-        head.module_.load_state_dict(previous.module_.state_dict())
-        if type(head.optimizer_) is type(previous.optimizer_):
-            state = copy.deepcopy(previous.optimizer_.state_dict())
-            # Keep the optimizer's running state (e.g. Adam moments) but this fit's lr etc.
-            for saved, current in zip(state["param_groups"], head.optimizer_.param_groups):
-                saved.update({k: v for k, v in current.items() if k != "params"})
-            head.optimizer_.load_state_dict(state)
-        head.history = copy.deepcopy(previous.history)
-
-    def _build_head(self, Z, y_train, n_outputs, hidden_units, device, backbone=None):
-        from skorch.callbacks import EarlyStopping
-        from skorch.dataset import ValidSplit
-
-        net, task = self._head_task(y_train, n_outputs)  # the skorch net and loss for these targets
-        stratified = is_classifier(self) and y_train.ndim == 1
-        tuned = {}
-        if self.unfreeze:
-            blocks = backbone.blocks(self.unfreeze)
-            shape = backbone.prefix(self.unfreeze).shape
-            flat = Z.reshape(-1, Z.shape[-1])
-            with torch.inference_mode():  # the head standardises the blocks' initial output
-                pooled = [pooled_features(blocks, shape, torch.from_numpy(flat[k:k + 64]))
-                          for k in range(0, len(flat), 64)]
-            features = torch.cat(pooled).numpy()
-            tuned = dict(module__blocks=blocks, module__shape=shape)
-            if "optimizer__param_groups" not in self._head_kwargs():
-                tuned["optimizer__param_groups"] = [("blocks.*", {"lr": self.lr * self.backbone_lr_mult})]
-        else:
-            features = Z.reshape(-1, Z.shape[-1]) if Z.ndim == 3 else Z
-        mean, scale = feature_statistics(features)
-        callbacks = list(self.callbacks or [])
-        train_split = None
-        if self.early_stopping:
-            train_split = ValidSplit(self.validation_fraction, stratified=stratified, random_state=self._seed())
-            callbacks.append(("early_stopping", EarlyStopping(patience=self.n_iter_no_change, load_best=True)))
-        if getattr(self, "calibration", None) is not None:
-            # The temperature is fitted on this split after training, so it needs a fixed seed.
-            seed = self._seed()
-            train_split = ValidSplit(self.validation_fraction, stratified=stratified, random_state=seed)
-        # skorch's PrintLog formats a table row every epoch even when nothing is
-        # printed; over the many short fits of a grid search that costs more
-        # than the head's arithmetic, so it is left out unless verbose.
-        quiet = {} if self.verbose else {"callbacks__print_log": None}
-        settings = dict(
-            module=BlocksAndHead if self.unfreeze else HeadModule,
-            **tuned,
-            module__in_features=features.shape[1],
-            module__n_outputs=n_outputs,
-            module__hidden_units=hidden_units,
-            module__dropout=self.dropout,
-            module__mean=mean,
-            module__scale=scale,
-            optimizer=self.optimizer,
-            optimizer__weight_decay=self.weight_decay,
-            lr=self.lr,
-            max_epochs=self.max_epochs,
-            batch_size=self.batch_size,
-            train_split=train_split,
-            callbacks=callbacks,
-            iterator_train=FeatureLoader,
-            iterator_valid=FeatureLoader,
-            iterator_train__shuffle=True,
-            device=device,
-            verbose=self.verbose,
-            **task,
-            **quiet,
-        )
-        if _fused_available(self.optimizer):
-            # One fused kernel per step instead of a loop over tensors: about a
-            # fifth off every head fit, the same updates up to float rounding.
-            settings["optimizer__fused"] = True
-        settings.update(self._head_kwargs())  # prefixed settings the user gave win
-        return net(**settings)
+    def _build_head(self, Z, y_train, n_outputs, hidden_units, device):
+        """An untrained head of the fitted shape for saved weights (see ``load_model``)."""
+        net, task = self._head_task(y_train, n_outputs)
+        params, extra = self._head_settings()
+        return build_head(params, extra, Z, y_train, np.ones(len(Z), np.float32), n_outputs, net=net,
+                          task=task, hidden_units=hidden_units, device=device, continuing=True)
 
     def _seed(self):
         """A seed drawn from ``random_state`` (a fresh one when it is None). With a fixed
@@ -686,14 +555,25 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         Dropout before each linear layer of the head.
     lr : float, default=3e-3
         Learning rate of the head's optimizer.
-    weight_decay : float, default=1e-4
-        Weight decay of the head's optimizer.
+    weight_decay : float or "auto", default="auto"
+        Weight decay of the head's optimizer (for optimizers without it, the
+        same as an L2 penalty in the loss). ``"auto"`` with a linear head
+        trained by ``fit`` (no ``hidden_units``, ``unfreeze``, ``augment``)
+        picks the L2 penalty by 3-fold cross-validation on the cached
+        training features (eight strengths from 10 down to 0.003), as
+        ``LogisticRegressionCV``/``RidgeCV`` do; for other heads it
+        is 1e-4.
     max_epochs : int, default=15
         Epochs of head training.
     batch_size : int, default=64
         Mini-batch size of head training.
-    optimizer : torch optimizer class, default=torch.optim.AdamW
-        Any of its arguments can be set as ``optimizer__<name>``.
+    optimizer : torch optimizer class or None, default=None
+        Any of its arguments can be set as ``optimizer__<name>``. None: with
+        ``weight_decay="auto"`` and no ``optimizer__*`` settings, a linear
+        head trained by ``fit`` is fitted full batch by ``torch.optim.LBFGS``
+        (each epoch one L-BFGS step with its own line search, so ``lr`` and
+        ``batch_size`` do not apply) to the optimum of its penalised loss;
+        otherwise ``torch.optim.AdamW``.
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the training data (stratified for
         single-label y) and stop when the validation loss has not improved for
@@ -749,8 +629,11 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         temperature on it that divides the logits, so that probabilities are
         calibrated; predictions (the argmax) do not change.
     **kwargs
-        skorch settings routed by prefix: ``optimizer__*``,
-        ``iterator_train__*``, ``iterator_valid__*``, ``callbacks__*``.
+        skorch settings routed by prefix, as skorch names them:
+        ``module__*``, ``criterion__*`` (e.g. ``criterion__label_smoothing``),
+        ``optimizer__*``, ``iterator_train__*``, ``iterator_valid__*``,
+        ``callbacks__*``, ``dataset__*``. Stored as given and checked at
+        ``fit``, where a misspelt one is named with the closest setting.
 
     Attributes
     ----------
@@ -793,8 +676,8 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     _fitted_attributes = ("embedder_", "head_", "unfreeze_", "classes_", "multilabel_", "temperature_")
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
-                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=15,
-                 batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
+                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay="auto", max_epochs=15,
+                 batch_size=64, optimizer=None, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, class_weight=None, callbacks=None,
                  embed_batch_size=8, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
                  warm_start=False, augment=None, n_views=4, unfreeze=0, backbone_lr_mult=0.1,
@@ -837,11 +720,26 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         self
         """
         fitted = hasattr(self, "head_")
-        if not fitted and classes is None and np.ndim(y) != 2:
-            raise ValueError(
-                "classes is required on the first call to partial_fit: pass every class that any "
-                "batch will have, e.g. partial_fit(X, y, classes=['daisy', 'rose', 'tulip'])."
-            )
+        try:
+            kind = type_of_target(y, input_name="y")
+        except ValueError:
+            kind = None  # _check_y names what is wrong with y
+        if kind != "multilabel-indicator":
+            # scikit-learn's bookkeeping of classes across calls, on a stand-in so that a
+            # refused call leaves the estimator as it was.
+            seen = SimpleNamespace(classes_=self.classes_ if fitted else None)
+            try:
+                _check_partial_fit_first_call(seen, classes)
+            except ValueError:
+                if not fitted:
+                    raise ValueError(
+                        "classes is required on the first call to partial_fit: pass every class that "
+                        "any batch will have, e.g. partial_fit(X, y, classes=['daisy', 'rose', 'tulip'])."
+                    ) from None
+                raise ValueError(
+                    f"classes={list(classes)!r} differ from the classes of the first partial_fit call, "
+                    f"{list(self.classes_)}; classes cannot change between calls."
+                ) from None
         return self._fit(X, y, sample_weight, continuing="partial_fit" if fitted else None,
                          classes=classes, epochs=1)
 
@@ -883,11 +781,6 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                 f"warm_start=True continues training on the classes of the previous fit, "
                 f"{list(encoder.classes_)}, but y has {list(labels)}; set warm_start=False to fit "
                 "a model on these classes."
-            )
-        if classes is not None and continuing and set(encoder.fit(classes).classes_.tolist()) != set(self.classes_.tolist()):
-            raise ValueError(
-                f"classes={list(classes)!r} differ from the classes of the first partial_fit call, "
-                f"{list(self.classes_)}; classes cannot change between calls."
             )
         unknown = set(labels.tolist()) - set(encoder.classes_.tolist())
         if unknown:
@@ -941,28 +834,9 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         fitted = {"classes_": np.arange(n_labels), "multilabel_": True}
         return Y.astype(np.float32), weights, n_labels, fitted
 
-    def _after_training(self, head, Z, y_train):
-        temperature = 1.0
-        if self.calibration == "temperature":  # single-label y: _check_head_settings refused the rest
-            temperature = self._fit_temperature(head, Z, y_train)
-            head.predict_nonlinearity = _TemperatureSoftmax(temperature)
-        return {"temperature_": temperature}
-
-    def _fit_temperature(self, head, Z, y_enc):
-        """The temperature minimising the log loss on the held-out split."""
-        dataset = head.get_dataset({"X": Z}, y_enc)
-        _, valid = head.train_split(dataset, y_enc)
-        logits = head.forward(torch.utils.data.Subset(dataset, valid.indices), training=False)
-        logits = logits.detach().cpu().double().numpy()
-        y_valid = y_enc[np.asarray(valid.indices)]
-        candidates = np.exp(np.linspace(np.log(0.05), np.log(20.0), 401))
-        losses = []
-        for t in candidates:
-            z = logits / t
-            z = z - z.max(axis=1, keepdims=True)
-            log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            losses.append(-log_p[np.arange(len(y_valid)), y_valid].mean())
-        return float(candidates[int(np.argmin(losses))])
+    def _after_training(self, head):
+        calibration = dict(head.callbacks_).get("calibration")
+        return {"temperature_": 1.0 if calibration is None else calibration.temperature_}
 
     def _sample_weights(self, y_enc, classes, sample_weight, n):
         from sklearn.utils.class_weight import compute_class_weight
@@ -1076,14 +950,25 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         Dropout before each linear layer of the head.
     lr : float, default=3e-3
         Learning rate of the head's optimizer.
-    weight_decay : float, default=1e-4
-        Weight decay of the head's optimizer.
+    weight_decay : float or "auto", default="auto"
+        Weight decay of the head's optimizer (for optimizers without it, the
+        same as an L2 penalty in the loss). ``"auto"`` with a linear head
+        trained by ``fit`` (no ``hidden_units``, ``unfreeze``, ``augment``)
+        picks the L2 penalty by 3-fold cross-validation on the cached
+        training features (eight strengths from 10 down to 0.003), as
+        ``LogisticRegressionCV``/``RidgeCV`` do; for other heads it
+        is 1e-4.
     max_epochs : int, default=30
         Epochs of head training.
     batch_size : int, default=64
         Mini-batch size of head training.
-    optimizer : torch optimizer class, default=torch.optim.AdamW
-        Any of its arguments can be set as ``optimizer__<name>``.
+    optimizer : torch optimizer class or None, default=None
+        Any of its arguments can be set as ``optimizer__<name>``. None: with
+        ``weight_decay="auto"`` and no ``optimizer__*`` settings, a linear
+        head trained by ``fit`` is fitted full batch by ``torch.optim.LBFGS``
+        (each epoch one L-BFGS step with its own line search, so ``lr`` and
+        ``batch_size`` do not apply) to the optimum of its penalised loss;
+        otherwise ``torch.optim.AdamW``.
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the training data and stop when
         the validation loss has not improved for ``n_iter_no_change`` epochs,
@@ -1128,8 +1013,11 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
     backbone_lr_mult : float, default=0.1
         Learning rate of the unfrozen blocks as a multiple of ``lr``.
     **kwargs
-        skorch settings routed by prefix: ``optimizer__*``,
-        ``iterator_train__*``, ``iterator_valid__*``, ``callbacks__*``.
+        skorch settings routed by prefix, as skorch names them:
+        ``module__*``, ``criterion__*`` (e.g. ``criterion__label_smoothing``),
+        ``optimizer__*``, ``iterator_train__*``, ``iterator_valid__*``,
+        ``callbacks__*``, ``dataset__*``. Stored as given and checked at
+        ``fit``, where a misspelt one is named with the closest setting.
 
     Attributes
     ----------
@@ -1170,8 +1058,8 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
                           "_single_output")
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
-                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=30,
-                 batch_size=64, optimizer=torch.optim.AdamW, early_stopping=False,
+                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay="auto", max_epochs=30,
+                 batch_size=64, optimizer=None, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, target_scaling=True, callbacks=None,
                  embed_batch_size=8, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
                  warm_start=False, augment=None, n_views=4, unfreeze=0, backbone_lr_mult=0.1,

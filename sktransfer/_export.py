@@ -240,11 +240,11 @@ def load_model(folder, backbone=None):
         head.initialize()
         estimator.unfreeze_ = 0
         if kind is PretrainedImageClassifier:
-            from ._estimator import _TemperatureSoftmax
+            from ._head import TemperatureSoftmax
 
             estimator.temperature_ = head_info.get("temperature", 1.0)
             if estimator.temperature_ != 1.0:
-                head.predict_nonlinearity = _TemperatureSoftmax(estimator.temperature_)
+                head.predict_nonlinearity = TemperatureSoftmax(estimator.temperature_)
         try:
             head.module_.load_state_dict(_load_tensors(folder, HEAD_FILE))
         except RuntimeError as e:
@@ -286,7 +286,7 @@ def _to_json(value):
 def _params_to_json(params):
     kept, omitted = {}, []
     for key, value in params.items():
-        if key == "optimizer":
+        if key == "optimizer" and value is not None:  # None: the estimator picks it
             if getattr(torch.optim, getattr(value, "__name__", ""), None) is value:
                 kept[key] = "torch.optim." + value.__name__
             else:
@@ -302,7 +302,7 @@ def _params_to_json(params):
 def _params_from_json(params):
     out = {}
     for key, value in params.items():
-        if key == "optimizer":
+        if key == "optimizer" and value is not None:
             # Only a name looked up in torch.optim: JSON never chooses code to import.
             name = str(value).rpartition(".")[2]
             value = getattr(torch.optim, name, None)

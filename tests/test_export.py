@@ -25,7 +25,7 @@ def fitted(sample):
     keep = list(range(5)) + list(range(30, 35)) + list(range(60, 65))
     X, y = [paths[i] for i in keep], labels[keep]
     clf = PretrainedImageClassifier(hidden_units=(16,), max_epochs=5, random_state=0,
-                                    optimizer__betas=(0.8, 0.95)).fit(X, y)
+                                    optimizer=torch.optim.AdamW, optimizer__betas=(0.8, 0.95)).fit(X, y)
     return clf, X, y
 
 

@@ -41,19 +41,7 @@ def test_sklearn_checks_that_need_no_data(cls, check):
     getattr(checks, check)(cls.__name__, cls())
 
 
-_SKORCH_SETTINGS_CHECKED_AT_FIT = pytest.mark.xfail(
-    strict=True,
-    reason="the check passes a parameter literally named 'kwargs' (from **kwargs), which __init__ "
-           "rejects because skorch settings need a prefix; passes once unknown settings are stored "
-           "by __init__ and validated at fit, as skorch does (issue 12, item 2)",
-)
-
-
-@pytest.mark.parametrize("cls", [
-    pytest.param(PretrainedImageClassifier, marks=_SKORCH_SETTINGS_CHECKED_AT_FIT),
-    pytest.param(PretrainedImageRegressor, marks=_SKORCH_SETTINGS_CHECKED_AT_FIT),
-    ImageEmbedder,
-], ids=_name)
+@pytest.mark.parametrize("cls", ESTIMATORS, ids=_name)
 def test_init_and_set_params_never_raise(cls):
     checks.check_do_not_raise_errors_in_init_or_set_params(cls.__name__, cls())
 

@@ -1,0 +1,164 @@
+"""Stage 5, the head: settings routed to skorch, the tuned linear head, calibration, batching."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+from sklearn.metrics import r2_score
+from sklearn.utils.estimator_checks import check_do_not_raise_errors_in_init_or_set_params
+
+from sktransfer import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor
+from sktransfer._head import (
+    L2_GRID,
+    FeatureLoader,
+    TemperatureScaling,
+    feature_statistics,
+    pick_view,
+    tune_l2,
+)
+
+ESTIMATORS = [ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor]
+
+
+@pytest.fixture(scope="module")
+def halves(sample):
+    """The bundled sample split in two halves (every other photo), and their features."""
+    paths, labels = sample
+    features = ImageEmbedder().fit_transform(paths)
+    brightness = np.array([np.asarray(Image.open(p).convert("L")).mean() for p in paths])
+    train, test = np.arange(0, len(paths), 2), np.arange(1, len(paths), 2)
+    return paths, labels, features, brightness, train, test
+
+
+def standardised(features, train):
+    mean, scale = feature_statistics(features[train])
+    return (features - mean) / scale
+
+
+# -- the default head against a tuned linear model on the same features ---------------
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # LogisticRegressionCV's coming defaults
+def test_default_classifier_scores_at_least_logistic_regression_cv(halves):
+    paths, labels, features, _, train, test = halves
+    clf = PretrainedImageClassifier(random_state=0).fit([paths[i] for i in train], labels[train])
+    ours = clf.score([paths[i] for i in test], labels[test])
+    Z = standardised(features, train)
+    probe = LogisticRegressionCV(max_iter=2000).fit(Z[train], labels[train]).score(Z[test], labels[test])
+    assert ours >= probe - 0.02, (ours, probe)
+
+
+def test_default_regressor_scores_at_least_ridge_cv(halves):
+    paths, _, features, brightness, train, test = halves
+    reg = PretrainedImageRegressor(random_state=0).fit([paths[i] for i in train], brightness[train])
+    ours = reg.score([paths[i] for i in test], brightness[test])
+    Z = standardised(features, train)
+    probe = r2_score(brightness[test], RidgeCV(alphas=np.logspace(-3, 4, 15)).fit(Z[train], brightness[train])
+                     .predict(Z[test]))
+    assert ours >= probe - 0.02, (ours, probe)
+
+
+def test_auto_weight_decay_tunes_a_full_batch_linear_head(halves):
+    paths, labels, _, _, train, _ = halves
+    X, y = [paths[i] for i in train], labels[train]
+    clf = PretrainedImageClassifier(random_state=0).fit(X, y)
+    assert isinstance(clf.head_.optimizer_, torch.optim.LBFGS) and clf.head_.l2 in L2_GRID
+    assert len(clf.history_) == clf.max_epochs  # still a skorch head: one L-BFGS step per epoch
+    again = PretrainedImageClassifier(random_state=0).fit(X, y)
+    np.testing.assert_array_equal(clf.predict_proba(X[:5]), again.predict_proba(X[:5]))
+    # Heads "auto" does not tune: AdamW with its usual decay.
+    mlp = PretrainedImageClassifier(hidden_units=(16,), max_epochs=2, random_state=0).fit(X, y)
+    assert isinstance(mlp.head_.optimizer_, torch.optim.AdamW) and mlp.head_.l2 == 0.0
+    assert mlp.head_.optimizer_.param_groups[0]["weight_decay"] == 1e-4
+    # A number is the optimizer's weight decay; for L-BFGS, which has none, the loss's L2 penalty.
+    fixed = PretrainedImageClassifier(optimizer=torch.optim.LBFGS, weight_decay=0.5, max_epochs=2).fit(X, y)
+    assert fixed.head_.l2 == 0.5
+
+
+def test_tune_l2_picks_the_strongest_penalty_for_labels_unrelated_to_the_photos(halves):
+    _, labels, features, _, _, _ = halves
+    from sklearn.model_selection import StratifiedKFold
+
+    Z = standardised(features, np.arange(len(features))).astype(np.float32)
+    criterion = torch.nn.CrossEntropyLoss(reduction="none")
+    y = np.unique(labels, return_inverse=True)[1]
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(Z, y))
+    shuffled = np.random.RandomState(0).permutation(y)
+    weights = np.ones(len(y), np.float32)
+    assert tune_l2(Z, shuffled, weights, criterion, 5, folds) == max(L2_GRID)
+    assert tune_l2(Z, y, weights, criterion, 5, folds) < max(L2_GRID)
+
+
+# -- settings: stored in __init__, checked at fit, routed by skorch's prefixes ----------
+
+@pytest.mark.parametrize("Estimator", ESTIMATORS, ids=lambda e: e.__name__)
+def test_init_and_set_params_never_raise(Estimator):
+    check_do_not_raise_errors_in_init_or_set_params(Estimator.__name__, Estimator())
+
+
+def test_unknown_settings_are_stored_and_refused_at_fit_with_a_hint(sample):
+    paths, labels = sample
+    X, y = paths[:12:2] + paths[30:42:2], labels[list(range(0, 12, 2)) + list(range(30, 42, 2))]
+    for setting, hint in [("optimzer__lr", "did you mean 'optimizer__lr'"),
+                          ("criterion_label_smoothing", "did you mean 'criterion__label_smoothing'"),
+                          ("max_epoch", "did you mean 'max_epochs'")]:
+        clf = PretrainedImageClassifier(**{setting: 1})
+        assert clone(clf).get_params()[setting] == 1
+        with pytest.raises(ValueError, match=hint):
+            clf.fit(X, y)
+    with pytest.raises(ValueError, match="CrossEntropyLoss has no argument 'label_smothing'"):
+        PretrainedImageClassifier(criterion__label_smothing=0.1).fit(X, y)
+    with pytest.raises(ValueError, match="HeadModule has no argument 'width'"):
+        PretrainedImageClassifier(module__width=3).fit(X, y)
+    with pytest.raises(ValueError, match="LBFGS has no argument 'betas'"):
+        PretrainedImageClassifier(optimizer=torch.optim.LBFGS, optimizer__betas=(0.5, 0.6)).fit(X, y)
+
+
+def test_criterion_and_module_settings_reach_the_head(halves):
+    paths, labels, _, _, train, _ = halves
+    X, y = [paths[i] for i in train], labels[train]
+    plain = PretrainedImageClassifier(random_state=0).fit(X, y)
+    smooth = PretrainedImageClassifier(random_state=0, criterion__label_smoothing=0.2).fit(X, y)
+    assert smooth.head_.criterion_.label_smoothing == 0.2
+    # Smoothed targets keep the head from becoming sure of any photo.
+    assert smooth.predict_proba(X).max() < plain.predict_proba(X).max()
+    mlp = PretrainedImageClassifier(hidden_units=(8,), module__dropout=0.5, max_epochs=1).fit(X, y)
+    assert mlp.head_.module_.layers[0].p == 0.5  # the user's module setting wins over dropout=0.0
+
+
+def test_calibration_is_a_callback_fitted_when_training_ends(halves):
+    paths, labels, _, _, train, _ = halves
+    X, y = [paths[i] for i in train], labels[train]
+    clf = PretrainedImageClassifier(calibration="temperature", validation_fraction=0.3, random_state=0).fit(X, y)
+    callback = dict(clf.head_.callbacks_)["calibration"]
+    assert isinstance(callback, TemperatureScaling) and clf.temperature_ == callback.temperature_ != 1.0
+    assert "calibration" not in dict(PretrainedImageClassifier(max_epochs=1).fit(X, y).head_.callbacks_)
+
+
+# -- batching of cached features ------------------------------------------------------
+
+def test_feature_loader_batches_every_row_once_per_epoch():
+    from skorch.dataset import Dataset
+
+    X = np.arange(23 * 2, dtype=np.float32).reshape(23, 2)
+    loader = FeatureLoader(Dataset({"X": X}, np.arange(23)), batch_size=5, shuffle=True)
+    torch.manual_seed(0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 5
+    seen = torch.cat([b[1] for b in batches]).sort().values
+    assert seen.tolist() == list(range(23))
+    assert all(torch.equal(b[0]["X"][:, 0], 2 * b[1].float()) for b in batches)  # rows stay with their targets
+    dropped = FeatureLoader(Dataset({"X": X}, np.arange(23)), batch_size=5, drop_last=True)
+    assert len(list(dropped)) == len(dropped) == 4
+
+
+def test_pick_view_draws_one_view_per_image_in_training_and_keeps_all_otherwise():
+    X = torch.arange(4 * 3 * 2, dtype=torch.float32).reshape(4, 3, 2)  # 4 images, 3 views
+    picked, n_views = pick_view(X, training=True)
+    assert picked.shape == (4, 2) and n_views is None
+    assert all(any(torch.equal(picked[i], X[i, v]) for v in range(3)) for i in range(4))
+    flat, n_views = pick_view(X, training=False)
+    assert flat.shape == (12, 2) and n_views == 3
+    plain = torch.ones(4, 2)
+    assert pick_view(plain, training=True) == (plain, None)
