@@ -5,6 +5,7 @@ once; a small head trained by skorch classifies them. Estimators take image
 paths and work in Pipelines, GridSearchCV and cross-validation.
 """
 
+from ._audit import AuditReport, audit
 from ._backbones import Backbone, list_backbones
 from ._distributed import embed_dask
 from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor
@@ -17,12 +18,14 @@ from ._plotting import plot_history, plot_top_losses
 from ._version import __version__  # noqa: F401 (the package's version)
 
 __all__ = [
+    "AuditReport",
     "Backbone",
     "ImageEmbedder",
     "ImageInputError",
     "PretrainedImageClassifier",
     "PretrainedImageRegressor",
     "Preprocessing",
+    "audit",
     "cache_info",
     "clear_cache",
     "embed_dask",

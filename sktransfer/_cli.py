@@ -442,6 +442,30 @@ def _backbones(args):
     return 0
 
 
+def _audit(args):
+    from . import PretrainedImageClassifier, audit
+
+    X, y = _read_dataset(args.data, args.path_column, args.label_column)
+    X_test = y_test = None
+    if args.test is not None:
+        X_test, y_test = _read_dataset(args.test, args.path_column, args.label_column)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    clf = PretrainedImageClassifier(backbone=args.backbone, cache_dir=args.cache_dir, device=args.device,
+                                    random_state=args.random_state)
+    report = audit(clf, X, y, cv=args.cv, X_test=X_test, y_test=y_test,
+                   duplicate_threshold=args.threshold, random_state=args.random_state,
+                   verbose=int(args.verbose or _progress()))
+    report.to_csv(out / "findings.csv")
+    report.to_html(out / "index.html")
+    print(f"{len(X)} images audited: {len(report.label_issues)} suspected label errors, "
+          f"{len(report.duplicate_groups)} duplicate groups, {len(report.leakage_groups)} leakage groups, "
+          f"{len(report.outliers)} outliers")
+    print(f"Duplicates joined from cosine similarity {report.duplicate_threshold:.3f}. "
+          f"Report written to {out / 'index.html'} and {out / 'findings.csv'}")
+    return 0
+
+
 def build_parser():
     from ._estimator import PretrainedImageClassifier
 
@@ -519,6 +543,26 @@ def build_parser():
     embed.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     engine_options(embed)
     embed.set_defaults(run=_embed)
+
+    audit = commands.add_parser(
+        "audit", help="find suspected label errors, duplicates, train/test leakage and outliers",
+        description="Audit labelled images with the out-of-fold predictions of one cross-validation "
+                    "and nearest neighbours in feature space. Writes index.html (thumbnails of each "
+                    "finding) and findings.csv (path, finding, given_label, suggested_label, score, group).")
+    audit.add_argument("data", metavar="DATA", help=data_help)
+    audit.add_argument("-o", "--output", default="audit", help="report folder (default: audit)")
+    audit.add_argument("--test", metavar="DATA", help="a held-out set (same forms as DATA) to check for leakage")
+    audit.add_argument("--backbone", default="efficientnet_lite0", help="see `sktransfer backbones` (default: efficientnet_lite0)")
+    audit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default: 5)")
+    audit.add_argument("--threshold", type=lambda v: v if v == "auto" else float(v), default="auto",
+                       help="cosine similarity of features from which images are duplicates, or auto: "
+                            "relative to the folder's nearest-neighbour distances (default: auto)")
+    audit.add_argument("--cache-dir", help="folder of a disk feature cache, reused by later runs")
+    audit.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    audit.add_argument("--random-state", type=int, default=0, help="seed of folds and training (default: 0)")
+    audit.add_argument("-v", "--verbose", action="store_true", help="show progress even when not on a terminal")
+    data_options(audit)
+    audit.set_defaults(run=_audit)
 
     backbones = commands.add_parser(
         "backbones", help="list backbones: weights offline or not, feature size, cost",

@@ -226,7 +226,7 @@ def test_fit_help_states_the_classifiers_default_epochs(capsys):
 def test_help_everywhere():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"demo", "fit", "predict", "evaluate", "embed", "backbones"}
+    assert set(commands) == {"demo", "fit", "predict", "evaluate", "embed", "backbones", "audit"}
     for name in [None, *commands]:
         with pytest.raises(SystemExit) as done:
             main(["--help"] if name is None else [name, "--help"])

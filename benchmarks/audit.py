@@ -1,0 +1,213 @@
+"""sktransfer.audit on real photos with injected faults; writes the 'audit' section of docs/benchmarks.md.
+
+For each data set: 5% of the labels flipped to another class at random
+(seeded), 3% of the photos duplicated (half re-encoded at another JPEG
+quality, half resized), and 5 photos of another data set (flowers5) added
+under a random label. Reports the recall of the flipped labels at precision
+>= 0.5 among the top-ranked suspects, the share of injected duplicates
+grouped with their original, and the outsiders flagged; beside it, cleanlab's
+``find_label_issues`` on the same out-of-fold probabilities when cleanlab is
+installed. Also measures the duplicate threshold: the cosine similarity of
+re-encoded and resized copies to their original against that of each photo's
+nearest distinct photo of its class.
+
+    python benchmarks/audit.py [--cache-dir DIR] [--datasets ../shared/datasets]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import DATASETS, machine, write_section  # noqa: E402
+
+from sktransfer import ImageEmbedder, PretrainedImageClassifier, audit, load_image_folder  # noqa: E402
+
+#: The copies injected as duplicates: JPEG re-encoding at a quality, or a resize (saved at quality 90).
+COPIES = {"JPEG quality 75": dict(quality=75), "JPEG quality 50": dict(quality=50),
+          "resized to 75%": dict(scale=0.75), "resized to 50%": dict(scale=0.5)}
+
+
+def copy_of(path, quality=90, scale=None):
+    image = Image.open(path).convert("RGB")
+    if scale:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def cpu_model():
+    """The CPU's model name and its widest vector extensions, from /proc/cpuinfo (Linux)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU model unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    vector = [f for f in ("avx2", "avx512f", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(vector) or 'no AVX2'})"
+
+
+def unit(features):
+    return features / np.linalg.norm(features, axis=1, keepdims=True)
+
+
+def similarities(folder, embedder, n_copies=30, seed=0):
+    """Similarity of copies to their original vs. of each photo to its nearest distinct same-class photo."""
+    X, y = load_image_folder(folder)
+    F = unit(embedder.transform(X))
+    S = F @ F.T  # a few thousand photos: the full matrix is small here
+    np.fill_diagonal(S, -1.0)
+    nearest = np.where(y[:, None] == y[None, :], S, -1.0).max(axis=1)
+    pick = np.random.default_rng(seed).choice(len(X), n_copies, replace=False)
+    copies = {kind: (unit(embedder.transform([copy_of(X[i], **how) for i in pick])) * F[pick]).sum(axis=1)
+              for kind, how in COPIES.items()}
+    return nearest, copies
+
+
+def recall_at_precision(ranked, truth, precision=0.5):
+    """The highest recall of ``truth`` among the first k of ``ranked`` over all k with precision >= ``precision``."""
+    hits = np.cumsum([i in truth for i in ranked])
+    k = np.arange(1, len(ranked) + 1)
+    ok = hits / k >= precision
+    return float(hits[ok].max() / len(truth)) if ok.any() else 0.0
+
+
+def run(datasets, name, cache_dir, tmp, seed=0):
+    X, y = load_image_folder(datasets / name)
+    y = y.copy()
+    classes = np.unique(y)
+    n = len(X)
+    rng = np.random.default_rng(seed)
+    flipped = set(rng.choice(n, round(0.05 * n), replace=False).tolist())
+    for i in flipped:
+        y[i] = rng.choice(classes[classes != y[i]])
+    sources = rng.choice(n, round(0.03 * n), replace=False)
+    kinds = list(COPIES)
+    pairs = []
+    for k, i in enumerate(sources):
+        kind = kinds[k % len(kinds)]
+        target = tmp / f"{name}-copy{k}.jpg"
+        target.write_bytes(copy_of(X[i], **COPIES[kind]))
+        pairs.append((int(i), len(X), kind))
+        X.append(str(target))
+        y = np.append(y, y[i])
+        if i in flipped:
+            flipped.add(len(X) - 1)
+    outsiders_from, _ = load_image_folder(datasets / "flowers5")
+    outsiders = []
+    for p in rng.choice(outsiders_from, 5, replace=False):
+        outsiders.append(len(X))
+        X.append(str(p))
+        y = np.append(y, rng.choice(classes))
+
+    estimator = PretrainedImageClassifier(random_state=seed, cache_dir=cache_dir)
+    start = time.perf_counter()
+    report = audit(estimator, X, y, cv=5, random_state=seed)
+    seconds = time.perf_counter() - start
+    y_enc = np.searchsorted(classes, y)
+    accuracy = float(np.mean(report.oof_proba.argmax(axis=1) == y_enc))
+
+    flagged = set(report.label_issues.tolist())
+    result = {
+        "name": name, "images": len(X), "flipped": len(flipped), "accuracy": accuracy, "seconds": seconds,
+        "threshold": report.duplicate_threshold,
+        "recall": recall_at_precision(report.label_issues, flipped),
+        "flagged": len(flagged), "flagged_precision": len(flagged & flipped) / max(len(flagged), 1),
+        "flagged_recall": len(flagged & flipped) / len(flipped),
+    }
+    groups = {i: g for g, members in enumerate(report.duplicate_groups) for i in members.tolist()}
+    grouped = [groups.get(a, -1) == groups.get(b, -2) for a, b, _ in pairs]
+    result["duplicates"] = len(pairs)
+    result["grouped"] = float(np.mean(grouped))
+    result["grouped_by_kind"] = {kind: float(np.mean([g for g, p in zip(grouped, pairs) if p[2] == kind]))
+                                 for kind in kinds}
+    injected = {i for a, b, _ in pairs for i in (a, b)}
+    result["other_groups"] = sum(1 for m in report.duplicate_groups if not set(m.tolist()) & injected)
+    result["outsiders_flagged"] = len(set(outsiders) & set(report.outliers.tolist()))
+    result["outsiders_first"] = set(report.outliers[:len(outsiders)].tolist()) == set(outsiders)
+    others = [s for i, s in zip(report.outliers, report.outlier_scores) if i not in outsiders]
+    result["top_other_score"] = max(others, default=float("nan"))
+    result["lowest_outsider_score"] = min((s for i, s in zip(report.outliers, report.outlier_scores)
+                                          if i in outsiders), default=float("nan"))
+    result["outliers"] = len(report.outliers)
+    try:
+        from cleanlab.filter import find_label_issues
+    except ImportError:
+        result["cleanlab"] = None
+    else:
+        ranked = find_label_issues(y_enc, report.oof_proba, return_indices_ranked_by="self_confidence")
+        found = set(ranked.tolist())
+        result["cleanlab"] = {
+            "recall": recall_at_precision(ranked, flipped), "flagged": len(found),
+            "flagged_precision": len(found & flipped) / max(len(found), 1),
+            "flagged_recall": len(found & flipped) / len(flipped),
+        }
+    print(result, flush=True)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache-dir", help="disk feature cache (reruns skip the backbone)")
+    parser.add_argument("--datasets", type=Path, default=DATASETS,
+                        help="folder holding trash6, sign_digits and flowers5 (default: ../shared/datasets)")
+    args = parser.parse_args()
+    cpu = f"{machine()}, {cpu_model()}"
+    embedder = ImageEmbedder(cache_dir=args.cache_dir).fit()
+    lines = ["## Audit: label errors, duplicates, outliers", "",
+             f"`python benchmarks/audit.py` on {cpu}; the machine was shared with other jobs, so "
+             "seconds are indicative only. Backbone efficientnet_lite0, default head, 5 folds.", "",
+             "### Duplicate threshold", "",
+             "Cosine similarity of features: each photo's nearest *distinct* photo of its own class "
+             "(quantiles over all photos) against copies of 30 random photos:", "",
+             "| data set | distinct: median | 99% | max | " + " | ".join(f"{k}: min / 5%" for k in COPIES) + " |",
+             "|---|---|---|---|" + "---|" * len(COPIES)]
+    for name in ("trash6", "sign_digits"):
+        nearest, copies = similarities(args.datasets / name, embedder)
+        q50, q99, top = np.quantile(nearest, [0.5, 0.99, 1.0])
+        lines.append(f"| {name} | {q50:.3f} | {q99:.3f} | {top:.3f} | "
+                     + " | ".join(f"{s.min():.3f} / {np.quantile(s, 0.05):.3f}" for s in copies.values()) + " |")
+        print(lines[-1], flush=True)
+    lines += ["", "### Injected faults", "",
+              "5% of labels flipped at random, 3% of photos duplicated (a quarter each: JPEG quality 75, "
+              "JPEG quality 50, resized to 75%, resized to 50%), 5 flowers5 photos added under random "
+              "labels. *Recall @ P≥0.5*: the highest recall of the flipped labels among the top-k "
+              "suspects over all k whose precision is at least 0.5.", "",
+              "| data set | images | out-of-fold accuracy | method | recall @ P≥0.5 | flagged | precision "
+              "| recall | duplicates grouped (threshold) | other duplicate groups | flowers flagged (of 5) "
+              "| outliers (flowers ranked first; scores) | seconds |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("trash6", "sign_digits"):
+            r = run(args.datasets, name, args.cache_dir, Path(tmp))
+            by_kind = ", ".join(f"{k}: {v:.2f}" for k, v in r["grouped_by_kind"].items())
+            lines.append(f"| {name} | {r['images']} | {r['accuracy']:.3f} | sktransfer.audit | "
+                         f"**{r['recall']:.2f}** | {r['flagged']} | {r['flagged_precision']:.2f} | "
+                         f"{r['flagged_recall']:.2f} | **{r['grouped']:.2f}** of {r['duplicates']} ({by_kind}; "
+                         f"auto threshold {r['threshold']:.3f}) | "
+                         f"{r['other_groups']} | {r['outsiders_flagged']} | {r['outliers']} ({'yes' if r['outsiders_first'] else 'no'}; "
+                         f"flowers ≥ {r['lowest_outsider_score']:.2f}, "
+                         + (f"others ≤ {r['top_other_score']:.2f}) | " if r["outliers"] > r["outsiders_flagged"]
+                            else "no others) | ")
+                         + f"{r['seconds']:.0f} |")
+            c = r["cleanlab"]
+            if c is not None:
+                lines.append(f"| {name} | | | cleanlab find_label_issues (same probabilities) | "
+                             f"{c['recall']:.2f} | {c['flagged']} | {c['flagged_precision']:.2f} | "
+                             f"{c['flagged_recall']:.2f} | | | | | |")
+    write_section("audit", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,564 @@
+"""Audit a labelled photo set before trusting it: label errors, duplicates, leakage, outliers.
+
+Everything comes from what sktransfer already has: the cached features of
+every image (one backbone pass each) and the out-of-fold predicted
+probabilities of one cross-validation of the head.
+
+* Label issues follow confident learning (Northcutt, Jiang and Chuang, 2021):
+  the threshold of class j is the average out-of-fold probability of j over
+  the images labelled j (its average self-confidence); an image labelled i
+  whose probability of another class j reaches that class's threshold (the
+  most probable such j) is counted in the off-diagonal cell (i, j) of the
+  confident joint, and is a suspected label error with suggested label j.
+  Suspects are ranked by 1 - p(given label).
+* Duplicates are images whose L2-normalised features have a cosine
+  similarity of at least ``duplicate_threshold`` (found with scikit-learn's
+  ``NearestNeighbors`` radius search), joined into groups; byte-identical
+  files are duplicates whatever the threshold. The default ("auto") adapts
+  to the folder: a pair is joined when its cosine distance is at most
+  ``AUTO_DISTANCE_RATIO`` times the median distance of an image to its third
+  nearest neighbour (the third, so that groups of up to three copies do not
+  shrink the yardstick), since how alike distinct photos look to the backbone
+  varies from folder to folder (hands on one white wall vs. household waste). A group with members in both
+  ``X`` and ``X_test`` is leakage.
+* Outliers are far from every class: for each class, the mean cosine distance
+  of an image to its ``n_neighbors`` nearest images of that class, divided by
+  the class's own fence (upper quartile + 1.5 x inter-quartile range of the
+  same distance among its members, each leaving itself out). An image whose
+  smallest ratio over the classes exceeds 1 is an outlier.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import numbers
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ._inputs import ImageInputError, as_image_list, read_item
+
+__all__ = ["audit", "AuditReport"]
+
+#: The kinds of finding, in the order a report lists them.
+FINDINGS = ("label_issue", "duplicate", "leakage", "outlier")
+#: Outliers lie beyond this many inter-quartile ranges above each class's upper quartile.
+OUTLIER_IQR = 1.5
+#: duplicate_threshold="auto": duplicates are this much closer than the median third-nearest neighbour.
+AUTO_DISTANCE_RATIO = 0.35
+COLUMNS = ["path", "finding", "given_label", "suggested_label", "score", "group"]
+
+
+class AuditReport:
+    """What :func:`audit` found in a labelled image set.
+
+    Indices refer to positions in ``X`` (``test_*`` ones to positions in
+    ``X_test``).
+
+    Attributes
+    ----------
+    classes : ndarray
+        The class labels, in the column order of ``oof_proba``.
+    oof_proba : ndarray of shape (n_images, n_classes)
+        Out-of-fold predicted probabilities of the cross-validated estimator.
+    thresholds : ndarray of shape (n_classes,)
+        Per-class confident-learning thresholds (average self-confidence).
+    duplicate_threshold : float
+        The cosine similarity from which images were joined as duplicates.
+    label_issues : ndarray of int
+        Suspected label errors, most suspicious first.
+    suggested_labels : ndarray
+        The class the out-of-fold model is confident of, per label issue.
+    label_scores : ndarray of float
+        ``1 - p(given label)`` per label issue (higher: more suspicious).
+    duplicate_groups : list of ndarray of int
+        Groups of two or more images of ``X`` that are (near-)duplicates of
+        each other and of nothing in ``X_test``.
+    duplicate_scores : ndarray of float
+        Per image of ``X`` (and ``X_test`` after them): its highest cosine
+        similarity to another member of its group (1.0 for identical files).
+    leakage_groups : list of (ndarray of int, ndarray of int)
+        Duplicate groups across the split: (indices in ``X``, indices in ``X_test``).
+    outliers : ndarray of int
+        Images far from every class, most isolated first.
+    outlier_scores : ndarray of float
+        Per outlier: its distance to the nearest class relative to that class's fence (> 1).
+    """
+
+    def __init__(self, items, y, test_items, y_test, *, classes, oof_proba, thresholds, duplicate_threshold,
+                 label_issues,
+                 suggested_labels, label_scores, duplicate_groups, duplicate_scores, leakage_groups,
+                 outliers, outlier_scores):
+        self.items, self.y = items, y
+        self.test_items, self.y_test = test_items, y_test
+        self.classes = classes
+        self.oof_proba = oof_proba
+        self.thresholds = thresholds
+        self.duplicate_threshold = duplicate_threshold
+        self.label_issues = label_issues
+        self.suggested_labels = suggested_labels
+        self.label_scores = label_scores
+        self.duplicate_groups = duplicate_groups
+        self.duplicate_scores = duplicate_scores
+        self.leakage_groups = leakage_groups
+        self.outliers = outliers
+        self.outlier_scores = outlier_scores
+
+    def __repr__(self):
+        return (f"AuditReport({len(self.items)} images: {len(self.label_issues)} label issues, "
+                f"{len(self.duplicate_groups)} duplicate groups, {len(self.leakage_groups)} leakage "
+                f"groups, {len(self.outliers)} outliers)")
+
+    def _name(self, index, test=False):
+        item = (self.test_items if test else self.items)[index]
+        if isinstance(item, (str, os.PathLike, np.str_)):
+            return os.fspath(item)
+        return f"{'X_test' if test else 'X'}[{index}]"
+
+    def _rows(self):
+        """(finding, side, index, given, suggested, score, group) for every finding."""
+        n = len(self.items)
+        for i, label, score in zip(self.label_issues, self.suggested_labels, self.label_scores):
+            yield "label_issue", "X", int(i), self.y[i], label, float(score), None
+        group = 0
+        for members in self.duplicate_groups:
+            group += 1
+            for i in members:
+                yield "duplicate", "X", int(i), self.y[i], None, float(self.duplicate_scores[i]), group
+        for train, test in self.leakage_groups:
+            group += 1
+            for i in train:
+                yield "leakage", "X", int(i), self.y[i], None, float(self.duplicate_scores[i]), group
+            for j in test:
+                given = None if self.y_test is None else self.y_test[j]
+                yield "leakage", "X_test", int(j), given, None, float(self.duplicate_scores[n + j]), group
+        for i, score in zip(self.outliers, self.outlier_scores):
+            yield "outlier", "X", int(i), self.y[i], None, float(score), None
+
+    def to_frame(self):
+        """One row per finding: ``path, finding, given_label, suggested_label, score, group``.
+
+        ``path`` is the image's path (``X[i]`` or ``X_test[j]`` for images
+        given as bytes or arrays); members of a duplicate or leakage group
+        share ``group``, which is missing (``<NA>``) for other findings.
+
+        Returns
+        -------
+        frame : pandas.DataFrame
+        """
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("AuditReport.to_frame needs pandas: pip install pandas "
+                              "(to_csv and to_html do not).") from None
+        frame = pd.DataFrame(self._records(), columns=COLUMNS)
+        frame["group"] = frame["group"].astype("Int64")
+        return frame
+
+    def _records(self):
+        """The rows of :meth:`to_frame` as tuples, with plain Python values."""
+        return [(self._name(i, side == "X_test"), finding, _plain(given), _plain(suggested), score, group)
+                for finding, side, i, given, suggested, score, group in self._rows()]
+
+    def cleaned(self, drop=FINDINGS):
+        """``X`` and ``y`` without the images of the findings named in ``drop``.
+
+        Of each duplicate group the first image stays; of each leakage group
+        the images in ``X`` go (the test images are what they leaked into).
+
+        Parameters
+        ----------
+        drop : iterable of {"label_issue", "duplicate", "leakage", "outlier"}, default=all
+
+        Returns
+        -------
+        X : list
+            The kept images, in their original order.
+        y : ndarray
+            Their labels.
+        """
+        drop = [drop] if isinstance(drop, str) else list(drop)
+        unknown = [d for d in drop if d not in FINDINGS]
+        if unknown:
+            raise ValueError(f"drop={unknown!r} names no kind of finding; use any of {list(FINDINGS)}.")
+        remove = set()
+        if "label_issue" in drop:
+            remove.update(self.label_issues.tolist())
+        if "duplicate" in drop:
+            for members in self.duplicate_groups:
+                remove.update(members[1:].tolist())
+        if "leakage" in drop:
+            for train, _ in self.leakage_groups:
+                remove.update(train.tolist())
+        if "outlier" in drop:
+            remove.update(self.outliers.tolist())
+        keep = [i for i in range(len(self.items)) if i not in remove]
+        return [self.items[i] for i in keep], self.y[keep]
+
+    def to_html(self, path, thumbnail_size=128):
+        """Write a self-contained HTML page of the findings, each with a thumbnail.
+
+        Thumbnails are embedded in the page, so it reads offline and can be
+        moved or mailed alone. The file is written atomically.
+
+        Parameters
+        ----------
+        path : str or path-like
+        thumbnail_size : int, default=128
+            Longest side of the thumbnails, in pixels.
+        """
+        files = [os.path.abspath(os.fspath(item)) for item in self.items + self.test_items
+                 if isinstance(item, (str, os.PathLike, np.str_))]
+        # Paths are shown relative to the folder all the images are in, to keep captions short.
+        try:
+            root = os.path.commonpath([os.path.dirname(f) for f in files]) if files else None
+        except ValueError:  # on different drives
+            root = None
+        sections = []
+        for finding, title, explanation in (
+            ("label_issue", "Suspected label errors",
+             "The out-of-fold model is confident of another class. Score: 1 &minus; p(given label)."),
+            ("duplicate", "Duplicates", "Images with nearly the same features (one group per row). "
+             "Score: cosine similarity to the closest other member (1 for identical files)."),
+            ("leakage", "Leakage across the split", "Images in both the data and the test set."),
+            ("outlier", "Outliers", "Far from every class. Score: distance to the nearest class "
+             "relative to that class's own spread (above 1 is beyond the class's fence)."),
+        ):
+            rows = [r for r in self._rows() if r[0] == finding]
+            cells = []
+            for _, side, i, given, suggested, score, group in rows:
+                item = (self.test_items if side == "X_test" else self.items)[i]
+                name = self._name(i, side == "X_test")
+                if root is not None and isinstance(item, (str, os.PathLike, np.str_)):
+                    name = os.path.relpath(os.path.abspath(name), root)
+                caption = [html.escape(name)]
+                if side == "X_test":
+                    caption.append("<b>test set</b>")
+                if given is not None:
+                    caption.append(f"given: <b>{html.escape(str(given))}</b>")
+                if suggested is not None:
+                    caption.append(f"suggested: <b>{html.escape(str(suggested))}</b>")
+                caption.append(f"score {score:.3f}" + ("" if group is None else f", group {group}"))
+                cells.append((group, f'<figure>{_thumbnail(item, thumbnail_size)}'
+                                     f'<figcaption>{"<br>".join(caption)}</figcaption></figure>'))
+            if finding in ("duplicate", "leakage"):
+                groups = {}
+                for group, cell in cells:
+                    groups.setdefault(group, []).append(cell)
+                body = "\n".join(f'<div class="group">{"".join(g)}</div>' for g in groups.values())
+            else:
+                body = f'<div class="group">{"".join(cell for _, cell in cells)}</div>'
+            sections.append(f"<h2>{title} ({len(rows)})</h2>\n<p>{explanation}</p>\n"
+                            + (body if rows else "<p>None found.</p>"))
+        page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>sktransfer audit</title>
+<style>body{{font-family:sans-serif;margin:1em 2em}}
+.group{{display:flex;flex-wrap:wrap;gap:.5em;border-bottom:1px solid #ccc;padding:.5em 0}}
+figure{{margin:0;width:{thumbnail_size + 32}px;font-size:small;overflow-wrap:anywhere}}
+img{{max-width:{thumbnail_size}px;max-height:{thumbnail_size}px;display:block}}</style>
+</head><body>
+<h1>Audit of {len(self.items)} images</h1>
+<p>{html.escape(repr(self))}{"" if root is None else f". Paths are relative to {html.escape(root)}"}</p>
+{chr(10).join(sections)}
+</body></html>
+"""
+        write_atomic(path, page.encode("utf-8"))
+
+    def to_csv(self, path):
+        """Write the rows of :meth:`to_frame` as CSV, atomically, with spreadsheet formulas neutralised."""
+        import csv
+
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for record in self._records():
+            writer.writerow(["" if v is None else _spreadsheet_safe(v) for v in record])
+        write_atomic(path, text.getvalue().encode("utf-8"))
+
+
+def _plain(value):
+    """numpy scalars as Python values, for a tidy frame."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _spreadsheet_safe(value):
+    """A leading ' before text a spreadsheet would run as a formula (= + - @)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def write_atomic(path, data):
+    """Write ``data`` (bytes) to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _thumbnail(item, size):
+    """An <img> tag with a small JPEG of ``item`` embedded, or a note when it cannot be read."""
+    from ._images import open_image
+
+    try:
+        image = open_image(read_item(item)[1]).convert("RGB")
+    except (OSError, ValueError, TypeError) as e:
+        return f"<p>(cannot show: {html.escape(str(e))})</p>"
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img src="data:image/jpeg;base64,{data}" alt="">'
+
+
+# --------------------------------------------------------------------------
+# The three analyses, on arrays
+
+def confident_label_issues(y_enc, proba):
+    """Confident-learning label issues: ``(indices ranked, suggested class indices, scores, thresholds)``."""
+    n_classes = proba.shape[1]
+    thresholds = np.array([proba[y_enc == j, j].mean() for j in range(n_classes)])
+    confident = proba >= thresholds
+    # Among the classes an image reaches the threshold of, the most probable one.
+    guess = np.where(confident, proba, -1.0).argmax(axis=1)
+    issue = confident.any(axis=1) & (guess != y_enc)
+    self_confidence = proba[np.arange(len(y_enc)), y_enc]
+    indices = np.flatnonzero(issue)
+    indices = indices[np.argsort(self_confidence[indices], kind="stable")]
+    return indices, guess[indices], 1.0 - self_confidence[indices], thresholds
+
+
+def auto_threshold(unit):
+    """The cosine similarity of ``duplicate_threshold="auto"`` for these unit feature vectors."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(4, len(unit))  # the image itself and its three nearest neighbours
+    distance, _ = NearestNeighbors(n_neighbors=k).fit(unit).kneighbors(unit)
+    third = distance[:, k - 1] ** 2 / 2.0  # cosine distance on unit vectors
+    return float(1.0 - AUTO_DISTANCE_RATIO * np.median(third))
+
+
+def duplicate_components(unit, digests, threshold):
+    """Group ids (connected components of similarity >= threshold) and each image's best in-group similarity."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(unit)
+    # On unit vectors |a - b|^2 = 2 - 2 cos(a, b): a radius search in Euclidean distance.
+    radius = float(np.sqrt(max(2.0 - 2.0 * threshold, 0.0)))
+    graph = NearestNeighbors(radius=radius).fit(unit).radius_neighbors_graph(unit, mode="distance")
+    graph = graph.tocoo()
+    off = graph.row != graph.col
+    rows, cols = graph.row[off], graph.col[off]
+    similarity = 1.0 - graph.data[off] ** 2 / 2.0
+    # Identical files are duplicates whatever the threshold (and score exactly 1).
+    first, same = {}, []
+    for i, digest in enumerate(digests):
+        j = first.setdefault(digest, i)
+        if j != i:
+            same.append((j, i))
+    if same:
+        a, b = np.array(same).T
+        rows, cols = np.concatenate([rows, a, b]), np.concatenate([cols, b, a])
+        similarity = np.concatenate([similarity, np.ones(2 * len(a))])
+    adjacency = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(adjacency, directed=False)
+    best = np.zeros(n)
+    np.maximum.at(best, rows, np.minimum(similarity, 1.0))
+    return labels, best
+
+
+def class_outliers(unit, y_enc, n_classes, components, n_neighbors):
+    """Outliers far from every class: ``(indices ranked, scores)``; see the module docstring."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(unit)
+    sizes = np.bincount(components)
+    ratio = np.full(n, np.inf)
+    for c in range(n_classes):
+        members = np.flatnonzero(y_enc == c)
+        if len(members) < 2:  # no spread to measure (possible with a custom cv splitter)
+            continue
+        k = min(n_neighbors, len(members) - 1)
+        # Skip the image itself and its duplicates: a twin must not hide an outlier.
+        extra = int(sizes[components[members]].max())
+        query = min(k + extra, len(members))
+        distance, neighbour = NearestNeighbors(n_neighbors=query).fit(unit[members]).kneighbors(unit)
+        distance = distance ** 2 / 2.0  # cosine distance on unit vectors
+        same = components[members[neighbour]] == components[:, None]
+        distance = np.where(same, np.inf, distance)
+        nearest = np.sort(distance, axis=1)[:, :k].mean(axis=1)
+        q1, q3 = np.quantile(nearest[members], [0.25, 0.75])
+        fence = max(q3 + OUTLIER_IQR * (q3 - q1), 1e-12)
+        ratio = np.minimum(ratio, nearest / fence)
+    indices = np.flatnonzero(ratio > 1.0)
+    indices = indices[np.argsort(-ratio[indices], kind="stable")]
+    return indices, ratio[indices]
+
+
+# --------------------------------------------------------------------------
+# The public function
+
+def _check_cv(cv, y, random_state):
+    from sklearn.model_selection import StratifiedKFold, check_cv
+
+    if isinstance(cv, numbers.Integral) and not isinstance(cv, bool):
+        if cv < 2:
+            raise ValueError(f"cv={cv} must be at least 2 (the number of folds).")
+        classes, counts = np.unique(y, return_counts=True)
+        if counts.min() < cv:
+            raise ValueError(
+                f"class {classes[counts.argmin()]!r} has {counts.min()} image(s), fewer than cv={cv} "
+                "folds: every image needs an out-of-fold prediction. Add images or lower cv."
+            )
+        return StratifiedKFold(cv, shuffle=True, random_state=random_state)
+    if hasattr(cv, "split"):
+        return check_cv(cv, y, classifier=True)
+    raise ValueError(f"cv={cv!r} must be a number of folds (int >= 2) or a scikit-learn splitter.")
+
+
+def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshold="auto",
+          n_neighbors=5, random_state=0, verbose=0):
+    """Find suspected label errors, duplicates, train/test leakage and outliers in labelled images.
+
+    The images are embedded once with ``estimator``'s backbone (features are
+    cached, so this is free for a folder embedded before); the audit then
+    costs the head fits of one cross-validation
+    (``cross_val_predict(estimator, X, y, cv=cv, method="predict_proba")``)
+    and nearest-neighbour searches in feature space.
+
+    Parameters
+    ----------
+    estimator : PretrainedImageClassifier or None
+        The classifier (unfitted; it is cloned) whose out-of-fold
+        probabilities judge the labels, and whose backbone gives the
+        features. None: ``PretrainedImageClassifier(random_state=random_state)``.
+    X : sequence of images
+        Paths, encoded bytes, PIL images or uint8 arrays.
+    y : array-like of shape (n_images,)
+        The given label of each image.
+    cv : int or cross-validation splitter, default=5
+        Folds of the cross-validation (stratified and shuffled with
+        ``random_state`` when an int).
+    X_test : sequence of images or None, default=None
+        A held-out set to check for leakage: images of ``X`` duplicated in it.
+    y_test : array-like or None, default=None
+        Labels of ``X_test``, shown beside leakage findings.
+    duplicate_threshold : float or "auto", default="auto"
+        Cosine similarity of features from which two images are duplicates.
+        "auto": ``1 - 0.35 * m``, where ``m`` is the median cosine distance of
+        an image to its third-nearest neighbour in ``X`` and ``X_test`` (0.857
+        for the household-waste photos of trash6, 0.972 for the hands of sign_digits; docs/audit.md has the measurements
+        behind it). A fixed value suits folders you know.
+    n_neighbors : int, default=5
+        Neighbours per class in the outlier distance.
+    random_state : int, RandomState or None, default=0
+        Seeds the folds (and the default estimator).
+    verbose : int, default=0
+        Report the stages and show an embedding progress bar on stderr when > 0.
+
+    Returns
+    -------
+    report : AuditReport
+
+    Examples
+    --------
+    >>> from sktransfer import PretrainedImageClassifier, audit, load_image_folder
+    >>> X, y = load_image_folder("sktransfer/data/flowers_sample")
+    >>> report = audit(PretrainedImageClassifier(random_state=0), X[::3], y[::3], cv=3)
+    >>> list(report.to_frame().columns)
+    ['path', 'finding', 'given_label', 'suggested_label', 'score', 'group']
+    """
+    from sklearn.base import clone, is_classifier
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.utils.multiclass import check_classification_targets, type_of_target
+
+    from ._estimator import PretrainedImageClassifier
+
+    if estimator is None:
+        estimator = PretrainedImageClassifier(random_state=random_state)
+    if not (is_classifier(estimator) and hasattr(estimator, "_make_embedder")):
+        raise TypeError(
+            f"estimator must be a PretrainedImageClassifier (or None for the default one), "
+            f"got {type(estimator).__name__}: the audit needs its backbone's features."
+        )
+    items = as_image_list(X)
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != len(items):
+        raise ValueError(f"y must hold one label per image: X has {len(items)} images, y has shape {y.shape}.")
+    check_classification_targets(y)
+    if type_of_target(y) not in ("binary", "multiclass") or len(np.unique(y)) < 2:
+        raise ValueError(f"y must have at least 2 classes to cross-validate; it has {np.unique(y).tolist()}.")
+    test_items = [] if X_test is None else as_image_list(X_test, name="X_test")
+    if y_test is not None:
+        y_test = np.asarray(y_test)
+        if X_test is None or y_test.shape != (len(test_items),):
+            raise ValueError(f"y_test must hold one label per image of X_test ({len(test_items)}), "
+                             f"got shape {y_test.shape}.")
+    if not (duplicate_threshold == "auto" or isinstance(duplicate_threshold, numbers.Real)
+            and not isinstance(duplicate_threshold, bool) and 0.0 < duplicate_threshold <= 1.0):
+        raise ValueError(f"duplicate_threshold={duplicate_threshold!r} must be a cosine similarity in (0, 1] "
+                         "or 'auto'.")
+    if not (isinstance(n_neighbors, numbers.Integral) and n_neighbors >= 1):
+        raise ValueError(f"n_neighbors={n_neighbors!r} must be a positive integer.")
+    splitter = _check_cv(cv, y, random_state)
+
+    say = (lambda text: print(f"audit: {text}", file=sys.stderr, flush=True)) if verbose else (lambda text: None)
+    everything = items + test_items
+    say(f"embedding {len(everything)} images (cached ones are read, not recomputed)")
+    embedder = clone(estimator)._make_embedder().set_params(verbose=int(verbose > 0)).fit()
+    features = embedder.transform(everything)  # every bad image is reported here, before any training
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    unit = features / np.where(norms > 0, norms, 1.0)
+
+    n_folds = splitter.get_n_splits(items, y)
+    say(f"cross-validating the head ({n_folds} fits on cached features)")
+    proba = cross_val_predict(clone(estimator), items, y, cv=splitter, method="predict_proba")
+    classes = np.unique(y)
+    y_enc = np.searchsorted(classes, y)
+    issues, suggested, label_scores, thresholds = confident_label_issues(y_enc, proba)
+
+    say("searching nearest neighbours for duplicates and outliers")
+    digests = []
+    errors = []
+    for i, item in enumerate(everything):
+        try:
+            digests.append(read_item(item)[0])
+        except (OSError, ValueError, TypeError) as e:  # changed on disk since it was embedded
+            errors.append((i, item, str(e) or type(e).__name__))
+    if errors:
+        raise ImageInputError(errors)
+    if duplicate_threshold == "auto":
+        duplicate_threshold = auto_threshold(unit)
+    components, best = duplicate_components(unit, digests, float(duplicate_threshold))
+    n = len(items)
+    duplicate_groups, leakage_groups = [], []
+    order = np.argsort(components, kind="stable")
+    for group in np.split(order, np.flatnonzero(np.diff(components[order])) + 1):
+        if len(group) < 2:
+            continue
+        train, test = group[group < n], group[group >= n] - n
+        if len(train) and len(test):
+            leakage_groups.append((train, test))
+        elif len(train) > 1:
+            duplicate_groups.append(train)
+    outliers, outlier_scores = class_outliers(unit[:n], y_enc, len(classes), components[:n], n_neighbors)
+    return AuditReport(
+        items, y, test_items, y_test, classes=classes, oof_proba=proba, thresholds=thresholds,
+        duplicate_threshold=float(duplicate_threshold),
+        label_issues=issues, suggested_labels=classes[suggested], label_scores=label_scores,
+        duplicate_groups=duplicate_groups, duplicate_scores=best, leakage_groups=leakage_groups,
+        outliers=outliers, outlier_scores=outlier_scores,
+    )
