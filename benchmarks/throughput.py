@@ -1,26 +1,27 @@
-"""Image paths through the backbone at the speed of the backbone itself.
+"""Image paths through the backbone at the speed of the CPU's own inference engine.
 
 For each backbone and photo size, in one run:
-- compute-only img/s: random tensors already in memory, batch 32, eager
-  channels_last and torch.compile (the better one is the reference), each
-  in glibc's default heap (as a plain script runs) and again with the heap
-  setting sktransfer uses during its passes (``steady_heap``), so the
-  ratio is shown against both;
+- compute-only img/s of every engine and precision this machine offers
+  (PyTorch float32 eager channels_last, OpenVINO float32; OpenVINO and
+  PyTorch bfloat16 only where the CPU computes bfloat16 natively;
+  torch.compile's figures are in the earlier runs of this page): a batch of 32 preprocessed uint8 images already in memory
+  through sktransfer's runner for that path, with sktransfer's heap setting;
 - naive img/s: PIL.Image.open -> torchvision transforms -> eager forward,
-  batch 32, decoding in the main thread;
-- sktransfer steady state: ImageEmbedder.fit_transform(paths) and the
-  classifier's fit with the model built (and compiled, when compile=True)
-  and the feature cache emptied;
-- cold job: a fresh process with empty feature caches embedding every photo,
-  set-up included, beside the naive loop run the same way;
+  batch 32, decoding in the main thread, in a fresh process;
+- sktransfer steady state: ImageEmbedder.transform(paths) with the model
+  built (and, for OpenVINO, converted and compiled) and the feature cache
+  emptied, for engine="auto" (what it chose is shown) and engine="torch";
+- cold jobs: fresh processes with empty feature caches embedding 1,600
+  photos (flowers5, resized to 500x375), set-up included, beside the naive
+  loop: engine="auto" with no converted body on disk (the job converts it)
+  and with one (a later job);
 - warm latency of predicting one image with a fitted default model;
 - peak memory growth while embedding all photos of ../shared/datasets/flowers5,
   over the process with the model loaded and no image seen yet.
 
-Photos of 500x375 and 1600x1200 are made from ../shared/datasets/flowers5 by
-resizing (so they are real photos, though smoother than camera originals).
-resnet18 runs with random weights (its ImageNet weights need a download): the
-arithmetic, and so the speed, is the same.
+Photos: ../shared/datasets/trash6 as they are (512x384 camera photos) and
+1600x1200 versions of them made into a temporary folder. resnet18/resnet50
+run only where their ImageNet weights are on disk (they need a download).
 
     python benchmarks/throughput.py [--n 320] [--cold-n 1600] [--write]
 """
@@ -28,24 +29,43 @@ arithmetic, and so the speed, is the same.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from _common import DATASETS, Timer, machine, run_script, stratified_subset, write_section
 
 
-def make_photos(folder, n, size, seed=0):
+def cpu_line():
+    """The CPU model and the flags that decide the engine's precision."""
+    from sktransfer._engine import cpu_has_bf16
+
+    model, flags = "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags]
+    return f"{model}, flags {' '.join(shown) or 'none of interest'} (native bfloat16: {cpu_has_bf16()})"
+
+
+def make_photos(folder, n, size, seed=0, source="flowers5"):
+    """``n`` photos of ``source``; resized to ``size`` (a new file each) unless ``size`` is None."""
     from PIL import Image
 
-    paths, labels = stratified_subset(DATASETS / "flowers5", n, seed=seed)
+    paths, labels = stratified_subset(DATASETS / source, n, seed=seed)
+    if size is None:
+        return [str(p) for p in paths], labels
     out = []
     for i, (p, label) in enumerate(zip(paths, labels)):
-        target = Path(folder) / f"{size[0]}x{size[1]}" / label / f"{i:05d}.jpg"
+        target = Path(folder) / source / f"{size[0]}x{size[1]}" / label / f"{i:05d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
             Image.open(p).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(target, quality=90)
@@ -54,28 +74,45 @@ def make_photos(folder, n, size, seed=0):
 
 
 def weights_for(name):
-    return "DEFAULT" if name == "efficientnet_lite0" else None
+    """The pretrained weights where they are on disk; None (skip) where they need a download."""
+    from sktransfer._backbones import describe_backbone
+
+    return "DEFAULT" if describe_backbone(name)["weights_offline"] else None
+
+
+def plans_offered():
+    """Every engine and precision this machine runs natively, as (engine, precision)."""
+    from sktransfer import _engine
+
+    plans = [("torch", "float32")]
+    if _engine.cpu_has_bf16():
+        plans.append(("torch", "bfloat16"))
+    if _engine._openvino_core() is not None:
+        plans.append(("openvino", "float32"))
+        if _engine.cpu_has_bf16():
+            plans.append(("openvino", "bfloat16"))
+    return plans
 
 
 def compute_only(backbone, batch=32, seconds=8.0):
-    """img/s of the bare forward pass on random tensors, eager channels_last and
-    compiled, each in glibc's default heap and with sktransfer's heap setting."""
+    """img/s of each offered path on a batch of uint8 images already in memory."""
     from sktransfer._runtime import steady_heap
 
-    module = backbone.module
-    x = torch.randn(batch, 3, backbone.preprocessing.crop_size, backbone.preprocessing.crop_size)
-    x = x.contiguous(memory_format=torch.channels_last)
-    compiled = torch.compile(module, dynamic=False)
+    h, w = backbone.preprocessing.crop_shape
+    arrays = list(np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), dtype=np.uint8))
     rates = {}
-    for heap, context in (("", contextlib.nullcontext), (" tuned heap", steady_heap)):
-        for name, fn in (("eager channels_last", module), ("torch.compile", compiled)):
-            with torch.inference_mode(), context():
-                fn(x)
-                done, start = 0, time.perf_counter()
-                while time.perf_counter() - start < seconds:
-                    fn(x)
-                    done += batch
-            rates[name + heap] = done / (time.perf_counter() - start)
+    for engine, precision in plans_offered():
+        plan = backbone.plan(engine=engine, precision=precision)
+        run = backbone.runner(plan, "cpu")
+        with steady_heap():
+            run(arrays)  # warm-up
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                run(arrays)
+                done += batch
+        label = f"{engine} {precision}"
+        rates[label] = done / (time.perf_counter() - start)
+        print(f"compute-only {backbone.name}, {label}: {rates[label]:.1f} img/s", flush=True)
     return rates
 
 
@@ -104,7 +141,7 @@ import sys, time, json
 start = time.perf_counter()
 from sktransfer import ImageEmbedder
 name, weights, paths = sys.argv[1], (None if sys.argv[2] == "None" else sys.argv[2]), json.load(open(sys.argv[3]))
-ImageEmbedder(name, weights=weights, compile=sys.argv[4] if sys.argv[4] == "auto" else sys.argv[4] == "True").fit_transform(paths)
+ImageEmbedder(name, weights=weights, engine=sys.argv[4]).fit_transform(paths)
 print(json.dumps({"seconds": time.perf_counter() - start, "n": len(paths)}))
 '''
 
@@ -112,7 +149,7 @@ MEMORY = r'''
 import json, sys, threading, time
 from sktransfer import ImageEmbedder, load_image_folder
 paths, _ = load_image_folder(sys.argv[1])
-emb = ImageEmbedder(compile=False).fit()
+emb = ImageEmbedder().fit()
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 base, peak, running = rss(), 0, True  # the loaded model, before any image
@@ -133,10 +170,9 @@ print(json.dumps({"base": base, "peak": peak, "n": len(paths), "features_bytes":
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=320, help="photos for the steady-state rows")
-    parser.add_argument("--cold-n", type=int, default=1600, help="photos for the cold-job rows")
-    parser.add_argument("--backbones", default="efficientnet_lite0,resnet18")
-    parser.add_argument("--sizes", default="500x375,1600x1200")
-    parser.add_argument("--cold-all", action="store_true", help="cold jobs for every photo size, not just the first")
+    parser.add_argument("--cold-n", type=int, default=1600, help="photos for the cold-job rows (0: none)")
+    parser.add_argument("--no-memory", action="store_true", help="leave out the peak-memory row")
+    parser.add_argument("--backbones", default="efficientnet_lite0,resnet18,resnet50")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
 
@@ -144,81 +180,103 @@ def main():
     from sktransfer._backbones import build_backbone
 
     work = Path(tempfile.mkdtemp(prefix="sktransfer-bench-"))
+    os.environ["SKTRANSFER_ENGINE_CACHE"] = str(work / "converted")  # this run converts afresh
     lines = [
-        f"{machine()}. Steady state on {args.n} photos, cold jobs on {args.cold_n} "
-        "(fresh processes, empty feature caches, set-up included). img/s = images per second.",
+        f"{machine()}; {cpu_line()}. Steady state on {args.n} photos of trash6, cold jobs on "
+        f"{args.cold_n} photos of flowers5 resized to 500x375 (fresh processes, empty feature "
+        "caches, set-up included). img/s = images per second; compute-only = a batch of 32 "
+        "preprocessed images in memory through each engine and precision.",
         "",
-        "| backbone | photos | compute-only eager CL | compute-only compiled "
-        "| compute-only eager CL, tuned heap | compute-only compiled, tuned heap | naive loop "
-        "| sktransfer steady (eager) | sktransfer steady (compiled) | steady / best compute "
-        "| steady / best compute, tuned heap | classifier fit img/s | naive cold job s "
-        "| sktransfer cold job s (auto) | cold speed-up |",
-        "|---|---|" + "---:|" * 13,
+        "| backbone | photos | compute-only img/s by path | naive loop | steady, auto (its choice) "
+        "| steady, torch float32 | steady auto / best compute | auto / torch float32 |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
+    skipped, colds = [], []
     for name in args.backbones.split(","):
-        backbone = build_backbone(name, weights_for(name))
+        weights = weights_for(name)
+        if weights is None:
+            skipped.append(name)
+            continue
+        backbone = build_backbone(name, weights)
         rates = compute_only(backbone)
-        best = max(rates["eager channels_last"], rates["torch.compile"])
-        best_tuned = max(rates["eager channels_last tuned heap"], rates["torch.compile tuned heap"])
-        for size in args.sizes.split(","):
-            w, h = map(int, size.split("x"))
-            paths, labels = make_photos(work, args.n, (w, h))
+        best = max(rates.values())
+        for size in ("trash6", "1600x1200"):
+            paths, labels = make_photos(work, args.n, None if size == "trash6" else (1600, 1200),
+                                        source="trash6")
             listing = work / f"paths-{size}.json"
             listing.write_text(json.dumps(paths))
-            naive = run_script(NAIVE, name, weights_for(name), listing)
-            steady = {}
-            for compiled in (False, True):
-                emb = ImageEmbedder(name, weights=weights_for(name), compile=compiled).fit()
+            naive = run_script(NAIVE, name, weights, listing)
+            steady, chose = {}, None
+            for engine in ("auto", "torch"):
+                emb = ImageEmbedder(name, weights=weights, engine=engine).fit()
                 clear_cache()
-                emb.transform(paths[:64])  # warm-up (and compilation), from an empty cache
+                emb.transform(paths)  # warm-up; auto finds the body converted by compute_only
                 clear_cache()
                 with Timer() as t:
                     emb.transform(paths)
-                steady[compiled] = len(paths) / t.seconds
-            clf = PretrainedImageClassifier(name, weights=weights_for(name), compile=True)
-            clear_cache()
-            clf.fit(paths[::5], labels[::5])  # warm-up on every class
-            clear_cache()
-            with Timer() as t:
-                clf.fit(paths, labels)
-            fit_rate = len(paths) / t.seconds
-            naive_cold = ours_cold = float("nan")
-            if size == args.sizes.split(",")[0] or args.cold_all:  # the target is set on 500x375
-                cold_paths, _ = make_photos(work, args.cold_n, (w, h), seed=1)
-                cold_listing = work / f"cold-{size}.json"
-                cold_listing.write_text(json.dumps(cold_paths))
-                naive_cold = run_script(NAIVE, name, weights_for(name), cold_listing)["seconds"]
-                ours_cold = run_script(OURS, name, weights_for(name), cold_listing, "auto")["seconds"]
+                steady[engine] = len(paths) / t.seconds
+                if engine == "auto":
+                    chose = emb.backbone_.plan(engine="auto", precision="auto")
             lines.append(
-                f"| {name} | {size} | {rates['eager channels_last']:.1f} | {rates['torch.compile']:.1f} "
-                f"| {rates['eager channels_last tuned heap']:.1f} | {rates['torch.compile tuned heap']:.1f} "
-                f"| {naive['n'] / naive['seconds']:.1f} | {steady[False]:.1f} | {steady[True]:.1f} "
-                f"| {max(steady.values()) / best:.2f} | {max(steady.values()) / best_tuned:.2f} "
-                f"| {fit_rate:.1f} | {naive_cold:.1f} | {ours_cold:.1f} "
-                f"| {naive_cold / ours_cold:.2f} |"
+                f"| {name} | {size} | {', '.join(f'{k} {v:.1f}' for k, v in rates.items())} "
+                f"| {naive['n'] / naive['seconds']:.1f} | {steady['auto']:.1f} ({chose.engine} {chose.precision}) "
+                f"| {steady['torch']:.1f} | {steady['auto'] / best:.2f} | {steady['auto'] / steady['torch']:.2f} |"
             )
             print(lines[-1], flush=True)
+        if not args.cold_n:
+            continue
+        cold_paths, _ = make_photos(work, args.cold_n, (500, 375), seed=1)
+        cold_listing = work / "cold.json"
+        cold_listing.write_text(json.dumps(cold_paths))
+        os.environ["SKTRANSFER_ENGINE_CACHE"] = str(work / f"cold-{name}")  # nothing converted yet
+        naive_cold = run_script(NAIVE, name, weights, cold_listing)["seconds"]
+        first = run_script(OURS, name, weights, cold_listing, "auto")["seconds"]
+        later = run_script(OURS, name, weights, cold_listing, "auto")["seconds"]
+        torch_cold = run_script(OURS, name, weights, cold_listing, "torch")["seconds"]
+        colds.append(f"| {name} | {naive_cold:.1f} | {torch_cold:.1f} | {first:.1f} | {later:.1f} "
+                     f"| {naive_cold / first:.2f} | {naive_cold / later:.2f} |")
+        print(colds[-1], flush=True)
+        os.environ["SKTRANSFER_ENGINE_CACHE"] = str(work / "converted")
 
-    clf = PretrainedImageClassifier(random_state=0).fit(paths[::8], labels[::8])  # every class
-    one = paths[50]
-    clf.predict([one])
-    latencies = []
-    for _ in range(20):
-        clear_cache()
-        with Timer() as t:
-            clf.predict([one])
-        latencies.append(t.seconds * 1000)
-    mem = run_script(MEMORY, DATASETS / "flowers5")
+    lines += [] if not colds else [
+        "",
+        "| backbone | naive cold job s | sktransfer torch s | sktransfer auto, converting s "
+        "| sktransfer auto, converted before s | speed-up, converting | speed-up, converted before |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *colds,
+    ]
+    if skipped:
+        lines += ["", f"Not measured, their ImageNet weights are not on this machine (a download): "
+                      f"{', '.join(skipped)}."]
+
+    paths, labels = make_photos(work, min(args.n, 160), None, source="trash6")
+    latency = {}
+    for engine in ("auto", "torch"):
+        clf = PretrainedImageClassifier(random_state=0, engine=engine).fit(paths, labels)
+        one = paths[50]
+        clf.predict([one])
+        times = []
+        for _ in range(20):
+            clear_cache()
+            with Timer() as t:
+                clf.predict([one])
+            times.append(t.seconds * 1000)
+        plan = clf.embedder_.backbone_.plan(engine=engine, precision="auto")
+        latency[f"{engine} ({plan.engine} {plan.precision})"] = np.median(times)
     lines += [
         "",
-        f"Predicting one {size} photo with a fitted default model, warm, feature cache emptied each time: "
-        f"median {np.median(latencies):.0f} ms over 20 calls.",
-        "",
-        f"Embedding all {mem['n']} photos of `../shared/datasets/flowers5`: peak memory "
-        f"{(mem['peak'] - mem['base']) / 2**20:.0f} MB above the loaded model "
-        f"(the feature matrix itself is {mem['features_bytes'] / 2**20:.0f} MB).",
+        "Predicting one trash6 photo with a fitted default model, warm, feature cache emptied each time, "
+        "median of 20 calls: " + ", ".join(f"engine={k}: {v:.0f} ms" for k, v in latency.items()) + ".",
     ]
-    print("\n".join(lines[-4:]))
+    if not args.no_memory:
+        mem = run_script(MEMORY, DATASETS / "flowers5")
+        lines += [
+            "",
+            f"Embedding all {mem['n']} photos of `../shared/datasets/flowers5`: peak memory "
+            f"{(mem['peak'] - mem['base']) / 2**20:.0f} MB above the loaded model "
+            f"(the feature matrix itself is {mem['features_bytes'] / 2**20:.0f} MB).",
+        ]
+    print("\n".join(lines))
     if args.write:
         write_section("throughput", "## Throughput\n\n" + "\n".join(lines))
 

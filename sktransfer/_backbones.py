@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import _engine
 from ._cache import namespace, new_hasher
 from ._images import Preprocessing
 
@@ -60,32 +61,62 @@ class Backbone:
     preprocessing: Preprocessing
     num_features: int
     fingerprint: str
-    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+    _handles: dict = field(default_factory=dict, repr=False, compare=False)
     stages: object = field(default=None, repr=False, compare=False)
     _prefixes: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def on(self, device, compiled=False):
-        """The body on ``device``: the module itself on the CPU, else a copy made
-        once; with ``compiled``, a ``torch.compile``d version (made once, for a
-        fixed batch shape), or None when this machine cannot compile."""
-        device = torch.device(device)
-        key = (device, compiled)
-        if key not in self._on_device:
-            module = self.module if device.type == "cpu" else copy.deepcopy(self.module).to(device)
-            if compiled:
-                module = _compile(module, self.name)
-            self._on_device[key] = module
-        return self._on_device[key]
+    def plan(self, device="cpu", engine="auto", precision="auto", compile=False, n_images=0):
+        """The engine and precision this body runs on here, for a call of ``n_images`` images.
+
+        ``"auto"`` is resolved for this machine (see :func:`sktransfer._engine.choose`);
+        where OpenVINO cannot convert the body, the plan is PyTorch's (told once).
+        """
+        shape = self.preprocessing.crop_shape
+        converted = engine == "auto" and ("openvino" in self._handles
+                                          or _engine.is_converted(self.fingerprint, shape))
+        plan = _engine.choose(engine, precision, device, compile, n_images=n_images, converted=converted)
+        if plan.engine == "openvino":
+            with _HANDLES_LOCK:
+                if "openvino" not in self._handles:
+                    self._handles["openvino"] = _engine.convert(self.module, self.fingerprint, shape, self.name)
+            if self._handles["openvino"] is None:  # could not convert (told once)
+                plan = _engine.choose("torch", precision, device, compile, n_images=n_images, converted=False)
+        return plan
+
+    def runner(self, plan, device="cpu", compiled=False, batch_size=None):
+        """What runs this body on ``plan``: a callable from a list of HxWx3 uint8 arrays
+        (``preprocessing.to_array``) to their features. Made once per process and kept
+        here; never pickled. ``compiled`` runs PyTorch through ``torch.compile``, for
+        batches of ``batch_size``."""
+        device = str(torch.device(device))
+        if plan.engine == "openvino":
+            key = ("openvino", plan.precision, torch.get_num_threads())
+        else:
+            key = ("torch", device, plan.precision, batch_size if compiled else None)
+        with _HANDLES_LOCK:
+            if key not in self._handles:
+                if plan.engine == "openvino":
+                    graph = _engine.compile_openvino(self._handles["openvino"], self.preprocessing,
+                                                     plan.precision, key[2])
+                    self._handles[key] = _engine.OpenVINORunner(graph)
+                else:
+                    module = self.module if device == "cpu" else copy.deepcopy(self.module).to(device)
+                    fast = _engine.torch_compile(module, self.name) if compiled else None
+                    self._handles[key] = _engine.TorchRunner(module, self.preprocessing, device,
+                                                             plan.precision, fast, batch_size)
+            return self._handles[key]
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_on_device"] = {}  # device copies are rebuilt where the model is loaded
+        state["_handles"] = {}  # runtime handles are rebuilt where the model is loaded
         state["_prefixes"] = {}
         return state
 
     def __setstate__(self, state):
         state.setdefault("stages", None)
         state.setdefault("_prefixes", {})
+        state.pop("_on_device", None)  # saved by earlier releases
+        state["_handles"] = {}
         self.__dict__.update(state)
 
     def _stages(self, unfreeze):
@@ -157,14 +188,6 @@ class _Flat(nn.Module):
 
     def forward(self, x):
         return self.net(x).flatten(1)
-
-
-def _compile(module, name):
-    try:
-        return torch.compile(module, dynamic=False)
-    except Exception as e:  # no compiler, unsupported platform: eager still works
-        warnings.warn(f"torch.compile is not available for backbone {name!r} here ({e}); running eagerly.")
-        return None
 
 
 class _Body(nn.Module):
@@ -513,6 +536,7 @@ def list_backbones(include_timm=False):
 # (weights from disk, fingerprinting) is paid once.
 _BUILT = {}
 _BUILT_LOCK = threading.Lock()
+_HANDLES_LOCK = threading.RLock()
 
 
 def _weights_key(weights):

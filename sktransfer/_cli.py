@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ._engine import ENGINES, PRECISIONS
 from ._outputs import csv_text, safe_text, write_atomic
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "trash_sample"
@@ -256,6 +257,7 @@ def _fit(args):
     clf = PretrainedImageClassifier(
         backbone=args.backbone, cache_dir=args.cache_dir,
         device=args.device, random_state=args.random_state,
+        engine=args.engine, precision=args.precision,
     )
     if args.max_epochs is not None:
         clf.set_params(max_epochs=args.max_epochs)
@@ -459,7 +461,8 @@ def _embed(args):
                               "or write .npy.") from None
     paths = _expand_inputs(args.inputs)
     embedder = ImageEmbedder(args.backbone, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                             device=args.device, verbose=int(_progress())).fit()
+                             device=args.device, verbose=int(_progress()), engine=args.engine,
+                             precision=args.precision).fit()
     features = embedder.transform(paths)
     # Made in memory, then each file is replaced whole: no command leaves a
     # partial file, or a features file without its list of paths.
@@ -566,6 +569,12 @@ def build_parser():
         command.add_argument("--path-column", default="path", help="CSV column of image paths (default: path)")
         command.add_argument("--label-column", default="label", help="CSV column of labels (default: label)")
 
+    def engine_options(command):
+        command.add_argument("--engine", choices=ENGINES, default="auto",
+                             help="what runs the backbone: OpenVINO where installed, else PyTorch (default: auto)")
+        command.add_argument("--precision", choices=PRECISIONS, default="auto",
+                             help="bfloat16 where the CPU has it natively, else float32 (default: auto)")
+
     data_help = "a folder with one sub-folder of images per class, or a CSV file with path,label columns"
     fit = commands.add_parser(
         "fit", help="train a classifier, print its cross-validated accuracy, save it",
@@ -585,6 +594,7 @@ def build_parser():
     fit.add_argument("--cache-dir", help="folder of a disk feature cache, reused by later runs")
     fit.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
     fit.add_argument("--random-state", type=int, default=0, help="seed of folds and training (default: 0)")
+    engine_options(fit)
     data_options(fit)
     fit.set_defaults(run=_fit)
 
@@ -620,6 +630,7 @@ def build_parser():
     embed.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     embed.add_argument("--cache-dir", help="folder of a disk feature cache")
     embed.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    engine_options(embed)
     embed.set_defaults(run=_embed)
 
     audit = commands.add_parser(

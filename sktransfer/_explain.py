@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from sklearn.utils.validation import check_is_fitted
 
-from ._images import open_image
+from ._images import load_pixels
 from ._inputs import ImageInputError, as_image_list, read_item
 
 __all__ = ["explain"]
@@ -110,7 +110,7 @@ def explain(estimator, X, target=None, alpha=0.5, return_heatmaps=False):
     arrays, errors = [], []
     for i, item in enumerate(items):
         try:
-            arrays.append(prep.to_array(open_image(read_item(item)[1])))
+            arrays.append(load_pixels(read_item(item)[1], prep))  # the pixels the features came from
         except (OSError, ValueError, TypeError) as e:
             errors.append((i, item, str(e) or type(e).__name__))
     if errors:

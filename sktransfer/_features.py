@@ -18,31 +18,9 @@ import torch
 from PIL import Image
 
 from ._cache import MEMORY, DiskCache, read_file, view_fingerprint
-from ._images import open_image
+from ._images import header_error, load_pixels, open_image
 from ._inputs import ImageInputError, error_reason, read_item
 from ._runtime import steady_heap
-
-
-def _header_error(payload):
-    """Cheap check before any backbone work: can Pillow identify the file?"""
-    if isinstance(payload, (bytes, str)):
-        import io
-
-        try:
-            with Image.open(io.BytesIO(payload) if isinstance(payload, bytes) else payload) as im:
-                w, h = im.size
-        except Image.DecompressionBombError:
-            return "image is above Pillow's decompression-bomb limit"
-        except Exception:
-            return "not an image file Pillow can read"
-        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-            return (
-                f"image of {w}x{h} pixels is above Pillow's decompression-bomb limit "
-                f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"
-            )
-    return None
-
-
 
 
 # With the steady heap, torch.compile added about a sixth to EfficientNet-Lite0's
@@ -54,7 +32,8 @@ COMPILE_MIN_IMAGES = 20000
 
 
 def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="cpu",
-                     name="X", progress=False, compile="auto", view=None):
+                     name="X", progress=False, compile="auto", view=None, engine="auto",
+                     precision="auto"):
     """Features of every item, computing only those no cache holds.
 
     Every input is checked before the backbone runs (readable, an image
@@ -67,11 +46,16 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
     image before preprocessing; its features are cached under the view's
     identity beside the plain image's.
 
+    ``engine`` and ``precision`` choose where the body runs
+    (:meth:`sktransfer._backbones.Backbone.plan`); features of each plan are
+    cached apart.
+
     Returns
     -------
     features : ndarray of shape (len(items), backbone.num_features), float32
     """
-    fingerprint = view_fingerprint(backbone.fingerprint, view)
+    plan = backbone.plan(device, engine, precision, compile, n_images=len(items))
+    fingerprint = plan.namespace(view_fingerprint(backbone.fingerprint, view))
     disk = DiskCache(cache_dir, fingerprint) if cache_dir is not None else None
     out = np.empty((len(items), backbone.num_features), dtype=np.float32)
     errors = []
@@ -93,7 +77,7 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
         if vector is not None:
             out[i] = vector
             continue
-        reason = _header_error(payload)
+        reason = header_error(payload)
         if reason:
             errors.append((i, item, reason))
             continue
@@ -104,13 +88,15 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
         errors += _decode_errors(todo, items)
         raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     if todo:
-        use_compile = compile is True or (compile == "auto" and len(todo) >= COMPILE_MIN_IMAGES)
+        use_compile = plan.engine == "torch" and (
+            compile is True or (compile == "auto" and len(todo) >= COMPILE_MIN_IMAGES))
+        runner = backbone.runner(plan, device, use_compile, batch_size)
         # One batch gains nothing from a steady heap, and trimming after it would
         # make the next small call (predicting one image) fault its pages in again.
         heap = steady_heap() if len(todo) > batch_size else contextlib.nullcontext()
         with heap:
-            errors = _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress,
-                                   use_compile, view, fingerprint)
+            errors = _run_backbone(todo, items, backbone.preprocessing, runner, out, batch_size, disk,
+                                   progress, view, fingerprint)
         if errors:
             raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     return out
@@ -133,24 +119,14 @@ def _decode_errors(todo, items):
             for i in indices]
 
 
-def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress,
-                  use_compile=False, view=None, fingerprint=None):
-    prep = backbone.preprocessing
-    module = backbone.on(device)
-    compiled = backbone.on(device, compiled=True) if use_compile else None
-    channels_last = torch.device(device).type == "cpu"
-    fingerprint = fingerprint or backbone.fingerprint
-
+def _run_backbone(todo, items, preprocessing, runner, out, batch_size, disk, progress, view, fingerprint):
     def load(payload, digest):
         try:
             if isinstance(payload, str):
                 # Hash the bytes that are decoded: the features are cached under the
                 # digest of what was read now, even if the file changed since it was checked.
                 digest, payload = read_file(payload)
-            image = open_image(payload, min_size=prep.decode_size)
-            if view is not None:
-                image = view(image, digest)
-            return digest, prep.to_array(image), None
+            return digest, load_pixels(payload, preprocessing, view, digest), None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return digest, None, error_reason(e)
 
@@ -170,25 +146,14 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
             if b + 1 < len(batches):
                 pending = [pool.submit(load, p, d) for d, (p, _) in batches[b + 1]]
             arrays, kept = [], []
-            for (_, (_, indices)), (digest, array, why) in zip(batch, results):
+            for (_, (_, indices)), (digest, array, reason) in zip(batch, results):
                 if array is None:
-                    errors.extend((i, items[i], why) for i in indices)
+                    errors.extend((i, items[i], reason) for i in indices)
                 else:
                     arrays.append(array)
                     kept.append((digest, indices))
             if arrays:
-                x = prep.normalize(arrays, device=device, channels_last=channels_last)
-                with torch.inference_mode():
-                    try:
-                        features = _forward(module, compiled, x, batch_size)
-                    except Exception as e:
-                        if compiled is None:
-                            raise
-                        # Compilation fails at the first call on a machine without
-                        # a working C++ toolchain: run eagerly from here on.
-                        warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); running eagerly.")
-                        compiled = backbone._on_device[(torch.device(device), True)] = None
-                        features = _forward(module, None, x, batch_size)
+                features = runner(arrays)
                 for (digest, indices), vector in zip(kept, features):
                     vector = vector.copy()
                     MEMORY.put((fingerprint, digest), vector)
@@ -206,16 +171,6 @@ def _run_backbone(todo, items, backbone, out, batch_size, disk, device, progress
             RuntimeWarning, stacklevel=4,
         )
     return errors
-
-
-def _forward(module, compiled, x, batch_size):
-    if compiled is None:
-        return module(x).float().cpu().numpy()
-    n = x.shape[0]
-    if n < batch_size:  # pad to the one shape the compiled graph was built for
-        x = torch.cat([x, x[:1].expand(batch_size - n, *x.shape[1:])])
-        x = x.contiguous(memory_format=torch.channels_last)
-    return compiled(x)[:n].float().cpu().numpy()
 
 
 def _progress_bar(total, progress):

@@ -184,6 +184,51 @@ class Preprocessing:
         return x
 
 
+def _open_header(payload):
+    """Open an encoded image (a path or bytes) and check its header; nothing is decoded yet.
+
+    The one header check: used before any backbone work and by :func:`open_image`.
+    Raises ``ValueError`` with a short reason, ``OSError`` when a path cannot be read.
+    """
+    source = io.BytesIO(payload) if isinstance(payload, (bytes, bytearray)) else payload
+    try:
+        image = Image.open(source)
+    except Image.DecompressionBombError:
+        raise ValueError("image is above Pillow's decompression-bomb limit") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError("not an image file Pillow can read") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as e:  # noqa: BLE001  (a damaged header; see open_image)
+        raise ValueError(f"image header is damaged ({type(e).__name__}: {e})") from None
+    w, h = image.size
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise ValueError(
+            f"image of {w}x{h} pixels is above Pillow's decompression-bomb limit "
+            f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"
+        )
+    if w < 1 or h < 1:
+        image.close()
+        raise ValueError(f"image has no pixels ({w}x{h})")
+    return image
+
+
+def header_error(payload):
+    """The reason an encoded image (path or bytes) is unusable by its header, or None.
+
+    Cheap (nothing is decoded): run on every input before any backbone work.
+    Decoded items (PIL images, arrays) have no header and pass.
+    """
+    if not isinstance(payload, (bytes, bytearray, str)):
+        return None
+    try:
+        _open_header(payload).close()
+    except (OSError, ValueError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
 def _crop_or_pad(image, ch, cw, fill):
     """The centre ``ch`` x ``cw`` of ``image``, padded with ``fill`` where it is smaller
     (the padding split as torchvision's ``center_crop`` and timm's ``CenterCropOrPad`` split it)."""
@@ -216,25 +261,8 @@ def open_image(payload, min_size=None):
         return _to_rgb(image)
     if isinstance(payload, Image.Image):
         return _to_rgb(payload.copy() if payload.mode == "RGB" else payload)
-    source = io.BytesIO(payload) if isinstance(payload, (bytes, bytearray)) else payload
-    try:
-        image = Image.open(source)
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"image is too large to decode safely ({e})") from None
-    except Image.UnidentifiedImageError:
-        raise ValueError("not an image file Pillow can read") from None
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        raise
-    except Exception as e:  # noqa: BLE001  (a damaged header; see below)
-        raise ValueError(f"image header is damaged ({type(e).__name__}: {e})") from None
+    image = _open_header(payload)
     w, h = image.size
-    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-        raise ValueError(
-            f"image of {w}x{h} pixels is above Pillow's decompression-bomb limit "
-            f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"
-        )
-    if w < 1 or h < 1:
-        raise ValueError(f"image has no pixels ({w}x{h})")
     try:
         if min_size and image.format == "JPEG" and min(w, h) > 2 * min_size:
             scale = min_size / min(w, h)
@@ -246,6 +274,21 @@ def open_image(payload, min_size=None):
         # SyntaxError, struct.error, IndexError, ...): report them all as one
         # documented error instead of letting a decoder's internals escape.
         raise ValueError(f"image data is damaged or truncated ({type(e).__name__}: {e})") from None
+
+
+def load_pixels(payload, preprocessing, view=None, key=None):
+    """The pixels a backbone sees of one image item: HxWx3 uint8.
+
+    The one decoding path of the package: embedding, Grad-CAM and the
+    pictures all take their pixels from here. JPEGs decode at the reduced
+    scale ``preprocessing`` allows (see :func:`open_image`); ``view`` (a
+    :class:`sktransfer._augment.View`) transforms the decoded image, seeded by
+    ``key``, before ``preprocessing.to_array`` resizes and crops it.
+    """
+    image = open_image(payload, min_size=preprocessing.decode_size)
+    if view is not None:
+        image = view(image, key)
+    return preprocessing.to_array(image)
 
 
 def _to_rgb(image):

@@ -15,7 +15,7 @@ import math
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from ._images import open_image
+from ._images import load_pixels, open_image
 from ._inputs import as_image_list, read_item
 
 __all__ = ["TopLossesDisplay", "plot_top_losses", "plot_history"]
@@ -134,7 +134,14 @@ class TopLossesDisplay:
         if wrong_only:
             order = order[predicted[order].astype(object) != y[order]]
         order = order[:k]
-        display = cls([open_image(read_item(items[i])[1]) for i in order], order.tolist(), y[order],
+        embedder = getattr(estimator, "embedder_", None)  # a Pipeline shows the decoded image
+
+        def seen(item):
+            # The pixels the model saw: decoded, resized and cropped as they were embedded.
+            payload = read_item(item)[1]
+            return open_image(payload) if embedder is None else load_pixels(payload, embedder.backbone_.preprocessing)
+
+        display = cls([seen(items[i]) for i in order], order.tolist(), y[order],
                       predicted[order], confidence[order], losses[order])
         return display.plot(ax=ax, n_cells=k)
 
@@ -199,7 +206,9 @@ def plot_top_losses(estimator, X, y, k=9, wrong_only=False):
 
     Images are ranked by their loss (minus the log-probability the model
     gives their true class), highest first; each is titled with the
-    predicted class and its probability, the true class and the loss.
+    predicted class and its probability, the true class and the loss, and
+    shown as the model saw it (decoded, resized and cropped by its
+    backbone's preprocessing; a Pipeline's images as decoded).
     The same as ``TopLossesDisplay.from_estimator(estimator, X, y, k=k,
     wrong_only=wrong_only)``.
 

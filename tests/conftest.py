@@ -9,6 +9,7 @@ points at the real data sets elsewhere; ``SKTRANSFER_TEST_NO_SHARED=1``
 uses the stand-ins even where the real ones are present.
 """
 
+import atexit
 import hashlib
 import os
 import shutil
@@ -38,6 +39,12 @@ STAND_INS = {
 }
 #: Photos in each class of a stand-in: the sample's photos, then mirrored and cropped copies.
 STAND_IN_PER_CLASS = 90
+
+# Bodies converted for OpenVINO go to a folder of this test session (inherited
+# by the processes tests start), never to the user's cache: engine="auto"
+# behaves the same on every run.
+os.environ["SKTRANSFER_ENGINE_CACHE"] = tempfile.mkdtemp(prefix="sktransfer-engine-")
+atexit.register(shutil.rmtree, os.environ["SKTRANSFER_ENGINE_CACHE"], True)
 
 
 def subset(folder, per_class, classes=None, offset=0):

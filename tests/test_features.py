@@ -95,13 +95,18 @@ def test_compiled_backbone_gives_the_same_features_and_still_pickles(sample):
     net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3))
     prep = dict(resize_size=72, crop_size=64, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
     paths = sample[0][:7]  # 7 images in batches of 4: the last batch is padded to the compiled shape
-    eager = ImageEmbedder(net, preprocessing=prep, batch_size=4, compile=False).fit()
-    compiled = ImageEmbedder(net, preprocessing=prep, batch_size=4, compile=True).fit()
+    eager = ImageEmbedder(net, preprocessing=prep, batch_size=4, compile=False, engine="torch",
+                          precision="float32").fit()
+    compiled = ImageEmbedder(net, preprocessing=prep, batch_size=4, compile=True, engine="torch",
+                             precision="float32").fit()
     expected = eager.transform(paths)
     clear_cache()
     np.testing.assert_allclose(compiled.transform(paths), expected, rtol=1e-4, atol=1e-5)
-    assert compiled.backbone_._on_device[(torch.device("cpu"), True)] is not None  # it did compile
+    plan = compiled.backbone_.plan(engine="torch", precision="float32")
+    assert compiled.backbone_.runner(plan, "cpu", True, 4).compiled is not None  # it did compile
+    assert compiled.backbone_._handles  # runtime handles, left out of the pickle below
     restored = pickle.loads(pickle.dumps(compiled))
+    assert restored.backbone_._handles == {}
     clear_cache()
     np.testing.assert_allclose(restored.transform(paths), expected, rtol=1e-4, atol=1e-5)
 

@@ -152,6 +152,21 @@ def test_explain_gives_gradcam_overlays_where_the_photo_is(clf, data):
     np.testing.assert_array_equal(np.asarray(plain), crop)  # alpha=0: the image as the backbone sees it
 
 
+def test_explain_and_top_losses_show_the_pixels_the_features_came_from(clf, data, tmp_path):
+    from sktransfer._images import load_pixels
+
+    _, (X, y) = data
+    big = tmp_path / "big.jpg"  # large enough for a reduced-scale JPEG decode
+    Image.open(X[0]).convert("RGB").resize((1600, 1200)).save(big, quality=92)
+    prep = clf.embedder_.backbone_.preprocessing
+    embedded = load_pixels(str(big), prep)
+    full = prep.to_array(Image.open(big).convert("RGB"))
+    assert not np.array_equal(embedded, full)  # so the checks below tell the two apart
+    np.testing.assert_array_equal(np.asarray(explain(clf, [str(big)], alpha=0.0)[0]), embedded)
+    fig = plot_top_losses(clf, [str(big)], y[:1], k=1)
+    np.testing.assert_array_equal(np.asarray(fig.axes[0].images[0].get_array()), embedded)
+
+
 def test_explain_leaves_the_frozen_backbone_untouched(clf, data):
     _, (X, _) = data
     module = clf.embedder_.backbone_.module

@@ -1,0 +1,304 @@
+"""Where the frozen body runs: PyTorch (eager or compiled) or OpenVINO, at float32 or bfloat16.
+
+A :class:`Plan` names the engine and the precision; :func:`choose` turns the
+user's ``engine=``/``precision=`` (``"auto"`` included) into one for this
+machine. The runners turn a batch of preprocessed uint8 images into feature
+vectors. They hold runtime handles (compiled graphs, inference requests):
+:class:`sktransfer._backbones.Backbone` keeps them per process and never
+pickles them, so a loaded model picks the best path of the machine it runs on.
+
+Every path ``"auto"`` may pick keeps features equal to float32 PyTorch
+within :data:`MIN_COSINE` (cosine similarity per image, checked on real
+photos by the tests for every path the machine can run).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ._cache import digest, namespace
+
+__all__ = ["ENGINES", "PRECISIONS", "MIN_COSINE", "Plan"]
+
+ENGINES = ("auto", "torch", "openvino")
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+#: The agreement with float32 PyTorch of every path "auto" may pick: the
+#: cosine similarity of each image's features.
+MIN_COSINE = 0.999
+#: The agreement of PyTorch's bfloat16 autocast, which only an explicit
+#: ``engine="torch", precision="bfloat16"`` runs.
+MIN_COSINE_TORCH_BF16 = 0.99
+
+# Converting a body to OpenVINO traces it once (seconds; tens of seconds on a
+# busy machine), and the converted graph is kept on disk for later processes.
+# Until a body has been converted, engine="auto" converts only for a call that
+# embeds enough images to repay it; smaller calls run in PyTorch.
+OPENVINO_MIN_IMAGES = 500
+
+_WARNED = set()
+_LOCK = threading.Lock()
+
+
+def warn_once(key, message):
+    """Warn about ``key`` once per process (a fallback is told once, not every call)."""
+    with _LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An engine and the precision it computes in."""
+
+    engine: str
+    precision: str
+
+    def namespace(self, fingerprint):
+        """The feature-cache namespace of a body's features on this plan.
+
+        float32 PyTorch keeps the body's own fingerprint (features cached by
+        earlier releases stay valid); every other plan has its own, so a
+        cache never mixes features of different engines or precisions.
+        """
+        if self == TORCH_FLOAT32:
+            return fingerprint
+        return namespace(fingerprint, "engine", self.engine, self.precision)
+
+
+TORCH_FLOAT32 = Plan("torch", "float32")
+
+
+def check_settings(engine, precision, device, compile):
+    """Refuse settings that cannot go together (raised at fit, before any work)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is not supported; use one of {list(ENGINES)}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; use one of {list(PRECISIONS)}.")
+    if engine == "openvino" and torch.device(device).type != "cpu":
+        raise ValueError(
+            f"engine='openvino' runs on the CPU, but device={str(device)!r}; use engine='torch' "
+            "(or 'auto') on a GPU."
+        )
+    if engine == "openvino" and compile is True:
+        raise ValueError(
+            "compile=True compiles the PyTorch body with torch.compile, but engine='openvino'; "
+            "use engine='torch' with compile=True, or compile='auto'."
+        )
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16():
+    """Whether this CPU computes bfloat16 natively (Intel AMX or AVX-512 BF16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    core = _openvino_core()  # elsewhere (macOS, Windows), ask the runtime
+    return core is not None and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@lru_cache(maxsize=1)
+def _openvino_core():
+    """OpenVINO's runtime core, or None where the package is missing or broken."""
+    try:
+        import openvino
+
+        return openvino.Core()
+    except Exception as e:  # ImportError, or a wheel that does not load here
+        warn_once("openvino-missing", f"OpenVINO is not available here ({type(e).__name__}: {e}); "
+                                      "the backbone runs in PyTorch.")
+        return None
+
+
+def choose(engine, precision, device, compile, *, n_images, converted):
+    """The plan for a call that embeds up to ``n_images`` images.
+
+    ``converted`` says whether the body is already converted for OpenVINO
+    (in this process or on disk). ``"auto"`` picks OpenVINO on the CPU when
+    it is installed and no ``torch.compile`` is asked for; in OpenVINO,
+    bfloat16 where the CPU has it natively. PyTorch's bfloat16 autocast
+    rounds every activation (cosine 0.996 on EfficientNet-Lite0, below
+    :data:`MIN_COSINE`), so "auto" keeps PyTorch at float32.
+    """
+    cpu = torch.device(device).type == "cpu"
+    if engine == "auto":
+        wanted = cpu and compile is not True and (converted or n_images >= OPENVINO_MIN_IMAGES)
+        engine = "openvino" if wanted and _openvino_core() is not None else "torch"
+    elif engine == "openvino" and _openvino_core() is None:
+        engine = "torch"
+    if precision == "auto":
+        precision = "bfloat16" if engine == "openvino" and cpu_has_bf16() else "float32"
+    elif engine == "openvino" and precision == "bfloat16" and not cpu_has_bf16():
+        warn_once("openvino-bf16", "precision='bfloat16' but this CPU has no native bfloat16 "
+                                   "(AMX or AVX-512 BF16); OpenVINO computes in float32.")
+        precision = "float32"
+    return Plan(engine, precision)
+
+
+# --------------------------------------------------------------------------
+# PyTorch
+
+class TorchRunner:
+    """The body in PyTorch: eager or ``torch.compile``d, float32 or bfloat16 autocast."""
+
+    def __init__(self, module, preprocessing, device, precision, compiled=None, batch_size=None):
+        self.module = module
+        self.preprocessing = preprocessing
+        self.device = device
+        self.precision = precision
+        self.compiled = compiled
+        self.batch_size = batch_size
+        self.channels_last = torch.device(device).type == "cpu"
+
+    def __call__(self, arrays):
+        x = self.preprocessing.normalize(arrays, device=self.device, channels_last=self.channels_last)
+        autocast = torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
+                                  enabled=self.precision == "bfloat16")
+        with torch.inference_mode(), autocast:
+            if self.compiled is not None:
+                try:
+                    return self._compiled(x)
+                except Exception as e:
+                    # Compilation fails at the first call on a machine without
+                    # a working C++ toolchain: run eagerly from here on.
+                    warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); running eagerly.")
+                    self.compiled = None
+            return self.module(x).float().cpu().numpy()
+
+    def _compiled(self, x):
+        n = x.shape[0]
+        if n < self.batch_size:  # pad to the one shape the compiled graph was built for
+            x = torch.cat([x, x[:1].expand(self.batch_size - n, *x.shape[1:])])
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.compiled(x)[:n].float().cpu().numpy()
+
+
+def torch_compile(module, name):
+    """``torch.compile(module)`` for one fixed batch shape, or None where it is not available."""
+    try:
+        return torch.compile(module, dynamic=False)
+    except Exception as e:  # no compiler, unsupported platform: eager still works
+        warnings.warn(f"torch.compile is not available for backbone {name!r} here ({e}); running eagerly.")
+        return None
+
+
+# --------------------------------------------------------------------------
+# OpenVINO
+
+def model_cache_folder():
+    """Where converted bodies are kept: ``SKTRANSFER_ENGINE_CACHE``, else the user's cache folder."""
+    folder = os.environ.get("SKTRANSFER_ENGINE_CACHE")
+    if folder:
+        return folder
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sktransfer", "openvino")
+
+
+def _model_path(fingerprint, shape):
+    import openvino
+
+    key = f"{fingerprint}|{shape}|openvino-{openvino.get_version()}"
+    return os.path.join(model_cache_folder(), digest(key.encode()) + ".xml")
+
+
+def is_converted(fingerprint, shape):
+    """Whether a converted body for images of ``shape`` (height, width) is on disk
+    (False where OpenVINO is missing)."""
+    return _openvino_core() is not None and os.path.exists(_model_path(fingerprint, shape))
+
+
+def convert(module, fingerprint, shape, name):
+    """The body as an OpenVINO model with a dynamic batch size, read from disk when
+    converted before; None (told once) when it cannot be converted."""
+    core = _openvino_core()
+    path = _model_path(fingerprint, shape)
+    try:
+        return core.read_model(path)
+    except Exception:  # not converted yet, or a damaged file: convert again
+        pass
+    import openvino
+
+    h, w = shape
+    example = torch.zeros(1, 3, h, w).contiguous(memory_format=torch.channels_last)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on torch.jit
+            model = openvino.convert_model(module, example_input=example, input=[(-1, 3, h, w)])
+    except Exception as e:
+        warn_once(("openvino-convert", fingerprint),
+                  f"OpenVINO could not convert backbone {name!r} ({type(e).__name__}: {e}); "
+                  "it runs in PyTorch.")
+        return None
+    _save(openvino, model, path)
+    return model
+
+
+def _save(openvino, model, path):
+    """Write the converted model atomically (a folder renamed into place); a failure costs
+    only a later conversion, and is told once."""
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=folder, prefix=".tmp-")
+        try:
+            openvino.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
+            # The weights first: a reader opens the .xml only once both are in place.
+            os.replace(os.path.join(tmp, "model.bin"), path[:-4] + ".bin")
+            os.replace(os.path.join(tmp, "model.xml"), path)
+        finally:
+            for entry in os.listdir(tmp):
+                os.unlink(os.path.join(tmp, entry))
+            os.rmdir(tmp)
+    except OSError as e:
+        warn_once("openvino-save", f"Could not keep the converted backbone in {folder!r} ({e}); "
+                                   "later processes convert it again. Set SKTRANSFER_ENGINE_CACHE "
+                                   "to a writable folder.")
+
+
+def compile_openvino(model, preprocessing, precision, threads):
+    """Compile ``model`` for the CPU, taking HxWx3 uint8 batches and normalising
+    them inside the graph (one fused step instead of three passes in Python)."""
+    import openvino
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model.clone())
+    ppp.input().tensor().set_element_type(openvino.Type.u8).set_layout(openvino.Layout("NHWC"))
+    ppp.input().model().set_layout(openvino.Layout("NCHW"))
+    ppp.input().preprocess().convert_element_type(openvino.Type.f32) \
+        .mean([255.0 * m for m in preprocessing.mean]).scale([255.0 * s for s in preprocessing.std])
+    config = {
+        "PERFORMANCE_HINT": "LATENCY",  # one request on every thread: the batch is the parallelism
+        "INFERENCE_NUM_THREADS": int(threads),
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
+    }
+    return _openvino_core().compile_model(ppp.build(), "CPU", config)
+
+
+class OpenVINORunner:
+    """The body compiled by OpenVINO; one inference request per calling thread."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self._local = threading.local()
+
+    def __call__(self, arrays):
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        out = request.infer({0: np.stack(arrays)})
+        return np.array(out[0], dtype=np.float32)  # a copy: the request reuses its buffer

@@ -1,0 +1,158 @@
+"""Where the frozen body runs: engines and precisions, their agreement, fallbacks and pickles."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sktransfer import ImageEmbedder, PretrainedImageClassifier, cache_info, clear_cache
+from sktransfer import _engine
+from sktransfer._engine import (
+    MIN_COSINE, MIN_COSINE_TORCH_BF16, OPENVINO_MIN_IMAGES, Plan, choose, cpu_has_bf16,
+)
+
+from conftest import ROOT, ForwardCounter
+
+HAS_OPENVINO = _engine._openvino_core() is not None
+needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO is not installed on this platform")
+OPENVINO_NATIVE = "bfloat16" if cpu_has_bf16() else "float32"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def conversions_stay_in_this_module():
+    """Once a body is converted, engine="auto" runs it in OpenVINO for the rest of the
+    process: undo the conversions made here, so later tests see a fresh machine."""
+    yield
+    from sktransfer import _backbones
+
+    for backbone in list(_backbones._BUILT.values()):
+        backbone._handles.clear()
+        backbone._prefixes.clear()
+    folder = os.environ["SKTRANSFER_ENGINE_CACHE"]
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+
+
+def cosine(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def photos(sample):
+    return sample[0][::19]  # 8 real photos, every class
+
+
+@pytest.fixture(scope="module")
+def reference(photos):
+    """float32 PyTorch: the features every other path is held to."""
+    clear_cache()
+    return ImageEmbedder(engine="torch", precision="float32").fit_transform(photos)
+
+
+@pytest.mark.parametrize("engine,precision", [("torch", "bfloat16"), ("openvino", "float32"),
+                                              ("openvino", "bfloat16")])
+def test_every_path_keeps_features_within_tolerance_of_float32_torch(engine, precision, photos, reference):
+    if engine == "openvino" and not HAS_OPENVINO:
+        pytest.skip("OpenVINO is not installed on this platform")
+    if engine == "openvino" and precision == "bfloat16" and not cpu_has_bf16():
+        pytest.skip("this CPU has no native bfloat16 (AMX or AVX-512 BF16): OpenVINO computes float32 here")
+    emb = ImageEmbedder(engine=engine, precision=precision).fit()
+    assert emb.backbone_.plan(engine=engine, precision=precision) == Plan(engine, precision)
+    # PyTorch's bfloat16 is emulated, and slow, on CPUs without it: half the photos.
+    keep = slice(None, None, 2 if engine == "torch" else 1)
+    clear_cache()
+    with ForwardCounter(emb.backbone_.module) as torch_pass:
+        features = emb.transform(photos[keep])
+    assert torch_pass.images == (len(features) if engine == "torch" else 0)  # the engine ran the body
+    assert features.dtype == np.float32 and features.shape == reference[keep].shape
+    least = MIN_COSINE_TORCH_BF16 if engine == "torch" else MIN_COSINE
+    assert cosine(features, reference[keep]).min() >= least
+
+
+def test_auto_picks_the_fastest_path_this_machine_offers():
+    big = choose("auto", "auto", "cpu", "auto", n_images=OPENVINO_MIN_IMAGES, converted=False)
+    assert big == (Plan("openvino", OPENVINO_NATIVE) if HAS_OPENVINO else Plan("torch", "float32"))
+    # A small call does not pay a conversion, unless the body is converted already.
+    # PyTorch stays at float32: its bfloat16 autocast is below MIN_COSINE.
+    assert choose("auto", "auto", "cpu", "auto", n_images=1, converted=False) == Plan("torch", "float32")
+    assert choose("auto", "auto", "cpu", "auto", n_images=1, converted=True) == big
+    # torch.compile asked for, or a GPU: PyTorch.
+    assert choose("auto", "auto", "cpu", True, n_images=10**6, converted=True).engine == "torch"
+    assert choose("auto", "auto", "cuda", "auto", n_images=10**6, converted=True) == Plan("torch", "float32")
+    assert choose("torch", "float32", "cpu", "auto", n_images=10**6, converted=True) == Plan("torch", "float32")
+
+
+@needs_openvino
+def test_native_bfloat16_agrees_with_what_openvino_reports():
+    """/proc/cpuinfo's flags and OpenVINO's view of the CPU are two independent sources."""
+    capabilities = _engine._openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert cpu_has_bf16() == ("BF16" in capabilities)
+
+
+def test_settings_that_cannot_go_together_fail_at_fit():
+    with pytest.raises(ValueError, match="compile=True.*engine='openvino'"):
+        ImageEmbedder(engine="openvino", compile=True).fit()
+    with pytest.raises(ValueError, match="engine"):
+        ImageEmbedder(engine="tensorrt").fit()
+    with pytest.raises(ValueError, match="precision"):
+        ImageEmbedder(precision="float16").fit()
+    with pytest.raises(ValueError, match="engine='openvino' runs on the CPU"):
+        _engine.check_settings("openvino", "auto", "cuda", "auto")
+
+
+@needs_openvino
+def test_features_of_each_engine_are_cached_apart(tmp_path, photos):
+    for engine in ("torch", "openvino"):
+        clear_cache()
+        ImageEmbedder(engine=engine, precision="float32", cache_dir=tmp_path).fit_transform(photos)
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+    assert cache_info(tmp_path)["entries"] == 2 * len(photos)
+
+
+@needs_openvino
+@pytest.mark.slow
+def test_fine_tuning_runs_the_frozen_prefix_in_the_engine(sample):
+    X, y = sample[0][::15], sample[1][::15]
+    fits = {engine: PretrainedImageClassifier(engine=engine, precision="float32", unfreeze=1, max_epochs=2,
+                                              random_state=0).fit(X, y) for engine in ("torch", "openvino")}
+    prefix = fits["openvino"].embedder_.backbone_.prefix(1)
+    assert prefix.plan(engine="openvino", precision="float32").engine == "openvino"
+    clear_cache()
+    probas = {engine: clf.predict_proba(X) for engine, clf in fits.items()}
+    np.testing.assert_allclose(probas["openvino"], probas["torch"], atol=1e-3)
+
+
+_LOAD_WITHOUT_OPENVINO = r'''
+import json, pickle, sys, warnings
+sys.modules["openvino"] = None  # as on a machine without OpenVINO: importing it fails
+warnings.simplefilter("always")
+model = pickle.load(open(sys.argv[1], "rb"))
+paths = json.loads(sys.argv[2])
+with warnings.catch_warnings(record=True) as caught:
+    first = model.predict_proba(paths)
+    second = model.predict_proba(paths[::-1])
+told = [str(w.message) for w in caught if "OpenVINO" in str(w.message)]
+print(json.dumps({"proba": first.tolist(), "again": second[::-1].tolist(), "told": told}))
+'''
+
+
+@needs_openvino
+def test_openvino_model_pickles_and_predicts_the_same_where_openvino_is_missing(tmp_path, sample):
+    X, y = sample[0][::5], sample[1][::5]
+    clf = PretrainedImageClassifier(engine="openvino", random_state=0).fit(X, y)
+    assert clf.embedder_.backbone_._handles  # the compiled body, kept for this process only
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(clf))
+    expected = clf.predict_proba(X[:6])
+    child = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_OPENVINO, str(path), json.dumps(X[:6])],
+                           capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert child.returncode == 0, child.stderr
+    result = json.loads(child.stdout.splitlines()[-1])
+    assert len(result["told"]) == 1 and "runs in PyTorch" in result["told"][0]  # told once, not per call
+    np.testing.assert_allclose(result["proba"], expected, atol=1e-4)
+    np.testing.assert_allclose(result["again"], expected, atol=1e-4)
