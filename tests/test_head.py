@@ -86,8 +86,8 @@ def test_tune_l2_picks_the_strongest_penalty_for_labels_unrelated_to_the_photos(
     folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(Z, y))
     shuffled = np.random.RandomState(0).permutation(y)
     weights = np.ones(len(y), np.float32)
-    assert tune_l2(Z, shuffled, weights, criterion, 5, folds) == max(L2_GRID)
-    assert tune_l2(Z, y, weights, criterion, 5, folds) < max(L2_GRID)
+    assert tune_l2(Z, shuffled, weights, criterion, len(np.unique(y)), folds) == max(L2_GRID)
+    assert tune_l2(Z, y, weights, criterion, len(np.unique(y)), folds) < max(L2_GRID)
 
 
 # -- settings: stored in __init__, checked at fit, routed by skorch's prefixes ----------
