@@ -153,7 +153,8 @@ def _probe_data(name, n, cache_dir):
 
 
 def probe_rows(name, n, seeds, cache_dir):
-    """The default heads against LogisticRegressionCV and RidgeCV on the same standardised features."""
+    """The tuned heads (``weight_decay="auto"``) against LogisticRegressionCV and RidgeCV on the same
+    standardised features."""
     import warnings
 
     from sklearn.linear_model import LogisticRegressionCV, RidgeCV
@@ -170,14 +171,15 @@ def probe_rows(name, n, seeds, cache_dir):
         mean, scale = feature_statistics(Z[train])
         S = (Z - mean) / scale
         t0 = time.perf_counter()
-        clf = PretrainedImageClassifier(cache_dir=cache_dir, random_state=0).fit(Xtr, y[train])
+        clf = PretrainedImageClassifier(weight_decay="auto", cache_dir=cache_dir, random_state=0).fit(Xtr, y[train])
         acc = clf.score(Xte, y[test])
         t1 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             lr = LogisticRegressionCV(max_iter=2000).fit(S[train], y[train])
         t2 = time.perf_counter()
-        r2 = PretrainedImageRegressor(cache_dir=cache_dir, random_state=0).fit(Xtr, target[train]).score(
+        r2 = PretrainedImageRegressor(weight_decay="auto", cache_dir=cache_dir, random_state=0).fit(
+            Xtr, target[train]).score(
             Xte, target[test])
         t3 = time.perf_counter()
         ridge = RidgeCV(alphas=np.logspace(-3, 4, 15)).fit(S[train], target[train])
@@ -193,18 +195,19 @@ def probe_rows(name, n, seeds, cache_dir):
 
 def linear_fit_seconds(Z, y, repeats=5):
     """Best-of seconds of one head fit on cached features (``weight_decay="auto"`` and a fixed one)."""
-    from sktransfer._head import HeadClassifier, build_head, one_thread
+    from sktransfer._head import HeadClassifier, build_head
+    from sktransfer._runtime import limited_threads
 
     params = PretrainedImageClassifier().get_params()
     classes, y_enc = np.unique(y, return_inverse=True)
     task = dict(criterion=torch.nn.CrossEntropyLoss, criterion__reduction="none", classes=np.arange(len(classes)))
     weights = np.ones(len(Z), np.float32)
     out = {}
-    for label, settings in (("auto", {}), ("weight_decay=1e-4 (AdamW)", {"weight_decay": 1e-4})):
+    for label, settings in (("auto", {"weight_decay": "auto"}), ("weight_decay=1e-4 (AdamW, the default)", {"weight_decay": 1e-4})):
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
-            with one_thread():
+            with limited_threads():
                 head = build_head({**params, **settings}, {}, Z, y_enc, weights, len(classes), net=HeadClassifier,
                                   task=task, hidden_units=(), device="cpu", seed=0, stratified=True)
                 head.fit({"X": Z, "sample_weight": weights}, y_enc)

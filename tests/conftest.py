@@ -183,6 +183,14 @@ socket.getaddrinfo = _no_network
 """
 
 
+def fresh_env():
+    """The environment of a fresh, offline process: no inherited settings but this session's
+    engine cache (so engine="auto" there sees the same converted bodies as here, none
+    from the user's cache)."""
+    return {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
+            "SKTRANSFER_ENGINE_CACHE": os.environ["SKTRANSFER_ENGINE_CACHE"]}
+
+
 def assert_same_in_fresh_process(model, X, tmp_path, method="predict", atol=0.0):
     """Pickle ``model`` with joblib and check that ``model.<method>(X)`` gives the same in a
     fresh Python process: offline, without the weights package, with empty caches and this
@@ -198,6 +206,6 @@ def assert_same_in_fresh_process(model, X, tmp_path, method="predict", atol=0.0)
         f"expected = np.load({str(tmp_path / 'expected.npy')!r})\n"
         f"assert {compare}, f'{method} differs in a fresh process: {{got}} != {{expected}}'\n"
     )
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=fresh_env(), capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr

@@ -14,7 +14,7 @@ from torch import nn
 
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_model, save_model
 
-from conftest import OFFLINE
+from conftest import OFFLINE, fresh_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,7 @@ def fitted(sample):
 
 
 def _offline_python(code, tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", OFFLINE + textwrap.dedent(code)], cwd=tmp_path, env=env,
+    return subprocess.run([sys.executable, "-c", OFFLINE + textwrap.dedent(code)], cwd=tmp_path, env=fresh_env(),
                           capture_output=True, text=True)
 
 

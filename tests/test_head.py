@@ -37,21 +37,21 @@ def standardised(features, train):
     return (features - mean) / scale
 
 
-# -- the default head against a tuned linear model on the same features ---------------
+# -- weight_decay="auto" against a tuned linear model on the same features ---------------
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # LogisticRegressionCV's coming defaults
-def test_default_classifier_scores_at_least_logistic_regression_cv(halves):
+def test_auto_weight_decay_classifier_scores_at_least_logistic_regression_cv(halves):
     paths, labels, features, _, train, test = halves
-    clf = PretrainedImageClassifier(random_state=0).fit([paths[i] for i in train], labels[train])
+    clf = PretrainedImageClassifier(weight_decay="auto", random_state=0).fit([paths[i] for i in train], labels[train])
     ours = clf.score([paths[i] for i in test], labels[test])
     Z = standardised(features, train)
     probe = LogisticRegressionCV(max_iter=2000).fit(Z[train], labels[train]).score(Z[test], labels[test])
     assert ours >= probe - 0.02, (ours, probe)
 
 
-def test_default_regressor_scores_at_least_ridge_cv(halves):
+def test_auto_weight_decay_regressor_scores_at_least_ridge_cv(halves):
     paths, _, features, brightness, train, test = halves
-    reg = PretrainedImageRegressor(random_state=0).fit([paths[i] for i in train], brightness[train])
+    reg = PretrainedImageRegressor(weight_decay="auto", random_state=0).fit([paths[i] for i in train], brightness[train])
     ours = reg.score([paths[i] for i in test], brightness[test])
     Z = standardised(features, train)
     probe = r2_score(brightness[test], RidgeCV(alphas=np.logspace(-3, 4, 15)).fit(Z[train], brightness[train])
@@ -62,13 +62,13 @@ def test_default_regressor_scores_at_least_ridge_cv(halves):
 def test_auto_weight_decay_tunes_a_full_batch_linear_head(halves):
     paths, labels, _, _, train, _ = halves
     X, y = [paths[i] for i in train], labels[train]
-    clf = PretrainedImageClassifier(random_state=0).fit(X, y)
+    clf = PretrainedImageClassifier(weight_decay="auto", random_state=0).fit(X, y)
     assert isinstance(clf.head_.optimizer_, torch.optim.LBFGS) and clf.head_.l2 in L2_GRID
     assert len(clf.history_) == clf.max_epochs  # still a skorch head: one L-BFGS step per epoch
-    again = PretrainedImageClassifier(random_state=0).fit(X, y)
+    again = PretrainedImageClassifier(weight_decay="auto", random_state=0).fit(X, y)
     np.testing.assert_array_equal(clf.predict_proba(X[:5]), again.predict_proba(X[:5]))
     # Heads "auto" does not tune: AdamW with its usual decay.
-    mlp = PretrainedImageClassifier(hidden_units=(16,), max_epochs=2, random_state=0).fit(X, y)
+    mlp = PretrainedImageClassifier(hidden_units=(16,), weight_decay="auto", max_epochs=2, random_state=0).fit(X, y)
     assert isinstance(mlp.head_.optimizer_, torch.optim.AdamW) and mlp.head_.l2 == 0.0
     assert mlp.head_.optimizer_.param_groups[0]["weight_decay"] == 1e-4
     # A number is the optimizer's weight decay; for L-BFGS, which has none, the loss's L2 penalty.
@@ -86,8 +86,8 @@ def test_tune_l2_picks_the_strongest_penalty_for_labels_unrelated_to_the_photos(
     folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(Z, y))
     shuffled = np.random.RandomState(0).permutation(y)
     weights = np.ones(len(y), np.float32)
-    assert tune_l2(Z, shuffled, weights, criterion, 5, folds) == max(L2_GRID)
-    assert tune_l2(Z, y, weights, criterion, 5, folds) < max(L2_GRID)
+    assert tune_l2(Z, shuffled, weights, criterion, len(np.unique(y)), folds) == max(L2_GRID)
+    assert tune_l2(Z, y, weights, criterion, len(np.unique(y)), folds) < max(L2_GRID)
 
 
 # -- settings: stored in __init__, checked at fit, routed by skorch's prefixes ----------
