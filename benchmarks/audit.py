@@ -185,7 +185,7 @@ def main():
     lines = ["## Audit: label errors, duplicates, outliers", "",
              f"`python benchmarks/audit.py` on {cpu}; the machine was shared with other jobs, so "
              "seconds are indicative only. Backbone efficientnet_lite0, default head "
-             "(`weight_decay=\"auto\"`), 5 folds"
+             "(`weight_decay=1e-4`, AdamW), 5 folds"
              + ("; features read from `--cache-dir` where an earlier run stored them (seconds then "
                 "exclude the backbone)." if args.cache_dir else "."), "",
              "### Duplicate thresholds", "",
