@@ -7,9 +7,10 @@ under a random label. Reports the recall of the flipped labels at precision
 >= 0.5 among the top-ranked suspects, the share of injected duplicates
 grouped with their original, and the outsiders flagged; beside it, cleanlab's
 ``find_label_issues`` on the same out-of-fold probabilities when cleanlab is
-installed. Also measures the duplicate threshold: the cosine similarity of
-re-encoded and resized copies to their original against that of each photo's
-nearest distinct photo of its class.
+installed. Also measures the duplicate thresholds: the cosine similarity of
+re-encoded and resized copies to their original, and the Hamming distance of
+their perceptual hashes, against those of each photo's nearest distinct photo
+of its class.
 
     python benchmarks/audit.py [--cache-dir DIR] [--datasets ../shared/datasets]
 """
@@ -31,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import DATASETS, machine, write_section  # noqa: E402
 
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, audit, load_image_folder  # noqa: E402
+from sktransfer._audit import HASH_DISTANCE, HASH_THUMBNAIL, perceptual_hash  # noqa: E402
+from sktransfer._images import open_image  # noqa: E402
 
 #: The copies injected as duplicates: JPEG re-encoding at a quality, or a resize (saved at quality 90).
 COPIES = {"JPEG quality 75": dict(quality=75), "JPEG quality 50": dict(quality=50),
@@ -62,17 +65,31 @@ def unit(features):
     return features / np.linalg.norm(features, axis=1, keepdims=True)
 
 
+def hashes(items):
+    """Perceptual hashes as the audit computes them (0/1 ints)."""
+    return np.array([perceptual_hash(open_image(item, min_size=2 * HASH_THUMBNAIL)) for item in items], dtype=int)
+
+
 def similarities(folder, embedder, n_copies=30, seed=0):
-    """Similarity of copies to their original vs. of each photo to its nearest distinct same-class photo."""
+    """Copies vs. distinct photos: feature similarity to the nearest same-class photo and hash distances."""
     X, y = load_image_folder(folder)
     F = unit(embedder.transform(X))
     S = F @ F.T  # a few thousand photos: the full matrix is small here
     np.fill_diagonal(S, -1.0)
-    nearest = np.where(y[:, None] == y[None, :], S, -1.0).max(axis=1)
+    same = y[:, None] == y[None, :]
+    nearest = np.where(same, S, -1.0).max(axis=1)
+    H = hashes(X)
+    D = H @ (1 - H).T + (1 - H) @ H.T  # Hamming distances
+    np.fill_diagonal(D, H.shape[1] + 1)
+    nearest_bits = np.where(same, D, H.shape[1] + 1).min(axis=1)
+    close_pairs = int(np.triu(D <= HASH_DISTANCE).sum())  # distinct pairs (any classes) the hash would join
     pick = np.random.default_rng(seed).choice(len(X), n_copies, replace=False)
-    copies = {kind: (unit(embedder.transform([copy_of(X[i], **how) for i in pick])) * F[pick]).sum(axis=1)
-              for kind, how in COPIES.items()}
-    return nearest, copies
+    copies, copy_bits = {}, {}
+    for kind, how in COPIES.items():
+        encoded = [copy_of(X[i], **how) for i in pick]
+        copies[kind] = (unit(embedder.transform(encoded)) * F[pick]).sum(axis=1)
+        copy_bits[kind] = (hashes(encoded) != H[pick]).sum(axis=1)
+    return nearest, copies, nearest_bits, close_pairs, copy_bits
 
 
 def recall_at_precision(ranked, truth, precision=0.5):
@@ -167,25 +184,41 @@ def main():
     embedder = ImageEmbedder(cache_dir=args.cache_dir).fit()
     lines = ["## Audit: label errors, duplicates, outliers", "",
              f"`python benchmarks/audit.py` on {cpu}; the machine was shared with other jobs, so "
-             "seconds are indicative only. Backbone efficientnet_lite0, default head, 5 folds.", "",
-             "### Duplicate threshold", "",
+             "seconds are indicative only. Backbone efficientnet_lite0, default head "
+             "(`weight_decay=1e-4`, AdamW), 5 folds"
+             + ("; features read from `--cache-dir` where an earlier run stored them (seconds then "
+                "exclude the backbone)." if args.cache_dir else "."), "",
+             "### Duplicate thresholds", "",
              "Cosine similarity of features: each photo's nearest *distinct* photo of its own class "
              "(quantiles over all photos) against copies of 30 random photos:", "",
              "| data set | distinct: median | 99% | max | " + " | ".join(f"{k}: min / 5%" for k in COPIES) + " |",
              "|---|---|---|---|" + "---|" * len(COPIES)]
+    bits = []
     for name in ("trash6", "sign_digits"):
-        nearest, copies = similarities(args.datasets / name, embedder)
+        nearest, copies, nearest_bits, close_pairs, copy_bits = similarities(args.datasets / name, embedder)
         q50, q99, top = np.quantile(nearest, [0.5, 0.99, 1.0])
         lines.append(f"| {name} | {q50:.3f} | {q99:.3f} | {top:.3f} | "
                      + " | ".join(f"{s.min():.3f} / {np.quantile(s, 0.05):.3f}" for s in copies.values()) + " |")
         print(lines[-1], flush=True)
+        b1, b50 = np.quantile(nearest_bits, [0.01, 0.5])
+        bits.append(f"| {name} | {nearest_bits.min()} | {b1:.0f} | {b50:.0f} | {close_pairs} | "
+                    + " | ".join(f"{d.max()}" for d in copy_bits.values()) + " |")
+        print(bits[-1], flush=True)
+    lines += ["", f"Hamming distance of the 255-bit perceptual hashes (a pair within {HASH_DISTANCE} bits is "
+              "a duplicate): each photo's nearest distinct photo of its class (min, 1% and median over all "
+              "photos), the number of distinct pairs of any classes within the distance, and the largest "
+              "distance of the same copies to their original:", "",
+              "| data set | distinct: min | 1% | median | distinct pairs joined | "
+              + " | ".join(f"{k}: max" for k in COPIES) + " |",
+              "|---|---|---|---|---|" + "---|" * len(COPIES)] + bits
     lines += ["", "### Injected faults", "",
               "5% of labels flipped at random, 3% of photos duplicated (a quarter each: JPEG quality 75, "
               "JPEG quality 50, resized to 75%, resized to 50%), 5 flowers5 photos added under random "
               "labels. *Recall @ P≥0.5*: the highest recall of the flipped labels among the top-k "
               "suspects over all k whose precision is at least 0.5.", "",
               "| data set | images | out-of-fold accuracy | method | recall @ P≥0.5 | flagged | precision "
-              "| recall | duplicates grouped (threshold) | other duplicate groups | flowers flagged (of 5) "
+              f"| recall | duplicates grouped (feature threshold; or hash within {HASH_DISTANCE} bits) "
+              "| other duplicate groups | flowers flagged (of 5) "
               "| outliers (flowers ranked first; scores) | seconds |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,8 +13,12 @@ probabilities of one cross-validation of the head.
   Suspects are ranked by 1 - p(given label).
 * Duplicates are images whose L2-normalised features have a cosine
   similarity of at least ``duplicate_threshold`` (found with scikit-learn's
-  ``NearestNeighbors`` radius search), joined into groups; byte-identical
-  files are duplicates whatever the threshold. The default ("auto") adapts
+  ``NearestNeighbors`` radius search), or whose perceptual hashes (255 bits
+  of the low DCT frequencies of a 32-pixel grayscale thumbnail) differ in
+  at most ``HASH_DISTANCE`` bits, joined into groups; byte-identical files
+  are duplicates whatever the thresholds. The hash catches copies that
+  re-encoding or resizing moved in feature space (on small photos, further
+  than two distinct photos of a class). The default threshold ("auto") adapts
   to the folder: a pair is joined when its cosine distance is at most
   ``AUTO_DISTANCE_RATIO`` times the median distance of an image to its third
   nearest neighbour (the third, so that groups of up to three copies do not
@@ -50,6 +54,13 @@ FINDINGS = ("label_issue", "duplicate", "leakage", "outlier")
 OUTLIER_IQR = 1.5
 #: duplicate_threshold="auto": duplicates are this much closer than the median third-nearest neighbour.
 AUTO_DISTANCE_RATIO = 0.35
+#: Perceptual hash: the sign of the HASH_SIZE x HASH_SIZE lowest DCT frequencies (less the constant one)
+#: of a HASH_THUMBNAIL-pixel square grayscale thumbnail, against their median: 255 bits.
+HASH_SIZE = 16
+HASH_THUMBNAIL = 32
+#: Images whose perceptual hashes differ in at most this many of the 255 bits are duplicates
+#: (re-encoded and resized copies: <= 12; distinct photos: >= 42 on sign_digits; docs/audit.md).
+HASH_DISTANCE = 24
 COLUMNS = ["path", "finding", "given_label", "suggested_label", "score", "group"]
 
 
@@ -222,7 +233,7 @@ class AuditReport:
         for finding, title, explanation in (
             ("label_issue", "Suspected label errors",
              "The out-of-fold model is confident of another class. Score: 1 &minus; p(given label)."),
-            ("duplicate", "Duplicates", "Images with nearly the same features (one group per row). "
+            ("duplicate", "Duplicates", "Images with nearly the same features or pixels (one group per row). "
              "Score: cosine similarity to the closest other member (1 for identical files)."),
             ("leakage", "Leakage across the split", "Images in both the data and the test set."),
             ("outlier", "Outliers", "Far from every class. Score: distance to the nearest class "
@@ -321,8 +332,43 @@ def auto_threshold(unit):
     return float(1.0 - AUTO_DISTANCE_RATIO * np.median(third))
 
 
-def duplicate_components(unit, digests, threshold):
-    """Group ids (connected components of similarity >= threshold) and each image's best in-group similarity."""
+def perceptual_hash(image):
+    """The 255-bit DCT hash (bool array) of a PIL image; see ``HASH_SIZE``.
+
+    Low spatial frequencies of a small antialiased thumbnail survive JPEG
+    re-encoding and resizing, which change the backbone's features of small
+    photos more than the difference between two distinct photos of a class.
+    """
+    from PIL import Image
+
+    size = HASH_THUMBNAIL
+    gray = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64)
+    k = np.arange(size)
+    dct = np.cos(np.pi * (2 * k[None, :] + 1) * k[:HASH_SIZE, None] / (2 * size))  # DCT-II rows
+    low = (dct @ gray @ dct.T).ravel()[1:]
+    return low > np.median(low)
+
+
+def _pairs_within(hashes, distance):
+    """Index pairs ``(rows, cols)``, both ways, of hashes at most ``distance`` bits apart."""
+    from sklearn.neighbors import NearestNeighbors
+
+    bits = hashes.shape[1]
+    # The Hamming metric is the fraction of differing bits; half a bit of slack against rounding.
+    search = NearestNeighbors(radius=(distance + 0.5) / bits, metric="hamming").fit(hashes)
+    graph = search.radius_neighbors_graph(hashes, mode="connectivity").tocoo()
+    off = graph.row != graph.col
+    return graph.row[off], graph.col[off]
+
+
+def duplicate_components(unit, digests, hashes, threshold):
+    """Group ids and each image's best in-group feature similarity.
+
+    Two images are joined when their features have a cosine similarity of
+    at least ``threshold``, their perceptual ``hashes`` differ in at most
+    ``HASH_DISTANCE`` bits, or their files are identical (``digests``);
+    groups are the connected components.
+    """
     from scipy import sparse
     from scipy.sparse.csgraph import connected_components
     from sklearn.neighbors import NearestNeighbors
@@ -335,6 +381,10 @@ def duplicate_components(unit, digests, threshold):
     off = graph.row != graph.col
     rows, cols = graph.row[off], graph.col[off]
     similarity = 1.0 - graph.data[off] ** 2 / 2.0
+    # Pixel-level copies (re-encoded, resized), scored by their features' similarity.
+    a, b = _pairs_within(hashes, HASH_DISTANCE)
+    rows, cols = np.concatenate([rows, a]), np.concatenate([cols, b])
+    similarity = np.concatenate([similarity, np.einsum("ij,ij->i", unit[a], unit[b])])
     # Identical files are duplicates whatever the threshold (and score exactly 1).
     first, same = {}, []
     for i, digest in enumerate(digests):
@@ -429,7 +479,9 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     y_test : array-like or None, default=None
         Labels of ``X_test``, shown beside leakage findings.
     duplicate_threshold : float or "auto", default="auto"
-        Cosine similarity of features from which two images are duplicates.
+        Cosine similarity of features from which two images are duplicates
+        (so are images whose perceptual hashes differ in at most
+        ``HASH_DISTANCE`` = 24 of 255 bits, whatever this threshold).
         "auto": ``1 - 0.35 * m``, where ``m`` is the median cosine distance of
         an image to its third-nearest neighbour in ``X`` and ``X_test`` (0.857
         for the household-waste photos of trash6, 0.972 for the hands of sign_digits; docs/audit.md has the measurements
@@ -458,6 +510,7 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     from sklearn.utils.multiclass import check_classification_targets, type_of_target
 
     from ._estimator import PretrainedImageClassifier
+    from ._images import open_image
 
     if estimator is None:
         estimator = PretrainedImageClassifier(random_state=random_state)
@@ -503,18 +556,21 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     issues, suggested, label_scores, thresholds = confident_label_issues(y_enc, proba)
 
     say("searching nearest neighbours for duplicates and outliers")
-    digests = []
+    digests, hashes = [], []
     errors = []
     for i, item in enumerate(everything):
         try:
-            digests.append(read_item(item)[0])
+            digest, payload = read_item(item)
+            # One decode (a reduced-scale one for large JPEGs) gives the perceptual hash.
+            hashes.append(perceptual_hash(open_image(payload, min_size=2 * HASH_THUMBNAIL)))
+            digests.append(digest)
         except (OSError, ValueError, TypeError) as e:  # changed on disk since it was embedded
             errors.append((i, item, str(e) or type(e).__name__))
     if errors:
         raise ImageInputError(errors)
     if duplicate_threshold == "auto":
         duplicate_threshold = auto_threshold(unit)
-    components, best = duplicate_components(unit, digests, float(duplicate_threshold))
+    components, best = duplicate_components(unit, digests, np.array(hashes), float(duplicate_threshold))
     n = len(items)
     duplicate_groups, leakage_groups = [], []
     order = np.argsort(components, kind="stable")
