@@ -1,6 +1,9 @@
 """Image paths through the backbone at the speed of the CPU's own inference engine.
 
-For each backbone and photo size, in one run:
+For each backbone and photo size, in one run, in interleaved rounds (each
+round measures compute-only and steady state one after the other, so drift
+of a shared or throttled machine hits both alike; medians and min-max are
+reported, and the ratios are the medians of each round's own ratio):
 - compute-only img/s of every engine and precision this machine offers
   (PyTorch float32 eager channels_last, OpenVINO float32; OpenVINO and
   PyTorch bfloat16 only where the CPU computes bfloat16 natively;
@@ -11,10 +14,12 @@ For each backbone and photo size, in one run:
 - sktransfer steady state: ImageEmbedder.transform(paths) with the model
   built (and, for OpenVINO, converted and compiled) and the feature cache
   emptied, for engine="auto" (what it chose is shown) and engine="torch";
-- cold jobs: fresh processes with empty feature caches embedding 1,600
-  photos (flowers5, resized to 500x375), set-up included, beside the naive
-  loop: engine="auto" with no converted body on disk (the job converts it)
-  and with one (a later job);
+- cold jobs (the first of --cold-backbones only by default, to keep a run
+  of the defaults near ten minutes on a quiet 2-core machine): fresh
+  processes with empty feature caches embedding 1,600 photos (flowers5,
+  resized to 500x375), set-up included, beside the naive loop:
+  engine="auto" with no converted body on disk (the job converts it) and
+  with one (a later job);
 - warm latency of predicting one image with a fitted default model;
 - peak memory growth while embedding all photos of ../shared/datasets/flowers5,
   over the process with the model loaded and no image seen yet.
@@ -23,12 +28,13 @@ Photos: ../shared/datasets/trash6 as they are (512x384 camera photos) and
 1600x1200 versions of them made into a temporary folder. resnet18/resnet50
 run only where their ImageNet weights are on disk (they need a download).
 
-    python benchmarks/throughput.py [--n 320] [--cold-n 1600] [--write]
+    python benchmarks/throughput.py [--n 256] [--rounds 3] [--cold-n 1600] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import tempfile
@@ -94,7 +100,7 @@ def plans_offered():
     return plans
 
 
-def compute_only(backbone, batch=32, seconds=8.0):
+def compute_only(backbone, batch=32, seconds=3.0):
     """img/s of each offered path on a batch of uint8 images already in memory."""
     from sktransfer._runtime import steady_heap
 
@@ -110,10 +116,25 @@ def compute_only(backbone, batch=32, seconds=8.0):
             while time.perf_counter() - start < seconds:
                 run(arrays)
                 done += batch
-        label = f"{engine} {precision}"
-        rates[label] = done / (time.perf_counter() - start)
-        print(f"compute-only {backbone.name}, {label}: {rates[label]:.1f} img/s", flush=True)
+        rates[f"{engine} {precision}"] = done / (time.perf_counter() - start)
     return rates
+
+
+def steady_state(embedder, paths):
+    """img/s of ``embedder.transform(paths)`` with the model ready and the feature cache emptied."""
+    from sktransfer import clear_cache
+
+    clear_cache()
+    with Timer() as t:
+        embedder.transform(paths)
+    return len(paths) / t.seconds
+
+
+def spread(values):
+    """'median (min-max)' of a list of rates or ratios."""
+    fmt = "{:.2f}" if max(values) < 10 else "{:.1f}"
+    middle = fmt.format(float(np.median(values)))
+    return middle if len(values) == 1 else f"{middle} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 NAIVE = r'''
@@ -169,10 +190,13 @@ print(json.dumps({"base": base, "peak": peak, "n": len(paths), "features_bytes":
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=320, help="photos for the steady-state rows")
+    parser.add_argument("--n", type=int, default=256, help="photos for the steady-state rows")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of compute-only and steady state")
     parser.add_argument("--cold-n", type=int, default=1600, help="photos for the cold-job rows (0: none)")
+    parser.add_argument("--cold-backbones", default="efficientnet_lite0", help="backbones with cold-job rows")
     parser.add_argument("--no-memory", action="store_true", help="leave out the peak-memory row")
-    parser.add_argument("--backbones", default="efficientnet_lite0,resnet18,resnet50")
+    parser.add_argument("--backbones",
+                        default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,resnet18,resnet50")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
 
@@ -182,10 +206,12 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="sktransfer-bench-"))
     os.environ["SKTRANSFER_ENGINE_CACHE"] = str(work / "converted")  # this run converts afresh
     lines = [
-        f"{machine()}; {cpu_line()}. Steady state on {args.n} photos of trash6, cold jobs on "
-        f"{args.cold_n} photos of flowers5 resized to 500x375 (fresh processes, empty feature "
-        "caches, set-up included). img/s = images per second; compute-only = a batch of 32 "
-        "preprocessed images in memory through each engine and precision.",
+        f"{machine()}; {cpu_line()}. Steady state on {args.n} photos of trash6 (and 1600x1200 versions "
+        f"of them), in {args.rounds} interleaved rounds of compute-only and steady state: median "
+        "(min-max) over the rounds; ratios are the medians of each round's own ratio. Cold jobs on "
+        f"{args.cold_n} photos of flowers5 resized to 500x375 (fresh processes, empty feature caches, "
+        "set-up included). img/s = images per second; compute-only = a batch of 32 preprocessed images "
+        "in memory through each engine and precision.",
         "",
         "| backbone | photos | compute-only img/s by path | naive loop | steady, auto (its choice) "
         "| steady, torch float32 | steady auto / best compute | auto / torch float32 |",
@@ -198,32 +224,37 @@ def main():
             skipped.append(name)
             continue
         backbone = build_backbone(name, weights)
-        rates = compute_only(backbone)
-        best = max(rates.values())
+        compute_only(backbone, seconds=0.5)  # converts and compiles every path before the rounds
+        embedders = {engine: ImageEmbedder(name, weights=weights, engine=engine).fit()
+                     for engine in ("auto", "torch")}
         for size in ("trash6", "1600x1200"):
             paths, labels = make_photos(work, args.n, None if size == "trash6" else (1600, 1200),
                                         source="trash6")
             listing = work / f"paths-{size}.json"
             listing.write_text(json.dumps(paths))
-            naive = run_script(NAIVE, name, weights, listing)
-            steady, chose = {}, None
-            for engine in ("auto", "torch"):
-                emb = ImageEmbedder(name, weights=weights, engine=engine).fit()
+            naive = run_script(NAIVE, name, weights, listing)  # also brings the photos into the page cache
+            for embedder in embedders.values():
                 clear_cache()
-                emb.transform(paths)  # warm-up; auto finds the body converted by compute_only
-                clear_cache()
-                with Timer() as t:
-                    emb.transform(paths)
-                steady[engine] = len(paths) / t.seconds
-                if engine == "auto":
-                    chose = emb.backbone_.plan(engine="auto", precision="auto")
+                embedder.transform(paths[:32])  # warm-up; auto finds the body converted above
+            rates, steady = collections.defaultdict(list), collections.defaultdict(list)
+            for r in range(args.rounds):
+                for label, rate in compute_only(backbone).items():
+                    rates[label].append(rate)
+                for engine, embedder in embedders.items():
+                    steady[engine].append(steady_state(embedder, paths))
+                print(f"{name} {size} round {r + 1}: compute-only "
+                      f"{', '.join(f'{k} {v[-1]:.1f}' for k, v in rates.items())}; steady "
+                      f"{', '.join(f'{k} {v[-1]:.1f}' for k, v in steady.items())}", flush=True)
+            best = [max(round_rates) for round_rates in zip(*rates.values())]
+            chose = embedders["auto"].backbone_.plan(engine="auto", precision="auto")
             lines.append(
-                f"| {name} | {size} | {', '.join(f'{k} {v:.1f}' for k, v in rates.items())} "
-                f"| {naive['n'] / naive['seconds']:.1f} | {steady['auto']:.1f} ({chose.engine} {chose.precision}) "
-                f"| {steady['torch']:.1f} | {steady['auto'] / best:.2f} | {steady['auto'] / steady['torch']:.2f} |"
+                f"| {name} | {size} | {', '.join(f'{k} {spread(v)}' for k, v in rates.items())} "
+                f"| {naive['n'] / naive['seconds']:.1f} | {spread(steady['auto'])} ({chose.engine} {chose.precision}) "
+                f"| {spread(steady['torch'])} | {spread([a / b for a, b in zip(steady['auto'], best)])} "
+                f"| {spread([a / b for a, b in zip(steady['auto'], steady['torch'])])} |"
             )
             print(lines[-1], flush=True)
-        if not args.cold_n:
+        if not args.cold_n or name not in args.cold_backbones.split(","):
             continue
         cold_paths, _ = make_photos(work, args.cold_n, (500, 375), seed=1)
         cold_listing = work / "cold.json"
@@ -250,7 +281,7 @@ def main():
                       f"{', '.join(skipped)}."]
 
     paths, labels = make_photos(work, min(args.n, 160), None, source="trash6")
-    latency = {}
+    latency, floor = {}, None
     for engine in ("auto", "torch"):
         clf = PretrainedImageClassifier(random_state=0, engine=engine).fit(paths, labels)
         one = paths[50]
@@ -261,12 +292,25 @@ def main():
             with Timer() as t:
                 clf.predict([one])
             times.append(t.seconds * 1000)
-        plan = clf.embedder_.backbone_.plan(engine=engine, precision="auto")
+        backbone = clf.embedder_.backbone_
+        plan = backbone.plan(engine=engine, precision="auto")
         latency[f"{engine} ({plan.engine} {plan.precision})"] = np.median(times)
+        if engine == "auto":  # the floor: one preprocessed image through the engine alone
+            run = backbone.runner(plan, "cpu")
+            h, w = backbone.preprocessing.crop_shape
+            image = [np.zeros((h, w, 3), dtype=np.uint8)]
+            run(image)
+            floor = []
+            for _ in range(20):
+                with Timer() as t:
+                    run(image)
+                floor.append(t.seconds * 1000)
+            floor = f"{plan.engine} {plan.precision}: {np.median(floor):.1f} ms"
     lines += [
         "",
         "Predicting one trash6 photo with a fitted default model, warm, feature cache emptied each time, "
-        "median of 20 calls: " + ", ".join(f"engine={k}: {v:.0f} ms" for k, v in latency.items()) + ".",
+        "median of 20 calls: " + ", ".join(f"engine={k}: {v:.1f} ms" for k, v in latency.items())
+        + f"; the engine alone on one preprocessed image ({floor}).",
     ]
     if not args.no_memory:
         mem = run_script(MEMORY, DATASETS / "flowers5")
@@ -278,7 +322,7 @@ def main():
         ]
     print("\n".join(lines))
     if args.write:
-        write_section("throughput", "## Throughput\n\n" + "\n".join(lines))
+        write_section("throughput", "## Throughput by engine\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -138,13 +138,19 @@ def _run_backbone(todo, items, preprocessing, runner, out, batch_size, disk, pro
     # Decoding runs in a small thread pool (Pillow releases the GIL) one batch
     # ahead of the forward pass, so at most two batches of pixels are held. It
     # takes as many threads as torch may use: joblib and dask workers cap
-    # torch at their share of the cores, and decoding keeps to it too.
-    with ThreadPoolExecutor(max_workers=max(1, min(4, torch.get_num_threads()))) as pool:
-        pending = [pool.submit(load, p, d) for d, (p, _) in batches[0]] if batches else []
+    # torch at their share of the cores, and decoding keeps to it too. One
+    # image (predicting one photo) decodes in this thread: a pool would only
+    # add the start of its threads to the call.
+    with contextlib.ExitStack() as stack:
+        submit = _run_now
+        if len(entries) > 1:
+            workers = max(1, min(4, torch.get_num_threads()))
+            submit = stack.enter_context(ThreadPoolExecutor(max_workers=workers)).submit
+        pending = [submit(load, p, d) for d, (p, _) in batches[0]] if batches else []
         for b, batch in enumerate(batches):
             results = [f.result() for f in pending]
             if b + 1 < len(batches):
-                pending = [pool.submit(load, p, d) for d, (p, _) in batches[b + 1]]
+                pending = [submit(load, p, d) for d, (p, _) in batches[b + 1]]
             arrays, kept = [], []
             for (_, (_, indices)), (digest, array, reason) in zip(batch, results):
                 if array is None:
@@ -171,6 +177,13 @@ def _run_backbone(todo, items, preprocessing, runner, out, batch_size, disk, pro
             RuntimeWarning, stacklevel=4,
         )
     return errors
+
+
+def _run_now(fn, *args):
+    """``fn(*args)`` run in this thread, as a finished :class:`~concurrent.futures.Future`."""
+    future = Future()
+    future.set_result(fn(*args))
+    return future
 
 
 def _progress_bar(total, progress):

@@ -37,6 +37,24 @@ def test_batching_does_not_change_features(sample):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_one_image_decodes_in_the_calling_thread_with_the_same_features(sample, monkeypatch):
+    backbone = build_backbone("efficientnet_lite0")
+    paths = sample[0][:3]
+    clear_cache()
+    together = extract_features(paths, backbone, batch_size=1)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a thread pool was started for one image")
+
+    monkeypatch.setattr("sktransfer._features.ThreadPoolExecutor", no_pool)
+    for i, path in enumerate(paths):
+        clear_cache()
+        np.testing.assert_array_equal(extract_features([path], backbone), together[i:i + 1])
+    clear_cache()
+    with pytest.raises(AssertionError, match="thread pool"):
+        extract_features(paths[:2], backbone)
+
+
 def test_disk_cache_persists_across_processes(tmp_path, sample):
     paths = sample[0][:4]
     cache = tmp_path / "cache"
