@@ -28,7 +28,7 @@ Photos: ../shared/datasets/trash6 as they are (512x384 camera photos) and
 1600x1200 versions of them made into a temporary folder. resnet18/resnet50
 run only where their ImageNet weights are on disk (they need a download).
 
-    python benchmarks/throughput.py [--n 256] [--rounds 3] [--cold-n 1600] [--write]
+    python benchmarks/throughput.py [--n 192] [--rounds 3] [--cold-n 1600] [--write]
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def plans_offered():
     return plans
 
 
-def compute_only(backbone, batch=32, seconds=3.0):
+def compute_only(backbone, batch=32, seconds=2.5):
     """img/s of each offered path on a batch of uint8 images already in memory."""
     from sktransfer._runtime import steady_heap
 
@@ -190,7 +190,7 @@ print(json.dumps({"base": base, "peak": peak, "n": len(paths), "features_bytes":
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=256, help="photos for the steady-state rows")
+    parser.add_argument("--n", type=int, default=192, help="photos for the steady-state rows")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of compute-only and steady state")
     parser.add_argument("--cold-n", type=int, default=1600, help="photos for the cold-job rows (0: none)")
     parser.add_argument("--cold-backbones", default="efficientnet_lite0", help="backbones with cold-job rows")

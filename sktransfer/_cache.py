@@ -122,14 +122,24 @@ def _remember(path, st, value):
 
 
 def read_file(path):
-    """``(digest, bytes)`` of a regular file: the digest of exactly the bytes returned."""
+    """``(digest, bytes)`` of a regular file: the digest of exactly the bytes returned.
+
+    A file not rewritten while it was read, and remembered unchanged since it
+    was last hashed (see :func:`file_digest`), is not hashed again: embedding
+    a path checks it (hashing it once) and then reads it again to decode it.
+    """
     st, data = _read_regular(path)
-    value = digest(data)
     try:
         unchanged = _memo_key(os.stat(path)) == _memo_key(st)
     except OSError:
         unchanged = False
     if unchanged:  # not rewritten while it was read
+        with _FILE_MEMO_LOCK:
+            key, value = _FILE_MEMO.get(os.path.abspath(path), (None, None))
+        if key == _memo_key(st):
+            return value, data
+    value = digest(data)
+    if unchanged:
         _remember(path, st, value)
     return value, data
 

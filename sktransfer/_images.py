@@ -160,8 +160,9 @@ class Preprocessing:
         if size != (w, h):
             box = None
             if self.crop_mode == "center" and max(size) > 4 * max(ch, cw, self.decode_size):
-                # A long panorama: resample only the centre band the crop keeps
-                # (the same pixels), not a resized copy of the whole strip.
+                # A long panorama: resample only the centre band the crop keeps,
+                # not a resized copy of the whole strip. Nearly the same pixels:
+                # Pillow reads the box as float32, so a weight may round apart.
                 if w > h:
                     keep = w * cw / size[0]
                     box, size = ((w - keep) / 2, 0, (w + keep) / 2, h), (cw, size[1])

@@ -55,6 +55,25 @@ def test_one_image_decodes_in_the_calling_thread_with_the_same_features(sample, 
         extract_features(paths[:2], backbone)
 
 
+def test_a_file_is_hashed_once_while_unchanged(tmp_path, sample, monkeypatch):
+    import sktransfer._cache as cache_module
+
+    path = tmp_path / "photo.jpg"
+    shutil.copy(sample[0][0], path)
+    # A file written just now is not remembered (racy ctime); treat it as settled.
+    monkeypatch.setattr(cache_module, "RACY_SECONDS", -1e12)
+    hashed = []
+    real_digest = cache_module.digest
+    monkeypatch.setattr(cache_module, "digest", lambda data: hashed.append(len(data)) or real_digest(data))
+    backbone = build_backbone("efficientnet_lite0")
+    clear_cache()
+    first = extract_features([str(path)], backbone)
+    assert len(hashed) == 1  # checked, then read again to decode: hashed once
+    path.write_bytes(Path(sample[0][1]).read_bytes())  # rewritten: hashed afresh
+    second = extract_features([str(path)], backbone)
+    assert len(hashed) == 2 and not np.array_equal(first, second)
+
+
 def test_disk_cache_persists_across_processes(tmp_path, sample):
     paths = sample[0][:4]
     cache = tmp_path / "cache"
