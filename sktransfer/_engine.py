@@ -285,6 +285,11 @@ def compile_openvino(model, preprocessing, precision, threads):
         "PERFORMANCE_HINT": "LATENCY",  # one request on every thread: the batch is the parallelism
         "INFERENCE_NUM_THREADS": int(threads),
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
+        # OpenVINO pins its threads to cores by default on Linux. Our decoding
+        # threads, joblib workers and other processes share those cores, and a
+        # pinned thread cannot move off a busy one: unpinned, EfficientNet-Lite0
+        # ran 1.1-4.8x faster on a shared 2-core machine (docs/benchmarks.md).
+        "ENABLE_CPU_PINNING": False,
     }
     return _openvino_core().compile_model(ppp.build(), "CPU", config)
 

@@ -74,6 +74,15 @@ def test_every_path_keeps_features_within_tolerance_of_float32_torch(engine, pre
     assert cosine(features, reference[keep]).min() >= least
 
 
+@needs_openvino
+def test_openvino_threads_are_not_pinned(photos, reference):
+    emb = ImageEmbedder(engine="openvino", precision="float32").fit()
+    plan = emb.backbone_.plan(engine="openvino", precision="float32")
+    assert emb.backbone_.runner(plan, "cpu").compiled.get_property("ENABLE_CPU_PINNING") is False
+    clear_cache()
+    assert cosine(emb.transform(photos), reference).min() >= MIN_COSINE
+
+
 def test_auto_picks_the_fastest_path_this_machine_offers():
     big = choose("auto", "auto", "cpu", "auto", n_images=OPENVINO_MIN_IMAGES, converted=False)
     assert big == (Plan("openvino", OPENVINO_NATIVE) if HAS_OPENVINO else Plan("torch", "float32"))
