@@ -8,9 +8,19 @@ probabilities of one cross-validation of the head.
   the threshold of class j is the average out-of-fold probability of j over
   the images labelled j (its average self-confidence); an image labelled i
   whose probability of another class j reaches that class's threshold (the
-  most probable such j) is counted in the off-diagonal cell (i, j) of the
-  confident joint, and is a suspected label error with suggested label j.
-  Suspects are ranked by 1 - p(given label).
+  most probable such j) is counted in the cell (i, j) of the confident joint.
+  Each row of the joint, rescaled to the number of images labelled i (the
+  calibration of the paper), estimates how many of them are truly each class:
+  its off-diagonal cells add up to the estimated number of label errors, N.
+  The suspects are the N images the out-of-fold model most confidently puts
+  in another class than their label, ranked by the log-ratio
+  log(p(suggested) / p(given label)), where the suggested label is the most
+  probable other class; only images whose most probable class is not their
+  label can be suspects. The log-ratio orders images the same way whatever
+  the temperature of the head's softmax, so the ranking does not depend on how
+  sharp a head's probabilities are; per-class thresholds set how many are
+  flagged, not which. docs/audit.md compares this with noise-rate pruning
+  and with rankings by self-confidence and by normalized margin.
 * Duplicates are images whose L2-normalised features have a cosine
   similarity of at least ``duplicate_threshold`` (found with scikit-learn's
   ``NearestNeighbors`` radius search), or whose perceptual hashes (255 bits
@@ -77,15 +87,18 @@ class AuditReport:
     oof_proba : ndarray of shape (n_images, n_classes)
         Out-of-fold predicted probabilities of the cross-validated estimator.
     thresholds : ndarray of shape (n_classes,)
-        Per-class confident-learning thresholds (average self-confidence).
+        Per-class confident-learning thresholds (average self-confidence),
+        from which the number of label issues is estimated.
     duplicate_threshold : float
         The cosine similarity from which images were joined as duplicates.
     label_issues : ndarray of int
         Suspected label errors, most suspicious first.
     suggested_labels : ndarray
-        The class the out-of-fold model is confident of, per label issue.
+        The most probable class per label issue (never the given label).
     label_scores : ndarray of float
-        ``1 - p(given label)`` per label issue (higher: more suspicious).
+        ``log(p(suggested) / p(given label))`` per label issue, out of fold
+        (higher: more suspicious; positive, as the suggested class is the
+        more probable).
     duplicate_groups : list of ndarray of int
         Groups of two or more images of ``X`` that are (near-)duplicates of
         each other and of nothing in ``X_test``.
@@ -232,7 +245,8 @@ class AuditReport:
         sections = []
         for finding, title, explanation in (
             ("label_issue", "Suspected label errors",
-             "The out-of-fold model is confident of another class. Score: 1 &minus; p(given label)."),
+             "The out-of-fold model puts the image in another class. "
+             "Score: log(p(suggested) / p(given)), higher is more confident."),
             ("duplicate", "Duplicates", "Images with nearly the same features or pixels (one group per row). "
              "Score: cosine similarity to the closest other member (1 for identical files)."),
             ("leakage", "Leakage across the split", "Images in both the data and the test set."),
