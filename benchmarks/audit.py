@@ -218,13 +218,9 @@ def run(datasets, name, cache_dir, tmp, seed=0, weight_decay=None):
     y_enc = np.searchsorted(classes, y)
     accuracy = float(np.mean(report.oof_proba.argmax(axis=1) == y_enc))
 
-    flagged = set(report.label_issues.tolist())
     result = {
         "name": name, "seed": seed, "images": len(X), "flipped": len(flipped), "accuracy": accuracy,
-        "seconds": seconds, "threshold": report.duplicate_threshold,
-        "recall": recall_at_precision(report.label_issues, flipped),
-        "flagged": len(flagged), "flagged_precision": len(flagged & flipped) / max(len(flagged), 1),
-        "flagged_recall": len(flagged & flipped) / len(flipped),
+        "seconds": seconds, "threshold": report.duplicate_threshold, **flag_figures(report.label_issues, flipped),
         "saved": (report.oof_proba, y_enc, np.array(sorted(flipped))),
     }
     groups = {i: g for g, members in enumerate(report.duplicate_groups) for i in members.tolist()}
