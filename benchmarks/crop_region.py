@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 from _common import DATASETS, machine
-from throughput import cpu_line
 
 SHAPES = [None, (500, 375), (375, 500), (1600, 1200), (400, 300), (300, 400), (400, 120), (90, 300),
           (150, 100), (257, 256), (256, 300), (1000, 999), (640, 480), (224, 224), (231, 900)]
@@ -69,7 +68,7 @@ def main():
     from sktransfer import Preprocessing
     from sktransfer._images import _RESAMPLE, open_image
 
-    print(f"{machine()}; {cpu_line()}")
+    print(machine())
     trash = sorted((DATASETS / "trash6").glob("*/*.jpg"))
     flowers = sorted((DATASETS / "flowers5").glob("*/*.jpg"))
     default = Preprocessing(256, 224, "bicubic", (0.5,) * 3, (0.5,) * 3)  # EfficientNet-Lite0's recipe
