@@ -14,8 +14,9 @@ reported, and the ratios are the medians of each round's own ratio):
 - sktransfer steady state: ImageEmbedder.transform(paths) with the model
   built (and, for OpenVINO, converted and compiled) and the feature cache
   emptied, for engine="auto" (what it chose is shown) and engine="torch";
-- cold jobs (the first of --cold-backbones only by default, to keep a run
-  of the defaults near ten minutes on a quiet 2-core machine): fresh
+- cold jobs (for the backbones of --cold-backbones, EfficientNet-Lite0 by
+  default, to keep a run of the defaults near ten minutes on a quiet 2-core
+  machine; an estimate from the rates of each step, not timed whole): fresh
   processes with empty feature caches embedding 1,600 photos (flowers5,
   resized to 500x375), set-up included, beside the naive loop:
   engine="auto" with no converted body on disk (the job converts it) and
