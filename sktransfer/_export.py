@@ -247,7 +247,8 @@ def _load_tensors(folder, name):
 
 
 def _read_info(folder):
-    """model.json, checked field by field: a ValueError names the first wrong one."""
+    """model.json, its format, params, backbone and head checked field by field (a ValueError
+    names the first wrong one); the estimator checks the rest in its ``_import_state``."""
     path = os.path.join(folder, MODEL_FILE)
     try:
         with open(path, "rb") as f:
