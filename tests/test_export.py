@@ -17,6 +17,8 @@ from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_model, sav
 from conftest import OFFLINE, fresh_env
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Folders written by save_model in format 1 (sktransfer 0.1.0; see the README there).
+FORMAT_1 = ROOT / "tests" / "data" / "model_v1"
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,24 @@ def fitted(sample):
     clf = PretrainedImageClassifier(hidden_units=(16,), max_epochs=5, random_state=0,
                                     optimizer=torch.optim.AdamW, optimizer__betas=(0.8, 0.95)).fit(X, y)
     return clf, X, y
+
+
+def _tiny_body():
+    """A module backbone small enough to fit and save in a moment (four features)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU())
+
+
+#: The tiny body's preprocessing (as the format-1 folders in tests/data were written with).
+TINY_PREPROCESSING = dict(resize_size=40, crop_size=32, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_images(sample):
+    """24 of the bundled photos, four per class."""
+    paths, labels = sample
+    keep = [i for c in sorted(set(labels)) for i in np.flatnonzero(labels == c)[:4]]
+    return [paths[i] for i in keep], labels[keep]
 
 
 def _offline_python(code, tmp_path):
@@ -93,8 +113,7 @@ def test_integer_labels_and_embedder(tmp_path, digits_small):
 
 def test_user_module_backbone_needs_the_module_at_load(tmp_path, fitted):
     _, X, y = fitted
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU())
+    net = _tiny_body()
     prep = dict(resize_size=64, crop_size=56, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
     clf = PretrainedImageClassifier(backbone=net, preprocessing=prep, max_epochs=3, random_state=0).fit(X, y)
     save_model(clf, tmp_path)
@@ -106,24 +125,6 @@ def test_user_module_backbone_needs_the_module_at_load(tmp_path, fitted):
     np.testing.assert_allclose(loaded.predict_proba(X[:3]), clf.predict_proba(X[:3]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="do not fit the architecture"):
         load_model(tmp_path, backbone=nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
-
-
-def _tiny_body():
-    """A module backbone small enough to fit and save in a moment (four features)."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU())
-
-
-#: The tiny body's preprocessing (as the format-1 folders in tests/data were written with).
-TINY_PREPROCESSING = dict(resize_size=40, crop_size=32, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
-
-
-@pytest.fixture(scope="module")
-def tiny_images(sample):
-    """24 of the bundled photos, four per class."""
-    paths, labels = sample
-    keep = [i for c in sorted(set(labels)) for i in np.flatnonzero(labels == c)[:4]]
-    return [paths[i] for i in keep], labels[keep]
 
 
 def test_calibrated_model_round_trip(tmp_path, tiny_images):
@@ -285,10 +286,6 @@ def test_wrong_regressor_fields_are_named(tmp_path, edit, field):
     (tmp_path / "model.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         load_model(tmp_path, backbone=_tiny_body())
-
-
-#: Folders written by save_model in format 1 (sktransfer 0.1.0; see the README there).
-FORMAT_1 = ROOT / "tests" / "data" / "model_v1"
 
 
 @pytest.mark.parametrize("name", ["classifier", "regressor", "embedder"])
