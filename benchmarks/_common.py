@@ -64,14 +64,39 @@ def write_section(name, markdown):
     print(f"wrote the {name!r} section of {REPORT.relative_to(ROOT)}")
 
 
-def machine():
-    import os
+#: The CPU flags that decide which engine and precision run fastest.
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu():
+    """The CPU's model name and the flags of :data:`FLAGS` it has, from /proc/cpuinfo (Linux)."""
     import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and not flags:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return f"{model}, flags {' '.join(f for f in FLAGS if f in flags) or 'none of ' + '/'.join(FLAGS)}"
+
+
+def machine():
+    """The machine a figure was measured on: cores, CPU model and flags, torch and its threads."""
+    import os
 
     import torch
 
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-            f"torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+    try:
+        load = f"; load average {os.getloadavg()[0]:.1f} when written"  # other jobs sharing the cores
+    except OSError:
+        load = ""
+    return (f"{os.cpu_count()} CPU cores, {cpu()}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads{load}")
 
 
 def run_script(code, *args):

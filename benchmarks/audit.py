@@ -5,14 +5,22 @@ For each data set: 5% of the labels flipped to another class at random
 quality, half resized), and 5 photos of another data set (flowers5) added
 under a random label. Reports the recall of the flipped labels at precision
 >= 0.5 among the top-ranked suspects, the share of injected duplicates
-grouped with their original, and the outsiders flagged; beside it, cleanlab's
-``find_label_issues`` on the same out-of-fold probabilities when cleanlab is
-installed. Also measures the duplicate thresholds: the cosine similarity of
-re-encoded and resized copies to their original, and the Hamming distance of
-their perceptual hashes, against those of each photo's nearest distinct photo
-of its class.
+grouped with their original, and the outsiders flagged; beside it, every
+label-issue rule of ``sktransfer._audit.find_label_issues`` and cleanlab's
+``find_label_issues`` (when cleanlab is installed) on the same out-of-fold
+probabilities. Also measures the duplicate thresholds: the cosine similarity
+of re-encoded and resized copies to their original, and the Hamming distance
+of their perceptual hashes, against those of each photo's nearest distinct
+photo of its class.
 
     python benchmarks/audit.py [--cache-dir DIR] [--datasets ../shared/datasets]
+
+writes the 'audit' section (seed 0, the default head). Other seeds and heads
+are printed only; their probabilities can be saved, and the rules compared on
+them later without fitting anything:
+
+    python benchmarks/audit.py --cache-dir DIR --seeds 0 1 2 --weight-decay auto --save-proba auto.npz
+    python benchmarks/audit.py --compare-rules default.npz auto.npz
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import DATASETS, machine, write_section  # noqa: E402
 
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, audit, load_image_folder  # noqa: E402
-from sktransfer._audit import HASH_DISTANCE, HASH_THUMBNAIL, perceptual_hash  # noqa: E402
+from sktransfer._audit import (  # noqa: E402
+    FLAG_RULES, HASH_DISTANCE, HASH_THUMBNAIL, RANK_RULES, find_label_issues, perceptual_hash)
 from sktransfer._images import open_image  # noqa: E402
 
 #: The copies injected as duplicates: JPEG re-encoding at a quality, or a resize (saved at quality 90).
@@ -49,16 +58,6 @@ def copy_of(path, quality=90, scale=None):
     return buffer.getvalue()
 
 
-def cpu_model():
-    """The CPU's model name and its widest vector extensions, from /proc/cpuinfo (Linux)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "CPU model unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    vector = [f for f in ("avx2", "avx512f", "amx_tile") if f in flags]
-    return f"{name} ({', '.join(vector) or 'no AVX2'})"
 
 
 def unit(features):
@@ -100,7 +99,75 @@ def recall_at_precision(ranked, truth, precision=0.5):
     return float(hits[ok].max() / len(truth)) if ok.any() else 0.0
 
 
-def run(datasets, name, cache_dir, tmp, seed=0):
+def flag_figures(ranked, flipped):
+    """Recall @ P>=0.5 of a ranked suspect list, and the size, precision and recall of the whole list."""
+    found = set(ranked.tolist())
+    return {"recall": recall_at_precision(ranked, flipped), "flagged": len(found),
+            "flagged_precision": len(found & flipped) / max(len(found), 1),
+            "flagged_recall": len(found & flipped) / len(flipped)}
+
+
+def compare_rules(proba, labels, flipped):
+    """Every label-issue rule on the same out-of-fold probabilities: {rule: flag_figures}.
+
+    The rules of ``find_label_issues`` (which images are suspects x how they
+    are ranked), and cleanlab's ``find_label_issues`` (its default,
+    noise-rate pruning, ranked by self-confidence) when cleanlab is installed.
+    """
+    flipped = set(np.asarray(flipped).tolist())
+    figures = {}
+    for flag in FLAG_RULES:
+        for rank in RANK_RULES:
+            ranked = find_label_issues(labels, proba, flag=flag, rank=rank)[0]
+            figures[f"{flag}, by {rank}"] = flag_figures(ranked, flipped)
+    try:
+        from cleanlab.filter import find_label_issues as cleanlab_issues
+    except ImportError:
+        return figures
+    ranked = cleanlab_issues(labels, proba, return_indices_ranked_by="self_confidence")
+    figures["cleanlab find_label_issues"] = flag_figures(ranked, flipped)
+    return figures
+
+
+def rules_table(runs):
+    """Markdown: recall @ P>=0.5 (suspects flagged) of every rule on every run ``{key: (proba, labels, flipped)}``."""
+    figures = {key: compare_rules(*run) for key, run in runs.items()}
+    rules = list(next(iter(figures.values())))
+    lines = ["| rule | " + " | ".join(figures) + " | lowest |", "|---|" + "---|" * (len(figures) + 1)]
+    for rule in rules:
+        cells = [f"{figures[key][rule]['recall']:.2f} ({figures[key][rule]['flagged']})" for key in figures]
+        lowest = min(figures[key][rule]["recall"] for key in figures)
+        lines.append(f"| {rule} | " + " | ".join(cells) + f" | {lowest:.2f} |")
+    return "\n".join(lines)
+
+
+def load_runs(paths):
+    """The runs saved with ``--save-proba``: {key: (proba, labels, flipped)}, in file order."""
+    runs = {}
+    for path in paths:
+        with np.load(path) as saved:
+            for key in dict.fromkeys(name.rsplit("__", 1)[0] for name in saved.files):
+                runs[key] = (saved[f"{key}__proba"], saved[f"{key}__labels"], saved[f"{key}__flipped"])
+    return runs
+
+
+def save_runs(path, runs):
+    """Write ``{key: (proba, labels, flipped)}`` to an .npz file (atomically) for ``--compare-rules``."""
+    arrays = {f"{key}__{part}": value for key, run in runs.items()
+              for part, value in zip(("proba", "labels", "flipped"), run)}
+    path = Path(path)
+    partial = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(partial, **arrays)
+    partial.replace(path)
+
+
+def inject(datasets, name, tmp, seed):
+    """``name``'s photos with seeded faults: ``X, y, classes, flipped, pairs, outsiders``.
+
+    ``flipped``: indices whose label was flipped (with the copies of flipped
+    photos); ``pairs``: (original, copy, kind of copy); ``outsiders``: the
+    flowers5 photos added under random labels.
+    """
     X, y = load_image_folder(datasets / name)
     y = y.copy()
     classes = np.unique(y)
@@ -114,7 +181,7 @@ def run(datasets, name, cache_dir, tmp, seed=0):
     pairs = []
     for k, i in enumerate(sources):
         kind = kinds[k % len(kinds)]
-        target = tmp / f"{name}-copy{k}.jpg"
+        target = tmp / f"{name}-seed{seed}-copy{k}.jpg"
         target.write_bytes(copy_of(X[i], **COPIES[kind]))
         pairs.append((int(i), len(X), kind))
         X.append(str(target))
@@ -127,28 +194,31 @@ def run(datasets, name, cache_dir, tmp, seed=0):
         outsiders.append(len(X))
         X.append(str(p))
         y = np.append(y, rng.choice(classes))
+    return X, y, classes, flipped, pairs, outsiders
 
-    estimator = PretrainedImageClassifier(random_state=seed, cache_dir=cache_dir)
+
+def run(datasets, name, cache_dir, tmp, seed=0, weight_decay=None):
+    """Audit ``name`` with injected faults; the figures of the benchmark, and the run's probabilities."""
+    X, y, classes, flipped, pairs, outsiders = inject(datasets, name, tmp, seed)
+    head = {} if weight_decay is None else {"weight_decay": weight_decay}
+    estimator = PretrainedImageClassifier(random_state=seed, cache_dir=cache_dir, **head)
     start = time.perf_counter()
     report = audit(estimator, X, y, cv=5, random_state=seed)
     seconds = time.perf_counter() - start
     y_enc = np.searchsorted(classes, y)
     accuracy = float(np.mean(report.oof_proba.argmax(axis=1) == y_enc))
 
-    flagged = set(report.label_issues.tolist())
     result = {
-        "name": name, "images": len(X), "flipped": len(flipped), "accuracy": accuracy, "seconds": seconds,
-        "threshold": report.duplicate_threshold,
-        "recall": recall_at_precision(report.label_issues, flipped),
-        "flagged": len(flagged), "flagged_precision": len(flagged & flipped) / max(len(flagged), 1),
-        "flagged_recall": len(flagged & flipped) / len(flipped),
+        "name": name, "seed": seed, "images": len(X), "flipped": len(flipped), "accuracy": accuracy,
+        "seconds": seconds, "threshold": report.duplicate_threshold, **flag_figures(report.label_issues, flipped),
+        "saved": (report.oof_proba, y_enc, np.array(sorted(flipped))),
     }
     groups = {i: g for g, members in enumerate(report.duplicate_groups) for i in members.tolist()}
     grouped = [groups.get(a, -1) == groups.get(b, -2) for a, b, _ in pairs]
     result["duplicates"] = len(pairs)
     result["grouped"] = float(np.mean(grouped))
     result["grouped_by_kind"] = {kind: float(np.mean([g for g, p in zip(grouped, pairs) if p[2] == kind]))
-                                 for kind in kinds}
+                                 for kind in COPIES}
     injected = {i for a, b, _ in pairs for i in (a, b)}
     result["other_groups"] = sum(1 for m in report.duplicate_groups if not set(m.tolist()) & injected)
     result["outsiders_flagged"] = len(set(outsiders) & set(report.outliers.tolist()))
@@ -158,20 +228,13 @@ def run(datasets, name, cache_dir, tmp, seed=0):
     result["lowest_outsider_score"] = min((s for i, s in zip(report.outliers, report.outlier_scores)
                                           if i in outsiders), default=float("nan"))
     result["outliers"] = len(report.outliers)
-    try:
-        from cleanlab.filter import find_label_issues
-    except ImportError:
-        result["cleanlab"] = None
-    else:
-        ranked = find_label_issues(y_enc, report.oof_proba, return_indices_ranked_by="self_confidence")
-        found = set(ranked.tolist())
-        result["cleanlab"] = {
-            "recall": recall_at_precision(ranked, flipped), "flagged": len(found),
-            "flagged_precision": len(found & flipped) / max(len(found), 1),
-            "flagged_recall": len(found & flipped) / len(flipped),
-        }
-    print(result, flush=True)
+    result["rules"] = compare_rules(*result["saved"])
+    print({k: v for k, v in result.items() if k != "saved"}, flush=True)
     return result
+
+
+def weight_decay(text):
+    return text if text == "auto" else float(text)
 
 
 def main():
@@ -179,13 +242,39 @@ def main():
     parser.add_argument("--cache-dir", help="disk feature cache (reruns skip the backbone)")
     parser.add_argument("--datasets", type=Path, default=DATASETS,
                         help="folder holding trash6, sign_digits and flowers5 (default: ../shared/datasets)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="seeds of the injected faults and the folds (default: 0)")
+    parser.add_argument("--weight-decay", type=weight_decay,
+                        help="the head's weight_decay (a number or 'auto'; default: the estimator's)")
+    parser.add_argument("--save-proba", metavar="FILE.npz",
+                        help="also save each run's out-of-fold probabilities, labels and flipped indices")
+    parser.add_argument("--compare-rules", metavar="FILE.npz", nargs="+",
+                        help="fit nothing: compare the label-issue rules on probabilities saved with --save-proba")
     args = parser.parse_args()
-    cpu = f"{machine()}, {cpu_model()}"
+    if args.compare_rules:
+        print(rules_table(load_runs(args.compare_rules)))
+        return
+    # docs/benchmarks.md holds the reference configuration; other ones are printed only.
+    reference = args.seeds == [0] and args.weight_decay is None
+    cpu = machine()
+    results, runs = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("trash6", "sign_digits"):
+            for seed in args.seeds:
+                r = run(args.datasets, name, args.cache_dir, Path(tmp), seed, args.weight_decay)
+                head = "" if args.weight_decay is None else f" weight_decay={args.weight_decay}"
+                runs[f"{name} seed {seed}{head}"] = r["saved"]
+                results.append(r)
+    if args.save_proba:
+        save_runs(args.save_proba, runs)
+    rules = rules_table(runs)
+    print(rules, flush=True)
+    if not reference:
+        return
     embedder = ImageEmbedder(cache_dir=args.cache_dir).fit()
     lines = ["## Audit: label errors, duplicates, outliers", "",
-             f"`python benchmarks/audit.py` on {cpu}; the machine was shared with other jobs, so "
-             "seconds are indicative only. Backbone efficientnet_lite0, default head "
-             "(`weight_decay=1e-4`, AdamW), 5 folds"
+             f"`python benchmarks/audit.py` on {cpu}. Backbone efficientnet_lite0, default head "
+             "(`weight_decay=\"auto\"`: a tuned linear head), 5 folds"
              + ("; features read from `--cache-dir` where an earlier run stored them (seconds then "
                 "exclude the backbone)." if args.cache_dir else "."), "",
              "### Duplicate thresholds", "",
@@ -221,24 +310,28 @@ def main():
               "| other duplicate groups | flowers flagged (of 5) "
               "| outliers (flowers ranked first; scores) | seconds |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("trash6", "sign_digits"):
-            r = run(args.datasets, name, args.cache_dir, Path(tmp))
-            by_kind = ", ".join(f"{k}: {v:.2f}" for k, v in r["grouped_by_kind"].items())
-            lines.append(f"| {name} | {r['images']} | {r['accuracy']:.3f} | sktransfer.audit | "
-                         f"**{r['recall']:.2f}** | {r['flagged']} | {r['flagged_precision']:.2f} | "
-                         f"{r['flagged_recall']:.2f} | **{r['grouped']:.2f}** of {r['duplicates']} ({by_kind}; "
-                         f"auto threshold {r['threshold']:.3f}) | "
-                         f"{r['other_groups']} | {r['outsiders_flagged']} | {r['outliers']} ({'yes' if r['outsiders_first'] else 'no'}; "
-                         f"flowers ≥ {r['lowest_outsider_score']:.2f}, "
-                         + (f"others ≤ {r['top_other_score']:.2f}) | " if r["outliers"] > r["outsiders_flagged"]
-                            else "no others) | ")
-                         + f"{r['seconds']:.0f} |")
-            c = r["cleanlab"]
-            if c is not None:
-                lines.append(f"| {name} | | | cleanlab find_label_issues (same probabilities) | "
-                             f"{c['recall']:.2f} | {c['flagged']} | {c['flagged_precision']:.2f} | "
-                             f"{c['flagged_recall']:.2f} | | | | | |")
+    for r in results:
+        by_kind = ", ".join(f"{k}: {v:.2f}" for k, v in r["grouped_by_kind"].items())
+        lines.append(f"| {r['name']} | {r['images']} | {r['accuracy']:.3f} | sktransfer.audit | "
+                     f"**{r['recall']:.2f}** | {r['flagged']} | {r['flagged_precision']:.2f} | "
+                     f"{r['flagged_recall']:.2f} | **{r['grouped']:.2f}** of {r['duplicates']} ({by_kind}; "
+                     f"auto threshold {r['threshold']:.3f}) | "
+                     f"{r['other_groups']} | {r['outsiders_flagged']} | {r['outliers']} "
+                     f"({'yes' if r['outsiders_first'] else 'no'}; flowers ≥ {r['lowest_outsider_score']:.2f}, "
+                     + (f"others ≤ {r['top_other_score']:.2f}) | " if r["outliers"] > r["outsiders_flagged"]
+                        else "no others) | ")
+                     + f"{r['seconds']:.0f} |")
+        c = r["rules"].get("cleanlab find_label_issues")
+        if c is not None:
+            lines.append(f"| {r['name']} | | | cleanlab find_label_issues (same probabilities) | "
+                         f"{c['recall']:.2f} | {c['flagged']} | {c['flagged_precision']:.2f} | "
+                         f"{c['flagged_recall']:.2f} | | | | | |")
+    lines += ["", "### Label-issue rules on the same probabilities", "",
+              "Recall @ P≥0.5 (suspects flagged) of each rule of `sktransfer._audit.find_label_issues` "
+              "(which images are suspects, how they are ranked) on the out-of-fold probabilities above; "
+              f"`audit` uses `{FLAG_RULES[0]}, by {RANK_RULES[0]}`. More seeds and heads: "
+              "`--seeds 0 1 2 --save-proba runs.npz`, then `--compare-rules runs.npz` (docs/audit.md).", "",
+              rules]
     write_section("audit", "\n".join(lines))
 
 

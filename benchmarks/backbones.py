@@ -59,16 +59,6 @@ def splits(labels, sizes, n_test, seed):
     return test, train
 
 
-def cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return "CPU model unknown"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model} ({', '.join(simd) or 'no AVX2'})"
 
 
 def compute_only(names, batch, rounds):
@@ -111,8 +101,7 @@ def main():
             h, w = build_backbone(name).preprocessing.crop_shape
             lines.append(f"| {name} | {h}×{w} | {1000 * best[name]:.1f} | {best[name] / best[names[0]]:.2f} |")
         note = (f"`python benchmarks/backbones.py --compute`: one forward pass of a batch of {args.batch}, "
-                f"fastest of {args.rounds} interleaved rounds, float32 eager. {cpu_flags()}; {machine()}; "
-                "the machine was shared with other work.")
+                f"fastest of {args.rounds} interleaved rounds, float32 eager. {machine()}.")
         print("\n".join(lines) + "\n\n" + note)
         if args.write:
             write_section("backbones-compute", "\n".join(lines) + "\n\n" + note)
@@ -155,9 +144,8 @@ def main():
     table = "\n".join(lines)
     note = (f"`python benchmarks/backbones.py`: default classifier, {args.seeds} seeded splits per size, "
             f"{args.test} held-out photos per class, a pool of {args.test + max(sizes)} photos per class embedded "
-            f"once per backbone (s / image: that pass, decoding included, empty cache). {cpu_flags()}; "
-            f"{machine()}; the machine was shared with other work, so seconds are comparable only within "
-            "a dataset's rows.")
+            f"once per backbone (s / image: that pass, decoding included, empty cache). "
+            f"{machine()}.")
     print(table + "\n\n" + note)
     if args.write:
         write_section("backbones", table + "\n\n" + note)

@@ -24,16 +24,6 @@ from sktransfer import PretrainedImageClassifier, load_image_folder
 from _common import DATASETS, ROOT, machine, write_section
 
 
-def cpu():
-    """The CPU model and its vector extensions, from /proc/cpuinfo where there is one."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "CPU model unknown"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    vector = [f for f in ("avx2", "avx512f", "amx_tile") if f in flags]
-    return f"{model} ({', '.join(vector) or 'no AVX2'})"
 
 sys.path.insert(0, str(ROOT / "tools"))
 from make_sample import make_sample  # noqa: E402
@@ -61,7 +51,7 @@ def main():
     table = "\n".join([
         f"{len(X)} TrashNet photos (30 per class, the seeded pick of `tools/make_sample.py`); default "
         f"`PretrainedImageClassifier(random_state=0)`, 5-fold stratified cross-validation as in "
-        f"`sktransfer demo`; {machine()}, {cpu()}. The machine was shared with other jobs (only "
+        f"`sktransfer demo`; {machine()} (only "
         "accuracy and size are compared here, no times).",
         "",
         "| longer side (px) | JPEG quality | size (MB) | accuracy (mean ± std over folds) |",

@@ -8,9 +8,19 @@ probabilities of one cross-validation of the head.
   the threshold of class j is the average out-of-fold probability of j over
   the images labelled j (its average self-confidence); an image labelled i
   whose probability of another class j reaches that class's threshold (the
-  most probable such j) is counted in the off-diagonal cell (i, j) of the
-  confident joint, and is a suspected label error with suggested label j.
-  Suspects are ranked by 1 - p(given label).
+  most probable such j) is counted in the cell (i, j) of the confident joint.
+  Each row of the joint, rescaled to the number of images labelled i (the
+  calibration of the paper), estimates how many of them are truly each class:
+  its off-diagonal cells add up to the estimated number of label errors, N.
+  The suspects are the N images the out-of-fold model most confidently puts
+  in another class than their label, ranked by the log-ratio
+  log(p(suggested) / p(given label)), where the suggested label is the most
+  probable other class; only images whose most probable class is not their
+  label can be suspects. The log-ratio orders images the same way whatever
+  the temperature of the head's softmax, so the ranking does not depend on how
+  sharp a head's probabilities are; per-class thresholds set how many are
+  flagged, not which. docs/audit.md compares this with noise-rate pruning
+  and with rankings by self-confidence and by normalized margin.
 * Duplicates are images whose L2-normalised features have a cosine
   similarity of at least ``duplicate_threshold`` (found with scikit-learn's
   ``NearestNeighbors`` radius search), or whose perceptual hashes (255 bits
@@ -77,15 +87,18 @@ class AuditReport:
     oof_proba : ndarray of shape (n_images, n_classes)
         Out-of-fold predicted probabilities of the cross-validated estimator.
     thresholds : ndarray of shape (n_classes,)
-        Per-class confident-learning thresholds (average self-confidence).
+        Per-class confident-learning thresholds (average self-confidence),
+        from which the number of label issues is estimated.
     duplicate_threshold : float
         The cosine similarity from which images were joined as duplicates.
     label_issues : ndarray of int
         Suspected label errors, most suspicious first.
     suggested_labels : ndarray
-        The class the out-of-fold model is confident of, per label issue.
+        The most probable class per label issue (never the given label).
     label_scores : ndarray of float
-        ``1 - p(given label)`` per label issue (higher: more suspicious).
+        ``log(p(suggested) / p(given label))`` per label issue, out of fold
+        (higher: more suspicious; positive, as the suggested class is the
+        more probable).
     duplicate_groups : list of ndarray of int
         Groups of two or more images of ``X`` that are (near-)duplicates of
         each other and of nothing in ``X_test``.
@@ -232,7 +245,8 @@ class AuditReport:
         sections = []
         for finding, title, explanation in (
             ("label_issue", "Suspected label errors",
-             "The out-of-fold model is confident of another class. Score: 1 &minus; p(given label)."),
+             "The out-of-fold model puts the image in another class. "
+             "Score: log(p(suggested) / p(given)), higher is more confident."),
             ("duplicate", "Duplicates", "Images with nearly the same features or pixels (one group per row). "
              "Score: cosine similarity to the closest other member (1 for identical files)."),
             ("leakage", "Leakage across the split", "Images in both the data and the test set."),
@@ -308,18 +322,154 @@ def _thumbnail(item, size):
 # --------------------------------------------------------------------------
 # The three analyses, on arrays
 
-def confident_label_issues(y_enc, proba):
-    """Confident-learning label issues: ``(indices ranked, suggested class indices, scores, thresholds)``."""
+def self_confidence(y_enc, proba):
+    """The out-of-fold probability of each image's given label."""
+    return proba[np.arange(len(y_enc)), y_enc]
+
+
+def _others(y_enc, values):
+    """A copy of ``values`` (one row per image) with each image's given-label column at -inf."""
+    others = np.array(values, dtype=np.float64)
+    others[np.arange(len(y_enc)), y_enc] = -np.inf
+    return others
+
+
+def normalized_margin(y_enc, proba):
+    """p(given label) minus the largest probability of another class (negative: another class leads)."""
+    return self_confidence(y_enc, proba) - _others(y_enc, proba).max(axis=1)
+
+
+def log_ratio(y_enc, proba):
+    """log(largest probability of another class / p(given label)): positive when another class leads.
+
+    A softmax head's probabilities are ``softmax(z / T)``; this is
+    ``(z_other - z_given) / T``, so the order it puts images in does not
+    change when the head is sharper or softer (its temperature ``T``), as
+    the order of ``1 - p(given)`` or of the normalized margin does.
+    """
+    logs = np.log(np.maximum(proba, np.finfo(np.float64).tiny))
+    return _others(y_enc, logs).max(axis=1) - self_confidence(y_enc, logs)
+
+
+def confident_joint(y_enc, proba):
+    """The confident joint: ``(counts, thresholds, guess)``.
+
+    ``thresholds[j]`` is the average probability of class j over the images
+    labelled j; ``guess[n]`` is image n's most probable class among those
+    whose threshold it reaches (-1 when it reaches none); ``counts[i, j]``
+    is the number of images labelled i with guess j.
+    """
     n_classes = proba.shape[1]
     thresholds = np.array([proba[y_enc == j, j].mean() for j in range(n_classes)])
     confident = proba >= thresholds
-    # Among the classes an image reaches the threshold of, the most probable one.
-    guess = np.where(confident, proba, -1.0).argmax(axis=1)
-    issue = confident.any(axis=1) & (guess != y_enc)
-    self_confidence = proba[np.arange(len(y_enc)), y_enc]
-    indices = np.flatnonzero(issue)
-    indices = indices[np.argsort(self_confidence[indices], kind="stable")]
-    return indices, guess[indices], 1.0 - self_confidence[indices], thresholds
+    guess = np.where(confident.any(axis=1), np.where(confident, proba, -1.0).argmax(axis=1), -1)
+    counted = guess >= 0
+    counts = np.zeros((n_classes, n_classes), dtype=int)
+    np.add.at(counts, (y_enc[counted], guess[counted]), 1)
+    return counts, thresholds, guess
+
+
+def calibrated_joint(counts, y_enc):
+    """The confident joint with each row rescaled to its label's count: how many images labelled i are truly j.
+
+    Rows are rounded to whole images keeping their totals (largest
+    remainders first); a class no image is counted in keeps one image on
+    its diagonal, so every row has something to scale.
+    """
+    n_classes = len(counts)
+    counts = counts.astype(float)
+    np.fill_diagonal(counts, np.maximum(np.diagonal(counts), 1.0))
+    label_counts = np.bincount(y_enc, minlength=n_classes)
+    scaled = counts / counts.sum(axis=1, keepdims=True) * label_counts[:, None]
+    whole = np.floor(scaled).astype(int)
+    for i in range(n_classes):
+        short = label_counts[i] - whole[i].sum()
+        whole[i, np.argsort(whole[i] - scaled[i], kind="stable")[:short]] += 1
+    return whole
+
+
+def prune_by_noise_rate(y_enc, proba, counts):
+    """Boolean mask of the images confident learning's noise-rate pruning flags.
+
+    For every pair of classes i != j, of the images labelled i the
+    ``calibrated_joint(counts)[i, j]`` ones with the largest margin
+    ``p_j - p_i`` are flagged; an image whose most probable class is its
+    given label is then let go (the model agrees with the label).
+    """
+    estimated = calibrated_joint(counts, y_enc)
+    flagged = np.zeros(len(y_enc), dtype=bool)
+    for i in range(len(estimated)):
+        members = np.flatnonzero(y_enc == i)
+        # Leave at least one image in the class, as the paper's pruning does.
+        budget = max(len(members) - 1, 0)
+        for j in np.argsort(-estimated[i], kind="stable"):
+            take = min(int(estimated[i, j]), budget) if j != i else 0
+            budget -= take
+            if take:
+                margin = proba[members, j] - proba[members, i]
+                flagged[members[np.argsort(-margin, kind="stable")[:take]]] = True
+    return flagged & (proba.argmax(axis=1) != y_enc)
+
+
+#: How suspects are chosen and how they are ranked (see find_label_issues); audit uses the first of each.
+FLAG_RULES = ("estimated_number", "prune_by_noise_rate", "confident_learning", "all")
+RANK_RULES = ("log_ratio", "self_confidence", "normalized_margin")
+
+
+def find_label_issues(y_enc, proba, flag="estimated_number", rank="log_ratio"):
+    """Suspected label errors: ``(indices ranked, suggested class indices, scores, thresholds)``.
+
+    Parameters
+    ----------
+    y_enc : ndarray of int
+        Given labels, as column indices of ``proba``.
+    proba : ndarray of shape (n_images, n_classes)
+        Out-of-fold predicted probabilities.
+    flag : {"estimated_number", "prune_by_noise_rate", "confident_learning", "all"}
+        Which images are suspects. "all": every image whose most probable
+        class is not its label. "estimated_number": the most suspicious of
+        those (by ``rank``), as many as the calibrated confident joint
+        estimates are mislabelled (the sum of its off-diagonal cells).
+        "prune_by_noise_rate": those :func:`prune_by_noise_rate` flags.
+        "confident_learning": the off-diagonal cells of the confident joint
+        (:func:`confident_joint`).
+    rank : {"log_ratio", "self_confidence", "normalized_margin"}
+        Most suspicious first: highest :func:`log_ratio`, lowest
+        probability of the given label, or lowest :func:`normalized_margin`.
+
+    Returns
+    -------
+    indices : ndarray of int
+    suggested : ndarray of int
+        Per suspect, the most probable class other than the given label.
+    scores : ndarray of float
+        Higher is more suspicious: the log-ratio, ``1 - p(given)`` or ``-margin``.
+    thresholds : ndarray of float
+        The per-class thresholds of the confident joint.
+    """
+    counts, thresholds, guess = confident_joint(y_enc, proba)
+    if flag in ("estimated_number", "all"):
+        suspect = proba.argmax(axis=1) != y_enc
+    elif flag == "prune_by_noise_rate":
+        suspect = prune_by_noise_rate(y_enc, proba, counts)
+    elif flag == "confident_learning":
+        suspect = (guess >= 0) & (guess != y_enc)
+    else:
+        raise ValueError(f"flag={flag!r} must be one of {list(FLAG_RULES)}.")
+    if rank == "log_ratio":
+        scores = log_ratio(y_enc, proba)
+    elif rank == "self_confidence":
+        scores = 1.0 - self_confidence(y_enc, proba)
+    elif rank == "normalized_margin":
+        scores = -normalized_margin(y_enc, proba)
+    else:
+        raise ValueError(f"rank={rank!r} must be one of {list(RANK_RULES)}.")
+    indices = np.flatnonzero(suspect)
+    indices = indices[np.argsort(-scores[indices], kind="stable")]
+    if flag == "estimated_number":
+        estimated = calibrated_joint(counts, y_enc)
+        indices = indices[:estimated.sum() - np.trace(estimated)]
+    return indices, _others(y_enc, proba).argmax(axis=1)[indices], scores[indices], thresholds
 
 
 def auto_threshold(unit):
@@ -553,7 +703,7 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     proba = cross_val_predict(clone(estimator), items, y, cv=splitter, method="predict_proba")
     classes = np.unique(y)
     y_enc = np.searchsorted(classes, y)
-    issues, suggested, label_scores, thresholds = confident_label_issues(y_enc, proba)
+    issues, suggested, label_scores, thresholds = find_label_issues(y_enc, proba)
 
     say("searching nearest neighbours for duplicates and outliers")
     digests, hashes = [], []

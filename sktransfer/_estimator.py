@@ -636,14 +636,15 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         Dropout before each linear layer of the head.
     lr : float, default=3e-3
         Learning rate of the head's optimizer.
-    weight_decay : float or "auto", default=1e-4
-        Weight decay of the head's optimizer (for optimizers without it, the
-        same as an L2 penalty in the loss). ``"auto"`` with a linear head
-        trained by ``fit`` (no ``hidden_units``, ``unfreeze``, ``augment``)
-        picks the L2 penalty by 3-fold cross-validation on the cached
-        training features (eight strengths from 10 down to 0.003), as
-        ``LogisticRegressionCV``/``RidgeCV`` do, at the cost of seconds
-        per fit (docs/accuracy.md); for other heads it is 1e-4.
+    weight_decay : float or "auto", default="auto"
+        ``"auto"``: a linear head trained by ``fit`` (no ``hidden_units``,
+        ``unfreeze`` or ``augment``) gets the L2 penalty chosen by 3-fold
+        cross-validation on the cached training features, as
+        ``LogisticRegressionCV``/``RidgeCV`` do: strengths from 10 down to
+        0.001, strongest first, until the validation loss rises
+        (docs/accuracy.md); other heads get AdamW's weight decay 1e-4. A
+        number: the weight decay of the head's optimizer (for optimizers
+        without it, the same as an L2 penalty in the loss).
     max_epochs : int, default=15
         Epochs of head training.
     batch_size : int, default=64
@@ -757,7 +758,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     _fitted_attributes = ("embedder_", "head_", "unfreeze_", "classes_", "multilabel_", "temperature_")
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
-                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=15,
+                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay="auto", max_epochs=15,
                  batch_size=64, optimizer=None, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, class_weight=None, callbacks=None,
                  embed_batch_size=8, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,
@@ -1081,14 +1082,15 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         Dropout before each linear layer of the head.
     lr : float, default=3e-3
         Learning rate of the head's optimizer.
-    weight_decay : float or "auto", default=1e-4
-        Weight decay of the head's optimizer (for optimizers without it, the
-        same as an L2 penalty in the loss). ``"auto"`` with a linear head
-        trained by ``fit`` (no ``hidden_units``, ``unfreeze``, ``augment``)
-        picks the L2 penalty by 3-fold cross-validation on the cached
-        training features (eight strengths from 10 down to 0.003), as
-        ``LogisticRegressionCV``/``RidgeCV`` do, at the cost of seconds
-        per fit (docs/accuracy.md); for other heads it is 1e-4.
+    weight_decay : float or "auto", default="auto"
+        ``"auto"``: a linear head trained by ``fit`` (no ``hidden_units``,
+        ``unfreeze`` or ``augment``) gets the L2 penalty chosen by 3-fold
+        cross-validation on the cached training features, as
+        ``LogisticRegressionCV``/``RidgeCV`` do: strengths from 10 down to
+        0.001, strongest first, until the validation loss rises
+        (docs/accuracy.md); other heads get AdamW's weight decay 1e-4. A
+        number: the weight decay of the head's optimizer (for optimizers
+        without it, the same as an L2 penalty in the loss).
     max_epochs : int, default=30
         Epochs of head training.
     batch_size : int, default=64
@@ -1189,7 +1191,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
                           "_single_output")
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
-                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay=1e-4, max_epochs=30,
+                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay="auto", max_epochs=30,
                  batch_size=64, optimizer=None, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, target_scaling=True, callbacks=None,
                  embed_batch_size=8, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,

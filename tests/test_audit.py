@@ -10,7 +10,9 @@ from PIL import Image
 from sklearn.model_selection import KFold, cross_val_predict
 
 from sktransfer import PretrainedImageClassifier, audit, clear_cache, load_image_folder
-from sktransfer._audit import HASH_DISTANCE, confident_label_issues, duplicate_components, perceptual_hash
+from sktransfer._audit import (
+    HASH_DISTANCE, calibrated_joint, confident_joint, duplicate_components, find_label_issues, log_ratio,
+    normalized_margin, perceptual_hash)
 from sktransfer._backbones import build_backbone
 from sktransfer._cli import main
 from sktransfer._inputs import read_item
@@ -164,7 +166,7 @@ def test_frame_and_cleaned_data(faulty):
     assert X[faulty["outlier"]] in removed and X[faulty["leaked"]] in removed
     for original, copy in faulty["pairs"]:
         assert (X[original] in X_clean) != (X[copy] in X_clean)  # one of each pair stays
-    assert len(X_clean) == len(y_clean)
+    assert y_clean.tolist() == [y[X.index(x)] for x in X_clean]
     outliers = set(report.outliers.tolist())
     assert report.cleaned(drop="outlier")[0] == [x for i, x in enumerate(X) if i not in outliers]
     with pytest.raises(ValueError, match="drop="):
@@ -175,10 +177,106 @@ def test_confident_learning_thresholds():
     # Class 0's images have p0 = 0.9, 0.8, 0.1: its threshold is their mean, 0.6.
     proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.3, 0.7], [0.35, 0.65]])
     y = np.array([0, 0, 0, 1, 1])
-    indices, suggested, scores, thresholds = confident_label_issues(y, proba)
-    np.testing.assert_allclose(thresholds, [0.6, (0.7 + 0.65) / 2])
-    assert indices.tolist() == [2] and suggested.tolist() == [1]
-    np.testing.assert_allclose(scores, [0.9])
+    for flag in ("estimated_number", "prune_by_noise_rate", "confident_learning", "all"):
+        indices, suggested, scores, thresholds = find_label_issues(y, proba, flag=flag)
+        np.testing.assert_allclose(thresholds, [0.6, (0.7 + 0.65) / 2])
+        assert indices.tolist() == [2] and suggested.tolist() == [1]
+        np.testing.assert_allclose(scores, [np.log(0.9 / 0.1)])  # p(suggested) / p(given)
+
+
+def soft_noise(weak_flip, doubtful=0):
+    """300 images of 3 classes; 10 of the 100 labelled 0 are truly class 1.
+
+    Class 0's correct images: 45 with p0 = 0.9, 45 with p0 = 0.5 (its
+    threshold, their mean with the flipped ones, lands between: only the
+    first 45 are counted on the diagonal). 5 flipped images are confidently
+    class 1 (p1 = 0.9); 5 more have ``weak_flip`` as probabilities, under
+    class 1's threshold of 0.8. Classes 1 and 2 are clean, every image at 0.8
+    but ``doubtful`` images of class 2 the model finds slightly more like
+    class 0 (p = 0.55, 0, 0.45), reaching no class's threshold.
+    """
+    proba = np.array([[0.9, 0.05, 0.05]] * 45 + [[0.5, 0.25, 0.25]] * 45 + [[0.05, 0.9, 0.05]] * 5
+                     + [weak_flip] * 5 + [[0.1, 0.8, 0.1]] * 100 + [[0.1, 0.1, 0.8]] * (100 - doubtful)
+                     + [[0.55, 0.0, 0.45]] * doubtful)
+    y = np.repeat([0, 1, 2], 100)
+    return y, proba, np.arange(90, 95), np.arange(95, 100)
+
+
+def test_calibrated_confident_joint_counts_flips_under_the_threshold():
+    y, proba, strong, weak = soft_noise([0.35, 0.6, 0.05])
+    counts, thresholds, guess = confident_joint(y, proba)
+    np.testing.assert_allclose(thresholds, [0.65, 0.8, 0.8])
+    np.testing.assert_array_equal(counts, [[45, 5, 0], [0, 100, 0], [0, 0, 100]])
+    np.testing.assert_array_equal(guess[strong], [1] * 5)
+    np.testing.assert_array_equal(guess[weak], [-1] * 5)
+    # Row 0 holds 50 counted images of 100: scaled to the label counts, 90 true 0 and 10 true 1.
+    np.testing.assert_array_equal(calibrated_joint(counts, y), [[90, 10, 0], [0, 100, 0], [0, 0, 100]])
+
+
+@pytest.mark.parametrize("flag", ["estimated_number", "prune_by_noise_rate"])
+def test_flips_under_the_threshold_found(flag):
+    """The calibrated joint says 10 images of class 0 are class 1: both rules find all 10 flips."""
+    y, proba, strong, weak = soft_noise([0.35, 0.6, 0.05], doubtful=5)
+    indices, suggested, scores, _ = find_label_issues(y, proba, flag=flag)
+    assert indices.tolist() == strong.tolist() + weak.tolist()  # most confidently another class first
+    assert suggested.tolist() == [1] * 10
+    np.testing.assert_allclose(scores, [np.log(0.9 / 0.05)] * 5 + [np.log(0.6 / 0.35)] * 5)
+    # The off-diagonal of the confident joint alone misses the flips under class 1's threshold;
+    # every image classified as another class includes the 5 doubtful ones, ranked last.
+    assert find_label_issues(y, proba, flag="confident_learning")[0].tolist() == strong.tolist()
+    assert find_label_issues(y, proba, flag="all")[0].tolist() == indices.tolist() + list(range(295, 300))
+
+
+@pytest.mark.parametrize("flag", ["estimated_number", "prune_by_noise_rate", "all"])
+def test_images_the_model_agrees_with_spared(flag):
+    # The estimate is again 10 images, but the 5 next-most suspicious still favour their given label.
+    y, proba, strong, agreeing = soft_noise([0.5, 0.45, 0.05])
+    np.testing.assert_array_equal(calibrated_joint(confident_joint(y, proba)[0], y)[0], [90, 10, 0])
+    assert find_label_issues(y, proba, flag=flag)[0].tolist() == strong.tolist()
+
+
+def test_calibrated_joint_keeps_label_counts():
+    rng = np.random.default_rng(0)
+    proba = rng.dirichlet(np.ones(4), size=200)
+    y = rng.integers(0, 4, size=200)
+    joint = calibrated_joint(confident_joint(y, proba)[0], y)
+    np.testing.assert_array_equal(joint.sum(axis=1), np.bincount(y))
+    assert (joint >= 0).all()
+
+
+def test_rankings():
+    proba = np.array([[0.5, 0.4, 0.1], [0.3, 0.6, 0.1], [0.2, 0.2, 0.6], [0.25, 0.7, 0.05],
+                      [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    y = np.array([0, 0, 0, 0, 1, 2])
+    np.testing.assert_allclose(normalized_margin(y, proba), [0.1, -0.3, -0.4, -0.45, 0.7, 0.7])
+    np.testing.assert_allclose(log_ratio(y, proba), np.log([0.8, 2, 3, 2.8, 0.125, 0.125]))
+    # Images 1, 2 and 3 favour another class; each ranking orders them differently.
+    for rank, order, scores in [("log_ratio", [2, 3, 1], np.log([3, 2.8, 2])),
+                                ("self_confidence", [2, 3, 1], [0.8, 0.75, 0.7]),
+                                ("normalized_margin", [3, 2, 1], [0.45, 0.4, 0.3])]:
+        indices, suggested, found, _ = find_label_issues(y, proba, flag="all", rank=rank)
+        assert indices.tolist() == order, rank
+        np.testing.assert_allclose(found, scores)
+        assert suggested.tolist() == [{1: 1, 2: 2, 3: 1}[i] for i in order]
+    with pytest.raises(ValueError, match="flag="):
+        find_label_issues(y, proba, flag="both")
+    with pytest.raises(ValueError, match="rank="):
+        find_label_issues(y, proba, rank="margin")
+
+
+def test_log_ratio_ranking_does_not_depend_on_the_heads_temperature():
+    """The same logits, softened or sharpened: the log-ratio keeps its order, self-confidence does not."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(60, 4)) * rng.uniform(0.5, 3, size=(60, 1))
+    y = rng.integers(0, 4, size=60)
+
+    def order(temperature, rank):
+        z = logits / temperature
+        proba = np.exp(z - z.max(axis=1, keepdims=True))
+        return find_label_issues(y, proba / proba.sum(axis=1, keepdims=True), flag="all", rank=rank)[0].tolist()
+
+    assert order(0.3, "log_ratio") == order(1.0, "log_ratio") == order(4.0, "log_ratio")
+    assert order(0.3, "self_confidence") != order(4.0, "self_confidence")
 
 
 def test_cli_writes_report_and_findings(sample, tmp_path):

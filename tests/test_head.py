@@ -65,6 +65,12 @@ def test_auto_weight_decay_tunes_a_full_batch_linear_head(halves):
     clf = PretrainedImageClassifier(weight_decay="auto", random_state=0).fit(X, y)
     assert isinstance(clf.head_.optimizer_, torch.optim.LBFGS) and clf.head_.l2 in L2_GRID
     assert len(clf.history_) == clf.max_epochs  # still a skorch head: one L-BFGS step per epoch
+    # Training starts from the tuned solution (each epoch's loss is that of its starting point),
+    # far nearer the optimum than a zero start (loss log(n_classes)); the fitted head does not
+    # keep that starting point.
+    losses = clf.history_[:, "train_loss"]
+    assert losses[0] - losses[-1] < 0.1 * (np.log(len(clf.classes_)) - losses[-1]), losses
+    assert dict(clf.head_.callbacks_)["initial_weights"].weight is None
     again = PretrainedImageClassifier(weight_decay="auto", random_state=0).fit(X, y)
     np.testing.assert_array_equal(clf.predict_proba(X[:5]), again.predict_proba(X[:5]))
     # Heads "auto" does not tune: AdamW with its usual decay.
@@ -86,8 +92,9 @@ def test_tune_l2_picks_the_strongest_penalty_for_labels_unrelated_to_the_photos(
     folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(Z, y))
     shuffled = np.random.RandomState(0).permutation(y)
     weights = np.ones(len(y), np.float32)
-    assert tune_l2(Z, shuffled, weights, criterion, len(np.unique(y)), folds) == max(L2_GRID)
-    assert tune_l2(Z, y, weights, criterion, len(np.unique(y)), folds) < max(L2_GRID)
+    assert tune_l2(Z, shuffled, weights, criterion, len(np.unique(y)), folds)[0] == max(L2_GRID)
+    l2, weight, bias = tune_l2(Z, y, weights, criterion, len(np.unique(y)), folds)
+    assert l2 < max(L2_GRID) and weight.shape == (len(np.unique(y)), Z.shape[1]) and bias.shape == (len(np.unique(y)),)
 
 
 # -- settings: stored in __init__, checked at fit, routed by skorch's prefixes ----------
