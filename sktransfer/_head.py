@@ -585,10 +585,12 @@ def _tuning_folds(y, stratified, seed):
 def full_batch(params, extra, continuing):
     """Whether the head is trained full batch by L-BFGS with a tuned L2 strength:
     ``weight_decay="auto"`` and ``optimizer=None`` for a linear head on plain
-    (not augmented, not fine-tuned) features, trained by ``fit``, and no
-    ``optimizer__*`` settings (those are meant for AdamW)."""
+    (not augmented, not fine-tuned) features, trained once by ``fit`` (not
+    ``partial_fit``, nor ``warm_start=True``, which train further with
+    AdamW), and no ``optimizer__*`` settings (those are meant for AdamW)."""
     return (params["weight_decay"] == "auto" and params["optimizer"] is None and not params["hidden_units"]
             and not params["unfreeze"] and params["augment"] is None and not continuing
+            and not params.get("warm_start")
             and not any(k.startswith("optimizer__") for k in extra))
 
 

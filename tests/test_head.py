@@ -59,11 +59,11 @@ def test_auto_weight_decay_regressor_scores_at_least_ridge_cv(halves):
     assert ours >= probe - 0.02, (ours, probe)
 
 
-def test_auto_weight_decay_tunes_a_full_batch_linear_head(halves):
+def test_default_weight_decay_tunes_a_full_batch_linear_head(halves):
     paths, labels, _, _, train, _ = halves
     X, y = [paths[i] for i in train], labels[train]
-    clf = PretrainedImageClassifier(weight_decay="auto", random_state=0).fit(X, y)
-    assert isinstance(clf.head_.optimizer_, torch.optim.LBFGS) and clf.head_.l2 in L2_GRID
+    clf = PretrainedImageClassifier(random_state=0).fit(X, y)
+    assert clf.weight_decay == "auto" and isinstance(clf.head_.optimizer_, torch.optim.LBFGS) and clf.head_.l2 in L2_GRID
     assert len(clf.history_) == clf.max_epochs  # still a skorch head: one L-BFGS step per epoch
     # Training starts from the tuned solution (each epoch's loss is that of its starting point),
     # far nearer the optimum than a zero start (loss log(n_classes)); the fitted head does not
@@ -77,6 +77,9 @@ def test_auto_weight_decay_tunes_a_full_batch_linear_head(halves):
     mlp = PretrainedImageClassifier(hidden_units=(16,), weight_decay="auto", max_epochs=2, random_state=0).fit(X, y)
     assert isinstance(mlp.head_.optimizer_, torch.optim.AdamW) and mlp.head_.l2 == 0.0
     assert mlp.head_.optimizer_.param_groups[0]["weight_decay"] == 1e-4
+    # A head that will be trained further (warm_start) is AdamW's from the first fit on.
+    warm = PretrainedImageClassifier(warm_start=True, max_epochs=2, random_state=0).fit(X, y)
+    assert isinstance(warm.head_.optimizer_, torch.optim.AdamW)
     # A number is the optimizer's weight decay; for L-BFGS, which has none, the loss's L2 penalty.
     fixed = PretrainedImageClassifier(optimizer=torch.optim.LBFGS, weight_decay=0.5, max_epochs=2).fit(X, y)
     assert fixed.head_.l2 == 0.5
