@@ -10,6 +10,7 @@ backbone (stages 1-4). :class:`PretrainedImageClassifier` and
 from __future__ import annotations
 
 import contextlib
+import json
 import numbers
 import os
 import warnings
@@ -46,7 +47,8 @@ from ._head import (
     check_head_settings,
     resume,
 )
-from ._head import TemperatureSoftmax as _TemperatureSoftmax  # noqa: F401  (the name in pickles of calibrated models from 0.1.0)
+# Under this name too because pickles of calibrated models from 0.1.0 refer to it.
+from ._head import TemperatureSoftmax as _TemperatureSoftmax
 from ._inputs import as_image_list
 from ._repr import visual_block
 from ._runtime import limited_threads, seeded_rng, steady_heap
@@ -70,6 +72,12 @@ class _FittedStateMixin:
     A pickle records the sktransfer release that wrote it; loading refuses a
     pickle from an incompatible release, or one that holds only part of the
     fitted state.
+
+    For :func:`sktransfer.save_model`, which writes no pickle, each class
+    gives its fitted state as two kinds of data, as skorch splits a net's
+    settings from its ``save_params``: ``_export_state`` (small values as
+    JSON) and ``_export_parts`` (the backbone and head, whose tensors are
+    saved); ``_import_state`` and ``_import_parts`` take them back.
     """
 
     #: Names of the attributes ``fit`` sets: the whole fitted state.
@@ -102,6 +110,24 @@ class _FittedStateMixin:
             super().__setstate__(state)
         else:
             self.__dict__.update(state)
+
+    def _export_state(self):
+        """The fitted state besides the tensors: plain JSON values by dotted field name of model.json."""
+        return {}
+
+    def _import_state(self, read):
+        """Set the fitted state :meth:`_export_state` gave, each value checked.
+
+        Parameters
+        ----------
+        read : callable
+            ``read(name, kind, low=None, high=None, choices=None, default=...)``
+            returns the field ``name`` of an untrusted model.json once it is a
+            ``kind`` (``int``, ``float``, ``bool``, ``str``, ``list``, ``dict``)
+            within the bounds; ``read.check(name, value, kind, low, high)``
+            checks one value, and ``read.invalid(name, value, expected)`` is
+            the ValueError for a wrong one. Each error names the field.
+        """
 
 
 def _compatibility(version):
@@ -234,15 +260,26 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         self._validate_params()
         if X is not None:
             as_image_list(X)
-        # X is one column of images, given or not: recorded so a ColumnTransformer
-        # (or get_feature_names_out) can check the input names it passes.
-        self.n_features_in_ = 1
         _check_feature_names(self, X if hasattr(X, "columns") else None, reset=True)
         _check_device(self.device)
         check_engine_settings(self.engine, self.precision, self.device, self.compile)
-        self.backbone_ = build_backbone(self.backbone, self.weights, self.preprocessing)
-        self.n_features_out_ = self.backbone_.num_features
+        self._set_backbone(build_backbone(self.backbone, self.weights, self.preprocessing))
         return self
+
+    def _set_backbone(self, backbone):
+        self.backbone_ = backbone
+        self.n_features_out_ = backbone.num_features
+        # X is one column of images, given or not: recorded so a ColumnTransformer
+        # (or get_feature_names_out) can check the input names it passes.
+        self.n_features_in_ = 1
+
+    def _export_parts(self):
+        """``(backbone, head)``: the parts whose tensors save_model writes (no head here)."""
+        return self.backbone_, None
+
+    def _import_parts(self, backbone, head=None):
+        """Become fitted around ``backbone``, rebuilt with its saved tensors."""
+        self._set_backbone(backbone)
 
     def transform(self, X):
         """Feature vectors of the images in ``X``.
@@ -287,8 +324,10 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
     The flow shared by :class:`PretrainedImageClassifier` and
     :class:`PretrainedImageRegressor`: check the inputs, embed the images
     (once; cached), build the head (``_head.build_head``) and train it. Subclasses
-    say what the targets are (``_prepare_targets``) and which skorch net and
-    loss learn them (``_head_task``).
+    say what the targets are (``_prepare_targets``), which skorch net and
+    loss learn them (``_head_task``), and what a target looks like to a head
+    rebuilt for saved weights (``_stand_in_target``: one image's target and
+    the number of outputs).
     """
 
     _parameter_constraints = {
@@ -513,12 +552,37 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                 f"dropout={self.dropout!r}; restore them, or set warm_start=False and call fit to start over."
             )
 
-    def _build_head(self, Z, y_train, n_outputs, hidden_units, device):
-        """An untrained head of the fitted shape for saved weights (see ``load_model``)."""
-        net, task = self._head_task(y_train, n_outputs)
+    # -- the fitted state as data, for save_model / load_model ---------------------
+
+    def _export_state(self):
+        if self.unfreeze_:
+            raise ValueError(
+                f"save_model cannot export a model fine-tuned with unfreeze={self.unfreeze_}: its trained "
+                "backbone blocks are code as well as tensors. Share it with joblib (trusted sources only)."
+            )
+        return super()._export_state()
+
+    def _export_parts(self):
+        return self.embedder_.backbone_, self.head_
+
+    def _build_head(self, in_features, hidden_units, dropout):
+        """An initialised, untrained head of the fitted shape, for saved weights (see ``load_model``)."""
+        y_like, n_outputs = self._stand_in_target()
+        net, task = self._head_task(y_like, n_outputs)
         params, extra = self._head_settings()
-        return build_head(params, extra, Z, y_train, np.ones(len(Z), np.float32), n_outputs, net=net,
-                          task=task, hidden_units=hidden_units, device=device, continuing=True)
+        params["dropout"] = dropout  # the trained head's, whatever set_params said after fit
+        head = build_head(params, extra, np.zeros((1, in_features), np.float32), y_like, np.ones(1, np.float32),
+                          n_outputs, net=net, task=task, hidden_units=tuple(hidden_units),
+                          device=_check_device(self.device, fitted=True), continuing=True)
+        return head.initialize()
+
+    def _import_parts(self, backbone, head=None):
+        """Become fitted with ``backbone`` and ``head`` (from ``_build_head``), holding their saved tensors."""
+        embedder = self._make_embedder()
+        embedder._import_parts(backbone)
+        self.unfreeze_ = 0  # save_model refuses fine-tuned models
+        self.embedder_ = embedder
+        self.head_ = head
 
     def _seed(self):
         """A seed drawn from ``random_state`` (a fresh one when it is None). With a fixed
@@ -571,20 +635,24 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     dropout : float, default=0.0
         Dropout before each linear layer of the head.
     lr : float, default=3e-3
-        Learning rate of the head's optimizer.
+        Learning rate of the head's optimizer (AdamW's; the tuned linear head
+        of ``weight_decay="auto"`` is fitted by L-BFGS with a line search and
+        does not use it).
     weight_decay : float or "auto", default="auto"
         ``"auto"``: a linear head trained by ``fit`` (no ``hidden_units``,
         ``unfreeze`` or ``augment``) gets the L2 penalty chosen by 3-fold
         cross-validation on the cached training features, as
         ``LogisticRegressionCV``/``RidgeCV`` do: strengths from 10 down to
-        0.001, strongest first, until the validation loss rises
-        (docs/accuracy.md); other heads get AdamW's weight decay 1e-4. A
-        number: the weight decay of the head's optimizer (for optimizers
-        without it, the same as an L2 penalty in the loss).
+        0.001, strongest first, until two in a row have not improved on the
+        best (docs/accuracy.md); other heads (and ``partial_fit``,
+        ``warm_start=True``, ``optimizer__*`` settings) get AdamW's weight
+        decay 1e-4. A number: the weight decay of the head's optimizer (for
+        optimizers without it, the same as an L2 penalty in the loss).
     max_epochs : int, default=15
         Epochs of head training.
     batch_size : int, default=64
-        Mini-batch size of head training.
+        Mini-batch size of head training (the tuned linear head of
+        ``weight_decay="auto"`` takes all training images as one batch).
     optimizer : torch optimizer class or None, default=None
         Any of its arguments can be set as ``optimizer__<name>``. None: with
         ``weight_decay="auto"`` and no ``optimizer__*`` settings, a linear
@@ -856,6 +924,56 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         calibration = dict(head.callbacks_).get("calibration")
         return {"temperature_": 1.0 if calibration is None else calibration.temperature_}
 
+    # -- the fitted state as data, for save_model / load_model ---------------------
+
+    def _export_state(self):
+        classes = self.classes_
+        try:
+            values = json.loads(json.dumps(classes.tolist()))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"classes_ holds labels JSON cannot store ({classes.tolist()[:5]!r}...); "
+                "use str, int, float or bool labels, or save with joblib (trusted use only)."
+            ) from None
+        if np.asarray(values, dtype=classes.dtype).tolist() != classes.tolist():
+            raise ValueError(f"classes_ {classes.tolist()!r} do not survive a JSON round trip; use str or int labels.")
+        return {
+            **super()._export_state(),
+            "classes.values": values,
+            "classes.dtype": classes.dtype.str if classes.dtype != object else "object",
+            "classes.multilabel": bool(self.multilabel_),
+            "head.temperature": float(self.temperature_),
+        }
+
+    def _import_state(self, read):
+        n_outputs = read("head.n_outputs", int, 1)
+        values = read("classes.values", list)
+        if len(values) != n_outputs or not all(isinstance(v, (str, int, float, bool)) for v in values):
+            raise read.invalid("classes.values", values,
+                               f"{n_outputs} (head.n_outputs) labels of type str, int, float or bool")
+        dtype = read("classes.dtype", str)
+        try:
+            ok = dtype == "object" or (np.dtype(dtype).kind in "biufU" and np.dtype(dtype).itemsize <= 4096)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise read.invalid("classes.dtype", dtype, "'object' or a bool, int, float or str "
+                                                       "(at most 1024 characters) dtype")
+        self.classes_ = np.asarray(values, dtype=object if dtype == "object" else np.dtype(dtype))
+        self.multilabel_ = read("classes.multilabel", bool, default=False)
+        self.temperature_ = read("head.temperature", float, 1e-6, 1e6, default=1.0)
+
+    def _stand_in_target(self):
+        """A target of one image and the number of outputs: what tells ``build_head`` the head's kind."""
+        n_outputs = len(self.classes_)
+        return (np.zeros((1, n_outputs), np.float32) if self.multilabel_ else np.zeros(1, np.int64)), n_outputs
+
+    def _build_head(self, in_features, hidden_units, dropout):
+        head = super()._build_head(in_features, hidden_units, dropout)
+        if self.temperature_ != 1.0:  # what calibration set on the trained head
+            head.predict_nonlinearity = _TemperatureSoftmax(self.temperature_)
+        return head
+
     def _sample_weights(self, y_enc, classes, sample_weight, n):
         from sklearn.utils.class_weight import compute_class_weight
 
@@ -967,20 +1085,24 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
     dropout : float, default=0.0
         Dropout before each linear layer of the head.
     lr : float, default=3e-3
-        Learning rate of the head's optimizer.
+        Learning rate of the head's optimizer (AdamW's; the tuned linear head
+        of ``weight_decay="auto"`` is fitted by L-BFGS with a line search and
+        does not use it).
     weight_decay : float or "auto", default="auto"
         ``"auto"``: a linear head trained by ``fit`` (no ``hidden_units``,
         ``unfreeze`` or ``augment``) gets the L2 penalty chosen by 3-fold
         cross-validation on the cached training features, as
         ``LogisticRegressionCV``/``RidgeCV`` do: strengths from 10 down to
-        0.001, strongest first, until the validation loss rises
-        (docs/accuracy.md); other heads get AdamW's weight decay 1e-4. A
-        number: the weight decay of the head's optimizer (for optimizers
-        without it, the same as an L2 penalty in the loss).
+        0.001, strongest first, until two in a row have not improved on the
+        best (docs/accuracy.md); other heads (and ``partial_fit``,
+        ``warm_start=True``, ``optimizer__*`` settings) get AdamW's weight
+        decay 1e-4. A number: the weight decay of the head's optimizer (for
+        optimizers without it, the same as an L2 penalty in the loss).
     max_epochs : int, default=30
         Epochs of head training.
     batch_size : int, default=64
-        Mini-batch size of head training.
+        Mini-batch size of head training (the tuned linear head of
+        ``weight_decay="auto"`` takes all training images as one batch).
     optimizer : torch optimizer class or None, default=None
         Any of its arguments can be set as ``optimizer__<name>``. None: with
         ``weight_decay="auto"`` and no ``optimizer__*`` settings, a linear
@@ -1135,6 +1257,30 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
 
     def _head_task(self, y_train, n_outputs):
         return HeadRegressor, dict(criterion=torch.nn.MSELoss, criterion__reduction="none")
+
+    # -- the fitted state as data, for save_model / load_model ---------------------
+
+    def _export_state(self):
+        return {
+            **super()._export_state(),
+            "targets.mean": np.asarray(self.target_mean_, dtype=float).tolist(),
+            "targets.scale": np.asarray(self.target_scale_, dtype=float).tolist(),
+            "targets.single_output": bool(self._single_output),
+        }
+
+    def _import_state(self, read):
+        self.n_outputs_ = read("head.n_outputs", int, 1)
+        for key, low in (("mean", None), ("scale", 1e-30)):
+            values = read(f"targets.{key}", list)
+            if len(values) != self.n_outputs_:
+                raise read.invalid(f"targets.{key}", values, f"{self.n_outputs_} values (head.n_outputs)")
+            for v in values:
+                read.check(f"targets.{key}", v, float, low)
+            setattr(self, f"target_{key}_", np.asarray(values, dtype=float))
+        self._single_output = read("targets.single_output", bool)
+
+    def _stand_in_target(self):
+        return np.zeros((1, self.n_outputs_), np.float32), self.n_outputs_
 
     # -- prediction ------------------------------------------------------------
 

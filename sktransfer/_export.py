@@ -4,10 +4,14 @@ joblib and pickle files run code when they are loaded, so they must only come
 from trusted sources. :func:`save_model` writes a folder that holds only data:
 
 - ``model.json``: the estimator's parameters, the backbone's name and
-  preprocessing, the classes and the head's shape (and training history);
+  preprocessing, the head's shape and training history, and the rest of
+  the fitted state (the classes, the target scaling, ...), which each
+  estimator gives as JSON values and checks when it takes them back
+  (``_export_state``, ``_import_state``);
 - ``backbone.pt`` and ``head.pt``: ``state_dict`` tensors, read back with
   ``torch.load(weights_only=True)``, which refuses anything but tensors and
-  plain containers.
+  plain containers (the head through skorch's ``save_params`` and
+  ``load_params``).
 
 :func:`load_model` rebuilds the architecture from the backbone registry (no
 download, no weights package) and loads the tensors into it. Settings that
@@ -27,20 +31,13 @@ import math
 import numbers
 import os
 
-import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
 from ._version import __version__
 from ._backbones import _looks_like_path, rebuild_backbone
 from ._cache import write_atomic
-from ._estimator import (
-    ImageEmbedder,
-    PretrainedImageClassifier,
-    PretrainedImageRegressor,
-    _check_device,
-    _PretrainedImageModel,
-)
+from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor, _PretrainedImageModel
 from ._head import HEAD_PREFIXES
 from ._images import Preprocessing
 
@@ -96,16 +93,9 @@ def save_model(estimator, folder):
             "save_model saves a PretrainedImageClassifier, a PretrainedImageRegressor or an "
             f"ImageEmbedder, got {type(estimator).__name__}."
         )
-    has_head = isinstance(estimator, _PretrainedImageModel)
-    is_classifier = isinstance(estimator, PretrainedImageClassifier)
-    check_is_fitted(estimator, "head_" if has_head else "backbone_")
-    if getattr(estimator, "unfreeze_", 0):
-        raise ValueError(
-            f"save_model cannot export a model fine-tuned with unfreeze={estimator.unfreeze_}: its trained "
-            "backbone blocks are code as well as tensors. Share it with joblib (trusted sources only)."
-        )
-    embedder = estimator.embedder_ if has_head else estimator
-    backbone = embedder.backbone_
+    check_is_fitted(estimator)
+    state = estimator._export_state()  # refuses what JSON and tensors cannot hold, before any file is written
+    backbone, head = estimator._export_parts()
     params, omitted = _params_to_json(_shareable(estimator.get_params(deep=False)))
     info = {
         "format": FORMAT,
@@ -122,47 +112,32 @@ def save_model(estimator, folder):
             "fingerprint": backbone.fingerprint,
         },
     }
-    if is_classifier:
-        classes = estimator.classes_
-        try:
-            values = json.loads(json.dumps(classes.tolist()))
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"classes_ holds labels JSON cannot store ({classes.tolist()[:5]!r}...); "
-                "use str, int, float or bool labels, or save with joblib (trusted use only)."
-            ) from None
-        if np.asarray(values, dtype=classes.dtype).tolist() != classes.tolist():
-            raise ValueError(f"classes_ {classes.tolist()!r} do not survive a JSON round trip; use str or int labels.")
-        info["classes"] = {"values": values, "dtype": classes.dtype.str if classes.dtype != object else "object",
-                           "multilabel": bool(estimator.multilabel_)}
-    elif has_head:
-        info["targets"] = {
-            "mean": np.asarray(estimator.target_mean_, dtype=float).tolist(),
-            "scale": np.asarray(estimator.target_scale_, dtype=float).tolist(),
-            "single_output": bool(estimator._single_output),
-        }
-    if has_head:
-        head = estimator.head_
+    if head is not None:
         info["head"] = {
-            "in_features": backbone.num_features,
+            "in_features": int(head.module__in_features),
             "n_outputs": int(head.module__n_outputs),
-            "hidden_units": list(estimator._check_hidden_units()),
-            "dropout": estimator.dropout,
-            "temperature": float(getattr(estimator, "temperature_", 1.0)),
+            "hidden_units": [int(u) for u in head.module__hidden_units],
+            "dropout": float(head.module__dropout),
         }
         try:
             info["history"] = json.loads(json.dumps(list(head.history)))
         except (TypeError, ValueError):  # a custom callback logged something JSON cannot hold
             info["history"] = None
+    for name, value in state.items():  # "classes.values": the field values of the section classes
+        *sections, key = name.split(".")
+        node = info
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = value
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     # Each file is replaced whole; model.json last, so a folder that has it is complete.
     tensors = io.BytesIO()
     torch.save(backbone.module.state_dict(), tensors)
     write_atomic(os.path.join(folder, BACKBONE_FILE), tensors.getvalue(), mode=0o644)
-    if has_head:
+    if head is not None:
         tensors = io.BytesIO()
-        estimator.head_.save_params(f_params=tensors)
+        head.save_params(f_params=tensors)
         write_atomic(os.path.join(folder, HEAD_FILE), tensors.getvalue(), mode=0o644)
     write_atomic(os.path.join(folder, MODEL_FILE), json.dumps(info, indent=2).encode("utf-8"), mode=0o644)
     return folder
@@ -221,6 +196,7 @@ def load_model(folder, backbone=None):
         estimator._validate_params()
     except ValueError as e:
         raise ValueError(f"load_model: params in {MODEL_FILE}: {e}") from None
+    estimator._import_state(_Fields(info))  # the estimator's own fields, each checked
     if has_head:
         head_state, head_bytes = _load_tensors(folder, HEAD_FILE)
         _check_head_shapes(info["head"], head_state)
@@ -230,55 +206,27 @@ def load_model(folder, backbone=None):
             f"load_model: {MODEL_FILE} says the backbone gives {saved['num_features']} features, "
             f"but {saved['name']!r} with {BACKBONE_FILE} gives {body.num_features}."
         )
-
-    embedder = estimator._make_embedder() if has_head else estimator
-    embedder.backbone_ = body
-    embedder.n_features_out_ = body.num_features
-    embedder.n_features_in_ = 1  # one column of images, as fit records it
+    head = None
     if has_head:
-        from skorch.history import History
-
-        head_info = info["head"]
-        n_outputs = head_info["n_outputs"]
-        # A stand-in target of the right shape tells _build_head which head to build.
-        y_like = np.zeros((1, n_outputs), np.float32)
-        if kind is PretrainedImageClassifier:
-            classes = info["classes"]
-            dtype = object if classes["dtype"] == "object" else np.dtype(classes["dtype"])
-            estimator.classes_ = np.asarray(classes["values"], dtype=dtype)
-            estimator.multilabel_ = bool(classes.get("multilabel", False))
-            if not estimator.multilabel_:
-                y_like = np.zeros(1, np.int64)
-        else:
-            targets = info["targets"]
-            estimator.n_outputs_ = n_outputs
-            estimator.target_mean_ = np.asarray(targets["mean"])
-            estimator.target_scale_ = np.asarray(targets["scale"])
-            estimator._single_output = targets["single_output"]
-        head = estimator._build_head(
-            np.zeros((1, head_info["in_features"]), np.float32), y_like, n_outputs,
-            tuple(head_info["hidden_units"]), _check_device(estimator.device, fitted=True),
-        )
-        head.initialize()
-        estimator.unfreeze_ = 0
-        if kind is PretrainedImageClassifier:
-            from ._head import TemperatureSoftmax
-
-            estimator.temperature_ = head_info.get("temperature", 1.0)
-            if estimator.temperature_ != 1.0:
-                head.predict_nonlinearity = TemperatureSoftmax(estimator.temperature_)
-        # skorch's own loader, held to tensors only whatever its version's default.
-        head.set_params(torch_load_kwargs={"weights_only": True})
-        try:
-            head.load_params(f_params=io.BytesIO(head_bytes))
-        except RuntimeError as e:
-            raise ValueError(f"load_model: {HEAD_FILE} does not fit the head described in {MODEL_FILE}: {e}") from None
-        if info.get("history"):
-            head.history = History(info["history"])
-        estimator.embedder_ = embedder
-        estimator.head_ = head
+        head = estimator._build_head(body.num_features, info["head"]["hidden_units"], info["head"]["dropout"])
+        _load_head(head, head_bytes, info.get("history"))
+    estimator._import_parts(body, head)
     check_is_fitted(estimator)  # the estimator's own account of its fitted state is whole
     return estimator
+
+
+def _load_head(head, data, history):
+    """The tensors of head.pt into ``head`` by skorch's own loader, and the saved training history."""
+    from skorch.history import History
+
+    # Held to tensors only, whatever skorch's version defaults to.
+    head.set_params(torch_load_kwargs={"weights_only": True})
+    try:
+        head.load_params(f_params=io.BytesIO(data))
+    except RuntimeError as e:
+        raise ValueError(f"load_model: {HEAD_FILE} does not fit the head described in {MODEL_FILE}: {e}") from None
+    if history:
+        head.history = History(history)
 
 
 def _load_tensors(folder, name):
@@ -299,7 +247,8 @@ def _load_tensors(folder, name):
 
 
 def _read_info(folder):
-    """model.json, checked field by field: a ValueError names the first wrong one."""
+    """model.json, its format, params, backbone and head checked field by field (a ValueError
+    names the first wrong one); the estimator checks the rest in its ``_import_state``."""
     path = os.path.join(folder, MODEL_FILE)
     try:
         with open(path, "rb") as f:
@@ -341,39 +290,16 @@ def _read_info(folder):
                              "values; expected 3 (one per channel).")
         for v in values:
             _check(f"backbone.preprocessing.{key}", v, float, 1e-6 if key == "std" else -1e6, 1e6)
-    if info["estimator"] == "ImageEmbedder":
+    if not issubclass(_ESTIMATORS[info["estimator"]], _PretrainedImageModel):
         return info
-    n_outputs = _field(info, "head.n_outputs", int, 1, MAX_OUTPUTS)
+    _field(info, "head.n_outputs", int, 1, MAX_OUTPUTS)
     _field(info, "head.in_features", int, 1, MAX_FEATURES)
     for units in _field(info, "head.hidden_units", list):
         _check("head.hidden_units", units, int, 1, MAX_FEATURES)
-    _field(info, "head.temperature", float, 1e-6, 1e6, default=1.0)
+    _field(info, "head.dropout", float, 0, 1)
     history = info.get("history")
     if history is not None and not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
         raise ValueError(f"load_model: history in {MODEL_FILE} must be a list of objects (one per epoch).")
-    if info["estimator"] == "PretrainedImageClassifier":
-        values = _field(info, "classes.values", list)
-        if len(values) != n_outputs or not all(isinstance(v, (str, int, float, bool)) for v in values):
-            raise ValueError(f"load_model: classes.values in {MODEL_FILE} must be {n_outputs} (head.n_outputs) "
-                             "labels of type str, int, float or bool.")
-        dtype = _field(info, "classes.dtype", str)
-        try:
-            ok = dtype == "object" or (np.dtype(dtype).kind in "biufU" and np.dtype(dtype).itemsize <= 4096)
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"load_model: classes.dtype={dtype!r} in {MODEL_FILE} is not a label dtype; "
-                             "expected 'object' or a bool, int, float or str (at most 1024 characters) dtype.")
-        _field(info, "classes.multilabel", bool, default=False)
-    else:
-        for key in ("mean", "scale"):
-            values = _field(info, f"targets.{key}", list)
-            if len(values) != n_outputs:
-                raise ValueError(f"load_model: targets.{key} in {MODEL_FILE} has {len(values)} values; "
-                                 f"expected {n_outputs} (head.n_outputs).")
-            for v in values:
-                _check(f"targets.{key}", v, float, 1e-30 if key == "scale" else None, None)
-        _field(info, "targets.single_output", bool)
     return info
 
 
@@ -408,8 +334,27 @@ def _check(name, value, kind, low=None, high=None, choices=None):
     if ok and choices is not None and value not in choices:
         ok, what = False, f"one of {list(choices)}"
     if not ok:
-        raise ValueError(f"load_model: {name}={_short(value)} in {MODEL_FILE} is not valid; expected {what}.")
+        raise _invalid(name, value, what)
     return value
+
+
+def _invalid(name, value, expected):
+    """The ValueError for field ``name`` of model.json holding ``value``, not what was ``expected``."""
+    return ValueError(f"load_model: {name}={_short(value)} in {MODEL_FILE} is not valid; expected {expected}.")
+
+
+class _Fields:
+    """``read(name, kind, ...)`` for an estimator's ``_import_state``: the fields of one
+    untrusted model.json, each returned once :func:`_check` passes (see :func:`_field`)."""
+
+    check = staticmethod(_check)
+    invalid = staticmethod(_invalid)
+
+    def __init__(self, info):
+        self._info = info
+
+    def __call__(self, name, kind, low=None, high=None, choices=None, default=_MISSING):
+        return _field(self._info, name, kind, low, high, choices, default)
 
 
 def _short(value):

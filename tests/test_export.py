@@ -17,6 +17,8 @@ from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_model, sav
 from conftest import OFFLINE, fresh_env
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Folders written by save_model in format 1 (sktransfer 0.1.0; see the README there).
+FORMAT_1 = ROOT / "tests" / "data" / "model_v1"
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,24 @@ def fitted(sample):
     clf = PretrainedImageClassifier(hidden_units=(16,), max_epochs=5, random_state=0,
                                     optimizer=torch.optim.AdamW, optimizer__betas=(0.8, 0.95)).fit(X, y)
     return clf, X, y
+
+
+def _tiny_body():
+    """A module backbone small enough to fit and save in a moment (four features)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU())
+
+
+#: The tiny body's preprocessing (as the format-1 folders in tests/data were written with).
+TINY_PREPROCESSING = dict(resize_size=40, crop_size=32, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_images(sample):
+    """24 of the bundled photos, four per class."""
+    paths, labels = sample
+    keep = [i for c in sorted(set(labels)) for i in np.flatnonzero(labels == c)[:4]]
+    return [paths[i] for i in keep], labels[keep]
 
 
 def _offline_python(code, tmp_path):
@@ -93,8 +113,7 @@ def test_integer_labels_and_embedder(tmp_path, digits_small):
 
 def test_user_module_backbone_needs_the_module_at_load(tmp_path, fitted):
     _, X, y = fitted
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU())
+    net = _tiny_body()
     prep = dict(resize_size=64, crop_size=56, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
     clf = PretrainedImageClassifier(backbone=net, preprocessing=prep, max_epochs=3, random_state=0).fit(X, y)
     save_model(clf, tmp_path)
@@ -106,6 +125,27 @@ def test_user_module_backbone_needs_the_module_at_load(tmp_path, fitted):
     np.testing.assert_allclose(loaded.predict_proba(X[:3]), clf.predict_proba(X[:3]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="do not fit the architecture"):
         load_model(tmp_path, backbone=nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+
+
+def test_calibrated_model_round_trip(tmp_path, tiny_images):
+    X, y = tiny_images
+    clf = PretrainedImageClassifier(backbone=_tiny_body(), preprocessing=TINY_PREPROCESSING, max_epochs=4,
+                                    calibration="temperature", validation_fraction=0.5, random_state=0).fit(X, y)
+    assert clf.temperature_ != 1.0
+    loaded = load_model(save_model(clf, tmp_path), backbone=_tiny_body())
+    assert loaded.temperature_ == clf.temperature_
+    np.testing.assert_array_equal(loaded.predict_proba(X), clf.predict_proba(X))
+
+
+def test_head_settings_changed_after_fit_still_save_the_trained_head(tmp_path, tiny_images):
+    X, y = tiny_images
+    clf = PretrainedImageClassifier(backbone=_tiny_body(), preprocessing=TINY_PREPROCESSING, hidden_units=(8,),
+                                    max_epochs=2, random_state=0).fit(X, y)
+    clf.set_params(hidden_units=(32,), dropout=0.5)  # for the next fit; the trained head stays as it is
+    loaded = load_model(save_model(clf, tmp_path), backbone=_tiny_body())
+    assert loaded.get_params()["hidden_units"] == (32,)
+    assert tuple(loaded.head_.module__hidden_units) == (8,) and loaded.head_.module__dropout == 0.0
+    np.testing.assert_array_equal(loaded.predict_proba(X), clf.predict_proba(X))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -204,11 +244,14 @@ def _set(path, value):
     (_set("head.n_outputs", 10**9), "head.n_outputs"),
     (_set("head.temperature", 0), "head.temperature"),
     (_set("head.temperature", "hot"), "head.temperature"),
+    (_set("head.dropout", 2), "head.dropout"),
     (_set("head.hidden_units", "(16,)"), "head.hidden_units"),
     (_set("backbone.num_features", KeyError), "backbone.num_features"),
     (_set("backbone", []), "backbone.name"),
     (_set("classes.dtype", "V1000000000"), "classes.dtype"),
     (_set("classes.values", ["a"]), "classes.values"),
+    (_set("classes.values", [["a"]] * 6), "classes.values"),
+    (_set("classes.multilabel", "no"), "classes.multilabel"),
     (_set("params.bogus", 1), "params.bogus"),
     (_set("params.module__hidden_units", [40000, 40000]), "params.module__hidden_units"),
     (_set("params.embed_batch_size", -3), "embed_batch_size"),
@@ -225,6 +268,45 @@ def test_wrong_model_json_fields_are_named(tmp_path, saved, edit, field):
     (tmp_path / "model.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (_set("targets.scale", [1.0, 0.0]), "targets.scale"),
+    (_set("targets.mean", [1.0]), "targets.mean"),
+    (_set("targets.mean", ["1", 2]), "targets.mean"),
+    (_set("targets.single_output", KeyError), "targets.single_output"),
+    (_set("targets", None), "targets.mean"),
+])
+def test_wrong_regressor_fields_are_named(tmp_path, edit, field):
+    import shutil
+
+    shutil.copytree(FORMAT_1 / "regressor", tmp_path, dirs_exist_ok=True)
+    info = json.loads((tmp_path / "model.json").read_text())
+    edit(info)
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_model(tmp_path, backbone=_tiny_body())
+
+
+@pytest.mark.parametrize("name", ["classifier", "regressor", "embedder"])
+def test_format_1_folders_load_and_save_back_unchanged(tmp_path, tiny_images, name):
+    X, y = tiny_images
+    model = load_model(FORMAT_1 / name, backbone=_tiny_body())
+    written = json.loads((FORMAT_1 / name / "model.json").read_text())
+    if name == "classifier":
+        assert model.classes_.tolist() == sorted(set(y)) and model.temperature_ != 1.0
+        assert set(model.predict(X)) <= set(y)
+    save_model(model, tmp_path)
+    again = json.loads((tmp_path / "model.json").read_text())
+    if name == "regressor":  # format 1 wrote a temperature of 1.0 for regressors, which have none
+        assert written["head"].pop("temperature") == 1.0
+    assert {**again, "sktransfer_version": None} == {**written, "sktransfer_version": None}
+    for file in ("backbone.pt", "head.pt")[:2 if name != "embedder" else 1]:
+        old, new = (torch.load(folder / file, weights_only=True) for folder in (FORMAT_1 / name, tmp_path))
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    reloaded = load_model(tmp_path, backbone=_tiny_body())
+    method = "transform" if name == "embedder" else "predict"
+    np.testing.assert_array_equal(getattr(reloaded, method)(X), getattr(model, method)(X))
 
 
 def test_malformed_json_is_a_value_error(tmp_path, saved):

@@ -8,7 +8,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_sco
 
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, cache_info, clear_cache, embed_dask
 
-GRID = {"lr": [3e-3, 3e-2], "hidden_units": [(), (16,)]}
+GRID = {"hidden_units": [(), (16,)], "weight_decay": [1e-4, 1e-2]}
 CV = StratifiedKFold(3, shuffle=True, random_state=0)
 
 
