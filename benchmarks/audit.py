@@ -58,8 +58,6 @@ def copy_of(path, quality=90, scale=None):
     return buffer.getvalue()
 
 
-
-
 def unit(features):
     return features / np.linalg.norm(features, axis=1, keepdims=True)
 

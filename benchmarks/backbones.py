@@ -59,8 +59,6 @@ def splits(labels, sizes, n_test, seed):
     return test, train
 
 
-
-
 def compute_only(names, batch, rounds):
     """Fastest of ``rounds`` interleaved timings of one forward pass per backbone: seconds per image."""
     import torch

@@ -24,7 +24,6 @@ from sktransfer import PretrainedImageClassifier, load_image_folder
 from _common import DATASETS, ROOT, machine, write_section
 
 
-
 sys.path.insert(0, str(ROOT / "tools"))
 from make_sample import make_sample  # noqa: E402
 

@@ -645,20 +645,24 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     dropout : float, default=0.0
         Dropout before each linear layer of the head.
     lr : float, default=3e-3
-        Learning rate of the head's optimizer.
+        Learning rate of the head's optimizer (AdamW's; the tuned linear head
+        of ``weight_decay="auto"`` is fitted by L-BFGS with a line search and
+        does not use it).
     weight_decay : float or "auto", default="auto"
         ``"auto"``: a linear head trained by ``fit`` (no ``hidden_units``,
         ``unfreeze`` or ``augment``) gets the L2 penalty chosen by 3-fold
         cross-validation on the cached training features, as
         ``LogisticRegressionCV``/``RidgeCV`` do: strengths from 10 down to
-        0.001, strongest first, until the validation loss rises
-        (docs/accuracy.md); other heads get AdamW's weight decay 1e-4. A
-        number: the weight decay of the head's optimizer (for optimizers
-        without it, the same as an L2 penalty in the loss).
+        0.001, strongest first, until two in a row have not improved on the
+        best (docs/accuracy.md); other heads (and ``partial_fit``,
+        ``warm_start=True``, ``optimizer__*`` settings) get AdamW's weight
+        decay 1e-4. A number: the weight decay of the head's optimizer (for
+        optimizers without it, the same as an L2 penalty in the loss).
     max_epochs : int, default=15
         Epochs of head training.
     batch_size : int, default=64
-        Mini-batch size of head training.
+        Mini-batch size of head training (the tuned linear head of
+        ``weight_decay="auto"`` takes all training images as one batch).
     optimizer : torch optimizer class or None, default=None
         Any of its arguments can be set as ``optimizer__<name>``. None: with
         ``weight_decay="auto"`` and no ``optimizer__*`` settings, a linear
@@ -1109,20 +1113,24 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
     dropout : float, default=0.0
         Dropout before each linear layer of the head.
     lr : float, default=3e-3
-        Learning rate of the head's optimizer.
+        Learning rate of the head's optimizer (AdamW's; the tuned linear head
+        of ``weight_decay="auto"`` is fitted by L-BFGS with a line search and
+        does not use it).
     weight_decay : float or "auto", default="auto"
         ``"auto"``: a linear head trained by ``fit`` (no ``hidden_units``,
         ``unfreeze`` or ``augment``) gets the L2 penalty chosen by 3-fold
         cross-validation on the cached training features, as
         ``LogisticRegressionCV``/``RidgeCV`` do: strengths from 10 down to
-        0.001, strongest first, until the validation loss rises
-        (docs/accuracy.md); other heads get AdamW's weight decay 1e-4. A
-        number: the weight decay of the head's optimizer (for optimizers
-        without it, the same as an L2 penalty in the loss).
+        0.001, strongest first, until two in a row have not improved on the
+        best (docs/accuracy.md); other heads (and ``partial_fit``,
+        ``warm_start=True``, ``optimizer__*`` settings) get AdamW's weight
+        decay 1e-4. A number: the weight decay of the head's optimizer (for
+        optimizers without it, the same as an L2 penalty in the loss).
     max_epochs : int, default=30
         Epochs of head training.
     batch_size : int, default=64
-        Mini-batch size of head training.
+        Mini-batch size of head training (the tuned linear head of
+        ``weight_decay="auto"`` takes all training images as one batch).
     optimizer : torch optimizer class or None, default=None
         Any of its arguments can be set as ``optimizer__<name>``. None: with
         ``weight_decay="auto"`` and no ``optimizer__*`` settings, a linear

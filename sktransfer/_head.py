@@ -471,8 +471,8 @@ def resume(head, previous):
 # -- weight_decay="auto": the L2 strength of a linear head, tuned on the features -----
 
 #: L2 strengths tried by ``weight_decay="auto"``, strongest first: each fit
-#: starts from the previous one's solution, and the search stops once the
-#: validation loss has risen for :data:`L2_PATIENCE` strengths in a row. On
+#: starts from the previous one's solution, and the search stops once
+#: :data:`L2_PATIENCE` strengths in a row have not improved on the best. On
 #: standardised features the strengths chosen on the shared photo sets lay
 #: between 0.003 and 0.3.
 L2_GRID = tuple(np.logspace(1, -3, 9))
@@ -511,23 +511,29 @@ def tune_l2(X, y, weights, criterion, n_outputs, folds):
 
     A linear model on the standardised features ``X`` is fitted to the
     penalised, weighted loss of the head (the same ``criterion``) on each
-    fold's training part, and scored by the unpenalised loss on the fold's
-    other part. The strengths are tried strongest first, each fit starting
-    from the previous solution of its fold (a regularisation path, as
-    ``LogisticRegressionCV`` walks one), until the summed validation loss has
-    risen :data:`L2_PATIENCE` times in a row.
+    fold's training part, and scored by the unpenalised weighted loss on the
+    fold's other part, pooled over the folds. The strengths are tried
+    strongest first, each fit starting from the previous solution of its
+    fold (a regularisation path, as ``LogisticRegressionCV`` walks one),
+    until :data:`L2_PATIENCE` strengths in a row have not improved on the
+    best. Folds without weight on both parts are left out.
 
     Returns
     -------
     l2 : float
-    weight, bias : Tensor
+    weight, bias : Tensor or None
         The average of the folds' solutions at ``l2``: where the final fit
-        on all training features starts.
+        on all training features starts. None, with the middle strength,
+        when no fold has weight on both parts.
     """
     X, y, weights = torch.as_tensor(X), torch.as_tensor(y), torch.as_tensor(weights)
-    parts = [(X[train], y[train], weights[train], X[valid], y[valid], weights[valid]) for train, valid in folds]
+    parts = [(X[train], y[train], weights[train], X[valid], y[valid], weights[valid]) for train, valid in folds
+             if weights[train].sum() > 0 and weights[valid].sum() > 0]
+    if not parts:
+        return float(L2_GRID[len(L2_GRID) // 2]), None, None
+    held_out = float(sum(wv.sum() for *_, wv in parts))
     layers = []
-    for _ in folds:
+    for _ in parts:
         layer = nn.Linear(X.shape[1], n_outputs)
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
@@ -538,12 +544,13 @@ def tune_l2(X, y, weights, criterion, n_outputs, folds):
         for layer, (Xt, yt, wt, Xv, yv, wv) in zip(layers, parts):
             _lbfgs(layer, lambda: weighted_loss(criterion, layer(Xt), yt, wt) + l2 * l2_penalty(layer))
             with torch.no_grad():
-                loss += float(weighted_loss(criterion, layer(Xv), yv, wv))
-        # A fold whose held-out weights are all zero scores NaN: then the strongest penalty is kept.
+                loss += float(weighted_loss(criterion, layer(Xv), yv, wv)) * float(wv.sum()) / held_out
         if solution is None or loss < best_loss:
             best, best_loss = i, loss
             with torch.no_grad():
-                solution = (torch.stack([m.weight for m in layers]).mean(0), torch.stack([m.bias for m in layers]).mean(0))
+                finite = [m for m in layers if torch.isfinite(m.weight).all() and torch.isfinite(m.bias).all()]
+                solution = ((torch.stack([m.weight for m in finite]).mean(0), torch.stack([m.bias for m in finite]).mean(0))
+                            if finite else (None, None))
         elif i - best >= L2_PATIENCE:
             break
     return float(L2_GRID[best]), *solution
@@ -560,9 +567,9 @@ class InitialWeights(Callback):
         self.bias = bias
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
-        if self.weight is None:
-            return
         layer = net.module_.layers[-1]
+        if self.weight is None or layer.weight.shape != self.weight.shape:
+            return
         with torch.no_grad():
             layer.weight.copy_(self.weight)
             layer.bias.copy_(self.bias)
@@ -571,7 +578,7 @@ class InitialWeights(Callback):
 
 def _tuning_folds(y, stratified, seed):
     """Three folds for :func:`tune_l2` (stratified for class labels), or None when a
-    class has fewer than two images."""
+    class has fewer than two images (or there are fewer than two targets)."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     if stratified:
@@ -579,18 +586,21 @@ def _tuning_folds(y, stratified, seed):
         if least < 2:
             return None
         return list(StratifiedKFold(min(3, least), shuffle=True, random_state=seed).split(y, y))
+    if len(y) < 2:
+        return None
     return list(KFold(min(3, len(y)), shuffle=True, random_state=seed).split(y))
 
 
 def full_batch(params, extra, continuing):
     """Whether the head is trained full batch by L-BFGS with a tuned L2 strength:
     ``weight_decay="auto"`` and ``optimizer=None`` for a linear head on plain
-    (not augmented, not fine-tuned) features, trained once by ``fit`` (not
-    ``partial_fit``, nor ``warm_start=True``, which train further with
-    AdamW), and no ``optimizer__*`` settings (those are meant for AdamW)."""
+    (not augmented, not fine-tuned, no ``module__hidden_units``) features,
+    trained once by ``fit`` (not ``partial_fit``, nor ``warm_start=True``,
+    which train further with AdamW), and no ``optimizer__*`` settings (those
+    are meant for AdamW)."""
     return (params["weight_decay"] == "auto" and params["optimizer"] is None and not params["hidden_units"]
             and not params["unfreeze"] and params["augment"] is None and not continuing
-            and not params.get("warm_start")
+            and not params.get("warm_start") and "module__hidden_units" not in extra
             and not any(k.startswith("optimizer__") for k in extra))
 
 
@@ -654,10 +664,13 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
         folds = _tuning_folds(y_train, stratified, seed)
         standard = ((features - mean) / scale).astype(np.float32)
         # Too few images of a class to hold any out: the middle of the grid.
-        if folds is None:
-            l2 = L2_GRID[len(L2_GRID) // 2]
-        else:
+        l2, weight, bias = L2_GRID[len(L2_GRID) // 2], None, None
+        if folds is not None:
             l2, weight, bias = tune_l2(standard, y_train, weights, criterion, n_outputs, folds)
+        held_out = params["early_stopping"] or params.get("calibration") is not None
+        if weight is not None and not held_out:
+            # Start at the tuned solution, unless a validation split holds images
+            # out of training: the folds' solution has seen them.
             callbacks.append(("initial_weights", InitialWeights(weight, bias)))
         # One batch of all images; each epoch is one L-BFGS step, with its own line search.
         tuned.update(l2=l2, lr=1.0, batch_size=len(features), iterator_train__shuffle=False,

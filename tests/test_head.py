@@ -172,3 +172,46 @@ def test_pick_view_draws_one_view_per_image_in_training_and_keeps_all_otherwise(
     assert flat.shape == (12, 2) and n_views == 3
     plain = torch.ones(4, 2)
     assert pick_view(plain, training=True) == (plain, None)
+
+
+def test_tune_l2_leaves_out_folds_without_weight_on_both_parts(halves):
+    _, labels, features, _, _, _ = halves
+    Z = standardised(features, np.arange(len(features))).astype(np.float32)
+    y = np.unique(labels, return_inverse=True)[1]
+    order = np.arange(len(y))
+    folds = [(order[60:], order[:60]), (order[np.r_[0:60, 120:len(y)]], order[60:120]),
+             (order[:120], order[120:])]
+    weights = np.zeros(len(y), np.float32)
+    weights[:60] = weights[120:130] = 1.0  # the second fold holds out no weight
+    criterion = torch.nn.CrossEntropyLoss(reduction="none")
+    l2, weight, bias = tune_l2(Z, y, weights, criterion, len(np.unique(y)), folds)
+    assert l2 in L2_GRID and torch.isfinite(weight).all() and torch.isfinite(bias).all()
+    # All weight in one fold's held-out part: that fold has nothing to train on, the
+    # others nothing to score; nothing to tune on, so the middle strength and no start.
+    weights[:] = 0.0
+    weights[:2] = 1.0
+    assert tune_l2(Z, y, weights, criterion, len(np.unique(y)), folds) == (L2_GRID[len(L2_GRID) // 2], None, None)
+
+
+def test_tuned_head_fits_with_weight_on_few_images_and_tiny_sets(halves, sample):
+    paths, labels, _, brightness, train, _ = halves
+    X, y = [paths[i] for i in train], labels[train]
+    weights = np.zeros(len(X))
+    weights[:6] = 1.0
+    clf = PretrainedImageClassifier(random_state=0).fit(X, y, sample_weight=weights)
+    assert np.isfinite(clf.predict_proba(X)).all()
+    reg = PretrainedImageRegressor(random_state=0).fit(X[:1], brightness[train][:1])  # one image: no folds
+    assert np.isfinite(reg.predict(X[:2])).all()
+
+
+def test_tuned_start_leaves_held_out_images_and_skorch_module_shapes_alone(halves):
+    paths, labels, _, _, train, _ = halves
+    X, y = [paths[i] for i in train], labels[train]
+    # early_stopping and calibration hold images out: the start must not have seen them.
+    for settings in ({"early_stopping": True}, {"calibration": "temperature"}):
+        clf = PretrainedImageClassifier(random_state=0, **settings).fit(X, y)
+        assert isinstance(clf.head_.optimizer_, torch.optim.LBFGS)
+        assert "initial_weights" not in dict(clf.head_.callbacks_)
+    # A hidden layer asked of the skorch module directly is a hidden layer: AdamW, not the tuned linear head.
+    mlp = PretrainedImageClassifier(module__hidden_units=(16,), max_epochs=2, random_state=0).fit(X, y)
+    assert isinstance(mlp.head_.optimizer_, torch.optim.AdamW) and len(mlp.head_.module_.layers) == 5
