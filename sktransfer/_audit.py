@@ -71,6 +71,8 @@ HASH_THUMBNAIL = 32
 #: Images whose perceptual hashes differ in at most this many of the 255 bits are duplicates
 #: (re-encoded and resized copies: <= 12; distinct photos: >= 42 on sign_digits; docs/audit.md).
 HASH_DISTANCE = 24
+#: log_ratio clamps probabilities here: float32 softmax outputs below it have underflowed or are noise.
+PROBA_FLOOR = 1e-12
 COLUMNS = ["path", "finding", "given_label", "suggested_label", "score", "group"]
 
 
@@ -88,7 +90,9 @@ class AuditReport:
         Out-of-fold predicted probabilities of the cross-validated estimator.
     thresholds : ndarray of shape (n_classes,)
         Per-class confident-learning thresholds (average self-confidence),
-        from which the number of label issues is estimated.
+        from which the number of label issues is estimated; nan for a class
+        its own images get no probability of (left out of their training
+        folds by a custom ``cv``), which then counts no image.
     duplicate_threshold : float
         The cosine similarity from which images were joined as duplicates.
     label_issues : ndarray of int
@@ -346,8 +350,13 @@ def log_ratio(y_enc, proba):
     ``(z_other - z_given) / T``, so the order it puts images in does not
     change when the head is sharper or softer (its temperature ``T``), as
     the order of ``1 - p(given)`` or of the normalized margin does.
+
+    Probabilities are clamped at :data:`PROBA_FLOOR` (1e-12) first: below
+    it a float32 softmax has underflowed or holds rounding noise, so such
+    images tie (their order is their index order) rather than score up to
+    708 from whichever underflowed to exactly 0.
     """
-    logs = np.log(np.maximum(proba, np.finfo(np.float64).tiny))
+    logs = np.log(np.maximum(proba, PROBA_FLOOR))
     return _others(y_enc, logs).max(axis=1) - self_confidence(y_enc, logs)
 
 
@@ -358,10 +367,19 @@ def confident_joint(y_enc, proba):
     labelled j; ``guess[n]`` is image n's most probable class among those
     whose threshold it reaches (-1 when it reaches none); ``counts[i, j]``
     is the number of images labelled i with guess j.
+
+    A class that no image is labelled with, or whose images all have
+    probability 0 of it (it was missing from the training folds of their
+    predictions, possible with a custom cv splitter), has no threshold
+    (nan): no image reaches it, where a threshold of 0 would let every image
+    reach it.
     """
     n_classes = proba.shape[1]
-    thresholds = np.array([proba[y_enc == j, j].mean() for j in range(n_classes)])
-    confident = proba >= thresholds
+    labelled = np.bincount(y_enc, minlength=n_classes)
+    totals = np.bincount(y_enc, weights=proba[np.arange(len(y_enc)), y_enc], minlength=n_classes)
+    thresholds = np.full(n_classes, np.nan)
+    np.divide(totals, labelled, out=thresholds, where=totals > 0)
+    confident = (proba >= thresholds) & (totals > 0)
     guess = np.where(confident.any(axis=1), np.where(confident, proba, -1.0).argmax(axis=1), -1)
     counted = guess >= 0
     counts = np.zeros((n_classes, n_classes), dtype=int)
@@ -373,12 +391,14 @@ def calibrated_joint(counts, y_enc):
     """The confident joint with each row rescaled to its label's count: how many images labelled i are truly j.
 
     Rows are rounded to whole images keeping their totals (largest
-    remainders first); a class no image is counted in keeps one image on
-    its diagonal, so every row has something to scale.
+    remainders first); a row with nothing counted in it gets one image on
+    its diagonal, so every row has something to scale (a row with counts
+    keeps its 0 diagonal: all its counted images are another class).
     """
     n_classes = len(counts)
     counts = counts.astype(float)
-    np.fill_diagonal(counts, np.maximum(np.diagonal(counts), 1.0))
+    empty = np.flatnonzero(counts.sum(axis=1) == 0)
+    counts[empty, empty] = 1.0
     label_counts = np.bincount(y_enc, minlength=n_classes)
     scaled = counts / counts.sum(axis=1, keepdims=True) * label_counts[:, None]
     whole = np.floor(scaled).astype(int)

@@ -566,11 +566,21 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         return self.embedder_.backbone_, self.head_
 
     def _build_head(self, in_features, hidden_units, dropout):
-        """An initialised, untrained head of the fitted shape, for saved weights (see ``load_model``)."""
+        """An initialised, untrained head of the fitted shape, for saved weights (see ``load_model``).
+
+        It only predicts: it has the trained head's ``dropout`` and no
+        fine-tuned blocks (save_model refuses those), whatever ``set_params``
+        said after fit, and of the prefixed settings only ``module__`` ones
+        reach it. ``callbacks`` and the settings that only train
+        (``callbacks__``, ``optimizer__``, ``criterion__``,
+        ``iterator_train__``, ``iterator_valid__``, ``dataset__``) stay in the
+        estimator's params, for the next fit to use and check.
+        """
         y_like, n_outputs = self._stand_in_target()
         net, task = self._head_task(y_like, n_outputs)
         params, extra = self._head_settings()
-        params["dropout"] = dropout  # the trained head's, whatever set_params said after fit
+        params.update(dropout=dropout, unfreeze=0, callbacks=None)
+        extra = {k: v for k, v in extra.items() if k.startswith("module__") and k != "module__dropout"}
         head = build_head(params, extra, np.zeros((1, in_features), np.float32), y_like, np.ones(1, np.float32),
                           n_outputs, net=net, task=task, hidden_units=tuple(hidden_units),
                           device=_check_device(self.device, fitted=True), continuing=True)
@@ -926,6 +936,17 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
 
     # -- the fitted state as data, for save_model / load_model ---------------------
 
+    @staticmethod
+    def _classes_from_json(values, dtype):
+        """``values`` (labels read back from JSON) as an array of ``dtype``, or None when the
+        cast changes one, or when they are not unique and sorted as the classes of a fit are."""
+        try:
+            classes = np.asarray(values, dtype=dtype)
+            same = classes.ndim == 1 and classes.tolist() == values and bool(np.all(classes[1:] > classes[:-1]))
+        except (ValueError, OverflowError, TypeError):
+            return None
+        return classes if same else None
+
     def _export_state(self):
         classes = self.classes_
         try:
@@ -935,7 +956,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                 f"classes_ holds labels JSON cannot store ({classes.tolist()[:5]!r}...); "
                 "use str, int, float or bool labels, or save with joblib (trusted use only)."
             ) from None
-        if np.asarray(values, dtype=classes.dtype).tolist() != classes.tolist():
+        if values != classes.tolist() or self._classes_from_json(values, classes.dtype) is None:
             raise ValueError(f"classes_ {classes.tolist()!r} do not survive a JSON round trip; use str or int labels.")
         return {
             **super()._export_state(),
@@ -959,9 +980,16 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         if not ok:
             raise read.invalid("classes.dtype", dtype, "'object' or a bool, int, float or str "
                                                        "(at most 1024 characters) dtype")
-        self.classes_ = np.asarray(values, dtype=object if dtype == "object" else np.dtype(dtype))
-        self.multilabel_ = read("classes.multilabel", bool, default=False)
-        self.temperature_ = read("head.temperature", float, 1e-6, 1e6, default=1.0)
+        classes = self._classes_from_json(values, object if dtype == "object" else np.dtype(dtype))
+        if classes is None:
+            raise read.invalid("classes.values", values,
+                               f"unique, sorted labels that classes.dtype={dtype!r} holds unchanged")
+        multilabel = read("classes.multilabel", bool, default=False)
+        temperature = read("head.temperature", float, 1e-6, 1e6, default=1.0)
+        if multilabel and temperature != 1.0:
+            raise read.invalid("head.temperature", temperature,
+                               "1.0 for a multi-label model (calibration is for one label per image)")
+        self.classes_, self.multilabel_, self.temperature_ = classes, multilabel, temperature
 
     def _stand_in_target(self):
         """A target of one image and the number of outputs: what tells ``build_head`` the head's kind."""
@@ -1278,6 +1306,8 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
                 read.check(f"targets.{key}", v, float, low)
             setattr(self, f"target_{key}_", np.asarray(values, dtype=float))
         self._single_output = read("targets.single_output", bool)
+        if self._single_output and self.n_outputs_ != 1:
+            raise read.invalid("targets.single_output", True, f"false for {self.n_outputs_} outputs (head.n_outputs)")
 
     def _stand_in_target(self):
         return np.zeros((1, self.n_outputs_), np.float32), self.n_outputs_

@@ -19,7 +19,11 @@ belong to the machine (:data:`MACHINE_LOCAL_PARAMS`: a cache folder, a
 device, a weights file path) are not written, and are ignored when a folder
 holds them: a shared folder cannot point the loader's process at files.
 Every field of ``model.json`` is checked, naming it, before anything large
-is allocated.
+is allocated. The head that predicts is built from the saved shape and the
+``module__`` settings only: ``callbacks`` and the prefixed settings that
+only train it (``optimizer__``, ``criterion__``, ``callbacks__``, ...) are
+kept in the loaded estimator's params and checked by its next ``fit``, as
+settings given to ``set_params`` are.
 """
 
 from __future__ import annotations
@@ -206,27 +210,34 @@ def load_model(folder, backbone=None):
             f"load_model: {MODEL_FILE} says the backbone gives {saved['num_features']} features, "
             f"but {saved['name']!r} with {BACKBONE_FILE} gives {body.num_features}."
         )
-    head = None
-    if has_head:
-        head = estimator._build_head(body.num_features, info["head"]["hidden_units"], info["head"]["dropout"])
-        _load_head(head, head_bytes, info.get("history"))
+    head = _load_head(estimator, info, body.num_features, head_bytes) if has_head else None
     estimator._import_parts(body, head)
     check_is_fitted(estimator)  # the estimator's own account of its fitted state is whole
     return estimator
 
 
-def _load_head(head, data, history):
-    """The tensors of head.pt into ``head`` by skorch's own loader, and the saved training history."""
+def _load_head(estimator, info, in_features, data):
+    """The estimator's head of the saved shape, holding the tensors of head.pt (``data``, read by
+    skorch's own loader) and the saved training history."""
     from skorch.history import History
 
+    # Untrusted settings reach skorch and torch here (whatever they raise is a bad folder).
+    try:
+        head = estimator._build_head(in_features, info["head"]["hidden_units"], info["head"]["dropout"])
+    except Exception as e:
+        shaping = "".join(f", params.{k}" for k in sorted(info["params"]) if k.startswith("module__"))
+        raise ValueError(f"load_model: the head cannot be built from head.*{shaping} in {MODEL_FILE}: "
+                         f"{type(e).__name__}: {e}") from None
     # Held to tensors only, whatever skorch's version defaults to.
     head.set_params(torch_load_kwargs={"weights_only": True})
     try:
         head.load_params(f_params=io.BytesIO(data))
-    except RuntimeError as e:
-        raise ValueError(f"load_model: {HEAD_FILE} does not fit the head described in {MODEL_FILE}: {e}") from None
-    if history:
-        head.history = History(history)
+    except Exception as e:
+        raise ValueError(f"load_model: {HEAD_FILE} does not fit the head described in {MODEL_FILE}: "
+                         f"{type(e).__name__}: {e}") from None
+    if info.get("history"):
+        head.history = History(info["history"])
+    return head
 
 
 def _load_tensors(folder, name):
@@ -440,7 +451,8 @@ def _params_from_json(params, kind):
             value = getattr(torch.optim, name, None)
             if not (isinstance(value, type) and issubclass(value, torch.optim.Optimizer)):
                 raise ValueError(f"load_model: optimizer {name!r} is not an optimizer in torch.optim.")
-        out[key] = _tuples(value)
+        # callbacks is a list (only an empty one is JSON); other lists were tuples.
+        out[key] = list(value) if key == "callbacks" and isinstance(value, list) else _tuples(value)
     return out
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +245,37 @@ def test_calibrated_joint_keeps_label_counts():
     assert (joint >= 0).all()
 
 
+def test_calibration_fills_only_rows_with_nothing_counted():
+    # Class 0's images are all confidently class 1: its row keeps a 0 on the diagonal, and
+    # scales to 4 of 4 images truly class 1. Class 2 has nothing counted: its 3 images stay.
+    counts = np.array([[0, 2, 0], [1, 5, 0], [0, 0, 0]])
+    y = np.repeat([0, 1, 2], [4, 6, 3])
+    np.testing.assert_array_equal(calibrated_joint(counts, y), [[0, 4, 0], [1, 5, 0], [0, 0, 3]])
+
+
+def test_classes_without_a_threshold_reach_no_image():
+    # Class 2 was in no training fold of its images (a custom cv splitter): p2 = 0 for all of
+    # them, so it has no threshold, and images reaching no other threshold are counted nowhere.
+    proba = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1], [0.5, 0.5, 0.0]])
+    y = np.array([0, 0, 1, 1, 2])
+    counts, thresholds, guess = confident_joint(y, proba)
+    np.testing.assert_allclose(thresholds, [0.65, 0.65, np.nan])
+    assert guess.tolist() == [0, -1, 1, -1, -1]
+    np.testing.assert_array_equal(counts, [[1, 0, 0], [0, 1, 0], [0, 0, 0]])
+    # A class no image is labelled with has no threshold either (and no warning of an empty mean).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        counts, thresholds, guess = confident_joint(y[:4], proba[:4])
+    assert np.isnan(thresholds[2]) and guess.tolist() == [0, -1, 1, -1]
+
+
+def test_log_ratio_treats_vanishing_probabilities_alike():
+    # float32 softmax outputs: one given-label probability underflowed to 0, one did not.
+    proba = np.array([[0.0, 1.0], [1e-20, 1.0], [1e-15, 1.0], [0.5, 0.5]], dtype=np.float32)
+    scores = log_ratio(np.zeros(4, dtype=int), proba)
+    np.testing.assert_allclose(scores, [np.log(1e12)] * 3 + [0.0], rtol=1e-6)
+
+
 def test_rankings():
     proba = np.array([[0.5, 0.4, 0.1], [0.3, 0.6, 0.1], [0.2, 0.2, 0.6], [0.25, 0.7, 0.05],
                       [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
@@ -265,7 +297,8 @@ def test_rankings():
 
 
 def test_log_ratio_ranking_does_not_depend_on_the_heads_temperature():
-    """The same logits, softened or sharpened: the log-ratio keeps its order, self-confidence does not."""
+    """The same logits, softened or sharpened: the log-ratio keeps its order, self-confidence does not
+    (as long as the probabilities stay above the 1e-12 floor: here at least 1.6e-10)."""
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(60, 4)) * rng.uniform(0.5, 3, size=(60, 1))
     y = rng.integers(0, 4, size=60)
@@ -275,8 +308,8 @@ def test_log_ratio_ranking_does_not_depend_on_the_heads_temperature():
         proba = np.exp(z - z.max(axis=1, keepdims=True))
         return find_label_issues(y, proba / proba.sum(axis=1, keepdims=True), flag="all", rank=rank)[0].tolist()
 
-    assert order(0.3, "log_ratio") == order(1.0, "log_ratio") == order(4.0, "log_ratio")
-    assert order(0.3, "self_confidence") != order(4.0, "self_confidence")
+    assert order(0.5, "log_ratio") == order(1.0, "log_ratio") == order(4.0, "log_ratio")
+    assert order(0.5, "self_confidence") != order(4.0, "self_confidence")
 
 
 def test_cli_writes_report_and_findings(sample, tmp_path):

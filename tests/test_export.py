@@ -79,7 +79,7 @@ def test_round_trip_keeps_parameters_classes_and_backbone(tmp_path, fitted):
     save_model(clf, tmp_path)
     loaded = load_model(tmp_path)
     assert type(loaded) is PretrainedImageClassifier
-    assert loaded.get_params() == clf.get_params()
+    assert {**loaded.get_params(deep=False), "backbone": None} == {**clf.get_params(deep=False), "backbone": None}
     assert loaded.classes_.dtype == clf.classes_.dtype and list(loaded.classes_) == list(clf.classes_)
     assert loaded.embedder_.backbone_.fingerprint == clf.embedder_.backbone_.fingerprint
     assert loaded.embedder_.backbone_.module is not clf.embedder_.backbone_.module
@@ -235,6 +235,17 @@ def _set(path, value):
     return edit
 
 
+def _both(*edits):
+    def edit(info):
+        for one in edits:
+            one(info)
+    return edit
+
+
+def _classes(values, dtype):
+    return _both(_set("classes.values", values), _set("classes.dtype", dtype))
+
+
 @pytest.mark.parametrize("edit, field", [
     (_set("backbone.preprocessing.crop_size", 10**6), "backbone.preprocessing.crop_size"),
     (_set("backbone.preprocessing.std", [0.5, 0.0, 0.5]), "backbone.preprocessing.std"),
@@ -252,6 +263,18 @@ def _set(path, value):
     (_set("classes.values", ["a"]), "classes.values"),
     (_set("classes.values", [["a"]] * 6), "classes.values"),
     (_set("classes.multilabel", "no"), "classes.multilabel"),
+    # Labels the saved dtype cannot hold unchanged, or that fit could not have given (3 classes).
+    (_classes(["cat", "car", "cow"], "<U1"), "classes.values"),
+    (_classes([1.5, 2, 3], "<i8"), "classes.values"),
+    (_classes(["x", "y", "z"], "|b1"), "classes.values"),
+    (_classes([300, 301, 302], "|i1"), "classes.values"),
+    (_classes(["b", "a", "c"], "<U1"), "classes.values"),
+    (_classes(["a", "a", "c"], "<U1"), "classes.values"),
+    (_classes(["a", 1, "c"], "object"), "classes.values"),
+    # Calibration is for one label per image (a softmax).
+    (_both(_set("classes.multilabel", True), _set("head.temperature", 2.0)), "head.temperature"),
+    # Settings that reach the head that predicts are checked when it is built.
+    (_set("params.module__bogus", 1), "params.module__bogus"),
     (_set("params.bogus", 1), "params.bogus"),
     (_set("params.module__hidden_units", [40000, 40000]), "params.module__hidden_units"),
     (_set("params.embed_batch_size", -3), "embed_batch_size"),
@@ -276,6 +299,7 @@ def test_wrong_model_json_fields_are_named(tmp_path, saved, edit, field):
     (_set("targets.mean", ["1", 2]), "targets.mean"),
     (_set("targets.single_output", KeyError), "targets.single_output"),
     (_set("targets", None), "targets.mean"),
+    (_set("targets.single_output", True), "targets.single_output"),  # it has two outputs
 ])
 def test_wrong_regressor_fields_are_named(tmp_path, edit, field):
     import shutil
@@ -286,6 +310,44 @@ def test_wrong_regressor_fields_are_named(tmp_path, edit, field):
     (tmp_path / "model.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         load_model(tmp_path, backbone=_tiny_body())
+
+
+@pytest.mark.parametrize("key, value", [
+    ("callbacks__print_log", "x"),
+    ("criterion__weight", [1.0] * 6),
+    ("optimizer__no_such_argument", 1),
+    ("iterator_train__batch_size", "x"),
+    ("dataset__length", "x"),
+    ("callbacks", ["x"]),  # refused by the next fit
+    ("unfreeze", 2),
+])
+def test_training_settings_are_kept_but_do_not_build_the_loaded_head(tmp_path, tiny_images, key, value):
+    """Settings that only train the head are the next fit's business (checked then, as set_params
+    settings are); the head that predicts is the saved one, without fine-tuned blocks."""
+    import shutil
+
+    X, _ = tiny_images
+    shutil.copytree(FORMAT_1 / "classifier", tmp_path, dirs_exist_ok=True)
+    info = json.loads((tmp_path / "model.json").read_text())
+    info["params"][key] = value
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    loaded = load_model(tmp_path, backbone=_tiny_body())
+    assert loaded.get_params()[key] == (tuple(value) if isinstance(value, list) and key != "callbacks" else value)
+    assert loaded.unfreeze_ == 0
+    original = load_model(FORMAT_1 / "classifier", backbone=_tiny_body())
+    np.testing.assert_array_equal(loaded.predict_proba(X), original.predict_proba(X))
+
+
+def test_settings_changed_for_the_next_fit_still_load(tmp_path, tiny_images):
+    X, y = tiny_images
+    clf = PretrainedImageClassifier(backbone=_tiny_body(), preprocessing=TINY_PREPROCESSING, max_epochs=2,
+                                    optimizer=torch.optim.SGD, optimizer__momentum=0.9, callbacks=[],
+                                    random_state=0).fit(X, y)
+    # For the next fit: fine-tune two blocks with the default optimizer (momentum is SGD's).
+    clf.set_params(unfreeze=2, optimizer=None)
+    loaded = load_model(save_model(clf, tmp_path), backbone=_tiny_body())
+    assert {**loaded.get_params(deep=False), "backbone": None} == {**clf.get_params(deep=False), "backbone": None}
+    np.testing.assert_array_equal(loaded.predict_proba(X), clf.predict_proba(X))
 
 
 @pytest.mark.parametrize("name", ["classifier", "regressor", "embedder"])
