@@ -15,12 +15,13 @@ photo of its class.
 
     python benchmarks/audit.py [--cache-dir DIR] [--datasets ../shared/datasets]
 
-writes the 'audit' section (seed 0, the default head). Other seeds and heads
-are printed only; their probabilities can be saved, and the rules compared on
-them later without fitting anything:
+writes the 'audit' section (seed 0, the default head: ``weight_decay="auto"``).
+Other seeds and heads are printed only; their probabilities can be saved, and
+the rules compared on them later without fitting anything:
 
-    python benchmarks/audit.py --cache-dir DIR --seeds 0 1 2 --weight-decay auto --save-proba auto.npz
-    python benchmarks/audit.py --compare-rules default.npz auto.npz
+    python benchmarks/audit.py --cache-dir DIR --seeds 0 1 2 --save-proba auto.npz
+    python benchmarks/audit.py --cache-dir DIR --seeds 0 1 2 --weight-decay 1e-4 --save-proba adamw.npz
+    python benchmarks/audit.py --compare-rules auto.npz adamw.npz
 """
 
 from __future__ import annotations
