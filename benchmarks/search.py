@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -130,6 +131,8 @@ def main():
     weights = "DEFAULT" if args.backbone == "efficientnet_lite0" else None
     model = dict(backbone=args.backbone, weights=weights, random_state=0)
 
+    # Absolute paths: the whole-job rows run in fresh processes started in benchmarks/.
+    args.data = str(Path(args.data).resolve())
     X, y = stratified_subset(args.data, args.n)
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
     body = build_backbone(args.backbone, weights).module
