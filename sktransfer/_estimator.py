@@ -650,8 +650,8 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         does not use it).
     weight_decay : float or "auto", default="auto"
         ``"auto"``: a linear head trained by ``fit`` (no ``hidden_units``,
-        ``unfreeze`` or ``augment``) gets the L2 penalty chosen by 3-fold
-        cross-validation on the cached training features, as
+        ``unfreeze`` or ``augment``; not multi-label) gets the L2 penalty
+        chosen by 3-fold cross-validation on the cached training features, as
         ``LogisticRegressionCV``/``RidgeCV`` do: strengths from 10 down to
         0.001, strongest first, until two in a row have not improved on the
         best (docs/accuracy.md); other heads (and ``partial_fit``,
@@ -1118,8 +1118,8 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         does not use it).
     weight_decay : float or "auto", default="auto"
         ``"auto"``: a linear head trained by ``fit`` (no ``hidden_units``,
-        ``unfreeze`` or ``augment``) gets the L2 penalty chosen by 3-fold
-        cross-validation on the cached training features, as
+        ``unfreeze`` or ``augment``; not multi-label) gets the L2 penalty
+        chosen by 3-fold cross-validation on the cached training features, as
         ``LogisticRegressionCV``/``RidgeCV`` do: strengths from 10 down to
         0.001, strongest first, until two in a row have not improved on the
         best (docs/accuracy.md); other heads (and ``partial_fit``,

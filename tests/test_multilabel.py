@@ -39,6 +39,7 @@ def test_indicator_y_trains_one_sigmoid_per_label(flowers_split):
     clf = PretrainedImageClassifier(**FAST).fit(train, Y_train)
     assert clf.multilabel_ and clf.classes_.tolist() == [0, 1, 2]
     assert isinstance(clf.head_.criterion_, torch.nn.BCEWithLogitsLoss)
+    assert isinstance(clf.head_.optimizer_, torch.optim.AdamW)  # weight_decay="auto" tunes single-label heads only
     proba = clf.predict_proba(test)
     assert proba.shape == (20, 3) and ((proba >= 0) & (proba <= 1)).all()
     assert not np.allclose(proba.sum(axis=1), 1)  # independent labels, not a softmax
