@@ -667,6 +667,8 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
             tuned["optimizer__param_groups"] = [("blocks.*", {"lr": params["lr"] * params["backbone_lr_mult"]})]
     weight_decay = params["weight_decay"]
     callbacks = list(params["callbacks"] or [])
+    # early_stopping and calibration hold a seeded share of the images out of training.
+    held_out = params["early_stopping"] or params.get("calibration") is not None
     if full:
         criterion = task["criterion"](**{"reduction": "none", **_prefixed(task, "criterion__"),
                                          **_prefixed(extra, "criterion__")})
@@ -676,7 +678,6 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
         l2, weight, bias = L2_GRID[len(L2_GRID) // 2], None, None
         if folds is not None:
             l2, weight, bias = tune_l2(standard, y_train, weights, criterion, n_outputs, folds)
-        held_out = params["early_stopping"] or params.get("calibration") is not None
         if weight is not None and not held_out:
             # Start at the tuned solution, unless a validation split holds images
             # out of training: the folds' solution has seen them.
@@ -691,7 +692,7 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
         elif decay:
             tuned["l2"] = decay  # an optimizer without weight decay: the same as a penalty in the loss
     train_split = None
-    if params["early_stopping"] or params.get("calibration") is not None:
+    if held_out:
         # Seeded: the calibration callback draws the same split after training.
         train_split = ValidSplit(params["validation_fraction"], stratified=stratified, random_state=seed)
     if params["early_stopping"]:
