@@ -581,6 +581,36 @@ def tune_l2(X, y, weights, criterion, n_outputs, folds):
     return float(L2_GRID[best]), *solution
 
 
+def tune_ridge(X, Y, weights):
+    """For a squared-error head: the L2 strength of :data:`L2_GRID` with the least
+    leave-one-out error, and the solution at it, from scikit-learn's ``RidgeCV``.
+
+    The head's loss on standardised features ``X`` and targets ``Y`` (n, k)
+    (the weighted mean over images of the mean squared error over outputs,
+    plus ``l2 / 2`` times the sum of squared weights) is ``Ridge``'s
+    objective with ``alpha = l2 * weights.sum() * k / 2``, divided by
+    ``weights.sum() * k``. ``RidgeCV`` scores each strength by its exact
+    leave-one-out error in closed form (one eigendecomposition for the whole
+    grid), which no number of folds approaches.
+
+    Returns
+    -------
+    l2 : float
+    weight, bias : Tensor or None
+        The ridge solution at ``l2`` (where the final fit starts); None, with
+        the middle strength, for fewer than two images with weight.
+    """
+    from sklearn.linear_model import RidgeCV
+
+    X, Y, weights = np.asarray(X, np.float64), np.asarray(Y, np.float64), np.asarray(weights, np.float64)
+    if np.count_nonzero(weights) < 2:
+        return float(L2_GRID[len(L2_GRID) // 2]), None, None
+    factor = weights.sum() * Y.shape[1] / 2
+    ridge = RidgeCV(alphas=np.array(L2_GRID) * factor).fit(X, Y, sample_weight=weights)
+    return (float(ridge.alpha_ / factor), torch.as_tensor(ridge.coef_, dtype=torch.float32).reshape(Y.shape[1], -1),
+            torch.as_tensor(ridge.intercept_, dtype=torch.float32).reshape(Y.shape[1]))
+
+
 def _mean_solution(layers, bases):
     """The mean weight and bias of the folds' finite solutions, in the features' own
     coordinates; (None, None) when none is finite."""
@@ -707,12 +737,15 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
     if full:
         criterion = task["criterion"](**{"reduction": "none", **_prefixed(task, "criterion__"),
                                          **_prefixed(extra, "criterion__")})
-        folds = _tuning_folds(y_train, stratified, seed)
         standard = ((features - mean) / scale).astype(np.float32)
-        # Too few images of a class to hold any out: the middle of the grid.
-        l2, weight, bias = L2_GRID[len(L2_GRID) // 2], None, None
-        if folds is not None:
-            l2, weight, bias = tune_l2(standard, y_train, weights, criterion, n_outputs, folds)
+        if type(criterion) is nn.MSELoss:  # leave-one-out in closed form
+            l2, weight, bias = tune_ridge(standard, y_train, weights)
+        else:
+            folds = _tuning_folds(y_train, stratified, seed)
+            # Too few images of a class to hold any out: the middle of the grid.
+            l2, weight, bias = L2_GRID[len(L2_GRID) // 2], None, None
+            if folds is not None:
+                l2, weight, bias = tune_l2(standard, y_train, weights, criterion, n_outputs, folds)
         if weight is not None and not held_out:
             # Start at the tuned solution, unless a validation split holds images
             # out of training: the folds' solution has seen them.

@@ -88,6 +88,25 @@ def test_default_weight_decay_tunes_a_full_batch_linear_head(halves):
     assert fixed.head_.l2 == 0.5
 
 
+@pytest.mark.parametrize("n_targets, weighted", [(1, False), (2, True)])
+def test_auto_weight_decay_regressor_is_ridge_cv_on_the_strengths_of_the_grid(halves, n_targets, weighted):
+    # Squared error has an exact leave-one-out error in closed form: the regressor's strength is
+    # RidgeCV's on the same grid (alpha = l2 * total weight * outputs / 2).
+    paths, _, features, brightness, train, test = halves
+    Y = np.column_stack([brightness, np.arange(len(paths)) % 7])[:, :n_targets]
+    weights = np.where(np.arange(len(paths)) % 3 == 0, 2.0, 1.0) if weighted else np.ones(len(paths))
+    reg = PretrainedImageRegressor(random_state=0).fit([paths[i] for i in train], Y[train].squeeze(),
+                                                       sample_weight=weights[train])
+    Z = standardised(features, train)
+    target = (Y[train] - Y[train].mean(axis=0)) / Y[train].std(axis=0)
+    factor = weights[train].sum() * n_targets / 2
+    ridge = RidgeCV(alphas=np.array(L2_GRID) * factor).fit(Z[train], target, sample_weight=weights[train])
+    assert reg.head_.l2 == pytest.approx(ridge.alpha_ / factor)
+    expected = ridge.predict(Z[test]) * Y[train].std(axis=0) + Y[train].mean(axis=0)
+    np.testing.assert_allclose(reg.predict([paths[i] for i in test]).reshape(expected.shape), expected,
+                               rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
 def test_tune_l2_picks_the_strongest_penalty_for_labels_unrelated_to_the_photos(halves):
     _, labels, features, _, _, _ = halves
     from sklearn.model_selection import StratifiedKFold
