@@ -1118,11 +1118,10 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         does not use it).
     weight_decay : float or "auto", default="auto"
         ``"auto"``: a linear head trained by ``fit`` (no ``hidden_units``,
-        ``unfreeze`` or ``augment``; not multi-label) gets the L2 penalty
-        chosen by 3-fold cross-validation on the cached training features, as
-        ``LogisticRegressionCV``/``RidgeCV`` do: strengths from 10 down to
-        0.001, strongest first, until two in a row have not improved on the
-        best (docs/accuracy.md); other heads (and ``partial_fit``,
+        ``unfreeze`` or ``augment``) gets the L2 penalty, from 10 down to
+        0.001 in half decades, of the least leave-one-out error on the cached
+        training features, computed in closed form by ``RidgeCV``
+        (docs/accuracy.md); other heads (and ``partial_fit``,
         ``warm_start=True``, ``optimizer__*`` settings) get AdamW's weight
         decay 1e-4. A number: the weight decay of the head's optimizer (for
         optimizers without it, the same as an L2 penalty in the loss).

@@ -15,8 +15,11 @@ from sktransfer._head import (
     FeatureLoader,
     TemperatureScaling,
     feature_statistics,
+    l2_penalty,
     pick_view,
+    row_space,
     tune_l2,
+    weighted_loss,
 )
 
 ESTIMATORS = [ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor]
@@ -85,6 +88,25 @@ def test_default_weight_decay_tunes_a_full_batch_linear_head(halves):
     assert fixed.head_.l2 == 0.5
 
 
+@pytest.mark.parametrize("n_targets, weighted", [(1, False), (2, True)])
+def test_auto_weight_decay_regressor_is_ridge_cv_on_the_strengths_of_the_grid(halves, n_targets, weighted):
+    # Squared error has an exact leave-one-out error in closed form: the regressor's strength is
+    # RidgeCV's on the same grid (alpha = l2 * total weight * outputs / 2).
+    paths, _, features, brightness, train, test = halves
+    Y = np.column_stack([brightness, np.arange(len(paths)) % 7])[:, :n_targets]
+    weights = np.where(np.arange(len(paths)) % 3 == 0, 2.0, 1.0) if weighted else np.ones(len(paths))
+    reg = PretrainedImageRegressor(random_state=0).fit([paths[i] for i in train], Y[train].squeeze(),
+                                                       sample_weight=weights[train])
+    Z = standardised(features, train)
+    target = (Y[train] - Y[train].mean(axis=0)) / Y[train].std(axis=0)
+    factor = weights[train].sum() * n_targets / 2
+    ridge = RidgeCV(alphas=np.array(L2_GRID) * factor).fit(Z[train], target, sample_weight=weights[train])
+    assert reg.head_.l2 == pytest.approx(ridge.alpha_ / factor)
+    expected = ridge.predict(Z[test]) * Y[train].std(axis=0) + Y[train].mean(axis=0)
+    np.testing.assert_allclose(reg.predict([paths[i] for i in test]).reshape(expected.shape), expected,
+                               rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
 def test_tune_l2_picks_the_strongest_penalty_for_labels_unrelated_to_the_photos(halves):
     _, labels, features, _, _, _ = halves
     from sklearn.model_selection import StratifiedKFold
@@ -98,6 +120,40 @@ def test_tune_l2_picks_the_strongest_penalty_for_labels_unrelated_to_the_photos(
     assert tune_l2(Z, shuffled, weights, criterion, len(np.unique(y)), folds)[0] == max(L2_GRID)
     l2, weight, bias = tune_l2(Z, y, weights, criterion, len(np.unique(y)), folds)
     assert l2 < max(L2_GRID) and weight.shape == (len(np.unique(y)), Z.shape[1]) and bias.shape == (len(np.unique(y)),)
+
+
+def test_a_penalised_linear_fit_in_row_space_coordinates_is_the_fit_on_all_features(halves):
+    _, labels, features, _, train, _ = halves
+    X = torch.as_tensor(standardised(features, train)[train], dtype=torch.float32)  # 90 rows, 1280 features
+    y = torch.as_tensor(np.unique(labels[train], return_inverse=True)[1])
+    basis, coords = row_space(X)
+    assert basis.shape == (X.shape[1], len(X)) and coords.shape == (len(X), len(X))
+    assert torch.allclose(basis.T @ basis, torch.eye(len(X)), atol=1e-5)
+    assert torch.allclose(coords, X @ basis, atol=1e-4) and torch.allclose(coords @ basis.T, X, atol=1e-4)
+    assert row_space(X[:, :50]) is None  # as many rows as columns or more: nothing to gain
+
+    criterion, weights = torch.nn.CrossEntropyLoss(reduction="none"), torch.ones(len(X))
+
+    def fit(inputs):
+        layer = torch.nn.Linear(inputs.shape[1], int(y.max()) + 1)
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+        optimizer = torch.optim.LBFGS(layer.parameters(), max_iter=500, tolerance_grad=1e-7,
+                                      tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = weighted_loss(criterion, layer(inputs), y, weights) + 0.03 * l2_penalty(layer)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return layer.weight.detach(), layer.bias.detach()
+
+    full, reduced = fit(X), fit(coords)
+    assert torch.allclose(reduced[0] @ basis.T, full[0], atol=1e-3 * float(full[0].abs().max()))
+    proba = [torch.softmax(X @ weight.T + bias, dim=1) for weight, bias in (full, (reduced[0] @ basis.T, reduced[1]))]
+    assert torch.allclose(proba[0], proba[1], atol=1e-3)
 
 
 # -- settings: stored in __init__, checked at fit, routed by skorch's prefixes ----------
