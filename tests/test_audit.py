@@ -155,6 +155,16 @@ def test_a_copy_does_not_vote_for_its_twins_label(sample, tmp_path):
     assert default.min() >= 1 / (round(np.sqrt(len(X))) + len(classes)) - 1e-12
 
 
+def test_neighbour_vote_with_nothing_left_to_vote():
+    """Images all duplicates of each other have no neighbour to ask: the vote says nothing (uniform)."""
+    unit = np.tile([[0.6, 0.8]], (4, 1))
+    votes = neighbour_proba(unit, np.array([0, 1, 1, 2]), 3, np.zeros(4, dtype=int))
+    np.testing.assert_allclose(votes, 1 / 3)
+    # One image apart from a group of three: it is the only vote the group's images get, and k shrinks to 1.
+    votes = neighbour_proba(unit, np.array([0, 1, 1, 2]), 3, np.array([0, 0, 0, 1]))
+    np.testing.assert_allclose(votes[:3], [[0.25, 0.25, 0.5]] * 3)
+
+
 def test_combined_evidence_averages_the_log_ratios():
     rng = np.random.default_rng(0)
     proba, votes = rng.dirichlet(np.ones(2), size=20), rng.dirichlet(np.ones(2), size=20)
