@@ -31,7 +31,7 @@ def stratified_subset(folder, n, seed=0):
 
 
 class Counter:
-    """Images through a module, counted with a forward hook."""
+    """Images through a PyTorch module, counted with a forward hook."""
 
     def __init__(self, module):
         self.images = 0
@@ -39,6 +39,29 @@ class Counter:
 
     def __call__(self, module, inputs, output):
         self.images += inputs[0].shape[0]
+
+
+class Passes:
+    """Images sktransfer sends through its backbone, on any engine.
+
+    It wraps the feature stage's backbone pass while installed (a forward hook
+    would see PyTorch's passes only, not OpenVINO's); ``remove()`` puts it back.
+    """
+
+    def __init__(self):
+        import sktransfer._features as features
+
+        self.images = 0
+        self._features, self._original = features, features._run_backbone
+
+        def counted(todo, *args, **kwargs):
+            self.images += len(todo)
+            return self._original(todo, *args, **kwargs)
+
+        features._run_backbone = counted
+
+    def remove(self):
+        self._features._run_backbone = self._original
 
 
 class Timer:

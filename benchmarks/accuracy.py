@@ -40,7 +40,7 @@ import torch
 from sktransfer import PretrainedImageClassifier, clear_cache, load_image_folder
 from sktransfer._backbones import build_backbone
 
-from _common import DATASETS, Counter, machine, stratified_subset, write_section
+from _common import DATASETS, Counter, Passes, machine, stratified_subset, write_section
 
 
 def split(folder, n_train, n_test, seed):
@@ -68,15 +68,15 @@ def expected_calibration_error(proba, y_true, classes, bins=15):
     return ece
 
 
-def run_sktransfer(params, X, y, X_test, y_test, stem):
+def run_sktransfer(params, X, y, X_test, y_test):
     clear_cache()
-    counter = Counter(stem)
+    counter = Passes()
     t0 = time.perf_counter()
     clf = PretrainedImageClassifier(random_state=0, **params).fit(X, y)
     t1 = time.perf_counter()
     proba = clf.predict_proba(X_test)
     t2 = time.perf_counter()
-    counter.handle.remove()
+    counter.remove()
     pred = clf.classes_[proba.argmax(axis=1)]
     return dict(accuracy=np.mean(pred == y_test), ece=expected_calibration_error(proba, y_test, clf.classes_),
                 fit_s=t1 - t0, predict_s=t2 - t1, passes=counter.images)
@@ -296,7 +296,6 @@ def main():
     if args.full:
         args.train, args.test = 100, 100
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    stem = build_backbone("efficientnet_lite0").module.net.conv_stem
     lines = [
         f"Seeded stratified splits (seed {args.seed}): {args.train} training and {args.test} test photos "
         f"per class; efficientnet_lite0; {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
@@ -313,7 +312,7 @@ def main():
             print(f"skipping {name}: ../shared/datasets/{name} not found")
             continue
         X, y, X_test, y_test = split(folder, args.train, args.test, args.seed)
-        runs = [(label, lambda p=params: run_sktransfer(p, X, y, X_test, y_test, stem))
+        runs = [(label, lambda p=params: run_sktransfer(p, X, y, X_test, y_test))
                 for label, params in VARIANTS]
         runs.append((f"skorch peer: backbone in module + Freezer, AdamW, {args.peer_epochs} epochs",
                      lambda: run_skorch_peer(X, y, X_test, y_test, args.peer_epochs)))

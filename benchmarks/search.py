@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import DATASETS, Counter, Timer, machine, run_script, stratified_subset, write_section
+from _common import DATASETS, Passes, Timer, machine, run_script, stratified_subset, write_section
 from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold, train_test_split
 
 from sktransfer import PretrainedImageClassifier, clear_cache
@@ -135,8 +135,7 @@ def main():
     args.data = str(Path(args.data).resolve())
     X, y = stratified_subset(args.data, args.n)
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
-    body = build_backbone(args.backbone, weights).module
-    counter = Counter(body)
+    counter = Passes()
     cv = StratifiedKFold(3, shuffle=True, random_state=0)
     base = PretrainedImageClassifier(**model)
     rows = []

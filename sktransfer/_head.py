@@ -19,6 +19,7 @@ from skorch.dataset import Dataset, ValidSplit
 from torch import nn
 
 from ._backbones import pool
+from ._runtime import one_blas_thread
 
 #: Prefixes of the skorch settings the estimators pass on to the head:
 #: skorch's ``NeuralNet.prefixes_`` and the three it adds when it initialises
@@ -606,7 +607,8 @@ def tune_ridge(X, Y, weights):
     if np.count_nonzero(weights) < 2:
         return float(L2_GRID[len(L2_GRID) // 2]), None, None
     factor = weights.sum() * Y.shape[1] / 2
-    ridge = RidgeCV(alphas=np.array(L2_GRID) * factor).fit(X, Y, sample_weight=weights)
+    with one_blas_thread():
+        ridge = RidgeCV(alphas=np.array(L2_GRID) * factor).fit(X, Y, sample_weight=weights)
     return (float(ridge.alpha_ / factor), torch.as_tensor(ridge.coef_, dtype=torch.float32).reshape(Y.shape[1], -1),
             torch.as_tensor(ridge.intercept_, dtype=torch.float32).reshape(Y.shape[1]))
 

@@ -9,6 +9,8 @@ and each is safe to nest and to use from several threads at once:
   last one to leave restores it.
 - :func:`limited_threads` changes only the calling thread's thread pool
   size, so other threads keep theirs.
+- :func:`one_blas_thread` is shared like the heap: BLAS's thread count is
+  process-wide.
 - :func:`seeded_rng` runs one block at a time per process, since the
   generators it seeds are global.
 """
@@ -91,16 +93,45 @@ def steady_heap():
 
 # -- thread counts ----------------------------------------------------------------
 
-_OPENMP = {}
+_POOLS = {}
+_BLAS = {"users": 0, "limit": None}
+_BLAS_LOCK = threading.Lock()
 
 
-def _openmp_pools():
-    """threadpoolctl's handle on the OpenMP runtimes loaded in this process (torch's among them)."""
-    if "controller" not in _OPENMP:  # scanning the loaded libraries costs milliseconds: once
+def _pools(user_api):
+    """threadpoolctl's handle on the ``"openmp"`` runtimes (torch's among them) or the
+    ``"blas"`` libraries (numpy's) loaded in this process."""
+    if user_api not in _POOLS:  # scanning the loaded libraries costs milliseconds: once
         from threadpoolctl import ThreadpoolController
 
-        _OPENMP["controller"] = ThreadpoolController().select(user_api="openmp")
-    return _OPENMP["controller"]
+        _POOLS[user_api] = ThreadpoolController().select(user_api=user_api)
+    return _POOLS[user_api]
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """Run numpy's BLAS on one thread for the duration.
+
+    For the head's tuning in closed form (scikit-learn's ``RidgeCV``): its
+    products of a few hundred rows gain nothing from more threads, and on a
+    busy machine idle BLAS threads spin (on the 2-core machine of
+    docs/benchmarks.md at load average 4, ``RidgeCV`` on 420 rows took 3.5 s
+    on two OpenBLAS threads and 0.07 s on one). BLAS's thread count is
+    process-wide, so concurrent users share one limit and the last to leave
+    restores the count.
+    """
+    with _BLAS_LOCK:
+        _BLAS["users"] += 1
+        if _BLAS["users"] == 1:
+            _BLAS["limit"] = _pools("blas").limit(limits=1)
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS["users"] -= 1
+            if _BLAS["users"] == 0:
+                _BLAS["limit"].restore_original_limits()
+                _BLAS["limit"] = None
 
 
 @contextlib.contextmanager
@@ -124,7 +155,7 @@ def limited_threads(n_threads=1, enabled=True):
         yield
         return
     before = torch.get_num_threads()  # also runs torch's per-thread set-up before the limit
-    with _openmp_pools().limit(limits=n_threads):
+    with _pools("openmp").limit(limits=n_threads):
         torch.set_num_threads(n_threads)
         try:
             yield

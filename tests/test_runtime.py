@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from sktransfer._runtime import limited_threads, seeded_rng
+from sktransfer._runtime import limited_threads, one_blas_thread, seeded_rng
 
 ROOT = Path(__file__).resolve().parents[1]
 GLIBC = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
@@ -144,6 +144,36 @@ def test_a_limit_in_one_thread_leaves_other_threads_alone():
         inside.set()
         worker.join()
     assert seen == [1, full]
+
+
+def test_one_blas_thread_is_shared_by_concurrent_users_and_restored_by_the_last():
+    from threadpoolctl import threadpool_info
+
+    def blas_counts():
+        return {pool["filepath"]: pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    before = blas_counts()
+    if not before:
+        pytest.skip("no BLAS loaded by numpy")
+    first_in, second_out = threading.Event(), threading.Event()
+    seen = []
+
+    def other():  # enters after this thread, leaves before it
+        first_in.wait(10)
+        with one_blas_thread():
+            seen.append(set(blas_counts().values()))
+        seen.append(set(blas_counts().values()))
+        second_out.set()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    with one_blas_thread():
+        first_in.set()
+        second_out.wait(10)
+        seen.append(set(blas_counts().values()))
+    worker.join()
+    assert seen == [{1}, {1}, {1}]  # the other's exit left this thread's limit in place
+    assert blas_counts() == before
 
 
 def _mkl_threads():
