@@ -4,23 +4,30 @@ Everything comes from what sktransfer already has: the cached features of
 every image (one backbone pass each) and the out-of-fold predicted
 probabilities of one cross-validation of the head.
 
-* Label issues follow confident learning (Northcutt, Jiang and Chuang, 2021):
-  the threshold of class j is the average out-of-fold probability of j over
-  the images labelled j (its average self-confidence); an image labelled i
-  whose probability of another class j reaches that class's threshold (the
+* Label issues follow confident learning (Northcutt, Jiang and Chuang, 2021)
+  on the evidence of two classifiers: the head's out-of-fold probabilities,
+  and the vote of each image's k nearest neighbours in feature space (cosine,
+  leaving out the image and its duplicates; k = round(sqrt(n)); Laplace
+  smoothed), a classifier with another bias than a linear head (deep k-NN,
+  Bahri, Jiang and Gupta, ICML 2020). Their renormalised geometric mean (a
+  product of experts: its log-ratios are the mean of the two classifiers')
+  is the probability p below. The threshold of class j is the average p_j
+  over the images labelled j (its average self-confidence); an image
+  labelled i whose p of another class j reaches that class's threshold (the
   most probable such j) is counted in the cell (i, j) of the confident joint.
   Each row of the joint, rescaled to the number of images labelled i (the
   calibration of the paper), estimates how many of them are truly each class:
   its off-diagonal cells add up to the estimated number of label errors, N.
-  The suspects are the N images the out-of-fold model most confidently puts
-  in another class than their label, ranked by the log-ratio
+  The suspects are the N images that p most confidently puts in another
+  class than their label, ranked by the log-ratio
   log(p(suggested) / p(given label)), where the suggested label is the most
   probable other class; only images whose most probable class is not their
   label can be suspects. The log-ratio orders images the same way whatever
   the temperature of the head's softmax, so the ranking does not depend on how
   sharp a head's probabilities are; per-class thresholds set how many are
-  flagged, not which. docs/audit.md compares this with noise-rate pruning
-  and with rankings by self-confidence and by normalized margin.
+  flagged, not which. docs/audit.md compares this with the head alone, with
+  noise-rate pruning and with rankings by self-confidence and by normalized
+  margin.
 * Duplicates are images whose L2-normalised features have a cosine
   similarity of at least ``duplicate_threshold`` (found with scikit-learn's
   ``NearestNeighbors`` radius search), or whose perceptual hashes (255 bits
@@ -88,8 +95,15 @@ class AuditReport:
         The class labels, in the column order of ``oof_proba``.
     oof_proba : ndarray of shape (n_images, n_classes)
         Out-of-fold predicted probabilities of the cross-validated estimator.
+    neighbour_proba : ndarray of shape (n_images, n_classes)
+        Class probabilities from the given labels of each image's
+        ``round(sqrt(n_images))`` nearest neighbours in feature space
+        (leaving out the image and its duplicates; Laplace-smoothed).
+    label_proba : ndarray of shape (n_images, n_classes)
+        The evidence label issues are found on: the renormalised geometric
+        mean of ``oof_proba`` and ``neighbour_proba``.
     thresholds : ndarray of shape (n_classes,)
-        Per-class confident-learning thresholds (average self-confidence),
+        Per-class confident-learning thresholds (average self-confidence in ``label_proba``),
         from which the number of label issues is estimated; nan for a class
         its own images get no probability of (left out of their training
         folds by a custom ``cv``), which then counts no image.
@@ -100,9 +114,9 @@ class AuditReport:
     suggested_labels : ndarray
         The most probable class per label issue (never the given label).
     label_scores : ndarray of float
-        ``log(p(suggested) / p(given label))`` per label issue, out of fold
-        (higher: more suspicious; positive, as the suggested class is the
-        more probable).
+        ``log(p(suggested) / p(given label))`` in ``label_proba`` per label
+        issue (higher: more suspicious; positive, as the suggested class is
+        the more probable).
     duplicate_groups : list of ndarray of int
         Groups of two or more images of ``X`` that are (near-)duplicates of
         each other and of nothing in ``X_test``.
@@ -117,14 +131,16 @@ class AuditReport:
         Per outlier: its distance to the nearest class relative to that class's fence (> 1).
     """
 
-    def __init__(self, items, y, test_items, y_test, *, classes, oof_proba, thresholds, duplicate_threshold,
-                 label_issues,
+    def __init__(self, items, y, test_items, y_test, *, classes, oof_proba, neighbour_proba, label_proba,
+                 thresholds, duplicate_threshold, label_issues,
                  suggested_labels, label_scores, duplicate_groups, duplicate_scores, leakage_groups,
                  outliers, outlier_scores):
         self.items, self.y = items, y
         self.test_items, self.y_test = test_items, y_test
         self.classes = classes
         self.oof_proba = oof_proba
+        self.neighbour_proba = neighbour_proba
+        self.label_proba = label_proba
         self.thresholds = thresholds
         self.duplicate_threshold = duplicate_threshold
         self.label_issues = label_issues
@@ -249,7 +265,7 @@ class AuditReport:
         sections = []
         for finding, title, explanation in (
             ("label_issue", "Suspected label errors",
-             "The out-of-fold model puts the image in another class. "
+             "The out-of-fold model and the image's nearest neighbours put it in another class. "
              "Score: log(p(suggested) / p(given)), higher is more confident."),
             ("duplicate", "Duplicates", "Images with nearly the same features or pixels (one group per row). "
              "Score: cosine similarity to the closest other member (1 for identical files)."),
@@ -429,6 +445,45 @@ def prune_by_noise_rate(y_enc, proba, counts):
                 margin = proba[members, j] - proba[members, i]
                 flagged[members[np.argsort(-margin, kind="stable")[:take]]] = True
     return flagged & (proba.argmax(axis=1) != y_enc)
+
+
+def neighbour_proba(unit, y_enc, n_classes, components, k=None):
+    """Class probabilities from the given labels of each image's ``k`` nearest neighbours.
+
+    The neighbours are the ``k`` most cosine-similar images of ``unit``
+    (unit feature vectors), leaving out the image itself and the other
+    members of its duplicate group (same ``components`` id), so that a
+    copy cannot vote for its twin's label. The votes are Laplace-smoothed,
+    ``(votes_j + 1) / (k + n_classes)``, so no class gets probability 0.
+    ``k`` defaults to ``round(sqrt(n))``, the classical rule that lets the
+    vote sharpen as the folder grows (k and n / k both grow with n); it is
+    capped at the images left to vote.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(unit)
+    sizes = np.bincount(components)
+    k = min(int(round(np.sqrt(n))) if k is None else k, n - int(sizes.max()))
+    votes = np.zeros((n, n_classes))
+    if k < 1:  # every image is a duplicate of every other: no neighbour to ask
+        return np.full((n, n_classes), 1.0 / n_classes)
+    # Ask for enough neighbours that k remain after leaving out the image and its duplicates.
+    _, neighbour = NearestNeighbors(n_neighbors=k + int(sizes.max())).fit(unit).kneighbors(unit)
+    others = components[neighbour] != components[:, None]
+    first_k = np.cumsum(others, axis=1) <= k
+    rows, cols = np.nonzero(others & first_k)
+    np.add.at(votes, (rows, y_enc[neighbour[rows, cols]]), 1.0)
+    return (votes + 1.0) / (k + n_classes)
+
+
+def combine_evidence(proba, other):
+    """The renormalised geometric mean of two classifiers' probabilities (a product of experts).
+
+    Its log-ratio between two classes is the mean of the two classifiers'
+    log-ratios, so each contributes evidence on the same (logit) scale.
+    """
+    mean = np.sqrt(np.asarray(proba, dtype=np.float64) * other)
+    return mean / mean.sum(axis=1, keepdims=True)
 
 
 #: How suspects are chosen and how they are ranked (see find_label_issues); audit uses the first of each.
@@ -629,7 +684,10 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     cached, so this is free for a folder embedded before); the audit then
     costs the head fits of one cross-validation
     (``cross_val_predict(estimator, X, y, cv=cv, method="predict_proba")``)
-    and nearest-neighbour searches in feature space.
+    and nearest-neighbour searches in feature space. Suspected label errors
+    are found (confident learning) on the head's out-of-fold probabilities
+    combined with a vote of each image's ``round(sqrt(n))`` nearest
+    neighbours (docs/audit.md).
 
     Parameters
     ----------
@@ -723,9 +781,8 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     proba = cross_val_predict(clone(estimator), items, y, cv=splitter, method="predict_proba")
     classes = np.unique(y)
     y_enc = np.searchsorted(classes, y)
-    issues, suggested, label_scores, thresholds = find_label_issues(y_enc, proba)
 
-    say("searching nearest neighbours for duplicates and outliers")
+    say("searching nearest neighbours for duplicates, outliers and the neighbours' labels")
     digests, hashes = [], []
     errors = []
     for i, item in enumerate(everything):
@@ -753,8 +810,13 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
         elif len(train) > 1:
             duplicate_groups.append(train)
     outliers, outlier_scores = class_outliers(unit[:n], y_enc, len(classes), components[:n], n_neighbors)
+    # The head's out-of-fold evidence and the neighbours' vote, with duplicates left out of it.
+    votes = neighbour_proba(unit[:n], y_enc, len(classes), components[:n])
+    label_proba = combine_evidence(proba, votes)
+    issues, suggested, label_scores, thresholds = find_label_issues(y_enc, label_proba)
     return AuditReport(
-        items, y, test_items, y_test, classes=classes, oof_proba=proba, thresholds=thresholds,
+        items, y, test_items, y_test, classes=classes, oof_proba=proba, neighbour_proba=votes,
+        label_proba=label_proba, thresholds=thresholds,
         duplicate_threshold=float(duplicate_threshold),
         label_issues=issues, suggested_labels=classes[suggested], label_scores=label_scores,
         duplicate_groups=duplicate_groups, duplicate_scores=best, leakage_groups=leakage_groups,

@@ -12,8 +12,8 @@ from sklearn.model_selection import KFold, cross_val_predict
 
 from sktransfer import PretrainedImageClassifier, audit, clear_cache, load_image_folder
 from sktransfer._audit import (
-    HASH_DISTANCE, calibrated_joint, confident_joint, duplicate_components, find_label_issues, log_ratio,
-    normalized_margin, perceptual_hash)
+    HASH_DISTANCE, calibrated_joint, combine_evidence, confident_joint, duplicate_components, find_label_issues,
+    log_ratio, neighbour_proba, normalized_margin, perceptual_hash)
 from sktransfer._backbones import build_backbone
 from sktransfer._cli import main
 from sktransfer._inputs import read_item
@@ -98,6 +98,85 @@ def test_flipped_labels_ranked_on_top(faulty):
         assert suggested != faulty["y"][i]
 
 
+def unit_features(X):
+    """The default backbone's features of ``X``, scaled to unit length, as the audit sees them."""
+    features = PretrainedImageClassifier(random_state=0)._make_embedder().fit().transform(X)
+    return features / np.linalg.norm(features, axis=1, keepdims=True)
+
+
+def test_label_issues_weigh_the_neighbours_vote(faulty):
+    report, X, y = faulty["report"], faulty["X"], faulty["y"]
+    n, n_classes = len(X), len(report.classes)
+    y_enc = np.searchsorted(report.classes, y)
+    k = round(np.sqrt(n))
+    # The vote of each photo's k most similar photos, leaving out itself and its duplicates.
+    votes = report.neighbour_proba * (k + n_classes) - 1
+    np.testing.assert_allclose(votes, np.round(votes), atol=1e-9)
+    np.testing.assert_allclose(votes.sum(axis=1), k)
+    group = np.arange(n)
+    for members in report.duplicate_groups:
+        group[members] = members[0]
+    similarity = unit_features(X) @ unit_features(X).T
+    similarity[group[:, None] == group[None, :]] = -np.inf
+    nearest = np.argsort(-similarity, axis=1, kind="stable")
+    for i in range(n):
+        ranked = similarity[i, nearest[i]]
+        if ranked[k - 1] - ranked[k] > 1e-6:  # no tie at the k-th neighbour
+            np.testing.assert_array_equal(np.round(votes[i]), np.bincount(y_enc[nearest[i, :k]], minlength=n_classes))
+    # Label issues are found on the head's out-of-fold evidence and the vote together.
+    np.testing.assert_allclose(report.label_proba, combine_evidence(report.oof_proba, report.neighbour_proba))
+    np.testing.assert_allclose(report.label_scores, log_ratio(y_enc, report.label_proba)[report.label_issues])
+    assert report.label_issues.tolist() == find_label_issues(y_enc, report.label_proba)[0].tolist()
+
+
+def test_a_copy_does_not_vote_for_its_twins_label(sample, tmp_path):
+    """A mislabelled photo filed twice: its copy's (equally wrong) label must not back it up."""
+    paths, labels = sample
+    classes = sorted(set(labels))
+    X = [p for c in classes for p in [q for q, lab in zip(paths, labels) if lab == c][:10]]
+    y = np.searchsorted(classes, [lab for c in classes for lab in [c] * 10])
+    X.append(str(shutil.copy(X[0], tmp_path / "twin.jpg")))
+    unit = unit_features(X)
+    # The first photo's own label is not in its vote: file it (and its copy) under the class it has fewest votes of.
+    alone = neighbour_proba(unit[:-1], y, len(classes), np.arange(len(X) - 1), k=5)[0]
+    wrong = int(np.argmin(np.where(np.arange(len(classes)) == y[0], np.inf, alone)))
+    y[0] = wrong
+    y = np.append(y, wrong)
+    grouped = np.arange(len(X))
+    grouped[-1] = 0
+    with_twin = neighbour_proba(unit, y, len(classes), grouped, k=5)
+    np.testing.assert_allclose(with_twin[0], alone)  # as if the copy were not there
+    # Had the copy not been known as one, it would have voted for the wrong label, first of all.
+    unknown = neighbour_proba(unit, y, len(classes), np.arange(len(X)), k=5)[0]
+    assert unknown[wrong] > alone[wrong]
+    # By default the vote is of round(sqrt(n)) neighbours, Laplace-smoothed: (votes + 1) / (k + classes).
+    default = neighbour_proba(unit, y, len(classes), grouped)
+    np.testing.assert_allclose(default.sum(axis=1), 1.0)
+    assert default.min() >= 1 / (round(np.sqrt(len(X))) + len(classes)) - 1e-12
+
+
+def test_neighbour_vote_with_nothing_left_to_vote():
+    """Images all duplicates of each other have no neighbour to ask: the vote says nothing (uniform)."""
+    unit = np.tile([[0.6, 0.8]], (4, 1))
+    votes = neighbour_proba(unit, np.array([0, 1, 1, 2]), 3, np.zeros(4, dtype=int))
+    np.testing.assert_allclose(votes, 1 / 3)
+    # One image apart from a group of three: it is the only vote the group's images get, and k shrinks to 1.
+    votes = neighbour_proba(unit, np.array([0, 1, 1, 2]), 3, np.array([0, 0, 0, 1]))
+    np.testing.assert_allclose(votes[:3], [[0.25, 0.25, 0.5]] * 3)
+
+
+def test_combined_evidence_averages_the_log_ratios():
+    rng = np.random.default_rng(0)
+    proba, votes = rng.dirichlet(np.ones(2), size=20), rng.dirichlet(np.ones(2), size=20)
+    y = rng.integers(0, 2, size=20)
+    combined = combine_evidence(proba, votes)
+    np.testing.assert_allclose(combined.sum(axis=1), 1.0)
+    np.testing.assert_allclose(log_ratio(y, combined), (log_ratio(y, proba) + log_ratio(y, votes)) / 2)
+    # A head unsure of an image (0.45 for its label) is outvoted by neighbours sure of another class.
+    assert find_label_issues(np.array([0, 0]), combine_evidence(
+        np.array([[0.45, 0.55], [0.3, 0.7]]), np.array([[0.05, 0.95], [0.6, 0.4]])), flag="all")[0].tolist() == [0, 1]
+
+
 def test_duplicates_grouped(faulty):
     report = faulty["report"]
     groups = [set(g.tolist()) for g in report.duplicate_groups]
@@ -165,8 +244,9 @@ def test_frame_and_cleaned_data(faulty):
     removed = set(X) - set(X_clean)
     assert {X[i] for i in faulty["flipped"]} <= removed
     assert X[faulty["outlier"]] in removed and X[faulty["leaked"]] in removed
+    X_unique, _ = report.cleaned(drop="duplicate")
     for original, copy in faulty["pairs"]:
-        assert (X[original] in X_clean) != (X[copy] in X_clean)  # one of each pair stays
+        assert (X[original] in X_unique) != (X[copy] in X_unique)  # one of each pair stays
     assert y_clean.tolist() == [y[X.index(x)] for x in X_clean]
     outliers = set(report.outliers.tolist())
     assert report.cleaned(drop="outlier")[0] == [x for i, x in enumerate(X) if i not in outliers]
