@@ -22,9 +22,9 @@ probabilities of one cross-validation of the head.
   class than their label, ranked by the log-ratio
   log(p(suggested) / p(given label)), where the suggested label is the most
   probable other class; only images whose most probable class is not their
-  label can be suspects. The log-ratio orders images the same way whatever
-  the temperature of the head's softmax, so the ranking does not depend on how
-  sharp a head's probabilities are; per-class thresholds set how many are
+  label can be suspects. The head's half of the log-ratio is its logit
+  difference divided by its softmax temperature, so a sharper head weighs
+  more against the neighbours' vote; per-class thresholds set how many are
   flagged, not which. docs/audit.md compares this with the head alone, with
   noise-rate pruning and with rankings by self-confidence and by normalized
   margin.
