@@ -97,8 +97,9 @@ class AuditReport:
         Out-of-fold predicted probabilities of the cross-validated estimator.
     neighbour_proba : ndarray of shape (n_images, n_classes)
         Class probabilities from the given labels of each image's
-        ``round(sqrt(n_images))`` nearest neighbours in feature space
-        (leaving out the image and its duplicates; Laplace-smoothed).
+        ``round(sqrt(n_images))`` nearest neighbours in feature space (at
+        most the images outside the largest duplicate group; leaving out the
+        image and its duplicates; Laplace-smoothed).
     label_proba : ndarray of shape (n_images, n_classes)
         The evidence label issues are found on: the renormalised geometric
         mean of ``oof_proba`` and ``neighbour_proba``.

@@ -7,6 +7,7 @@ skorch. Only this part learns; the backbone stays frozen.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import inspect
@@ -599,15 +600,18 @@ def tune_ridge(X, Y, weights):
     l2 : float
     weight, bias : Tensor or None
         The ridge solution at ``l2`` (where the final fit starts); None, with
-        the middle strength, for fewer than two images with weight.
+        the middle strength, for fewer than three images with weight.
     """
     from sklearn.linear_model import RidgeCV
 
     X, Y, weights = np.asarray(X, np.float64), np.asarray(Y, np.float64), np.asarray(weights, np.float64)
-    if np.count_nonzero(weights) < 2:
+    if np.count_nonzero(weights) < 3:  # with two, every strength leaves the same error out
         return float(L2_GRID[len(L2_GRID) // 2]), None, None
     factor = weights.sum() * Y.shape[1] / 2
-    with one_blas_thread():
+    # No more rows than features: small products on an n x n Gram matrix, one thread.
+    # More rows: a d x d problem whose products repay BLAS's threads.
+    small = len(X) <= X.shape[1]
+    with one_blas_thread() if small else contextlib.nullcontext():
         ridge = RidgeCV(alphas=np.array(L2_GRID) * factor).fit(X, Y, sample_weight=weights)
     return (float(ridge.alpha_ / factor), torch.as_tensor(ridge.coef_, dtype=torch.float32).reshape(Y.shape[1], -1),
             torch.as_tensor(ridge.intercept_, dtype=torch.float32).reshape(Y.shape[1]))

@@ -9,8 +9,8 @@ and each is safe to nest and to use from several threads at once:
   last one to leave restores it.
 - :func:`limited_threads` changes only the calling thread's thread pool
   size, so other threads keep theirs.
-- :func:`one_blas_thread` is shared like the heap: BLAS's thread count is
-  process-wide.
+- :func:`one_blas_thread` runs one block at a time per process: BLAS's
+  thread count is process-wide.
 - :func:`seeded_rng` runs one block at a time per process, since the
   generators it seeds are global.
 """
@@ -94,8 +94,7 @@ def steady_heap():
 # -- thread counts ----------------------------------------------------------------
 
 _POOLS = {}
-_BLAS = {"users": 0, "limit": None}
-_BLAS_LOCK = threading.Lock()
+_BLAS_LOCK = threading.RLock()
 
 
 def _pools(user_api):
@@ -112,26 +111,17 @@ def _pools(user_api):
 def one_blas_thread():
     """Run numpy's BLAS on one thread for the duration.
 
-    For the head's tuning in closed form (scikit-learn's ``RidgeCV``): its
-    products of a few hundred rows gain nothing from more threads, and on a
-    busy machine idle BLAS threads spin (on the 2-core machine of
+    For the head's tuning in closed form (scikit-learn's ``RidgeCV``) on no
+    more rows than features: its products gain little from more threads, and
+    on a busy machine idle BLAS threads spin (on the 2-core machine of
     docs/benchmarks.md at load average 4, ``RidgeCV`` on 420 rows took 3.5 s
     on two OpenBLAS threads and 0.07 s on one). BLAS's thread count is
-    process-wide, so concurrent users share one limit and the last to leave
-    restores the count.
+    process-wide, and threadpoolctl lets only the thread that set a limit
+    on OpenBLAS lift it, so the blocks of concurrent threads run one at a
+    time, each setting and restoring the count itself.
     """
-    with _BLAS_LOCK:
-        _BLAS["users"] += 1
-        if _BLAS["users"] == 1:
-            _BLAS["limit"] = _pools("blas").limit(limits=1)
-    try:
+    with _BLAS_LOCK, _pools("blas").limit(limits=1):
         yield
-    finally:
-        with _BLAS_LOCK:
-            _BLAS["users"] -= 1
-            if _BLAS["users"] == 0:
-                _BLAS["limit"].restore_original_limits()
-                _BLAS["limit"] = None
 
 
 @contextlib.contextmanager
@@ -148,8 +138,9 @@ def limited_threads(n_threads=1, enabled=True):
     thread, the MKL that torch links statically (invisible to threadpoolctl)
     keeps its own count there, and torch's lazy per-thread set-up, when it
     first runs inside the block, would reset OpenMP's. So torch's own setter
-    runs inside threadpoolctl's limit. numpy's BLAS is left alone: the head
-    does not use it, and its thread count is process-wide.
+    runs inside threadpoolctl's limit. numpy's BLAS, whose thread count is
+    process-wide, is left alone here; the head's closed-form tuning limits
+    it with :func:`one_blas_thread`.
     """
     if not enabled:
         yield

@@ -19,6 +19,7 @@ from sktransfer._head import (
     pick_view,
     row_space,
     tune_l2,
+    tune_ridge,
     weighted_loss,
 )
 
@@ -105,6 +106,33 @@ def test_auto_weight_decay_regressor_is_ridge_cv_on_the_strengths_of_the_grid(ha
     expected = ridge.predict(Z[test]) * Y[train].std(axis=0) + Y[train].mean(axis=0)
     np.testing.assert_allclose(reg.predict([paths[i] for i in test]).reshape(expected.shape), expected,
                                rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    # The final fit started at that solution: its first loss is already the optimum's.
+    losses = [epoch["train_loss"] for epoch in reg.head_.history]
+    assert losses[0] == pytest.approx(losses[-1], rel=1e-4)
+
+
+def test_tune_ridge_returns_the_minimiser_of_the_heads_own_penalised_loss(halves):
+    paths, _, features, brightness, train, _ = halves
+    redness = np.array([np.asarray(Image.open(p).convert("RGB"))[..., 0].mean() for p in paths])
+    X = standardised(features, train)[train]
+    Y = np.column_stack([brightness, redness])[train]
+    Y = (Y - Y.mean(axis=0)) / Y.std(axis=0)
+    weights = np.where(np.arange(len(train)) % 3 == 0, 3.0, 1.0)
+    l2, weight, bias = tune_ridge(X, Y, weights)
+    assert min(L2_GRID) < l2 < max(L2_GRID)  # chosen inside the grid, so a wrong scale would move it
+    # The head's objective (weighted mean over images of the mean squared error over outputs,
+    # plus l2/2 times the squared weights) has zero gradient at the returned solution.
+    W = weight.double().clone().requires_grad_(True)
+    b = bias.double().clone().requires_grad_(True)
+    X64, Y64, w64 = (torch.as_tensor(a, dtype=torch.float64) for a in (X, Y, weights))
+    criterion = torch.nn.MSELoss(reduction="none")
+    loss = weighted_loss(criterion, X64 @ W.T + b, Y64, w64) + l2 * 0.5 * W.pow(2).sum()
+    loss.backward()
+    assert float(W.grad.abs().max()) < 1e-4 * float(W.abs().max()) and float(b.grad.abs().max()) < 1e-4
+    # Two images with weight leave the same error out at every strength: no choice to make.
+    two = np.zeros(len(train))
+    two[:2] = 1.0
+    assert tune_ridge(X, Y, two) == (L2_GRID[len(L2_GRID) // 2], None, None)
 
 
 def test_tune_l2_picks_the_strongest_penalty_for_labels_unrelated_to_the_photos(halves):

@@ -146,7 +146,9 @@ def test_a_limit_in_one_thread_leaves_other_threads_alone():
     assert seen == [1, full]
 
 
-def test_one_blas_thread_is_shared_by_concurrent_users_and_restored_by_the_last():
+def test_one_blas_thread_limits_blas_in_any_thread_one_block_at_a_time():
+    # threadpoolctl lets only the thread that limited OpenBLAS lift the limit: blocks in
+    # different threads must each set and restore it, so they run one after the other.
     from threadpoolctl import threadpool_info
 
     def blas_counts():
@@ -155,24 +157,26 @@ def test_one_blas_thread_is_shared_by_concurrent_users_and_restored_by_the_last(
     before = blas_counts()
     if not before:
         pytest.skip("no BLAS loaded by numpy")
-    first_in, second_out = threading.Event(), threading.Event()
-    seen = []
+    events, inside = [], threading.Event()
 
-    def other():  # enters after this thread, leaves before it
-        first_in.wait(10)
+    def other():  # tries to enter while this thread is inside
+        inside.wait(10)
         with one_blas_thread():
-            seen.append(set(blas_counts().values()))
-        seen.append(set(blas_counts().values()))
-        second_out.set()
+            events.append(("other in", set(blas_counts().values())))
+        events.append(("other out", blas_counts() == before))
 
     worker = threading.Thread(target=other)
     worker.start()
     with one_blas_thread():
-        first_in.set()
-        second_out.wait(10)
-        seen.append(set(blas_counts().values()))
+        inside.set()
+        time.sleep(0.2)  # the other thread is waiting to enter now
+        events.append(("main in", set(blas_counts().values())))
     worker.join()
-    assert seen == [{1}, {1}, {1}]  # the other's exit left this thread's limit in place
+    assert events == [("main in", {1}), ("other in", {1}), ("other out", True)]
+    assert blas_counts() == before
+    with one_blas_thread():
+        with one_blas_thread():  # nested in one thread
+            assert set(blas_counts().values()) == {1}
     assert blas_counts() == before
 
 
