@@ -592,7 +592,7 @@ def tune_ridge(X, Y, weights):
     plus ``l2 / 2`` times the sum of squared weights) is ``Ridge``'s
     objective with ``alpha = l2 * weights.sum() * k / 2``, divided by
     ``weights.sum() * k``. ``RidgeCV`` scores each strength by its exact
-    leave-one-out error in closed form (one eigendecomposition for the whole
+    leave-one-out error in closed form (one decomposition of ``X`` for the whole
     grid), which no number of folds approaches.
 
     Returns
