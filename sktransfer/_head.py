@@ -508,23 +508,6 @@ def _lbfgs(layer, loss_fn):
     optimizer.step(closure)
 
 
-def row_space(X):
-    """An orthonormal basis, shape (d, n), of the span of the n rows of ``X`` (n, d),
-    and ``X`` in its coordinates, shape (n, n); None when there are as many rows as columns or more.
-
-    A linear model fitted to a loss of ``X @ W.T + b`` plus an L2 penalty on
-    ``W`` has its optimal ``W`` in that span: a part outside it changes no
-    output on ``X`` and only adds to the penalty. With fewer rows than
-    features the fit can therefore run on n columns instead of d, from a
-    start in the span (zero), and its weights map back by ``@ basis.T``: the
-    same solution, at a cost per evaluation that falls with the width.
-    """
-    if len(X) >= X.shape[1]:
-        return None
-    basis, triangle = torch.linalg.qr(X.T)  # X.T = basis @ triangle, so X @ basis = triangle.T
-    return basis, triangle.T.contiguous()
-
-
 def tune_l2(X, y, weights, criterion, n_outputs, folds):
     """The L2 strength of :data:`L2_GRID` with the least validation loss over ``folds``,
     and the linear layer's mean solution over the folds at that strength.
@@ -536,9 +519,7 @@ def tune_l2(X, y, weights, criterion, n_outputs, folds):
     strongest first, each fit starting from the previous solution of its
     fold (a regularisation path, as ``LogisticRegressionCV`` walks one),
     until :data:`L2_PATIENCE` strengths in a row have not improved on the
-    best. Folds without weight on both parts are left out. A fold with fewer
-    training rows than features is fitted in the coordinates of
-    :func:`row_space`.
+    best. Folds without weight on both parts are left out.
 
     Returns
     -------
@@ -549,35 +530,30 @@ def tune_l2(X, y, weights, criterion, n_outputs, folds):
         when no fold has weight on both parts.
     """
     X, y, weights = torch.as_tensor(X), torch.as_tensor(y), torch.as_tensor(weights)
-    parts = []
-    for train, valid in folds:
-        wt, wv = weights[train], weights[valid]
-        if wt.sum() > 0 and wv.sum() > 0:
-            Xt, Xv, basis = X[train], X[valid], None
-            reduced = row_space(Xt)
-            if reduced is not None:
-                basis, Xt = reduced
-                Xv = Xv @ basis
-            parts.append((Xt, y[train], wt, Xv, y[valid], wv, basis))
+    parts = [(X[train], y[train], weights[train], X[valid], y[valid], weights[valid]) for train, valid in folds
+             if weights[train].sum() > 0 and weights[valid].sum() > 0]
     if not parts:
         return float(L2_GRID[len(L2_GRID) // 2]), None, None
-    held_out = float(sum(part[5].sum() for part in parts))
+    held_out = float(sum(wv.sum() for *_, wv in parts))
     layers = []
-    for part in parts:
-        layer = nn.Linear(part[0].shape[1], n_outputs)
+    for _ in parts:
+        layer = nn.Linear(X.shape[1], n_outputs)
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
         layers.append(layer)
     best, best_loss, solution = 0, np.inf, None
     for i, l2 in enumerate(L2_GRID):
         loss = 0.0
-        for layer, (Xt, yt, wt, Xv, yv, wv, _) in zip(layers, parts):
+        for layer, (Xt, yt, wt, Xv, yv, wv) in zip(layers, parts):
             _lbfgs(layer, lambda: weighted_loss(criterion, layer(Xt), yt, wt) + l2 * l2_penalty(layer))
             with torch.no_grad():
                 loss += float(weighted_loss(criterion, layer(Xv), yv, wv)) * float(wv.sum()) / held_out
         if solution is None or loss < best_loss:
             best, best_loss = i, loss
-            solution = _mean_solution(layers, [part[6] for part in parts])
+            with torch.no_grad():
+                finite = [m for m in layers if torch.isfinite(m.weight).all() and torch.isfinite(m.bias).all()]
+                solution = ((torch.stack([m.weight for m in finite]).mean(0), torch.stack([m.bias for m in finite]).mean(0))
+                            if finite else (None, None))
         elif i - best >= L2_PATIENCE:
             break
     return float(L2_GRID[best]), *solution
@@ -615,17 +591,6 @@ def tune_ridge(X, Y, weights):
         ridge = RidgeCV(alphas=np.array(L2_GRID) * factor).fit(X, Y, sample_weight=weights)
     return (float(ridge.alpha_ / factor), torch.as_tensor(ridge.coef_, dtype=torch.float32).reshape(Y.shape[1], -1),
             torch.as_tensor(ridge.intercept_, dtype=torch.float32).reshape(Y.shape[1]))
-
-
-def _mean_solution(layers, bases):
-    """The mean weight and bias of the folds' finite solutions, in the features' own
-    coordinates; (None, None) when none is finite."""
-    with torch.no_grad():
-        found = [(m.weight if basis is None else m.weight @ basis.T, m.bias) for m, basis in zip(layers, bases)
-                 if torch.isfinite(m.weight).all() and torch.isfinite(m.bias).all()]
-        if not found:
-            return None, None
-        return torch.stack([w for w, _ in found]).mean(0), torch.stack([b for _, b in found]).mean(0)
 
 
 class InitialWeights(Callback):

@@ -15,9 +15,7 @@ from sktransfer._head import (
     FeatureLoader,
     TemperatureScaling,
     feature_statistics,
-    l2_penalty,
     pick_view,
-    row_space,
     tune_l2,
     tune_ridge,
     weighted_loss,
@@ -148,40 +146,6 @@ def test_tune_l2_picks_the_strongest_penalty_for_labels_unrelated_to_the_photos(
     assert tune_l2(Z, shuffled, weights, criterion, len(np.unique(y)), folds)[0] == max(L2_GRID)
     l2, weight, bias = tune_l2(Z, y, weights, criterion, len(np.unique(y)), folds)
     assert l2 < max(L2_GRID) and weight.shape == (len(np.unique(y)), Z.shape[1]) and bias.shape == (len(np.unique(y)),)
-
-
-def test_a_penalised_linear_fit_in_row_space_coordinates_is_the_fit_on_all_features(halves):
-    _, labels, features, _, train, _ = halves
-    X = torch.as_tensor(standardised(features, train)[train], dtype=torch.float32)  # 90 rows, 1280 features
-    y = torch.as_tensor(np.unique(labels[train], return_inverse=True)[1])
-    basis, coords = row_space(X)
-    assert basis.shape == (X.shape[1], len(X)) and coords.shape == (len(X), len(X))
-    assert torch.allclose(basis.T @ basis, torch.eye(len(X)), atol=1e-5)
-    assert torch.allclose(coords, X @ basis, atol=1e-4) and torch.allclose(coords @ basis.T, X, atol=1e-4)
-    assert row_space(X[:, :50]) is None  # as many rows as columns or more: nothing to gain
-
-    criterion, weights = torch.nn.CrossEntropyLoss(reduction="none"), torch.ones(len(X))
-
-    def fit(inputs):
-        layer = torch.nn.Linear(inputs.shape[1], int(y.max()) + 1)
-        torch.nn.init.zeros_(layer.weight)
-        torch.nn.init.zeros_(layer.bias)
-        optimizer = torch.optim.LBFGS(layer.parameters(), max_iter=500, tolerance_grad=1e-7,
-                                      tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            loss = weighted_loss(criterion, layer(inputs), y, weights) + 0.03 * l2_penalty(layer)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        return layer.weight.detach(), layer.bias.detach()
-
-    full, reduced = fit(X), fit(coords)
-    assert torch.allclose(reduced[0] @ basis.T, full[0], atol=1e-3 * float(full[0].abs().max()))
-    proba = [torch.softmax(X @ weight.T + bias, dim=1) for weight, bias in (full, (reduced[0] @ basis.T, reduced[1]))]
-    assert torch.allclose(proba[0], proba[1], atol=1e-3)
 
 
 # -- settings: stored in __init__, checked at fit, routed by skorch's prefixes ----------
