@@ -465,9 +465,9 @@ def neighbour_proba(unit, y_enc, n_classes, components, k=None):
     n = len(unit)
     sizes = np.bincount(components)
     k = min(int(round(np.sqrt(n))) if k is None else k, n - int(sizes.max()))
-    votes = np.zeros((n, n_classes))
     if k < 1:  # every image is a duplicate of every other: no neighbour to ask
         return np.full((n, n_classes), 1.0 / n_classes)
+    votes = np.zeros((n, n_classes))
     # Ask for enough neighbours that k remain after leaving out the image and its duplicates.
     _, neighbour = NearestNeighbors(n_neighbors=k + int(sizes.max())).fit(unit).kneighbors(unit)
     others = components[neighbour] != components[:, None]

@@ -480,6 +480,8 @@ def resume(head, previous):
 #: between 0.003 and 0.3.
 L2_GRID = tuple(np.logspace(1, -3, 9))
 L2_PATIENCE = 2
+#: The strength used when nothing can be held out to choose one: the middle of the grid.
+L2_FALLBACK = float(L2_GRID[len(L2_GRID) // 2])
 
 #: Weight decay of the heads ``weight_decay="auto"`` does not tune (hidden
 #: layers, fine-tuning, augmented views, partial_fit): AdamW's, decoupled.
@@ -533,7 +535,7 @@ def tune_l2(X, y, weights, criterion, n_outputs, folds):
     parts = [(X[train], y[train], weights[train], X[valid], y[valid], weights[valid]) for train, valid in folds
              if weights[train].sum() > 0 and weights[valid].sum() > 0]
     if not parts:
-        return float(L2_GRID[len(L2_GRID) // 2]), None, None
+        return L2_FALLBACK, None, None
     held_out = float(sum(wv.sum() for *_, wv in parts))
     layers = []
     for _ in parts:
@@ -582,7 +584,7 @@ def tune_ridge(X, Y, weights):
 
     X, Y, weights = np.asarray(X, np.float64), np.asarray(Y, np.float64), np.asarray(weights, np.float64)
     if np.count_nonzero(weights) < 3:  # with two, every strength leaves the same error out
-        return float(L2_GRID[len(L2_GRID) // 2]), None, None
+        return L2_FALLBACK, None, None
     factor = weights.sum() * Y.shape[1] / 2
     # No more rows than features: small products on an n x n Gram matrix, one thread.
     # More rows: a d x d problem whose products repay BLAS's threads.
@@ -613,19 +615,17 @@ class InitialWeights(Callback):
         self.weight = self.bias = None
 
 
-def _tuning_folds(y, stratified, seed):
-    """Three folds for :func:`tune_l2` (stratified for class labels), or None when a
-    class has fewer than two images (or there are fewer than two targets)."""
-    from sklearn.model_selection import KFold, StratifiedKFold
+def _tuning_folds(y, seed):
+    """Three folds, stratified, of a single-label classifier's labels ``y`` for
+    :func:`tune_l2`, or None when a class has fewer than two images. (A
+    squared-error head is tuned by :func:`tune_ridge`; multi-label heads are
+    not tuned.)"""
+    from sklearn.model_selection import StratifiedKFold
 
-    if stratified:
-        least = int(np.bincount(y).min())
-        if least < 2:
-            return None
-        return list(StratifiedKFold(min(3, least), shuffle=True, random_state=seed).split(y, y))
-    if len(y) < 2:
+    least = int(np.bincount(y).min())
+    if least < 2:
         return None
-    return list(KFold(min(3, len(y)), shuffle=True, random_state=seed).split(y))
+    return list(StratifiedKFold(min(3, least), shuffle=True, random_state=seed).split(y, y))
 
 
 def full_batch(params, extra, continuing, multilabel=False):
@@ -712,9 +712,8 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
         if type(criterion) is nn.MSELoss:  # leave-one-out in closed form
             l2, weight, bias = tune_ridge(standard, y_train, weights)
         else:
-            folds = _tuning_folds(y_train, stratified, seed)
-            # Too few images of a class to hold any out: the middle of the grid.
-            l2, weight, bias = L2_GRID[len(L2_GRID) // 2], None, None
+            folds = _tuning_folds(y_train, seed)
+            l2, weight, bias = L2_FALLBACK, None, None  # too few images of a class to hold any out
             if folds is not None:
                 l2, weight, bias = tune_l2(standard, y_train, weights, criterion, n_outputs, folds)
         if weight is not None and not held_out:
