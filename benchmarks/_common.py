@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -83,7 +84,9 @@ def write_section(name, markdown):
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     REPORT.parent.mkdir(exist_ok=True)
-    REPORT.write_text(text)
+    partial = REPORT.with_name(REPORT.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, REPORT)  # a reader never sees half a page
     print(f"wrote the {name!r} section of {REPORT.relative_to(ROOT)}")
 
 
@@ -110,8 +113,6 @@ def cpu():
 
 def machine():
     """The machine a figure was measured on: cores, CPU model and flags, torch and its threads."""
-    import os
-
     import torch
 
     try:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import time
 
 import numpy as np
@@ -298,8 +297,7 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     lines = [
         f"Seeded stratified splits (seed {args.seed}): {args.train} training and {args.test} test photos "
-        f"per class; efficientnet_lite0; {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-        "so seconds are indicative only. Every row starts from an "
+        f"per class; efficientnet_lite0; {machine()}; seconds are indicative only. Every row starts from an "
         "empty feature cache; passes = images through the backbone (fit + predict). ECE: expected "
         "calibration error, 15 bins. `python benchmarks/accuracy.py" + (" --full" if args.full else "") + "`.",
         "",
