@@ -660,7 +660,7 @@ def class_outliers(unit, y_enc, n_classes, components, n_neighbors):
 # The public function
 
 def _check_cv(cv, y, random_state):
-    from sklearn.model_selection import StratifiedKFold, check_cv
+    from sklearn.model_selection import StratifiedGroupKFold, check_cv
 
     if isinstance(cv, numbers.Integral) and not isinstance(cv, bool):
         if cv < 2:
@@ -671,10 +671,20 @@ def _check_cv(cv, y, random_state):
                 f"class {classes[counts.argmin()]!r} has {counts.min()} image(s), fewer than cv={cv} "
                 "folds: every image needs an out-of-fold prediction. Add images or lower cv."
             )
-        return StratifiedKFold(cv, shuffle=True, random_state=random_state)
+        # Stratified, and each duplicate group (the groups audit passes) kept within one fold.
+        return StratifiedGroupKFold(cv, shuffle=True, random_state=random_state)
     if hasattr(cv, "split"):
         return check_cv(cv, y, classifier=True)
     raise ValueError(f"cv={cv!r} must be a number of folds (int >= 2) or a scikit-learn splitter.")
+
+
+def _takes_groups(splitter):
+    """Whether ``splitter.split`` uses ``groups`` (scikit-learn's group splitters request them);
+    passing groups to the others only makes them warn."""
+    try:
+        return splitter.get_metadata_routing().split.requests.get("groups") is True
+    except AttributeError:  # a splitter of one's own, without scikit-learn's metadata routing
+        return False
 
 
 def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshold="auto",
@@ -684,8 +694,9 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     The images are embedded once with ``estimator``'s backbone (features are
     cached, so this is free for a folder embedded before); the audit then
     costs the head fits of one cross-validation
-    (``cross_val_predict(estimator, X, y, cv=cv, method="predict_proba")``)
-    and nearest-neighbour searches in feature space. Suspected label errors
+    (``cross_val_predict(estimator, X, y, groups=..., cv=cv, method="predict_proba")``,
+    the duplicate groups held out together) and nearest-neighbour searches
+    in feature space. Suspected label errors
     are found (confident learning) on the head's out-of-fold probabilities
     combined with a vote of each image's ``round(sqrt(n))`` nearest
     neighbours (docs/audit.md).
@@ -701,8 +712,11 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     y : array-like of shape (n_images,)
         The given label of each image.
     cv : int or cross-validation splitter, default=5
-        Folds of the cross-validation (stratified and shuffled with
-        ``random_state`` when an int).
+        Folds of the cross-validation. An int: stratified, shuffled with
+        ``random_state``, and each duplicate group held out together
+        (``StratifiedGroupKFold``), so a copy never teaches the head its
+        twin's label. A splitter is given the duplicate groups as
+        ``groups`` (used by group splitters such as ``GroupKFold``).
     X_test : sequence of images or None, default=None
         A held-out set to check for leakage: images of ``X`` duplicated in it.
     y_test : array-like or None, default=None
@@ -777,13 +791,7 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     unit = features / np.where(norms > 0, norms, 1.0)
 
-    n_folds = splitter.get_n_splits(items, y)
-    say(f"cross-validating the head ({n_folds} fits on cached features)")
-    proba = cross_val_predict(clone(estimator), items, y, cv=splitter, method="predict_proba")
-    classes = np.unique(y)
-    y_enc = np.searchsorted(classes, y)
-
-    say("searching nearest neighbours for duplicates, outliers and the neighbours' labels")
+    say("searching nearest neighbours for duplicates")
     digests, hashes = [], []
     errors = []
     for i, item in enumerate(everything):
@@ -800,6 +808,17 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
         duplicate_threshold = auto_threshold(unit)
     components, best = duplicate_components(unit, digests, np.array(hashes), float(duplicate_threshold))
     n = len(items)
+
+    # The copies of an image are held out together: a copy in the training
+    # folds would teach the head its twin's label, right or wrong.
+    groups = components[:n] if _takes_groups(splitter) else None
+    n_folds = splitter.get_n_splits(items, y, groups=groups)
+    say(f"cross-validating the head ({n_folds} fits on cached features)")
+    proba = cross_val_predict(clone(estimator), items, y, groups=groups, cv=splitter, method="predict_proba")
+    classes = np.unique(y)
+    y_enc = np.searchsorted(classes, y)
+
+    say("searching nearest neighbours for outliers and the neighbours' labels")
     duplicate_groups, leakage_groups = [], []
     order = np.argsort(components, kind="stable")
     for group in np.split(order, np.flatnonzero(np.diff(components[order])) + 1):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.model_selection import KFold, cross_val_predict
+from sklearn.model_selection import GroupKFold, KFold, cross_val_predict
 
 from sktransfer import PretrainedImageClassifier, audit, clear_cache, load_image_folder
 from sktransfer._audit import (
@@ -153,6 +153,30 @@ def test_a_copy_does_not_vote_for_its_twins_label(sample, tmp_path):
     default = neighbour_proba(unit, y, len(classes), grouped)
     np.testing.assert_allclose(default.sum(axis=1), 1.0)
     assert default.min() >= 1 / (round(np.sqrt(len(X))) + len(classes)) - 1e-12
+
+
+def test_copies_stay_in_one_fold(sample, tmp_path):
+    """A mislabelled photo filed four times: no copy may teach the head the wrong label for another.
+
+    With the copies spread over the folds, the model that predicts one copy
+    is trained on the others, and learns their shared wrong label; kept in
+    one fold, they are predicted by a model that saw none of them.
+    """
+    paths, labels = sample
+    classes = sorted(set(labels))
+    X = [p for c in classes for p in [q for q, lab in zip(paths, labels) if lab == c][:12]]
+    y = np.array([c for c in classes for _ in range(12)])
+    twins = [str(shutil.copy(X[0], tmp_path / f"twin{k}.jpg")) for k in range(3)]
+    X += twins
+    y[0] = classes[1]  # photo 0 is filed under the wrong class, and so are its three copies
+    y = np.append(y, [classes[1]] * 3)
+    group = [0, len(X) - 3, len(X) - 2, len(X) - 1]
+    for cv in (5, GroupKFold(4)):  # a splitter that takes groups is given the duplicate groups
+        report = audit(PretrainedImageClassifier(random_state=0), X, y, cv=cv)
+        assert any(set(group) == set(members.tolist()) for members in report.duplicate_groups)
+        # One model predicted the four (same features, same row), and it disagrees with their label.
+        np.testing.assert_allclose(report.oof_proba[group], np.tile(report.oof_proba[0], (4, 1)))
+        assert set(group) <= set(report.label_issues.tolist()), report.oof_proba[group]
 
 
 def test_neighbour_vote_with_nothing_left_to_vote():
