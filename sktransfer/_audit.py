@@ -448,6 +448,34 @@ def prune_by_noise_rate(y_enc, proba, counts):
     return flagged & (proba.argmax(axis=1) != y_enc)
 
 
+def nearest_outside_group(index, data_components, query, query_components, k):
+    """Each query row's ``k`` nearest rows of ``index`` (a fitted ``NearestNeighbors``)
+    outside the query's own duplicate group: ``(distances, indices)`` of shape ``(n_query, k)``,
+    nearest first; where fewer than ``k`` rows are left, the rest is ``inf`` and -1.
+
+    A query whose group has ``s`` members among the data asks for ``k + s``
+    neighbours, so a large duplicate group costs its own queries only, not
+    every image's.
+    """
+    n_query = len(query)
+    distances, indices = np.full((n_query, k), np.inf), np.full((n_query, k), -1, dtype=np.intp)
+    members = dict(zip(*np.unique(data_components, return_counts=True)))
+    own = np.array([members.get(c, 0) for c in query_components.tolist()], dtype=np.intp)
+    n_data = len(data_components)
+    for size in np.unique(own):
+        rows = np.flatnonzero(own == size)
+        distance, neighbour = index.kneighbors(query[rows], n_neighbors=min(k + int(size), n_data))
+        keep = data_components[neighbour] != query_components[rows, None]
+        keep &= np.cumsum(keep, axis=1) <= k
+        # The kept neighbours of each row first, in their order, then the rest.
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+        kept = np.take_along_axis(keep, order, axis=1)
+        width = order.shape[1]
+        distances[rows, :width] = np.where(kept, np.take_along_axis(distance, order, axis=1), np.inf)
+        indices[rows, :width] = np.where(kept, np.take_along_axis(neighbour, order, axis=1), -1)
+    return distances, indices
+
+
 def neighbour_proba(unit, y_enc, n_classes, components, k=None):
     """Class probabilities from the given labels of each image's ``k`` nearest neighbours.
 
@@ -463,16 +491,12 @@ def neighbour_proba(unit, y_enc, n_classes, components, k=None):
     from sklearn.neighbors import NearestNeighbors
 
     n = len(unit)
-    sizes = np.bincount(components)
-    k = min(int(round(np.sqrt(n))) if k is None else k, n - int(sizes.max()))
+    k = min(int(round(np.sqrt(n))) if k is None else k, n - int(np.bincount(components).max()))
     if k < 1:  # every image is a duplicate of every other: no neighbour to ask
         return np.full((n, n_classes), 1.0 / n_classes)
+    _, neighbour = nearest_outside_group(NearestNeighbors().fit(unit), components, unit, components, k)
     votes = np.zeros((n, n_classes))
-    # Ask for enough neighbours that k remain after leaving out the image and its duplicates.
-    _, neighbour = NearestNeighbors(n_neighbors=k + int(sizes.max())).fit(unit).kneighbors(unit)
-    others = components[neighbour] != components[:, None]
-    first_k = np.cumsum(others, axis=1) <= k
-    rows, cols = np.nonzero(others & first_k)
+    rows, cols = np.nonzero(neighbour >= 0)
     np.add.at(votes, (rows, y_enc[neighbour[rows, cols]]), 1.0)
     return (votes + 1.0) / (k + n_classes)
 
@@ -633,7 +657,6 @@ def class_outliers(unit, y_enc, n_classes, components, n_neighbors):
     from sklearn.neighbors import NearestNeighbors
 
     n = len(unit)
-    sizes = np.bincount(components)
     ratio = np.full(n, np.inf)
     for c in range(n_classes):
         members = np.flatnonzero(y_enc == c)
@@ -641,13 +664,9 @@ def class_outliers(unit, y_enc, n_classes, components, n_neighbors):
             continue
         k = min(n_neighbors, len(members) - 1)
         # Skip the image itself and its duplicates: a twin must not hide an outlier.
-        extra = int(sizes[components[members]].max())
-        query = min(k + extra, len(members))
-        distance, neighbour = NearestNeighbors(n_neighbors=query).fit(unit[members]).kneighbors(unit)
-        distance = distance ** 2 / 2.0  # cosine distance on unit vectors
-        same = components[members[neighbour]] == components[:, None]
-        distance = np.where(same, np.inf, distance)
-        nearest = np.sort(distance, axis=1)[:, :k].mean(axis=1)
+        index = NearestNeighbors().fit(unit[members])
+        distance, _ = nearest_outside_group(index, components[members], unit, components, k)
+        nearest = (distance ** 2 / 2.0).mean(axis=1)  # cosine distance on unit vectors
         q1, q3 = np.quantile(nearest[members], [0.25, 0.75])
         fence = max(q3 + OUTLIER_IQR * (q3 - q1), 1e-12)
         ratio = np.minimum(ratio, nearest / fence)

@@ -189,6 +189,48 @@ def test_neighbour_vote_with_nothing_left_to_vote():
     np.testing.assert_allclose(votes[:3], [[0.25, 0.25, 0.5]] * 3)
 
 
+def _with_a_large_group(n_single, n_group, seed=0):
+    """Unit vectors in 3-d: ``n_single`` distinct images and one duplicate group of ``n_group`` copies."""
+    rng = np.random.default_rng(seed)
+    unit = rng.normal(size=(n_single + 1, 3))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    unit = np.vstack([unit, np.tile(unit[-1], (n_group - 1, 1))])
+    components = np.concatenate([np.arange(n_single), np.full(n_group, n_single)])
+    y = rng.integers(0, 3, size=len(unit))
+    y[n_single:] = y[n_single]  # the copies are filed alike: their order among ties does not matter
+    return unit, components, y
+
+
+def test_neighbour_vote_beside_a_large_duplicate_group():
+    unit, components, y = _with_a_large_group(300, 60)
+    votes = neighbour_proba(unit, y, 3, components)
+    k = round(np.sqrt(len(unit)))
+    similarity = unit @ unit.T
+    similarity[components[:, None] == components[None, :]] = -np.inf
+    for i in range(len(unit)):
+        nearest = np.argsort(-similarity[i], kind="stable")[:k]
+        np.testing.assert_allclose(votes[i], (np.bincount(y[nearest], minlength=3) + 1) / (k + 3))
+
+
+def test_a_large_duplicate_group_costs_only_its_own_queries():
+    """5,000 distinct images and 1,000 copies of one: the other images' neighbour
+    queries do not grow with the group (they asked for k + 1,000 neighbours each)."""
+    import tracemalloc
+
+    from sktransfer._audit import class_outliers
+
+    unit, components, y = _with_a_large_group(5000, 1000)
+    for analysis in (lambda: neighbour_proba(unit, y, 3, components),
+                     lambda: class_outliers(unit, y, 3, components, 5)):
+        tracemalloc.start()
+        try:
+            analysis()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 100e6, peak  # 218 and 296 MB when every query asked for the largest group
+
+
 def test_combined_evidence_averages_the_log_ratios():
     rng = np.random.default_rng(0)
     proba, votes = rng.dirichlet(np.ones(2), size=20), rng.dirichlet(np.ones(2), size=20)
