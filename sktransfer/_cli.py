@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -44,7 +45,7 @@ def _demo(args):
     print("\n" + _text_confusion_matrix(confusion_matrix(y, predicted.astype(str), labels=classes), classes))
 
     clf.fit(X, y)
-    joblib.dump(clf, args.output)
+    _dump(clf, args.output)
     loaded = joblib.load(args.output)
     same = np.array_equal(loaded.predict_proba(X), clf.predict_proba(X))
     print(f"\nModel trained on all {len(X)} photos saved to {Path(args.output).resolve()} "
@@ -191,6 +192,15 @@ def _parse_grid(specs, estimator):
     return grid
 
 
+def _dump(model, path):
+    """``joblib.dump(model, path)``, replacing ``path`` whole or not at all."""
+    import joblib
+
+    data = io.BytesIO()
+    joblib.dump(model, data)
+    write_atomic(path, data.getvalue(), mode=0o644)
+
+
 def _load_model(path, classifier=True):
     """A fitted classifier (any fitted model with ``classifier=False``) from a save_model
     folder or a joblib file, with a plain error for anything else."""
@@ -244,7 +254,6 @@ _SHOWN_SETTINGS = ("backbone", "hidden_units", "dropout", "lr", "weight_decay", 
 
 
 def _fit(args):
-    import joblib
     import numpy as np
     from sklearn.base import clone
     from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
@@ -314,7 +323,7 @@ def _fit(args):
 
         save_model(model, args.output)  # tensors and JSON: safe to share
     else:
-        joblib.dump(model, args.output)
+        _dump(model, args.output)
     print(f"Model trained on all {len(X)} images saved to {safe_text(args.output)}")
     return 0
 
@@ -344,7 +353,6 @@ def _predict(args):
 
 def _evaluate(args):
     import html
-    import io
     import json
 
 
@@ -443,8 +451,6 @@ def _evaluate(args):
 
 
 def _embed(args):
-    import io
-
     import numpy as np
 
     from . import ImageEmbedder

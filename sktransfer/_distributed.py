@@ -67,7 +67,7 @@ def embed_dask(paths, embedder=None, *, npartitions=None):
     if not isinstance(paths, (dd.Series, dd.DataFrame)):
         series = paths if isinstance(paths, pd.Series) else pd.Series(list(paths), dtype=object)
         parts = npartitions or max(1, -(-len(series) // 1000))
-        paths = dd.from_pandas(series, npartitions=parts)
+        paths = dd.from_pandas(series, npartitions=parts, sort=False)  # the order given, not the index's
     if isinstance(paths, dd.DataFrame):
         if len(paths.columns) != 1:
             raise ValueError(

@@ -96,6 +96,24 @@ def test_fit_from_csv_with_relative_paths(sample, tmp_path):
     assert list(joblib.load(model).classes_) == CLASSES
 
 
+def test_fit_that_cannot_write_its_model_leaves_the_previous_one(sample, tmp_path, capsys):
+    """The model file is replaced whole or not at all: here the disk refuses a file over 1 MB."""
+    import resource
+
+    data = copy_images(sample, tmp_path / "d", 2)
+    previous = tmp_path / "m.joblib"
+    previous.write_bytes(b"the previous model")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+    try:
+        code = main(["fit", str(data), "--cv", "2", "--max-epochs", "2", "--engine", "torch", "-o", str(previous)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 1 and "File too large" in capsys.readouterr().err
+    assert previous.read_bytes() == b"the previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "m.joblib"]  # no temporary file left
+
+
 def test_fit_rejects_bad_settings_and_data_before_training(sample, tmp_path, capsys):
     data = copy_images(sample, tmp_path / "d", 2)
     assert main(["fit", str(data), "--grid", "learning_rate=0.1", "-o", str(tmp_path / "m.joblib")]) == 1

@@ -72,6 +72,16 @@ def test_grid_search_on_dask_cluster_matches_local(tmp_path, flowers_small, dask
     np.testing.assert_array_equal(remote.predict(X), local.predict(X))
 
 
+def test_embed_dask_keeps_the_order_of_the_paths(sample):
+    """A Series whose index is not sorted: one row per path, in the order given (not the index's)."""
+    paths = pd.Series(sample[0][:6:2] + sample[0][60:66:2], index=[5, 2, 0, 4, 1, 3])
+    embedder = ImageEmbedder(engine="torch")
+    lazy = embed_dask(paths, embedder, npartitions=2)
+    features = lazy.compute(scheduler="synchronous")
+    assert list(features.index) == list(paths.index)
+    np.testing.assert_allclose(features.to_numpy(), embedder.fit().transform(list(paths)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_embed_dask_partition_by_partition_to_parquet(tmp_path, sample, dask_client):
     paths = pd.Series(sample[0][::5], index=np.arange(100, 100 + len(sample[0][::5])))
