@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import _engine
-from ._cache import namespace, new_hasher
+from ._cache import memo_key, namespace, new_hasher
 from ._images import Preprocessing
 
 __all__ = ["list_backbones", "Backbone"]
@@ -547,7 +547,9 @@ def _weights_key(weights):
         st = os.stat(path)
     except OSError:
         raise ValueError(f"weights={os.fspath(weights)!r}: no such file.") from None
-    return (path, st.st_size, st.st_mtime_ns)
+    # The key the image-file memo uses: a file rewritten in place changes its
+    # ctime even when its size and mtime are put back.
+    return (path, memo_key(st))
 
 
 def build_backbone(backbone, weights="DEFAULT", preprocessing=None):

@@ -108,7 +108,8 @@ _FILE_MEMO: dict = {}
 _FILE_MEMO_LOCK = threading.Lock()
 
 
-def _memo_key(st):
+def memo_key(st):
+    """What tells one version of a file from another without reading it (``st`` from ``os.stat``)."""
     # ctime cannot be set by users (os.utime sets it to now), so a rewrite that
     # restores size and mtime still changes it; device and inode catch a rename.
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -118,7 +119,7 @@ def _remember(path, st, value):
     if time.time_ns() - st.st_ctime_ns <= RACY_SECONDS * 1e9:
         return
     with _FILE_MEMO_LOCK:
-        _FILE_MEMO[os.path.abspath(path)] = (_memo_key(st), value)
+        _FILE_MEMO[os.path.abspath(path)] = (memo_key(st), value)
 
 
 def read_file(path):
@@ -130,13 +131,13 @@ def read_file(path):
     """
     st, data = _read_regular(path)
     try:
-        unchanged = _memo_key(os.stat(path)) == _memo_key(st)
+        unchanged = memo_key(os.stat(path)) == memo_key(st)
     except OSError:
         unchanged = False
     if unchanged:  # not rewritten while it was read
         with _FILE_MEMO_LOCK:
             key, value = _FILE_MEMO.get(os.path.abspath(path), (None, None))
-        if key == _memo_key(st):
+        if key == memo_key(st):
             return value, data
     value = digest(data)
     if unchanged:
@@ -156,7 +157,7 @@ def file_digest(path, st):
     """
     with _FILE_MEMO_LOCK:
         key, value = _FILE_MEMO.get(os.path.abspath(path), (None, None))
-    if key == _memo_key(st):
+    if key == memo_key(st):
         return value
     return read_file(path)[0]
 

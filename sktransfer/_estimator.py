@@ -851,8 +851,12 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
             # A list was read as objects so a missing label could not hide as the
             # string "nan"; labels of one kind get their natural dtype, as
             # scikit-learn's classifiers give them (classes_ of ints stay ints).
-            if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in y):
+            if all(isinstance(v, (bool, np.bool_)) for v in y):
+                y = y.astype(bool)
+            elif all(isinstance(v, (int, np.integer)) for v in y):
                 y = y.astype(np.int64)
+            elif all(isinstance(v, numbers.Real) for v in y):
+                y = y.astype(np.float64)  # integral values are classes; others fail the check below
             elif all(isinstance(v, str) for v in y):
                 y = y.astype(str)
         try:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -38,6 +40,23 @@ def test_local_state_dict_file(tmp_path):
         x = torch.randn(1, 3, 224, 224)
         assert torch.allclose(from_file.module(x), net.eval()(x), atol=1e-5)
     assert from_file.fingerprint != build_backbone("resnet18", weights=None).fingerprint
+
+
+def test_weights_file_rewritten_in_place_is_read_again(tmp_path):
+    """New weights copied over the file with its old size and mtime restored (``cp -p``, ``rsync -t``)."""
+    import torchvision
+
+    path = tmp_path / "resnet18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    stat = os.stat(path)
+    first = build_backbone("resnet18", weights=str(path))
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    second = build_backbone("resnet18", weights=str(path))
+    assert second.fingerprint != first.fingerprint
 
 
 def test_weights_that_do_not_fit_are_named(tmp_path):

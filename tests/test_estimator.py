@@ -45,6 +45,17 @@ def test_integer_labels_and_every_input_type(digits_small):
         np.testing.assert_allclose(clf.predict_proba(other), expected, atol=1e-3)
 
 
+def test_labels_given_as_lists_keep_their_kind(digits_small):
+    """A list of bools, of integral floats or of ints fits as the same labels as an array of them
+    (scikit-learn's classifiers accept each)."""
+    X, y = digits_small
+    for labels in ([bool(v) for v in y % 2], [np.bool_(v) for v in y % 2], [float(v) for v in y], [int(v) for v in y]):
+        clf = PretrainedImageClassifier(max_epochs=2, random_state=0).fit(X, labels)
+        expected = LogisticRegression().fit(np.eye(len(y))[:, :3], np.asarray(labels)).classes_
+        np.testing.assert_array_equal(clf.classes_, expected)
+        assert clf.classes_.dtype == expected.dtype and clf.predict(X[:2]).dtype == expected.dtype
+
+
 def test_backbone_is_frozen_bit_for_bit(flowers_small):
     X, y = flowers_small
     module = build_backbone("efficientnet_lite0").module
