@@ -40,7 +40,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._version import __version__
 from ._backbones import _looks_like_path, rebuild_backbone
-from ._cache import write_atomic
+from ._cache import digest, write_atomic
 from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor, _PretrainedImageModel
 from ._head import HEAD_PREFIXES
 from ._images import Preprocessing
@@ -133,16 +133,23 @@ def save_model(estimator, folder):
         for section in sections:
             node = node.setdefault(section, {})
         node[key] = value
+    tensors = {BACKBONE_FILE: io.BytesIO()}
+    torch.save(backbone.module.state_dict(), tensors[BACKBONE_FILE])
+    if head is not None:
+        tensors[HEAD_FILE] = io.BytesIO()
+        head.save_params(f_params=tensors[HEAD_FILE])
+    # model.json names the exact tensor files it goes with (load_model checks them).
+    info["files"] = {name: digest(data.getvalue()) for name, data in tensors.items()}
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    # Each file is replaced whole; model.json last, so a folder that has it is complete.
-    tensors = io.BytesIO()
-    torch.save(backbone.module.state_dict(), tensors)
-    write_atomic(os.path.join(folder, BACKBONE_FILE), tensors.getvalue(), mode=0o644)
-    if head is not None:
-        tensors = io.BytesIO()
-        head.save_params(f_params=tensors)
-        write_atomic(os.path.join(folder, HEAD_FILE), tensors.getvalue(), mode=0o644)
+    # Each file is replaced whole; an earlier save's model.json goes first and
+    # the new one comes last, so a folder that has one is complete.
+    try:
+        os.unlink(os.path.join(folder, MODEL_FILE))
+    except FileNotFoundError:
+        pass
+    for name, data in tensors.items():
+        write_atomic(os.path.join(folder, name), data.getvalue(), mode=0o644)
     write_atomic(os.path.join(folder, MODEL_FILE), json.dumps(info, indent=2).encode("utf-8"), mode=0o644)
     return folder
 
@@ -202,9 +209,9 @@ def load_model(folder, backbone=None):
         raise ValueError(f"load_model: params in {MODEL_FILE}: {e}") from None
     estimator._import_state(_Fields(info))  # the estimator's own fields, each checked
     if has_head:
-        head_state, head_bytes = _load_tensors(folder, HEAD_FILE)
+        head_state, head_bytes = _load_tensors(folder, HEAD_FILE, info)
         _check_head_shapes(info["head"], head_state)
-    body = rebuild_backbone(architecture, _load_tensors(folder, BACKBONE_FILE)[0], preprocessing)
+    body = rebuild_backbone(architecture, _load_tensors(folder, BACKBONE_FILE, info)[0], preprocessing)
     if body.num_features != saved["num_features"] or (has_head and body.num_features != info["head"]["in_features"]):
         raise ValueError(
             f"load_model: {MODEL_FILE} says the backbone gives {saved['num_features']} features, "
@@ -240,8 +247,9 @@ def _load_head(estimator, info, in_features, data):
     return head
 
 
-def _load_tensors(folder, name):
-    """``(state_dict, file bytes)`` of a tensor file, read with ``weights_only=True``."""
+def _load_tensors(folder, name, info):
+    """``(state_dict, file bytes)`` of a tensor file, read with ``weights_only=True``, and
+    checked to be the file ``info`` (model.json) was saved with where it names one."""
     path = os.path.join(folder, name)
     try:
         with open(path, "rb") as f:
@@ -254,6 +262,13 @@ def _load_tensors(folder, name):
         raise ValueError(f"load_model: {path!r} is not a tensor file torch.load(weights_only=True) accepts: {e}") from None
     if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
         raise ValueError(f"load_model: {path!r} does not hold a state dict (names and tensors).")
+    files = info.get("files")  # absent in folders saved by earlier releases: not checked
+    if files is not None and files.get(name) != digest(data):
+        raise ValueError(
+            f"load_model: {name} in {folder!r} is not the one {MODEL_FILE} was saved with (its content "
+            "digest differs): the folder mixes files of two saves, or the file was changed. Save the "
+            "model again."
+        )
     return state, data
 
 
@@ -288,6 +303,8 @@ def _read_info(folder):
     _field(info, "backbone.name", str)
     _field(info, "backbone.source", str, choices=("module", "registry"))
     _field(info, "backbone.num_features", int, 1, MAX_FEATURES)
+    for name, value in _field(info, "files", dict, default={}).items():
+        _check(f"files.{name}", value, str)
     prep = _field(info, "backbone.preprocessing", dict)
     for key, value in prep.items():
         if key.endswith("_size"):  # resize_size, crop_size: an int or (height, width)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_model, save_model
+from sktransfer._cache import digest
 
 from conftest import OFFLINE, fresh_env
 
@@ -169,6 +170,36 @@ def test_bad_folders_are_named(tmp_path, fitted):
         save_model("model", tmp_path)
 
 
+def test_a_folder_mixing_two_saves_is_refused(tmp_path, fitted):
+    """Files of two saves in one folder: a save that failed half-way, or a file copied in."""
+    import shutil
+
+    from sklearn.base import clone
+
+    clf, X, y = fitted
+    other = clone(clf).set_params(random_state=1).fit(X, y)  # a head of the same shape, other weights
+    save_model(clf, tmp_path / "a")
+    save_model(other, tmp_path / "b")
+    # A second save into "a" that fails after the backbone (head.pt cannot be replaced).
+    head = (tmp_path / "a" / "head.pt").read_bytes()
+    (tmp_path / "a" / "head.pt").unlink()
+    (tmp_path / "a" / "head.pt").mkdir()
+    (tmp_path / "a" / "head.pt" / "in the way").write_text("")
+    with pytest.raises(OSError):
+        save_model(PretrainedImageClassifier(weights=None, max_epochs=2, random_state=0).fit(X, clf.predict(X)),
+                   tmp_path / "a")
+    shutil.rmtree(tmp_path / "a" / "head.pt")
+    (tmp_path / "a" / "head.pt").write_bytes(head)  # the first save's head is back beside the new backbone
+    with pytest.raises(ValueError, match="no model.json"):
+        load_model(tmp_path / "a")
+    # A whole folder with one file from another: each tensor file must be the one model.json was saved with.
+    save_model(clf, tmp_path / "a")
+    assert load_model(tmp_path / "a").predict(X).tolist() == clf.predict(X).tolist()
+    shutil.copy(tmp_path / "b" / "head.pt", tmp_path / "a" / "head.pt")
+    with pytest.raises(ValueError, match="head.pt .* not the one model.json was saved with"):
+        load_model(tmp_path / "a")
+
+
 def test_regressor_and_multilabel_round_trip(tmp_path, digits_small):
     from sktransfer import PretrainedImageRegressor
 
@@ -258,6 +289,8 @@ def _classes(values, dtype):
     (_set("head.dropout", 2), "head.dropout"),
     (_set("head.hidden_units", "(16,)"), "head.hidden_units"),
     (_set("backbone.num_features", KeyError), "backbone.num_features"),
+    (_set("files", ["head.pt"]), "files"),
+    (lambda info: info["files"].update({"head.pt": 7}), "files.head.pt"),
     (_set("backbone", []), "backbone.name"),
     (_set("classes.dtype", "V1000000000"), "classes.dtype"),
     (_set("classes.values", ["a"]), "classes.values"),
@@ -360,6 +393,9 @@ def test_format_1_folders_load_and_save_back_unchanged(tmp_path, tiny_images, na
         assert set(model.predict(X)) <= set(y)
     save_model(model, tmp_path)
     again = json.loads((tmp_path / "model.json").read_text())
+    # Saving now also records which tensor files the JSON goes with.
+    files = again.pop("files")
+    assert files == {f.name: digest(f.read_bytes()) for f in tmp_path.glob("*.pt")}
     if name == "regressor":  # format 1 wrote a temperature of 1.0 for regressors, which have none
         assert written["head"].pop("temperature") == 1.0
     assert {**again, "sktransfer_version": None} == {**written, "sktransfer_version": None}
