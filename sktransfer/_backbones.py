@@ -48,8 +48,9 @@ class Backbone:
     num_features : int
         Length of each image's feature vector.
     fingerprint : str
-        Digest of the architecture, every weight and the preprocessing: two
-        backbones with the same fingerprint give the same features.
+        Digest of the architecture, every weight and the preprocessing (and,
+        for a user's module, the code of its classes): two backbones with the
+        same fingerprint give the same features.
     stages : callable or None
         The family's hook that lists the body's stages in order (a stem, then
         the blocks), or None when the family has no known split; used by
@@ -603,7 +604,7 @@ def rebuild_backbone(backbone, state, preprocessing):
         body.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"the saved backbone weights do not fit the architecture {name!r}: {e}") from None
-    return _freeze(name, body.net, preprocessing, stages)
+    return _freeze(name, body.net, preprocessing, stages, user_code=isinstance(backbone, nn.Module))
 
 
 def _unknown_backbone_message(name):
@@ -633,10 +634,10 @@ def _from_module(module, weights, preprocessing):
         # torchvision's ImageNet recipe: the usual one for a module built from
         # a torchvision network; pass preprocessing= for anything else.
         preprocessing = Preprocessing.from_torchvision(ImageClassification(crop_size=224))
-    return _freeze(type(module).__name__, net, preprocessing, _any_stages)
+    return _freeze(type(module).__name__, net, preprocessing, _any_stages, user_code=True)
 
 
-def _freeze(name, net, preprocessing, stages):
+def _freeze(name, net, preprocessing, stages, user_code=False):
     # channels_last makes convolutions markedly faster on CPUs; values are unchanged.
     body = _Body(net).eval().requires_grad_(False).to(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -650,15 +651,47 @@ def _freeze(name, net, preprocessing, stages):
         module=body,
         preprocessing=preprocessing,
         num_features=int(num_features),
-        fingerprint=_fingerprint(body, preprocessing),
+        fingerprint=_fingerprint(body, preprocessing, user_code),
         stages=stages,
     )
 
 
-def _fingerprint(body, preprocessing):
+def _code(body):
+    """The code of a user module's classes (those not from PyTorch, with their bases): a
+    changed ``forward`` changes the features but neither the weights nor the module's repr."""
+    classes = {c for m in body.modules() for c in type(m).__mro__
+               if c.__module__.split(".")[0] != "torch" and c not in (object, _Body)}
+    parts = []
+    for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__)):
+        parts.append(f"class {cls.__module__}.{cls.__qualname__}")
+        for name, value in sorted(vars(cls).items()):
+            function = getattr(value, "__func__", value)  # staticmethod, classmethod
+            if hasattr(function, "__code__"):
+                parts.append(f"{name}: {_function_code(function)}")
+    return "\n".join(parts)
+
+
+def _function_code(function):
+    """A function's source (found by its code's own line, so a class defined twice in one
+    file gives each definition's), else its bytecode, written without memory addresses."""
+    import inspect
+    import types
+
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):  # no source file: exec'd code
+        def written(code):
+            consts = tuple(written(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
+            return repr((code.co_code, code.co_names, consts))
+        return written(function.__code__)
+
+
+def _fingerprint(body, preprocessing, user_code=False):
     h = new_hasher()
     h.update(f"sktransfer-features-{FEATURE_VERSION}|{preprocessing!r}|".encode())
     h.update(repr(body).encode())
+    if user_code:
+        h.update(_code(body).encode())
     for name, tensor in body.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())

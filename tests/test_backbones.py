@@ -1,7 +1,9 @@
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from sktransfer import list_backbones
@@ -68,6 +70,41 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
         build_backbone("resnet18", weights=str(path))
     with pytest.raises(ValueError, match="not a weights name of 'resnet18'"):
         build_backbone("resnet18", weights="IMAGENET9K")
+
+
+def test_user_module_with_another_forward_is_another_backbone(sample):
+    """The same class name, layers and weights, but another ``forward`` (a notebook cell run again):
+    its features are its own, not those cached for the first one."""
+    from sktransfer import ImageEmbedder
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    first = ImageEmbedder(backbone=Net(), engine="torch").fit()
+    before = first.transform(sample[0][:2])
+
+    class Net(nn.Module):  # noqa: F811
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)) * 10
+
+    second = ImageEmbedder(backbone=Net(), engine="torch").fit()
+    assert second.backbone_.fingerprint != first.backbone_.fingerprint
+    expected = second.backbone_.module(second.backbone_.preprocessing.normalize(
+        [second.backbone_.preprocessing.to_array(Image.open(p).convert("RGB")) for p in sample[0][:2]]))
+    after = second.transform(sample[0][:2])
+    np.testing.assert_allclose(after, expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(after, before)
 
 
 def test_unknown_name_suggests_close_matches():
