@@ -60,7 +60,7 @@ import sys
 
 import numpy as np
 
-from ._inputs import ImageInputError, as_image_list, read_item
+from ._inputs import ImageInputError, as_image_list, error_reason, read_item
 from ._outputs import csv_text, write_atomic
 
 __all__ = ["audit", "AuditReport"]
@@ -806,7 +806,12 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     everything = items + test_items
     say(f"embedding {len(everything)} images (cached ones are read, not recomputed)")
     embedder = clone(estimator)._make_embedder().set_params(verbose=int(verbose > 0)).fit()
-    features = embedder.transform(everything)  # every bad image is reported here, before any training
+    # Every bad image is reported here, before any training; X_test (usually
+    # the smaller) first, so its bad images are told before X is embedded.
+    test_features = embedder._embed_items(test_items, "X_test") if test_items else None
+    features = embedder._embed_items(items, "X")
+    if test_features is not None:
+        features = np.vstack([features, test_features])
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     unit = features / np.where(norms > 0, norms, 1.0)
 
@@ -820,9 +825,12 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
             hashes.append(perceptual_hash(open_image(payload, min_size=2 * HASH_THUMBNAIL)))
             digests.append(digest)
         except (OSError, ValueError, TypeError) as e:  # changed on disk since it was embedded
-            errors.append((i, item, str(e) or type(e).__name__))
+            errors.append((i, item, error_reason(e)))
     if errors:
-        raise ImageInputError(errors)
+        n = len(items)
+        in_x = [(i, item, reason) for i, item, reason in errors if i < n]
+        raise ImageInputError(in_x, "X") if in_x else ImageInputError(
+            [(i - n, item, reason) for i, item, reason in errors], "X_test")
     if duplicate_threshold == "auto":
         duplicate_threshold = auto_threshold(unit)
     components, best = duplicate_components(unit, digests, np.array(hashes), float(duplicate_threshold))

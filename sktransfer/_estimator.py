@@ -289,10 +289,14 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         features : ndarray of shape (n_images, n_features_out_), float32
         """
         check_is_fitted(self)
-        items = as_image_list(X)
+        return self._embed_items(as_image_list(X))
+
+    def _embed_items(self, items, name="X"):
+        """Features of a list of image items; errors name them as items of ``name``."""
         return extract_features(
             items,
             self.backbone_,
+            name=name,
             batch_size=self.batch_size,
             cache_dir=self.cache_dir,
             device=_check_device(self.device, fitted=True),

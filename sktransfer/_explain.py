@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.utils.validation import check_is_fitted
 
 from ._images import load_pixels
-from ._inputs import ImageInputError, as_image_list, read_item
+from ._inputs import ImageInputError, as_image_list, error_reason, read_item
 
 __all__ = ["explain"]
 
@@ -112,7 +112,7 @@ def explain(estimator, X, target=None, alpha=0.5, return_heatmaps=False):
         try:
             arrays.append(load_pixels(read_item(item)[1], prep))  # the pixels the features came from
         except (OSError, ValueError, TypeError) as e:
-            errors.append((i, item, str(e) or type(e).__name__))
+            errors.append((i, item, error_reason(e)))
     if errors:
         raise ImageInputError(errors)
 

@@ -34,6 +34,7 @@ class ImageInputError(ValueError):
 
     def __init__(self, errors, name="X"):
         self.errors = list(errors)
+        self.name = name
         lines = [f"{len(self.errors)} input(s) of {name} cannot be used as images:"]
         shown = self.errors[:50]
         lines += [f"  [{i}] {_describe(item)}: {reason}" for i, item, reason in shown]
@@ -46,7 +47,7 @@ class ImageInputError(ValueError):
         super().__init__("\n".join(lines))
 
     def __reduce__(self):
-        return (type(self), (self.errors,))
+        return (type(self), (self.errors, self.name))
 
 
 def _describe(item):

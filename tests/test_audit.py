@@ -500,6 +500,7 @@ def test_cli_writes_report_and_findings(sample, tmp_path):
     (dict(duplicate_threshold="high"), "duplicate_threshold"),
     (dict(n_neighbors=0), "n_neighbors"),
     (dict(X_test=["missing.jpg"], y_test=["a", "b"]), "y_test"),
+    (dict(X_test=["missing.jpg"]), r"1 input\(s\) of X_test cannot be used as images:\n  \[0\] 'missing.jpg'"),
     (dict(y=["a"] * 12), "at least 2 classes"),
 ])
 def test_bad_input_errors_before_any_work(sample, kwargs, message):
