@@ -73,8 +73,7 @@ class Backbone:
         where OpenVINO cannot convert the body, the plan is PyTorch's (told once).
         """
         shape = self.preprocessing.crop_shape
-        converted = engine == "auto" and ("openvino" in self._handles
-                                          or _engine.is_converted(self.fingerprint, shape))
+        converted = engine == "auto" and self.converted()
         plan = _engine.choose(engine, precision, device, compile, n_images=n_images, converted=converted)
         if plan.engine == "openvino":
             with _HANDLES_LOCK:
@@ -83,6 +82,10 @@ class Backbone:
             if self._handles["openvino"] is None:  # could not convert (told once)
                 plan = _engine.choose("torch", precision, device, compile, n_images=n_images, converted=False)
         return plan
+
+    def converted(self):
+        """Whether the body is converted for OpenVINO, in this process or on disk."""
+        return "openvino" in self._handles or _engine.is_converted(self.fingerprint, self.preprocessing.crop_shape)
 
     def runner(self, plan, device="cpu", compiled=False, batch_size=None):
         """What runs this body on ``plan``: a callable from a list of HxWx3 uint8 arrays

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import _engine
 from ._cache import MEMORY, DiskCache, read_file, view_fingerprint
+from ._engine import TORCH_FLOAT32
 from ._images import header_error, load_pixels, open_image
 from ._inputs import ImageInputError, error_reason, read_item
 from ._runtime import steady_heap
@@ -54,7 +56,13 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
     -------
     features : ndarray of shape (len(items), backbone.num_features), float32
     """
-    plan = backbone.plan(device, engine, precision, compile, n_images=len(items))
+    n_images = len(items)
+    if engine == "auto" and n_images >= _engine.OPENVINO_MIN_IMAGES and not backbone.converted():
+        # A conversion is repaid by the images still to embed, not by those
+        # PyTorch embedded before, whose features are cached.
+        n_images = _uncached(items, TORCH_FLOAT32.namespace(view_fingerprint(backbone.fingerprint, view)),
+                             cache_dir, backbone.num_features)
+    plan = backbone.plan(device, engine, precision, compile, n_images=n_images)
     fingerprint = plan.namespace(view_fingerprint(backbone.fingerprint, view))
     disk = DiskCache(cache_dir, fingerprint) if cache_dir is not None else None
     out = np.empty((len(items), backbone.num_features), dtype=np.float32)
@@ -100,6 +108,21 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
         if errors:
             raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     return out
+
+
+def _uncached(items, fingerprint, cache_dir, num_features):
+    """How many distinct items have no features under ``fingerprint`` in memory or ``cache_dir``."""
+    disk = DiskCache(cache_dir, fingerprint) if cache_dir is not None else None
+    missing = set()
+    for item in items:
+        try:
+            digest, _ = read_item(item)
+        except (OSError, ValueError, TypeError):
+            continue  # told by the embedding that follows
+        if MEMORY.get((fingerprint, digest)) is None and (
+                disk is None or disk.get(digest, num_features) is None):
+            missing.add(digest)
+    return len(missing)
 
 
 def _decode_errors(todo, items):

@@ -124,6 +124,28 @@ def test_features_of_each_engine_are_cached_apart(tmp_path, photos):
 
 
 @needs_openvino
+def test_features_pytorch_cached_are_not_converted_away(sample, tmp_path, monkeypatch):
+    """Until the body is converted, "auto" converts for a call with enough images *to embed*:
+    a call whose images PyTorch embedded before, but one, stays in PyTorch and reuses them."""
+    import torch
+    from torch import nn
+
+    monkeypatch.setattr(_engine, "OPENVINO_MIN_IMAGES", 3)  # stands in for 500
+    monkeypatch.setenv("SKTRANSFER_ENGINE_CACHE", str(tmp_path / "engine"))
+    torch.manual_seed(0)
+    embedder = ImageEmbedder(backbone=nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU())).fit()
+    X = sample[0][:6]
+    before = embedder.transform(X[:2])  # 2 images: PyTorch
+    with ForwardCounter(embedder.backbone_.module) as counter:
+        again = embedder.transform(X[:3])  # 1 image to embed
+    assert counter.images == 1
+    np.testing.assert_array_equal(again[:2], before)
+    assert not (tmp_path / "engine").exists()  # nothing converted
+    embedder.transform(X)  # 3 images to embed: converted, and all six run in OpenVINO
+    assert list((tmp_path / "engine").glob("*.xml"))
+
+
+@needs_openvino
 @pytest.mark.slow
 def test_fine_tuning_runs_the_frozen_prefix_in_the_engine(sample):
     X, y = sample[0][::15], sample[1][::15]
