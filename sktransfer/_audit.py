@@ -687,7 +687,7 @@ def _check_cv(cv, y, random_state):
         classes, counts = np.unique(y, return_counts=True)
         if counts.min() < cv:
             raise ValueError(
-                f"class {classes[counts.argmin()]!r} has {counts.min()} image(s), fewer than cv={cv} "
+                f"class {classes.tolist()[counts.argmin()]!r} has {counts.min()} image(s), fewer than cv={cv} "
                 "folds: every image needs an out-of-fold prediction. Add images or lower cv."
             )
         # Stratified, and each duplicate group (the groups audit passes) kept within one fold.

@@ -7,10 +7,12 @@ import io
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ._engine import ENGINES, PRECISIONS
 from ._outputs import csv_text, safe_text, write_atomic
+from ._version import __version__
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "trash_sample"
 
@@ -23,6 +25,7 @@ def _demo(args):
 
     from . import PretrainedImageClassifier, load_image_folder
 
+    _check_output(args.output, "-o")
     X, y = load_image_folder(SAMPLE)
     classes = sorted(set(y))
     print(f"Bundled sample: {len(X)} camera photos of household waste (TrashNet), "
@@ -192,13 +195,51 @@ def _parse_grid(specs, estimator):
     return grid
 
 
+def _check_output(path, option, folder=False):
+    """Fail before any long work when ``path`` cannot be written: a file output
+    that is a folder, a folder output that is a file, or a missing parent that
+    cannot be made (a file in the way, or a folder the user cannot write in).
+
+    Missing parent folders are made when the output is written (:func:`_write`).
+    """
+    shown = safe_text(path)
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option} {shown!r} is a file, not a folder; give a folder for the output.")
+    if not folder and os.path.isdir(path):
+        raise ValueError(f"{option} {shown!r} is a folder; give a file name.")
+    existing = Path(os.path.abspath(path))
+    if not folder:
+        existing = existing.parent
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {shown!r}: {safe_text(existing)!r} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {shown!r}: no permission to write in {safe_text(existing)!r}.")
+
+
+@contextmanager
+def _writing(path):
+    """An error while writing ``path`` names ``path``, never a temporary file beside it."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(f"cannot write {safe_text(path)!r}: {e.strerror or e}") from None
+
+
+def _write(path, data):
+    """``data`` (bytes) to the file ``path``, whole or not at all; missing parent folders are made."""
+    with _writing(path):
+        write_atomic(path, data, mode=0o644, makedirs=True)
+
+
 def _dump(model, path):
     """``joblib.dump(model, path)``, replacing ``path`` whole or not at all."""
     import joblib
 
     data = io.BytesIO()
     joblib.dump(model, data)
-    write_atomic(path, data.getvalue(), mode=0o644)
+    _write(path, data.getvalue())
 
 
 def _load_model(path, classifier=True):
@@ -243,7 +284,7 @@ def _write_table(header, rows, output):
     if output is None:
         sys.stdout.write(csv_text([header, *rows], lineterminator="\n"))
         return
-    write_atomic(output, csv_text([header, *rows]).encode("utf-8"), mode=0o644)
+    _write(output, csv_text([header, *rows]).encode("utf-8"))
 
 
 # --------------------------------------------------------------------------
@@ -262,6 +303,8 @@ def _fit(args):
 
     if args.cv < 2:
         raise ValueError(f"--cv {args.cv}: cross-validation needs at least 2 folds.")
+    to_folder = args.output.endswith(("/", os.sep)) or os.path.isdir(args.output)
+    _check_output(args.output, "-o", folder=to_folder)
     X, y = _read_dataset(args.data, args.path_column, args.label_column)
     clf = PretrainedImageClassifier(
         backbone=args.backbone, cache_dir=args.cache_dir,
@@ -276,7 +319,7 @@ def _fit(args):
           + ", ".join(f"{c} ({n})" for c, n in zip(classes, counts)))
     if counts.min() < args.cv:
         raise ValueError(
-            f"class {classes[counts.argmin()]!r} has {counts.min()} images, fewer than --cv {args.cv} "
+            f"class {classes.tolist()[counts.argmin()]!r} has {counts.min()} images, fewer than --cv {args.cv} "
             "folds; add images or lower --cv."
         )
     # Each image goes through each backbone once, here: bad images are reported
@@ -318,10 +361,11 @@ def _fit(args):
     params = model.get_params(deep=False)
     shown = [k for k in _SHOWN_SETTINGS if k not in grid] + list(grid)
     print("Chosen settings: " + ", ".join(f"{k}={params[k]!r}" for k in shown))
-    if args.output.endswith(("/", os.sep)) or os.path.isdir(args.output):
+    if to_folder:
         from ._export import save_model
 
-        save_model(model, args.output)  # tensors and JSON: safe to share
+        with _writing(args.output):
+            save_model(model, args.output)  # tensors and JSON: safe to share
     else:
         _dump(model, args.output)
     print(f"Model trained on all {len(X)} images saved to {safe_text(args.output)}")
@@ -331,6 +375,8 @@ def _fit(args):
 def _predict(args):
     import numpy as np
 
+    if args.output is not None:
+        _check_output(args.output, "-o")
     model = _load_model(args.model)
     paths = _expand_inputs(args.inputs)
     _show_embedding_progress(model, _progress())
@@ -367,9 +413,10 @@ def _evaluate(args):
 
     from ._plotting import _figure, plot_top_losses, top_losses
 
+    out = Path(args.output)
+    _check_output(out, "-o", folder=True)
     model = _load_model(args.model)
     X, y = _read_dataset(args.data, args.path_column, args.label_column)
-    out = Path(args.output)
     _show_embedding_progress(model, _progress())
     classes = np.asarray(model.classes_)
     if classes.dtype.kind in "iu" and y.dtype.kind in "US":  # integer classes, labels read as text
@@ -442,9 +489,8 @@ def _evaluate(args):
 </table>
 </body></html>
 """
-    out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        write_atomic(out / name, data if isinstance(data, bytes) else data.encode("utf-8"), mode=0o644)
+        _write(out / name, data if isinstance(data, bytes) else data.encode("utf-8"))
     print(f"accuracy {accuracy:.3f} on {len(X)} images ({n_wrong} misclassified)")
     print(f"Report written to {safe_text(out / 'index.html')}")
     return 0
@@ -458,6 +504,10 @@ def _embed(args):
     output = Path(args.output)
     if output.suffix.lower() not in (".parquet", ".npy"):
         raise ValueError(f"-o {args.output!r}: the file name must end in .parquet or .npy.")
+    listing = output.with_suffix(".paths.txt")
+    _check_output(output, "-o")
+    if output.suffix.lower() == ".npy":
+        _check_output(listing, "-o (its list of paths)")
     if output.suffix.lower() == ".parquet":
         try:
             import pandas as pd
@@ -476,16 +526,15 @@ def _embed(args):
     data = io.BytesIO()
     if output.suffix.lower() == ".npy":
         np.save(data, features)
-        listing = output.with_suffix(".paths.txt")
-        write_atomic(listing, "".join(n + "\n" for n in names).encode("utf-8"), mode=0o644)
-        write_atomic(output, data.getvalue(), mode=0o644)
+        _write(listing, "".join(n + "\n" for n in names).encode("utf-8"))
+        _write(output, data.getvalue())
         print(f"{features.shape[0]} x {features.shape[1]} features written to {safe_text(output)}; "
               f"row i is the image on line i of {safe_text(listing)}")
     else:
         frame = pd.DataFrame(features, columns=embedder.get_feature_names_out())
         frame.insert(0, "path", names)
         frame.to_parquet(data, index=False)
-        write_atomic(output, data.getvalue(), mode=0o644)
+        _write(output, data.getvalue())
         print(f"{features.shape[0]} images x {features.shape[1]} features written to {safe_text(output)}")
     return 0
 
@@ -496,8 +545,11 @@ def _export(args):
     output = Path(args.output)
     if output.suffix.lower() != ".onnx":
         raise ValueError(f"{args.output!r}: the file name must end in .onnx.")
+    _check_output(output, "OUTPUT")
     model = load_model(args.model) if Path(args.model).is_dir() else _load_model(args.model, classifier=False)
-    export_onnx(model, output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with _writing(output):
+        export_onnx(model, output)
     meta = _onnx_metadata(output)
     side = meta["crop_size"]
     print(f"{type(model).__name__} exported to {output} ({output.stat().st_size / 1e6:.1f} MB): "
@@ -534,25 +586,39 @@ def _backbones(args):
 def _audit(args):
     from . import PretrainedImageClassifier, audit
 
+    out = Path(args.output)
+    _check_output(out, "-o", folder=True)
     X, y = _read_dataset(args.data, args.path_column, args.label_column)
     X_test = y_test = None
     if args.test is not None:
         X_test, y_test = _read_dataset(args.test, args.path_column, args.label_column)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     clf = PretrainedImageClassifier(backbone=args.backbone, cache_dir=args.cache_dir, device=args.device,
                                     random_state=args.random_state)
     report = audit(clf, X, y, cv=args.cv, X_test=X_test, y_test=y_test,
                    duplicate_threshold=args.threshold, random_state=args.random_state,
                    verbose=int(args.verbose or _progress()))
-    report.to_csv(out / "findings.csv")
-    report.to_html(out / "index.html")
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        report.to_csv(out / "findings.csv")
+        report.to_html(out / "index.html")
     print(f"{len(X)} images audited: {len(report.label_issues)} suspected label errors, "
           f"{len(report.duplicate_groups)} duplicate groups, {len(report.leakage_groups)} leakage groups, "
           f"{len(report.outliers)} outliers")
     print(f"Duplicates joined from cosine similarity {report.duplicate_threshold:.3f}. "
           f"Report written to {out / 'index.html'} and {out / 'findings.csv'}")
     return 0
+
+
+def _similarity_threshold(text):
+    """``--threshold``: ``auto`` or a number."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither auto nor a number; give a cosine similarity such as 0.95, or auto."
+        ) from None
 
 
 _MODEL_HELP = ("a folder written by `sktransfer fit -o FOLDER/` or save_model (safe to share), or a "
@@ -566,6 +632,7 @@ def build_parser():
         prog="sktransfer",
         description="Transfer learning for images with a frozen pretrained backbone.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = commands.add_parser("demo", help="train on the bundled photo sample, save, reload, predict")
     demo.add_argument("-o", "--output", default="sktransfer-demo.joblib", help="where to save the model")
@@ -649,7 +716,7 @@ def build_parser():
     audit.add_argument("--test", metavar="DATA", help="a held-out set (same forms as DATA) to check for leakage")
     audit.add_argument("--backbone", default="efficientnet_lite0", help="see `sktransfer backbones` (default: efficientnet_lite0)")
     audit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default: 5)")
-    audit.add_argument("--threshold", type=lambda v: v if v == "auto" else float(v), default="auto",
+    audit.add_argument("--threshold", type=_similarity_threshold, default="auto",
                        help="cosine similarity of features from which images are duplicates, or auto: "
                             "relative to the folder's nearest-neighbour distances (default: auto)")
     audit.add_argument("--cache-dir", help="folder of a disk feature cache, reused by later runs")
@@ -687,7 +754,7 @@ def main(argv=None):
         # The reader went away (e.g. `| head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (ValueError, OSError, RuntimeError, ImportError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
         print(f"sktransfer {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -391,3 +391,94 @@ def test_demo_shows_accuracy_time_confusion_matrix_and_next_steps(tmp_path, caps
     assert f"saved to {model.resolve()}" in out and "predictions identical = True" in out
     assert "sktransfer fit path/to/photos -o model.joblib" in out
     assert list(joblib.load(model).classes_) == classes
+
+
+def test_version_prints_the_package_version(capsys):
+    import sktransfer
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"sktransfer {sktransfer.__version__}\n"
+
+
+def test_audit_threshold_that_is_not_a_number_reads_well(capsys):
+    with pytest.raises(SystemExit) as usage:
+        main(["audit", "photos", "--threshold", "high"])
+    assert usage.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --threshold: 'high' is neither auto nor a number" in err and "lambda" not in err
+    assert build_parser().parse_args(["audit", "p", "--threshold", "0.9"]).threshold == 0.9
+
+
+def test_too_few_images_for_the_folds_names_the_class_as_plain_text(sample, tmp_path, capsys):
+    data = copy_images(sample, tmp_path / "few", 2)
+    assert main(["fit", str(data), "--cv", "5", "-o", str(tmp_path / "m.joblib")]) == 1
+    err = capsys.readouterr().err
+    assert "class 'cardboard' has 2 images, fewer than --cv 5" in err and "np." not in err
+    assert main(["audit", str(data), "--cv", "5", "-o", str(tmp_path / "audit")]) == 1
+    err = capsys.readouterr().err
+    assert "class 'cardboard' has 2 image(s), fewer than cv=5" in err and "np." not in err
+
+
+def test_export_of_a_pipeline_is_an_error_message_not_a_traceback(trained, tmp_path, capsys):
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    _, _, model_path, data, _ = trained
+    X, y = load_image_folder(data)
+    pipe = make_pipeline(FunctionTransformer(), joblib.load(model_path)).fit(X, y)
+    joblib.dump(pipe, tmp_path / "pipe.joblib")
+    assert main(["export", str(tmp_path / "pipe.joblib"), str(tmp_path / "p.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sktransfer export: error: export_onnx exports a fitted") and "got Pipeline" in err
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_outputs_are_checked_before_any_work(trained, sample, tmp_path, capsys):
+    """A path that cannot be written fails at once, naming the path the user gave."""
+    _, _, model_path, data, _ = trained
+    photo = str(next(data.rglob("*.jpg")))
+    (tmp_path / "afile").write_text("a file in the way")
+    blocked = str(tmp_path / "afile" / "sub" / "out")  # its parent is a file
+    runs = {
+        "fit": ["fit", str(tmp_path / "no-such-data"), "-o", blocked + ".joblib"],
+        "predict": ["predict", str(tmp_path / "no-such-model.joblib"), photo, "-o", blocked + ".csv"],
+        "embed": ["embed", str(tmp_path / "missing.jpg"), "-o", blocked + ".npy"],
+        "export": ["export", str(tmp_path / "no-such-model.joblib"), blocked + ".onnx"],
+        "evaluate": ["evaluate", str(tmp_path / "no-such-model.joblib"), str(data), "-o", str(tmp_path / "afile")],
+        "audit": ["audit", str(tmp_path / "no-such-data"), "-o", str(tmp_path / "afile")],
+        "demo": ["demo", "-o", blocked + ".joblib"],
+    }
+    for command, argv in runs.items():
+        assert main(argv) == 1, command
+        err = capsys.readouterr().err
+        # the output is refused, before the missing inputs are even read
+        assert err.startswith(f"sktransfer {command}: error: "), err
+        assert str(tmp_path / "afile") in err and ".tmp" not in err and "no-such" not in err, err
+    assert main(["predict", str(model_path), photo, "-o", str(tmp_path)]) == 1
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
+
+
+def test_missing_output_folders_are_made(trained, sample, tmp_path, capsys):
+    _, _, model_path, data, _ = trained
+    photo = str(next(data.rglob("*.jpg")))
+    few = copy_images(sample, tmp_path / "few", 2)
+    assert main(["fit", str(few), "--cv", "2", "--max-epochs", "2", "-o", str(tmp_path / "a" / "m.joblib")]) == 0
+    assert joblib.load(tmp_path / "a" / "m.joblib").classes_.tolist() == CLASSES
+    assert main(["predict", str(model_path), photo, "-o", str(tmp_path / "b" / "sub" / "out.csv")]) == 0
+    assert pd.read_csv(tmp_path / "b" / "sub" / "out.csv")["path"].tolist() == [photo]
+    assert main(["embed", photo, "-o", str(tmp_path / "c" / "f.npy")]) == 0
+    assert np.load(tmp_path / "c" / "f.npy").shape == (1, 1280)
+    assert (tmp_path / "c" / "f.paths.txt").read_text().splitlines() == [photo]
+    capsys.readouterr()
+
+
+def test_export_makes_the_missing_folder_of_its_output(trained, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    _, _, model_path, _, _ = trained
+    output = tmp_path / "nodir" / "t.onnx"
+    assert main(["export", str(model_path), str(output)]) == 0
+    assert output.stat().st_size > 1e6 and sorted(p.name for p in output.parent.iterdir()) == ["t.onnx"]
+    capsys.readouterr()
