@@ -39,7 +39,7 @@ def main():
     X, y = load(args.data, args.per_class)
 
     clf = PretrainedImageClassifier(max_epochs=args.max_epochs, cache_dir=args.cache_dir, random_state=0)
-    grid = {"hidden_units": [(), (64,)], "weight_decay": [1e-4, 1e-2]}
+    grid = {"hidden_units": [(), (64,)], "dropout": [0.0, 0.5]}
     search = GridSearchCV(clf, grid, cv=StratifiedKFold(3, shuffle=True, random_state=0))
     start = time.perf_counter()
     search.fit(X, y)

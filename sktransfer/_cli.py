@@ -182,7 +182,7 @@ def _parse_grid(specs, estimator):
         key, sep, values = spec.partition("=")
         key = key.strip()
         if not sep or not key or not values.strip():
-            raise ValueError(f"--grid {spec!r} is not KEY=V1,V2,...; e.g. --grid lr=0.001,0.01")
+            raise ValueError(f"--grid {spec!r} is not KEY=V1,V2,...; e.g. --grid dropout=0.0,0.5")
         if key not in known and not key.startswith(HEAD_PREFIXES):
             raise ValueError(
                 f"--grid {spec!r}: {key!r} is not a setting of PretrainedImageClassifier; "
@@ -660,7 +660,10 @@ def build_parser():
     fit.add_argument("--backbone", default="efficientnet_lite0", help="see `sktransfer backbones` (default: efficientnet_lite0)")
     fit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default: 5)")
     fit.add_argument("--grid", action="append", metavar="KEY=V1,V2",
-                     help="settings to try, e.g. lr=0.001,0.01 or hidden_units='(),(256,)'; repeatable")
+                     help="settings to try, e.g. hidden_units='(),(256,)' or dropout=0.0,0.5 or "
+                          "backbone=efficientnet_lite0,efficientnet_lite1; repeatable. The default linear "
+                          "head (weight_decay=auto) is fitted by L-BFGS at a tuned L2 strength: it reads "
+                          "neither lr nor max_epochs nor batch_size")
     fit.add_argument("--max-epochs", type=int, default=None,
                      help="epochs of head training (default: the classifier's, "
                           f"{PretrainedImageClassifier().max_epochs})")

@@ -45,7 +45,7 @@ def trained(sample, tmp_path_factory):
     out = io.StringIO()
     with redirect_stdout(out):
         code = main(["fit", str(data), "-o", str(model), "--cv", "2", "--max-epochs", "15",
-                     "--grid", "lr=0.001,0.01", "--grid", "hidden_units=(),(8,)"])
+                     "--grid", "dropout=0.0,0.5", "--grid", "hidden_units=(),(8,)"])
     return code, out.getvalue(), model, data, root
 
 
@@ -75,7 +75,7 @@ def test_fit_prints_cv_accuracy_and_chosen_settings_and_saves(trained):
     model = joblib.load(model_path)
     assert isinstance(model, PretrainedImageClassifier)
     chosen = out.split("Chosen settings: ")[1].splitlines()[0]
-    assert f"lr={model.lr!r}" in chosen and f"hidden_units={model.hidden_units!r}" in chosen
+    assert f"dropout={model.dropout!r}" in chosen and f"hidden_units={model.hidden_units!r}" in chosen
     assert model.max_epochs == 15 and list(model.classes_) == CLASSES
     X, y = load_image_folder(data)
     assert model.score(X, y) > 0.8  # refit on all images
@@ -482,3 +482,28 @@ def test_export_makes_the_missing_folder_of_its_output(trained, tmp_path, capsys
     assert main(["export", str(model_path), str(output)]) == 0
     assert output.stat().st_size > 1e6 and sorted(p.name for p in output.parent.iterdir()) == ["t.onnx"]
     capsys.readouterr()
+
+
+def test_grid_examples_in_fit_help_change_the_model(sample, capsys):
+    """Each --grid example of the help gives candidates that predict differently
+    (lr, max_epochs or batch_size would not: the default head never reads them)."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    examples = re.search(r"settings to try, e\.g\. (.*?); repeatable", text).group(1).split(" or ")
+    assert len(examples) >= 2
+    paths, labels = sample
+    train, test = [], []
+    for c in CLASSES:
+        mine = [p for p, lab in zip(paths, labels) if lab == c]
+        train += [(p, c) for p in mine[:5]]
+        test += mine[5:8]
+    X, y = [p for p, _ in train], [c for _, c in train]
+    for example in examples:
+        grid = _parse_grid([example.replace("'", "")], PretrainedImageClassifier())
+        ((key, values),) = grid.items()
+        probas = [PretrainedImageClassifier(random_state=0, **{key: v}).fit(X, y).predict_proba(test)
+                  for v in values]
+        for i in range(len(values)):
+            for j in range(i):
+                assert np.abs(probas[i] - probas[j]).max() > 1e-3, (example, values[i], values[j])
