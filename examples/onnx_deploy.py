@@ -6,10 +6,11 @@ Trains a PretrainedImageClassifier on part of DATA_DIR (one sub-folder per
 class; default: the photo sample bundled with sktransfer), exports it with
 ``export_onnx``, predicts the held-out photos with onnxruntime and compares
 with the estimator. ``load_pixels`` and ``predict_onnx`` use only Pillow,
-numpy and onnxruntime: copy them to the machine that serves the model.
+numpy and onnxruntime: copy them (and ``decode``) to the machine that serves the model.
 """
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,37 @@ from PIL import Image, ImageOps
 SAMPLE = Path(__file__).resolve().parents[1] / "sktransfer" / "data" / "trash_sample"
 
 
+def decode(path, shorter):
+    """An image file as RGB, decoded as sktransfer decodes it for a resize to ``shorter`` pixels.
+
+    A JPEG more than twice as large as needed is decoded at a reduced scale
+    (Pillow's draft mode), the EXIF orientation is applied, 16-bit greyscale is
+    scaled to 8 bits (not saturated) and transparent pixels are laid onto white.
+    """
+    image = Image.open(path)
+    w, h = image.size
+    if image.format == "JPEG" and min(w, h) > 2 * shorter:
+        scale = shorter / min(w, h)
+        image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        grey = np.asarray(image).astype(np.float64) / 65535.0 * 255.0
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
 def load_pixels(paths, meta):
     """Decode each image, resize its shorter side and cut out the centre, as the model's metadata says."""
     resize, crop = int(meta["resize_size"]), int(meta["crop_size"])
     resample = Image.Resampling[meta["interpolation"].upper()]
     batch = []
     for path in paths:
-        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        image = decode(path, resize)
         w, h = image.size
         size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
         image = image.resize(size, resample)

@@ -15,10 +15,12 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
-from sktransfer import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor, export_onnx
+from sktransfer import (ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor, export_onnx,
+                        load_image_folder)
 from sktransfer._cli import main
+from sktransfer._images import load_pixels
 
-from conftest import SAMPLE, subset
+from conftest import SAMPLE, dataset, subset
 
 ort = pytest.importorskip("onnxruntime")  # in the dev extra; only a bare install lacks it
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,3 +165,21 @@ def test_sample_photos_load_for_the_graph(split, tmp_path):
     Image.open(X_test[0]).rotate(90, expand=True).save(tmp_path / "landscape.png")  # the other orientation
     photos = X_test + [str(tmp_path / "landscape.png")]
     np.testing.assert_array_equal(onnx_deploy.load_pixels(photos, meta), pixels(embedder, photos))
+    # Files sktransfer decodes its own way, against its own decoding: a phone-size JPEG
+    # (decoded at a reduced scale), 16-bit greyscale (scaled to 8 bits, not saturated),
+    # an EXIF orientation, transparency (laid onto white).
+    with Image.open(load_image_folder(dataset("trash6"))[0][0]) as photo:
+        photo = photo.convert("RGB")
+    photo.resize((3024, 4032), Image.Resampling.BICUBIC).save(tmp_path / "phone.jpg", quality=90)
+    grey = np.asarray(photo.convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(grey[:, ::-1].copy()).save(tmp_path / "grey16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    photo.save(tmp_path / "rotated.jpg", exif=exif)
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
+    rgba.save(tmp_path / "transparent.png")
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "palette.png", transparency=0)
+    odd = [str(tmp_path / name) for name in
+           ("phone.jpg", "grey16.png", "rotated.jpg", "transparent.png", "palette.png")]
+    np.testing.assert_array_equal(onnx_deploy.load_pixels(odd, meta), np.stack([load_pixels(p, prep) for p in odd]))
