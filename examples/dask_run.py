@@ -45,7 +45,7 @@ def main():
 
     ImageEmbedder(cache_dir=cache_dir).fit().transform(X)  # each image through the backbone once
     clf = PretrainedImageClassifier(max_epochs=args.max_epochs, cache_dir=cache_dir, random_state=0)
-    grid = {"hidden_units": [(), (32,)], "weight_decay": [1e-4, 1e-2]}
+    grid = {"hidden_units": [(), (32,)], "dropout": [0.0, 0.5]}
     search = GridSearchCV(clf, grid, cv=StratifiedKFold(3, shuffle=True, random_state=0), n_jobs=-1)
 
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")

@@ -56,7 +56,7 @@ def test_dask_example_runs_on_a_local_cluster(tmp_path):
     out = run_example("dask_run.py", "--per-class", "4", "--max-epochs", "5",
                       "--cache-dir", str(tmp_path / "cache"), tmp_path=tmp_path)
     assert "Dask cluster with 2 workers" in out
-    assert re.search(rf"24 images; best cross-validated accuracy {ACCURACY} with {{'hidden_units'", out)
+    assert re.search(rf"24 images; best cross-validated accuracy {ACCURACY} with {{'dropout'", out)
     assert re.search(r"refit model predicts: \['\w+', '\w+', '\w+'\]", out)
 
 
