@@ -665,7 +665,8 @@ def build_parser():
                           "head (weight_decay=auto) is fitted by L-BFGS at a tuned L2 strength: it reads "
                           "neither lr nor max_epochs nor batch_size")
     fit.add_argument("--max-epochs", type=int, default=None,
-                     help="epochs of head training (default: the classifier's, "
+                     help="epochs of head training by AdamW (with --grid hidden_units=... or a number "
+                          "for weight_decay; the default linear head ignores it) (default: the classifier's, "
                           f"{PretrainedImageClassifier().max_epochs})")
     fit.add_argument("--cache-dir", help="folder of a disk feature cache, reused by later runs")
     fit.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
