@@ -38,6 +38,7 @@ from ._engine import ENGINES, PRECISIONS
 from ._engine import check_settings as check_engine_settings
 from ._features import extract_features
 from ._head import (
+    HEAD_PREFIXES,
     BlocksAndHead,
     HeadClassifier,
     HeadModule,
@@ -46,6 +47,7 @@ from ._head import (
     build_head,
     check_head_settings,
     resume,
+    unexpected_setting,
 )
 # Under this name too because pickles of calibrated models from 0.1.0 refer to it.
 from ._head import TemperatureSoftmax as _TemperatureSoftmax
@@ -404,7 +406,18 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         return params
 
     def set_params(self, **params):
+        """Set parameters, and skorch settings by prefix (``optimizer__betas``, ...).
+
+        A name that is neither is refused at once, with the closest setting,
+        as scikit-learn's ``set_params`` refuses it (so a grid search with a
+        misspelt name fails before its first fit).
+        """
         named = self._get_param_names()
+        for key in params:
+            # The signature's own ``**kwargs`` name (scikit-learn's smoke test of
+            # set_params passes it) is stored, and refused at fit like any other.
+            if key not in named and key != "kwargs" and not key.startswith(HEAD_PREFIXES):
+                raise unexpected_setting(key, named, type(self).__name__)
         vars(self).update({k: v for k, v in params.items() if k not in named})
         super().set_params(**{k: v for k, v in params.items() if k in named})
         return self

@@ -329,8 +329,16 @@ class TemperatureScaling(Callback):
 # -- the head's settings, checked at fit before any embedding ------------------------
 
 
+#: What users of scikit-learn's and Keras's networks call some settings.
+_OTHER_NAMES = {"learning_rate": "lr", "learning_rate_init": "lr", "hidden_layer_sizes": "hidden_units",
+                "alpha": "weight_decay", "l2": "weight_decay", "max_iter": "max_epochs", "epochs": "max_epochs",
+                "n_epochs": "max_epochs"}
+
+
 def _suggestion(key, names):
     """The setting ``key`` was probably meant to be: a named parameter or a prefixed skorch setting."""
+    if _OTHER_NAMES.get(key) in names:
+        return _OTHER_NAMES[key]
     for prefix in HEAD_PREFIXES:
         bare = prefix[:-2]
         if key.startswith(bare) and not key.startswith(prefix):  # optimizer_lr -> optimizer__lr
@@ -339,6 +347,16 @@ def _suggestion(key, names):
     candidates = [*names, *(p + rest for p in HEAD_PREFIXES if rest)]
     close = difflib.get_close_matches(key, candidates, n=1)
     return close[0] if close else None
+
+
+def unexpected_setting(key, names, owner):
+    """The ValueError for a setting ``key`` that is neither one of ``names`` nor prefixed for skorch."""
+    hint = _suggestion(key, names)
+    return ValueError(
+        f"{owner} got an unexpected setting {key!r}"
+        + (f"; did you mean {hint!r}?" if hint else ".")
+        + f" skorch settings are passed with a prefix: {', '.join(p + '*' for p in HEAD_PREFIXES)}."
+    )
 
 
 def _accepted(cls, skip=("self",)):
@@ -383,12 +401,7 @@ def check_head_settings(params, extra, y_train, *, task, module, classifier, own
     for key in sorted(extra):
         prefix = next((p for p in HEAD_PREFIXES if key.startswith(p)), None)
         if prefix is None:
-            hint = _suggestion(key, params)
-            raise ValueError(
-                f"{owner} got an unexpected setting {key!r}"
-                + (f"; did you mean {hint!r}?" if hint else ".")
-                + f" skorch settings are passed with a prefix: {', '.join(p + '*' for p in HEAD_PREFIXES)}."
-            )
+            raise unexpected_setting(key, params, owner)
         name = key[len(prefix):].partition("__")[0]
         if prefix in ("iterator_train__", "iterator_valid__") and name not in FeatureLoader.SUPPORTED:
             raise ValueError(

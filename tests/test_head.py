@@ -155,6 +155,30 @@ def test_init_and_set_params_never_raise(Estimator):
     check_do_not_raise_errors_in_init_or_set_params(Estimator.__name__, Estimator())
 
 
+@pytest.mark.parametrize("Estimator", ESTIMATORS[1:], ids=lambda e: e.__name__)
+def test_set_params_refuses_unknown_names_at_once(Estimator, sample):
+    """As scikit-learn's set_params does: a grid search with a misspelt name fails before any fit."""
+    from sklearn.model_selection import GridSearchCV
+
+    from sktransfer._backbones import build_backbone
+
+    from conftest import ForwardCounter
+
+    for key, hint in [("lrr", "did you mean 'lr'"), ("learning_rate", "did you mean 'lr'"),
+                      ("hidden_layer_sizes", "did you mean 'hidden_units'"), ("max_epoch", "did you mean 'max_epochs'")]:
+        with pytest.raises(ValueError, match=f"unexpected setting '{key}'; {hint}"):
+            Estimator().set_params(**{key: 1})
+    assert Estimator().set_params(optimizer__betas=(0.8, 0.9)).get_params()["optimizer__betas"] == (0.8, 0.9)
+    with pytest.raises(ValueError, match="unexpected setting 'tta'"):
+        PretrainedImageRegressor().set_params(tta="flip")  # a classifier's setting, not the regressor's
+    paths, labels = sample
+    with ForwardCounter(build_backbone("efficientnet_lite0").module) as counter:
+        with pytest.raises(ValueError, match="unexpected setting 'lrr'"):
+            GridSearchCV(PretrainedImageClassifier(), {"lrr": [0.1, 0.01]}, cv=2, error_score="raise").fit(
+                paths[:8], labels[:8])
+    assert counter.images == 0
+
+
 def test_unknown_settings_are_stored_and_refused_at_fit_with_a_hint(sample):
     paths, labels = sample
     X, y = paths[:12:2] + paths[30:42:2], labels[list(range(0, 12, 2)) + list(range(30, 42, 2))]
