@@ -440,7 +440,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             )
         return tuple(int(u) for u in units)
 
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y=None, sample_weight=None):
         """Embed the images (once; cached) and train the head.
 
         With ``warm_start=True`` and a fitted model, training continues from
@@ -876,6 +876,10 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                 y = y.astype(np.float64)  # integral values are classes; others fail the check below
             elif all(isinstance(v, str) for v in y):
                 y = y.astype(str)
+            elif any(isinstance(v, str) for v in y):
+                kinds = sorted({type(v).__name__ for v in y})
+                raise ValueError(f"y mixes labels of several types ({', '.join(kinds)}); give every image "
+                                 "a label of one type (all strings, or all integers).")
         try:
             check_classification_targets(y)
         except ValueError as e:
@@ -1281,7 +1285,13 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
     def _prepare_targets(self, y, n, sample_weight, *, continuing=None, classes=None):
         if y is None:
             raise ValueError(f"{type(self).__name__} requires y, the target value(s) of each image.")
-        y = check_array(y, ensure_2d=False, dtype=np.float64, input_name="y")
+        try:
+            y = check_array(y, ensure_2d=False, dtype=np.float64, input_name="y")
+        except ValueError as e:
+            if "convert" not in str(e):  # not numbers; other faults (NaN, shape) read well as they are
+                raise
+            raise ValueError(f"y must hold numbers, the target value(s) of each image ({e}); for class "
+                             "labels use PretrainedImageClassifier.") from None
         if len(y) != n:
             raise ValueError(f"X has {n} images but y has {len(y)} targets; they must match.")
         Y = y.reshape(n, -1)

@@ -83,8 +83,17 @@ class Preprocessing:
         # Lists are the natural way to write mean/std; keep them as tuples so a
         # recipe is hashable and compares equal however it was written. A
         # square size is stored as an int, as timm and torchvision treat it.
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            try:
+                values = tuple(float(v) for v in values)
+            except (TypeError, ValueError):
+                values = ()
+            if len(values) != 3 or not all(math.isfinite(v) for v in values) or (
+                    name == "std" and min(values) <= 0):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; expected 3 finite numbers, "
+                                 f"one per channel (R, G, B){', each above 0' if name == 'std' else ''}.")
+            object.__setattr__(self, name, values)
         for name in ("resize_size", "crop_size"):
             h, w = _shape(getattr(self, name), name)
             object.__setattr__(self, name, h if h == w else (h, w))
