@@ -307,9 +307,12 @@ def _to_rgb(image):
     if mode == "RGB":
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # Scaled by the mode, never by the picture's own values, so equal values
+        # decode equally in every file: integers as 16-bit values (16-bit photos
+        # are often stored in 32-bit containers), floats as [0, 1].
         arr = np.asarray(image).astype(np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        top = 1.0 if mode == "F" else 65535.0
+        arr = np.rint(np.clip(np.nan_to_num(arr) / top * 255.0, 0, 255)).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
