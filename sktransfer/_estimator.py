@@ -887,6 +887,11 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         return y
 
     def _prepare_targets(self, y, n, sample_weight, *, continuing=None, classes=None):
+        if isinstance(y, (list, tuple)) and any(isinstance(v, (list, tuple, set, frozenset)) for v in y):
+            raise ValueError(
+                "y holds a collection of labels per image; for several labels per image pass a 0/1 "
+                "indicator matrix, one column per label: "
+                "sklearn.preprocessing.MultiLabelBinarizer().fit_transform(y).")
         if y is not None and (sparse.issparse(y) or np.ndim(y) == 2) and np.shape(y)[1] > 1:
             return self._prepare_multilabel(y, n, sample_weight, continuing, classes)
         y = self._check_y(y, n)

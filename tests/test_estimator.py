@@ -62,6 +62,8 @@ def test_missing_or_mixed_labels_are_value_errors_naming_y(digits_small):
         PretrainedImageClassifier().fit(X)
     with pytest.raises(ValueError, match=r"y mixes labels of several types \(int, str\)"):
         PretrainedImageClassifier().fit(X, [1 if i % 2 else "a" for i in range(len(X))])
+    with pytest.raises(ValueError, match="collection of labels per image.*MultiLabelBinarizer"):
+        PretrainedImageClassifier().fit(X, [["a", "b"] if i % 2 else ["a"] for i in range(len(X))])
 
 
 def test_backbone_is_frozen_bit_for_bit(flowers_small):
