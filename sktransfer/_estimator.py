@@ -291,6 +291,8 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         features : ndarray of shape (n_images, n_features_out_), float32
         """
         check_is_fitted(self)
+        # The column's name, where fit saw one, must be the same (as scikit-learn checks).
+        _check_feature_names(self, X if hasattr(X, "columns") else None, reset=False)
         return self._embed_items(as_image_list(X))
 
     def _embed_items(self, items, name="X"):
