@@ -24,8 +24,9 @@ from ._images import Preprocessing
 __all__ = ["list_backbones", "Backbone"]
 
 # Bump when the way features are computed changes, so disk caches written by
-# an older release are not reused.
-FEATURE_VERSION = "1"
+# an older release are not reused. 2: 32-bit integer and float images are
+# scaled by their mode, not by their own brightest pixel.
+FEATURE_VERSION = "2"
 
 
 class WeightsDownloadError(RuntimeError):

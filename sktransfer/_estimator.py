@@ -38,6 +38,7 @@ from ._engine import ENGINES, PRECISIONS
 from ._engine import check_settings as check_engine_settings
 from ._features import extract_features
 from ._head import (
+    HEAD_PREFIXES,
     BlocksAndHead,
     HeadClassifier,
     HeadModule,
@@ -46,6 +47,7 @@ from ._head import (
     build_head,
     check_head_settings,
     resume,
+    unexpected_setting,
 )
 # Under this name too because pickles of calibrated models from 0.1.0 refer to it.
 from ._head import TemperatureSoftmax as _TemperatureSoftmax
@@ -289,6 +291,8 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         features : ndarray of shape (n_images, n_features_out_), float32
         """
         check_is_fitted(self)
+        # The column's name, where fit saw one, must be the same (as scikit-learn checks).
+        _check_feature_names(self, X if hasattr(X, "columns") else None, reset=False)
         return self._embed_items(as_image_list(X))
 
     def _embed_items(self, items, name="X"):
@@ -404,7 +408,18 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         return params
 
     def set_params(self, **params):
+        """Set parameters, and skorch settings by prefix (``optimizer__betas``, ...).
+
+        A name that is neither is refused at once, with the closest setting,
+        as scikit-learn's ``set_params`` refuses it (so a grid search with a
+        misspelt name fails before its first fit).
+        """
         named = self._get_param_names()
+        for key in params:
+            # The signature's own ``**kwargs`` name (scikit-learn's smoke test of
+            # set_params passes it) is stored, and refused at fit like any other.
+            if key not in named and key != "kwargs" and not key.startswith(HEAD_PREFIXES):
+                raise unexpected_setting(key, named, type(self).__name__)
         vars(self).update({k: v for k, v in params.items() if k not in named})
         super().set_params(**{k: v for k, v in params.items() if k in named})
         return self
@@ -427,7 +442,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             )
         return tuple(int(u) for u in units)
 
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y=None, sample_weight=None):
         """Embed the images (once; cached) and train the head.
 
         With ``warm_start=True`` and a fitted model, training continues from
@@ -863,6 +878,10 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                 y = y.astype(np.float64)  # integral values are classes; others fail the check below
             elif all(isinstance(v, str) for v in y):
                 y = y.astype(str)
+            elif any(isinstance(v, str) for v in y):
+                kinds = sorted({type(v).__name__ for v in y})
+                raise ValueError(f"y mixes labels of several types ({', '.join(kinds)}); give every image "
+                                 "a label of one type (all strings, or all integers).")
         try:
             check_classification_targets(y)
         except ValueError as e:
@@ -870,6 +889,11 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         return y
 
     def _prepare_targets(self, y, n, sample_weight, *, continuing=None, classes=None):
+        if isinstance(y, (list, tuple)) and any(isinstance(v, (list, tuple, set, frozenset)) for v in y):
+            raise ValueError(
+                "y holds a collection of labels per image; for several labels per image pass a 0/1 "
+                "indicator matrix, one column per label: "
+                "sklearn.preprocessing.MultiLabelBinarizer().fit_transform(y).")
         if y is not None and (sparse.issparse(y) or np.ndim(y) == 2) and np.shape(y)[1] > 1:
             return self._prepare_multilabel(y, n, sample_weight, continuing, classes)
         y = self._check_y(y, n)
@@ -1268,7 +1292,13 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
     def _prepare_targets(self, y, n, sample_weight, *, continuing=None, classes=None):
         if y is None:
             raise ValueError(f"{type(self).__name__} requires y, the target value(s) of each image.")
-        y = check_array(y, ensure_2d=False, dtype=np.float64, input_name="y")
+        try:
+            y = check_array(y, ensure_2d=False, dtype=np.float64, input_name="y")
+        except ValueError as e:
+            if "convert" not in str(e):  # not numbers; other faults (NaN, shape) read well as they are
+                raise
+            raise ValueError(f"y must hold numbers, the target value(s) of each image ({e}); for class "
+                             "labels use PretrainedImageClassifier.") from None
         if len(y) != n:
             raise ValueError(f"X has {n} images but y has {len(y)} targets; they must match.")
         Y = y.reshape(n, -1)

@@ -281,6 +281,9 @@ def _read_info(folder):
             data = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise ValueError(f"load_model: {folder!r} has no {MODEL_FILE}; expected a folder written by save_model.") from None
+    except NotADirectoryError:
+        raise ValueError(f"load_model: {folder!r} is a file, not a folder written by save_model (a file "
+                         "written by joblib.dump loads with joblib.load, from trusted sources only).") from None
     if len(data) > MAX_JSON_BYTES:
         raise ValueError(f"load_model: {path!r} is larger than {MAX_JSON_BYTES} bytes; not written by save_model.")
     try:

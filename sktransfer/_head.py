@@ -329,8 +329,16 @@ class TemperatureScaling(Callback):
 # -- the head's settings, checked at fit before any embedding ------------------------
 
 
+#: What users of scikit-learn's and Keras's networks call some settings.
+_OTHER_NAMES = {"learning_rate": "lr", "learning_rate_init": "lr", "hidden_layer_sizes": "hidden_units",
+                "alpha": "weight_decay", "l2": "weight_decay", "max_iter": "max_epochs", "epochs": "max_epochs",
+                "n_epochs": "max_epochs"}
+
+
 def _suggestion(key, names):
     """The setting ``key`` was probably meant to be: a named parameter or a prefixed skorch setting."""
+    if _OTHER_NAMES.get(key) in names:
+        return _OTHER_NAMES[key]
     for prefix in HEAD_PREFIXES:
         bare = prefix[:-2]
         if key.startswith(bare) and not key.startswith(prefix):  # optimizer_lr -> optimizer__lr
@@ -339,6 +347,16 @@ def _suggestion(key, names):
     candidates = [*names, *(p + rest for p in HEAD_PREFIXES if rest)]
     close = difflib.get_close_matches(key, candidates, n=1)
     return close[0] if close else None
+
+
+def unexpected_setting(key, names, owner):
+    """The ValueError for a setting ``key`` that is neither one of ``names`` nor prefixed for skorch."""
+    hint = _suggestion(key, names)
+    return ValueError(
+        f"{owner} got an unexpected setting {key!r}"
+        + (f"; did you mean {hint!r}?" if hint else ".")
+        + f" skorch settings are passed with a prefix: {', '.join(p + '*' for p in HEAD_PREFIXES)}."
+    )
 
 
 def _accepted(cls, skip=("self",)):
@@ -383,12 +401,7 @@ def check_head_settings(params, extra, y_train, *, task, module, classifier, own
     for key in sorted(extra):
         prefix = next((p for p in HEAD_PREFIXES if key.startswith(p)), None)
         if prefix is None:
-            hint = _suggestion(key, params)
-            raise ValueError(
-                f"{owner} got an unexpected setting {key!r}"
-                + (f"; did you mean {hint!r}?" if hint else ".")
-                + f" skorch settings are passed with a prefix: {', '.join(p + '*' for p in HEAD_PREFIXES)}."
-            )
+            raise unexpected_setting(key, params, owner)
         name = key[len(prefix):].partition("__")[0]
         if prefix in ("iterator_train__", "iterator_valid__") and name not in FeatureLoader.SUPPORTED:
             raise ValueError(
@@ -405,6 +418,7 @@ def check_head_settings(params, extra, y_train, *, task, module, classifier, own
                     + (f" (did you mean {prefix}{hint[0]}?)" if hint else "")
                     + f"; it accepts {sorted(accepted | own)}."
                 )
+    _try_settings(params, extra, y_train, optimizer, task["criterion"])
     for cb in params["callbacks"] or []:
         obj = cb[1] if isinstance(cb, tuple) and len(cb) == 2 else cb
         if not (isinstance(obj, Callback) or (isinstance(obj, type) and issubclass(obj, Callback))):
@@ -431,6 +445,37 @@ def check_head_settings(params, extra, y_train, *, task, module, classifier, own
                 "class) on each side. Use more images or another validation_fraction, or turn "
                 "it off."
             )
+
+
+def _settings(extra, prefix):
+    """The settings of ``extra`` for one object (``prefix``), without the prefix; nested ones left out."""
+    return {k[len(prefix):]: v for k, v in extra.items()
+            if k.startswith(prefix) and "__" not in k[len(prefix):]}
+
+
+def _try_settings(params, extra, y_train, optimizer, criterion):
+    """Build the optimizer, and run the criterion on two dummy rows, with the user's settings,
+    so a value they refuse (``optimizer__betas=(1.5, 0.9)``, ``criterion__label_smoothing=2``)
+    is told before any image is embedded, not after."""
+    given = _settings(extra, "optimizer__")
+    given.pop("param_groups", None)  # skorch's, applied to groups of the head's parameters
+    if given:
+        try:
+            optimizer([nn.Parameter(torch.zeros(1))], **{"lr": params["lr"], **given})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{', '.join('optimizer__' + k for k in sorted(given))}: "
+                             f"{optimizer.__name__} refuses them: {e}") from None
+    given = _settings(extra, "criterion__")
+    if given:
+        target = torch.as_tensor(np.asarray(y_train[:2]))
+        classes = np.ndim(y_train) == 1 and not torch.is_floating_point(target)
+        n_outputs = int(y_train.max()) + 1 if classes else int(np.shape(y_train)[1])
+        try:
+            loss = criterion(**{**given, "reduction": "none"})
+            loss(torch.zeros(len(target), n_outputs), target if classes else target.float())
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{', '.join('criterion__' + k for k in sorted(given))}: "
+                             f"{criterion.__name__} refuses them: {e}") from None
 
 
 # -- building and continuing the head ------------------------------------------------

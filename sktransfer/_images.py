@@ -83,8 +83,17 @@ class Preprocessing:
         # Lists are the natural way to write mean/std; keep them as tuples so a
         # recipe is hashable and compares equal however it was written. A
         # square size is stored as an int, as timm and torchvision treat it.
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            try:
+                values = tuple(float(v) for v in values)
+            except (TypeError, ValueError):
+                values = ()
+            if len(values) != 3 or not all(math.isfinite(v) for v in values) or (
+                    name == "std" and min(values) <= 0):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; expected 3 finite numbers, "
+                                 f"one per channel (R, G, B){', each above 0' if name == 'std' else ''}.")
+            object.__setattr__(self, name, values)
         for name in ("resize_size", "crop_size"):
             h, w = _shape(getattr(self, name), name)
             object.__setattr__(self, name, h if h == w else (h, w))
@@ -298,9 +307,12 @@ def _to_rgb(image):
     if mode == "RGB":
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # Scaled by the mode, never by the picture's own values, so equal values
+        # decode equally in every file: integers as 16-bit values (16-bit photos
+        # are often stored in 32-bit containers), floats as [0, 1].
         arr = np.asarray(image).astype(np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        top = 1.0 if mode == "F" else 65535.0
+        arr = np.rint(np.clip(np.nan_to_num(arr) / top * 255.0, 0, 255)).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

@@ -67,14 +67,15 @@ def load_image_folder(root):
     ----------
     root : str or path-like
         A folder whose sub-folders are the class names, each holding image
-        files (``.jpg``, ``.png``, ... in any letter case). Hidden files and
-        files of other types are skipped.
+        files (``.jpg``, ``.png``, ... in any letter case), directly or in
+        sub-folders of its own (as torchvision's ``ImageFolder`` reads them).
+        Hidden files and folders and files of other types are skipped.
 
     Returns
     -------
     paths : list of str
-        Image paths, sorted by class name and then by file name, so the order
-        is the same on every machine.
+        Image paths, sorted by class name and then by path, so the order is
+        the same on every machine.
     labels : ndarray of str
         The class (sub-folder name) of each path.
 
@@ -93,16 +94,29 @@ def load_image_folder(root):
         )
     paths, labels = [], []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for file in sorted(class_dir.iterdir()):
-            if file.is_file() and not file.name.startswith(".") and file.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(str(file))
-                labels.append(class_dir.name)
+        files = image_files(class_dir)
+        paths += files
+        labels += [class_dir.name] * len(files)
     if not paths:
         raise ValueError(
             f"load_image_folder: found no images in {str(root)!r}; expected sub-folders "
             f"(one per class) holding files ending in {', '.join(IMAGE_EXTENSIONS)}."
         )
     return paths, np.asarray(labels)
+
+
+def image_files(folder):
+    """The image files under ``folder``, in its sub-folders too, sorted by path (as str).
+
+    Files and folders whose names start with ``.`` are left out, and so are
+    files whose extension is not in :data:`IMAGE_EXTENSIONS` (any letter case).
+    """
+    folder = Path(folder)
+    return sorted(
+        str(p) for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def as_image_list(X, name="X"):

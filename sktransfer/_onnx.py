@@ -189,18 +189,22 @@ def export_onnx(model, path):
     backbone, body, head, output, output_name, metadata = _parts(model)
     prep = backbone.preprocessing
     graph = _Graph(prep, copy.deepcopy(body).cpu().float().eval(), head, output).eval()
+    h, w = prep.crop_shape
     metadata.update({
         "producer": f"sktransfer {__version__}",
         "estimator": type(model).__name__,
         "backbone": backbone.name,
-        "input": "images: uint8 (n, crop_size, crop_size, 3) RGB, resized and centre-cropped",
+        "input": f"images: uint8 (n, {h}, {w}, 3) RGB, prepared as crop_mode says "
+                 "(Preprocessing.to_array)",
         "output": output_name,
-        "resize_size": str(prep.resize_size),
-        "crop_size": str(prep.crop_size),
+        # JSON: an int (the shorter side / a square) or [height, width].
+        "resize_size": json.dumps(prep.resize_size),
+        "crop_size": json.dumps(prep.crop_size),
+        "crop_mode": prep.crop_mode,
         "interpolation": prep.interpolation,
     })
     path = Path(path)
-    example = torch.zeros(2, prep.crop_size, prep.crop_size, 3, dtype=torch.uint8)
+    example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:

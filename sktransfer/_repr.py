@@ -23,9 +23,14 @@ def _backbone_box(embedder_params, backbone=None, unfreeze=0):
     if backbone is None:
         return f"backbone: {name}", f"weights={embedder_params['weights']!r}, {trained}\n(not loaded yet: fit loads it)"
     prep = backbone.preprocessing
+    h, w = prep.crop_shape
+    resize = (f"shorter side to {prep.resize_size}" if isinstance(prep.resize_size, int)
+              else "resized to cover {}x{}".format(*prep.resize_size))
+    steps = {"center": f"{resize} ({prep.interpolation}), centre crop",
+             "squash": f"squashed ({prep.interpolation}), centre crop",
+             "border": f"fitted inside ({prep.interpolation}), padded with the mean colour"}[prep.crop_mode]
     details = (f"{backbone.num_features} features per image, {trained}\n"
-               f"input {prep.crop_size}x{prep.crop_size} px: shorter side to {prep.resize_size} "
-               f"({prep.interpolation}), centre crop\nmean {prep.mean}, std {prep.std}\n"
+               f"input {h}x{w} px: {steps}\nmean {prep.mean}, std {prep.std}\n"
                f"fingerprint {backbone.fingerprint[:12]}")
     return f"backbone: {name} -> {backbone.num_features} features", details
 

@@ -56,6 +56,16 @@ def test_labels_given_as_lists_keep_their_kind(digits_small):
         assert clf.classes_.dtype == expected.dtype and clf.predict(X[:2]).dtype == expected.dtype
 
 
+def test_missing_or_mixed_labels_are_value_errors_naming_y(digits_small):
+    X, _ = digits_small
+    with pytest.raises(ValueError, match="requires y"):
+        PretrainedImageClassifier().fit(X)
+    with pytest.raises(ValueError, match=r"y mixes labels of several types \(int, str\)"):
+        PretrainedImageClassifier().fit(X, [1 if i % 2 else "a" for i in range(len(X))])
+    with pytest.raises(ValueError, match="collection of labels per image.*MultiLabelBinarizer"):
+        PretrainedImageClassifier().fit(X, [["a", "b"] if i % 2 else ["a"] for i in range(len(X))])
+
+
 def test_backbone_is_frozen_bit_for_bit(flowers_small):
     X, y = flowers_small
     module = build_backbone("efficientnet_lite0").module

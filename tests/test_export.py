@@ -154,6 +154,10 @@ def test_bad_folders_are_named(tmp_path, fitted):
     clf, _, _ = fitted
     with pytest.raises(ValueError, match="no model.json"):
         load_model(tmp_path)
+    (tmp_path / "model.joblib").write_bytes(b"a pickle")
+    with pytest.raises(ValueError, match="is a file, not a folder written by save_model"):
+        load_model(tmp_path / "model.joblib")
+    (tmp_path / "model.joblib").unlink()
     save_model(clf, tmp_path)
     info = json.loads((tmp_path / "model.json").read_text())
     (tmp_path / "model.json").write_text(json.dumps({**info, "format_version": 99}))

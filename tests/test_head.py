@@ -126,7 +126,7 @@ def test_tune_ridge_returns_the_minimiser_of_the_heads_own_penalised_loss(halves
     criterion = torch.nn.MSELoss(reduction="none")
     loss = weighted_loss(criterion, X64 @ W.T + b, Y64, w64) + l2 * 0.5 * W.pow(2).sum()
     loss.backward()
-    assert float(W.grad.abs().max()) < 1e-4 * float(W.abs().max()) and float(b.grad.abs().max()) < 1e-4
+    assert float(W.grad.abs().max()) < 1e-4 * float(W.detach().abs().max()) and float(b.grad.abs().max()) < 1e-4
     # Two images with weight leave the same error out at every strength: no choice to make.
     two = np.zeros(len(train))
     two[:2] = 1.0
@@ -153,6 +153,56 @@ def test_tune_l2_picks_the_strongest_penalty_for_labels_unrelated_to_the_photos(
 @pytest.mark.parametrize("Estimator", ESTIMATORS, ids=lambda e: e.__name__)
 def test_init_and_set_params_never_raise(Estimator):
     check_do_not_raise_errors_in_init_or_set_params(Estimator.__name__, Estimator())
+
+
+@pytest.mark.parametrize("Estimator", ESTIMATORS[1:], ids=lambda e: e.__name__)
+def test_set_params_refuses_unknown_names_at_once(Estimator, sample):
+    """As scikit-learn's set_params does: a grid search with a misspelt name fails before any fit."""
+    from sklearn.model_selection import GridSearchCV
+
+    from sktransfer._backbones import build_backbone
+
+    from conftest import ForwardCounter
+
+    for key, hint in [("lrr", "did you mean 'lr'"), ("learning_rate", "did you mean 'lr'"),
+                      ("hidden_layer_sizes", "did you mean 'hidden_units'"), ("max_epoch", "did you mean 'max_epochs'")]:
+        with pytest.raises(ValueError, match=f"unexpected setting '{key}'; {hint}"):
+            Estimator().set_params(**{key: 1})
+    assert Estimator().set_params(optimizer__betas=(0.8, 0.9)).get_params()["optimizer__betas"] == (0.8, 0.9)
+    with pytest.raises(ValueError, match="unexpected setting 'tta'"):
+        PretrainedImageRegressor().set_params(tta="flip")  # a classifier's setting, not the regressor's
+    paths, labels = sample
+    with ForwardCounter(build_backbone("efficientnet_lite0").module) as counter:
+        with pytest.raises(ValueError, match="unexpected setting 'lrr'"):
+            GridSearchCV(PretrainedImageClassifier(), {"lrr": [0.1, 0.01]}, cv=2, error_score="raise").fit(
+                paths[:8], labels[:8])
+    assert counter.images == 0
+
+
+def test_values_the_optimizer_or_criterion_refuse_are_told_before_any_image_is_embedded(sample):
+    from sktransfer import clear_cache
+    from sktransfer._backbones import build_backbone
+
+    from conftest import ForwardCounter
+
+    paths, labels = sample
+    X, y = paths[:12:2] + paths[30:42:2], labels[list(range(0, 12, 2)) + list(range(30, 42, 2))]
+    clear_cache()
+    for Estimator, target, bad, message in [
+        (PretrainedImageClassifier, y, dict(hidden_units=(8,), optimizer__betas=(1.5, 0.9)),
+         r"optimizer__betas: AdamW refuses them: Invalid beta"),
+        (PretrainedImageClassifier, y, dict(criterion__label_smoothing=2.0),
+         "criterion__label_smoothing: CrossEntropyLoss refuses them"),
+        (PretrainedImageClassifier, y, dict(criterion__weight=torch.ones(5)),  # 2 classes
+         "criterion__weight: CrossEntropyLoss refuses them"),
+    ]:
+        with ForwardCounter(build_backbone("efficientnet_lite0").module) as counter:
+            with pytest.raises(ValueError, match=message):
+                Estimator(engine="torch", **bad).fit(X, target)
+        assert counter.images == 0
+    # Good values pass, and train.
+    PretrainedImageClassifier(engine="torch", max_epochs=2, hidden_units=(8,), optimizer__betas=(0.8, 0.9),
+                              criterion__label_smoothing=0.1).fit(X, y)
 
 
 def test_unknown_settings_are_stored_and_refused_at_fit_with_a_hint(sample):

@@ -102,6 +102,23 @@ def test_unusual_file_decodes_to_the_picture_a_viewer_shows(tmp_path, kind):
     assert array.shape == (224, 224, 3) and array.dtype == np.uint8
 
 
+def test_wide_integer_and_float_pixels_scale_by_their_mode_not_by_the_pictures_content(tmp_path):
+    """Two 32-bit integer TIFFs alike but for one pixel decode alike elsewhere; integers are
+    16-bit values (as 16-bit photos are stored in 32-bit containers), floats lie in [0, 1]."""
+    a = np.full((8, 8), 200, np.int32)
+    a[0, 0] = 250
+    b = a.copy()
+    b[0, 0] = 300  # the only difference: its brightest pixel is above 255
+    for name, array in (("a.tif", a), ("b.tif", b)):
+        Image.fromarray(array, "I").save(tmp_path / name)
+        assert Image.open(tmp_path / name).mode == "I"
+    decoded = [np.asarray(open_image(str(tmp_path / n))) for n in ("a.tif", "b.tif")]
+    np.testing.assert_array_equal(decoded[0][1:], decoded[1][1:])
+    assert decoded[0][5, 5, 0] == round(200 / 65535 * 255)
+    Image.fromarray(np.full((8, 8), 0.8, np.float32), "F").save(tmp_path / "f.tif")
+    assert np.asarray(open_image(str(tmp_path / "f.tif")))[4, 4, 0] == round(0.8 * 255)
+
+
 def test_transparent_palette_entries_become_white(tmp_path):
     path, _, _ = _write(tmp_path, "palette-transparent.png")
     source = Image.open(path)

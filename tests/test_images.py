@@ -122,6 +122,9 @@ def test_recipe_from_before_crop_mode_loads_as_center():
     (dict(crop_mode="fit"), "crop_mode='fit' is not supported"),
     (dict(crop_size=(224, 224, 3)), "crop_size=.* is not valid"),
     (dict(resize_size=0), "resize_size=0 is not valid"),
+    (dict(mean=(0.5,)), r"mean=\(0.5,\) is not valid; expected 3 finite numbers"),
+    (dict(std=(0.5, 0.0, 0.5)), "std=.* each above 0"),
+    (dict(std="wide"), "std='wide' is not valid"),
 ])
 def test_invalid_recipe_names_the_field(bad, message):
     with pytest.raises(ValueError, match=message):

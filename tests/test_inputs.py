@@ -34,6 +34,18 @@ def test_load_image_folder_skips_non_images_and_names_bad_root(tmp_path):
         load_image_folder(tmp_path / "empty")
 
 
+def test_load_image_folder_reads_nested_folders_of_each_class(tmp_path):
+    """Photos in sub-folders of a class folder (by date, by camera) belong to that class, as in
+    torchvision's ImageFolder and as `sktransfer predict` reads a folder; none is left out."""
+    for name in ("a/1.jpg", "a/2019/2.jpg", "a/2019/05/3.png", "b/4.jpg", "b/.cache/5.jpg", "b/.6.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    paths, labels = load_image_folder(tmp_path)
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in paths] == ["a/1.jpg", "a/2019/05/3.png",
+                                                                         "a/2019/2.jpg", "b/4.jpg"]
+    assert list(labels) == ["a", "a", "a", "b"]
+
+
 def test_containers_of_paths_are_accepted(sample):
     paths = sample[0][:3]
     expected = [str(p) for p in paths]

@@ -132,6 +132,24 @@ def test_embedder_and_fine_tuned_multilabel_models(split, tmp_path):
     np.testing.assert_allclose(proba, tuned.predict_proba(X_test), atol=1e-4)
 
 
+@pytest.mark.parametrize("recipe", [
+    dict(resize_size=(256, 224), crop_size=(224, 192)),  # a non-square input
+    dict(resize_size=160, crop_size=160, crop_mode="squash"),
+], ids=["non-square", "squash"])
+def test_any_recipe_exports_and_its_metadata_says_how_to_prepare_the_pixels(split, tmp_path, recipe):
+    _, _, X_test, _ = split
+    prep = dict(interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3, **recipe)
+    embedder = ImageEmbedder(preprocessing=prep, engine="torch").fit()
+    export_onnx(embedder, tmp_path / "emb.onnx")
+    features, meta = run(tmp_path / "emb.onnx", pixels(embedder, X_test))
+    np.testing.assert_allclose(features, embedder.transform(X_test), atol=1e-4)
+    shape = embedder.backbone_.preprocessing
+    assert meta["crop_mode"] == recipe.get("crop_mode", "center")
+    assert json.loads(meta["crop_size"]) in (list(shape.crop_shape), shape.crop_size)
+    h, w = shape.crop_shape
+    assert f"uint8 (n, {h}, {w}, 3)" in meta["input"]
+
+
 def test_what_cannot_be_exported_is_refused_with_the_reason(exported, split, tmp_path, capsys):
     clf, _ = exported
     X, y, _, _ = split

@@ -108,6 +108,10 @@ def test_sklearn_contract_and_errors(flowers_split):
         reg.fit(train, np.where(np.arange(30) == 3, np.nan, y))
     with pytest.raises(ValueError, match="'target_scaling' parameter"):
         PretrainedImageRegressor(target_scaling="yes").fit(train, y)
+    with pytest.raises(ValueError, match="y must hold numbers.*use PretrainedImageClassifier"):
+        reg.fit(train, ["cat"] * 30)
+    with pytest.raises(ValueError, match="requires y"):
+        reg.fit(train)
 
 
 @pytest.mark.slow

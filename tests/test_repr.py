@@ -45,3 +45,7 @@ def test_fitted_models_show_what_fit_made():
     assert "head: linear -&gt; 1 output(s)" in reg._repr_html_()
     pipe = make_pipeline(ImageEmbedder(), LogisticRegression()).fit(X, y)
     assert backbone in estimator_html_repr(pipe)
+    squash = dict(resize_size=(200, 160), crop_size=(192, 160), crop_mode="squash", interpolation="bilinear",
+                  mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert any("input 192x160 px: squashed (bilinear), centre crop" in d
+               for d in boxes(ImageEmbedder(preprocessing=squash).fit()))

@@ -63,6 +63,8 @@ def test_pandas_output_keeps_names_and_index(garden):
     assert embedder.feature_names_in_.tolist() == ["photo"]
     with pytest.raises(ValueError, match="input_features"):
         embedder.get_feature_names_out(["height_cm"])  # not the column it was fitted on
+    with pytest.raises(ValueError, match="feature names should match those that were passed during fit"):
+        embedder.transform(frame[["photo"]].rename(columns={"photo": "picture"}))
 
 
 @pytest.mark.parametrize("model, floor", [
