@@ -10,6 +10,7 @@ numpy and onnxruntime: copy them (and ``decode``) to the machine that serves the
 """
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -23,8 +24,9 @@ def decode(path, shorter):
     """An image file as RGB, decoded as sktransfer decodes it for a resize to ``shorter`` pixels.
 
     A JPEG more than twice as large as needed is decoded at a reduced scale
-    (Pillow's draft mode), the EXIF orientation is applied, 16-bit greyscale is
-    scaled to 8 bits (not saturated) and transparent pixels are laid onto white.
+    (Pillow's draft mode), the EXIF orientation is applied, 16- and 32-bit
+    greyscale is scaled to 8 bits (not saturated) and transparent pixels are
+    laid onto white.
     """
     image = Image.open(path)
     w, h = image.size
@@ -32,9 +34,10 @@ def decode(path, shorter):
         scale = shorter / min(w, h)
         image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
     image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I;16"):
-        grey = np.asarray(image).astype(np.float64) / 65535.0 * 255.0
-        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        top = 1.0 if image.mode == "F" else 65535.0  # integers as 16-bit values, floats as 0-1
+        grey = np.nan_to_num(np.asarray(image).astype(np.float64)) / top * 255.0
+        image = Image.fromarray(np.rint(np.clip(grey, 0, 255)).astype(np.uint8), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -45,7 +48,10 @@ def decode(path, shorter):
 
 def load_pixels(paths, meta):
     """Decode each image, resize its shorter side and cut out the centre, as the model's metadata says."""
-    resize, crop = int(meta["resize_size"]), int(meta["crop_size"])
+    resize, crop = json.loads(meta["resize_size"]), json.loads(meta["crop_size"])
+    if meta.get("crop_mode", "center") != "center" or not (isinstance(resize, int) and isinstance(crop, int)):
+        raise ValueError(f"these lines cut a square centre crop; this model wants crop_mode "
+                         f"{meta['crop_mode']!r}, resize_size {resize}, crop_size {crop}.")
     resample = Image.Resampling[meta["interpolation"].upper()]
     batch = []
     for path in paths:
@@ -69,8 +75,6 @@ def predict_onnx(model_path, paths):
 
 
 def main():
-    import json
-
     from sklearn.model_selection import train_test_split
 
     from sktransfer import PretrainedImageClassifier, export_onnx, load_image_folder

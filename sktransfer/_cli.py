@@ -540,6 +540,8 @@ def _embed(args):
 
 
 def _export(args):
+    import json
+
     from . import export_onnx, load_model
 
     output = Path(args.output)
@@ -547,14 +549,19 @@ def _export(args):
         raise ValueError(f"{args.output!r}: the file name must end in .onnx.")
     _check_output(output, "OUTPUT")
     model = load_model(args.model) if Path(args.model).is_dir() else _load_model(args.model, classifier=False)
-    output.parent.mkdir(parents=True, exist_ok=True)
     with _writing(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
         export_onnx(model, output)
     meta = _onnx_metadata(output)
-    side = meta["crop_size"]
+    crop, resize = json.loads(meta["crop_size"]), json.loads(meta["resize_size"])
+    h, w = (crop, crop) if isinstance(crop, int) else crop
+    if meta["crop_mode"] == "center" and isinstance(resize, int):
+        prepare = f"resize the shorter side to {resize} ({meta['interpolation']}) and crop the centre first"
+    else:
+        prepare = (f"prepare them as crop_mode={meta['crop_mode']!r} with resize_size={resize} "
+                   f"({meta['interpolation']}) says")
     print(f"{type(model).__name__} exported to {output} ({output.stat().st_size / 1e6:.1f} MB): "
-          f"uint8 images (n, {side}, {side}, 3) in, {meta['output']} out; resize the shorter side to "
-          f"{meta['resize_size']} ({meta['interpolation']}) and crop the centre first (docs/deployment.md).")
+          f"uint8 images (n, {h}, {w}, 3) in, {meta['output']} out; {prepare} (docs/deployment.md).")
     return 0
 
 

@@ -507,3 +507,14 @@ def test_grid_examples_in_fit_help_change_the_model(sample, capsys):
         for i in range(len(values)):
             for j in range(i):
                 assert np.abs(probas[i] - probas[j]).max() > 1e-3, (example, values[i], values[j])
+
+
+def test_export_states_the_input_of_a_non_square_recipe(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    prep = dict(resize_size=(256, 224), crop_size=(224, 192), crop_mode="squash", interpolation="bicubic",
+                mean=(0.5,) * 3, std=(0.5,) * 3)
+    joblib.dump(ImageEmbedder(preprocessing=prep, engine="torch").fit(), tmp_path / "emb.joblib")
+    assert main(["export", str(tmp_path / "emb.joblib"), str(tmp_path / "emb.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "uint8 images (n, 224, 192, 3) in, features out" in out
+    assert "prepare them as crop_mode='squash' with resize_size=[256, 224] (bicubic) says" in out

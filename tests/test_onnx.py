@@ -179,18 +179,20 @@ def test_sample_photos_load_for_the_graph(split, tmp_path):
     _, _, X_test, _ = split
     embedder = ImageEmbedder().fit()
     prep = embedder.backbone_.preprocessing
-    meta = {"resize_size": prep.resize_size, "crop_size": prep.crop_size, "interpolation": prep.interpolation}
+    meta = {"resize_size": str(prep.resize_size), "crop_size": str(prep.crop_size), "interpolation": prep.interpolation}
     Image.open(X_test[0]).rotate(90, expand=True).save(tmp_path / "landscape.png")  # the other orientation
     photos = X_test + [str(tmp_path / "landscape.png")]
     np.testing.assert_array_equal(onnx_deploy.load_pixels(photos, meta), pixels(embedder, photos))
     # Files sktransfer decodes its own way, against its own decoding: a phone-size JPEG
-    # (decoded at a reduced scale), 16-bit greyscale (scaled to 8 bits, not saturated),
+    # (decoded at a reduced scale), 16- and 32-bit greyscale (scaled to 8 bits, not saturated),
     # an EXIF orientation, transparency (laid onto white).
     with Image.open(load_image_folder(dataset("trash6"))[0][0]) as photo:
         photo = photo.convert("RGB")
     photo.resize((3024, 4032), Image.Resampling.BICUBIC).save(tmp_path / "phone.jpg", quality=90)
     grey = np.asarray(photo.convert("L"), dtype=np.uint16) * 257
     Image.fromarray(grey[:, ::-1].copy()).save(tmp_path / "grey16.png")
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "grey32.tif")
+    Image.fromarray((grey / 65535.0).astype(np.float32)).save(tmp_path / "float.tif")
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
     photo.save(tmp_path / "rotated.jpg", exif=exif)
@@ -199,5 +201,7 @@ def test_sample_photos_load_for_the_graph(split, tmp_path):
     rgba.save(tmp_path / "transparent.png")
     photo.convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "palette.png", transparency=0)
     odd = [str(tmp_path / name) for name in
-           ("phone.jpg", "grey16.png", "rotated.jpg", "transparent.png", "palette.png")]
+           ("phone.jpg", "grey16.png", "grey32.tif", "float.tif", "rotated.jpg", "transparent.png", "palette.png")]
     np.testing.assert_array_equal(onnx_deploy.load_pixels(odd, meta), np.stack([load_pixels(p, prep) for p in odd]))
+    with pytest.raises(ValueError, match="square centre crop; this model wants crop_mode 'squash'"):
+        onnx_deploy.load_pixels(photos, {**meta, "crop_mode": "squash"})
