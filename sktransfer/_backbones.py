@@ -162,12 +162,13 @@ class Backbone:
                         pooled, self.module(probe), rtol=1e-4, atol=1e-4):
                     self.stages = None
                     return self.prefix(unfreeze)
-            self._prefixes[unfreeze] = Backbone(
+            prefix = Backbone(
                 name=f"{self.name} (frozen part)", module=body, preprocessing=self.preprocessing,
                 num_features=int(torch.Size(shape).numel()),
                 fingerprint=namespace(self.fingerprint, "prefix", len(stages) - unfreeze),
             )
-            self._prefixes[unfreeze].shape = shape
+            prefix.shape = shape
+            self._prefixes[unfreeze] = prefix  # published whole: other threads may read it at once
         return self._prefixes[unfreeze]
 
     def blocks(self, unfreeze):

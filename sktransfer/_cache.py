@@ -104,7 +104,10 @@ def _read_regular(path, *, size=None, follow_links=True):
 #: kernel clocks, 1-2 s on some network and FAT file systems); later, any
 #: write moves the ctime past the one remembered.
 RACY_SECONDS = 2.0
-_FILE_MEMO: dict = {}
+#: Paths the memo remembers at most (the least recently hashed are forgotten
+#: first): about 30 MB, so a long-lived process that sees ever new files stays bounded.
+FILE_MEMO_MAX = 100_000
+_FILE_MEMO: collections.OrderedDict = collections.OrderedDict()
 _FILE_MEMO_LOCK = threading.Lock()
 
 
@@ -118,8 +121,22 @@ def memo_key(st):
 def _remember(path, st, value):
     if time.time_ns() - st.st_ctime_ns <= RACY_SECONDS * 1e9:
         return
+    path = os.path.abspath(path)
     with _FILE_MEMO_LOCK:
-        _FILE_MEMO[os.path.abspath(path)] = (memo_key(st), value)
+        _FILE_MEMO[path] = (memo_key(st), value)
+        _FILE_MEMO.move_to_end(path)
+        while len(_FILE_MEMO) > FILE_MEMO_MAX:
+            _FILE_MEMO.popitem(last=False)
+
+
+def _recall(path):
+    """``(key, digest)`` remembered for ``path`` (``(None, None)`` if none), now the most recent."""
+    path = os.path.abspath(path)
+    with _FILE_MEMO_LOCK:
+        if path not in _FILE_MEMO:
+            return None, None
+        _FILE_MEMO.move_to_end(path)
+        return _FILE_MEMO[path]
 
 
 def read_file(path):
@@ -135,8 +152,7 @@ def read_file(path):
     except OSError:
         unchanged = False
     if unchanged:  # not rewritten while it was read
-        with _FILE_MEMO_LOCK:
-            key, value = _FILE_MEMO.get(os.path.abspath(path), (None, None))
+        key, value = _recall(path)
         if key == memo_key(st):
             return value, data
     value = digest(data)
@@ -155,8 +171,7 @@ def file_digest(path, st):
     within :data:`RACY_SECONDS` of hashing is not remembered. (This relies on
     the file system keeping ctime and on the system clock not being set back.)
     """
-    with _FILE_MEMO_LOCK:
-        key, value = _FILE_MEMO.get(os.path.abspath(path), (None, None))
+    key, value = _recall(path)
     if key == memo_key(st):
         return value
     return read_file(path)[0]

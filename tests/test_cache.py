@@ -165,6 +165,23 @@ def test_memoised_digest_follows_a_rewrite_that_keeps_size_and_mtime(photo, samp
     assert read_item(str(photo))[0] == digest(other) != first
 
 
+def test_file_memo_is_bounded_forgetting_the_least_recently_hashed(tmp_path, sample, monkeypatch):
+    monkeypatch.setattr(_cache, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(_cache, "FILE_MEMO_MAX", 3)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.jpg")
+        shutil.copyfile(sample[0][i], paths[-1])
+    for path in paths[:3]:
+        read_item(str(path))
+    read_item(str(paths[0]))  # hashed again: the most recent
+    for path in paths[3:]:
+        read_item(str(path))
+    remembered = [p for p in _cache._FILE_MEMO if p.startswith(str(tmp_path))]
+    assert remembered == [os.path.abspath(paths[i]) for i in (0, 3, 4)]
+    assert len(_cache._FILE_MEMO) <= 3
+
+
 def test_file_replaced_between_check_and_decode_is_cached_under_what_was_decoded(tmp_path, sample, backbone):
     a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
     shutil.copyfile(sample[0][0], a)
