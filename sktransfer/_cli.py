@@ -123,7 +123,7 @@ def _read_dataset(source, path_column="path", label_column="label"):
 
 def _expand_inputs(inputs):
     """Files as given; each folder replaced by the image files under it, sorted by path."""
-    from ._inputs import IMAGE_EXTENSIONS
+    from ._inputs import IMAGE_EXTENSIONS, image_files
 
     paths = []
     for given in inputs:
@@ -131,11 +131,7 @@ def _expand_inputs(inputs):
         if not folder.is_dir():
             paths.append(given)  # missing or unreadable files are reported with every other bad input
             continue
-        found = sorted(
-            str(p) for p in folder.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        )
+        found = image_files(folder)
         if not found:
             raise ValueError(
                 f"{given!r} is a folder with no image files (looked for {', '.join(IMAGE_EXTENSIONS)})."
