@@ -263,7 +263,7 @@ def _offline_hint(what, url):
         f"Could not download the pretrained weights of {what}"
         + (f" from {url}" if url else "")
         + ". To work offline, download the file on a machine with network access and "
-        "pass its path as weights='path/to/file.pth', or copy it into "
+        "pass its path as weights='path/to/file.pth' (--weights on the command line), or copy it into "
         f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}; or use one of "
         f"{', '.join(map(repr, _OFFLINE))}, whose weights ship with the package."
     )

@@ -303,7 +303,7 @@ def _fit(args):
     _check_output(args.output, "-o", folder=to_folder)
     X, y = _read_dataset(args.data, args.path_column, args.label_column)
     clf = PretrainedImageClassifier(
-        backbone=args.backbone, cache_dir=args.cache_dir,
+        backbone=args.backbone, weights=args.weights, cache_dir=args.cache_dir,
         device=args.device, random_state=args.random_state,
         engine=args.engine, precision=args.precision,
     )
@@ -512,7 +512,7 @@ def _embed(args):
             raise ImportError("writing .parquet needs pandas and pyarrow: pip install 'sktransfer[parquet]'; "
                               "or write .npy.") from None
     paths = _expand_inputs(args.inputs)
-    embedder = ImageEmbedder(args.backbone, batch_size=args.batch_size, cache_dir=args.cache_dir,
+    embedder = ImageEmbedder(args.backbone, args.weights, batch_size=args.batch_size, cache_dir=args.cache_dir,
                              device=args.device, verbose=int(_progress()), engine=args.engine,
                              precision=args.precision).fit()
     features = embedder.transform(paths)
@@ -595,8 +595,9 @@ def _audit(args):
     X_test = y_test = None
     if args.test is not None:
         X_test, y_test = _read_dataset(args.test, args.path_column, args.label_column)
-    clf = PretrainedImageClassifier(backbone=args.backbone, cache_dir=args.cache_dir, device=args.device,
-                                    random_state=args.random_state)
+    clf = PretrainedImageClassifier(backbone=args.backbone, weights=args.weights, cache_dir=args.cache_dir,
+                                    device=args.device, random_state=args.random_state, engine=args.engine,
+                                    precision=args.precision)
     report = audit(clf, X, y, cv=args.cv, X_test=X_test, y_test=y_test,
                    duplicate_threshold=args.threshold, random_state=args.random_state,
                    verbose=int(args.verbose or _progress()))
@@ -645,6 +646,14 @@ def build_parser():
         command.add_argument("--path-column", default="path", help="CSV column of image paths (default: path)")
         command.add_argument("--label-column", default="label", help="CSV column of labels (default: label)")
 
+    def backbone_options(command):
+        command.add_argument("--backbone", default="efficientnet_lite0",
+                             help="see `sktransfer backbones` (default: efficientnet_lite0)")
+        command.add_argument("--weights", default="DEFAULT",
+                             help="the backbone's weights: DEFAULT (its pretrained ones), a torchvision "
+                                  "weights name, or a state-dict file (.pth), e.g. downloaded on another "
+                                  "machine to work offline (default: DEFAULT)")
+
     def engine_options(command):
         command.add_argument("--engine", choices=ENGINES, default="auto",
                              help="what runs the backbone: OpenVINO where installed, else PyTorch (default: auto)")
@@ -660,7 +669,7 @@ def build_parser():
     fit.add_argument("-o", "--output", default="model.joblib",
                      help="where to save the model: a FOLDER/ (ending in /) for the safe save_model format, "
                           "else a joblib file (default: model.joblib)")
-    fit.add_argument("--backbone", default="efficientnet_lite0", help="see `sktransfer backbones` (default: efficientnet_lite0)")
+    backbone_options(fit)
     fit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default: 5)")
     fit.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                      help="settings to try, e.g. hidden_units='(),(256,)' or dropout=0.0,0.5 or "
@@ -706,7 +715,7 @@ def build_parser():
                     "feature; .npy gets the array, with the paths in <name>.paths.txt.")
     embed.add_argument("inputs", metavar="PATH_OR_DIR", nargs="+", help="image files or folders")
     embed.add_argument("-o", "--output", required=True, help="features.parquet or features.npy")
-    embed.add_argument("--backbone", default="efficientnet_lite0", help="see `sktransfer backbones` (default: efficientnet_lite0)")
+    backbone_options(embed)
     embed.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     embed.add_argument("--cache-dir", help="folder of a disk feature cache")
     embed.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -721,7 +730,7 @@ def build_parser():
     audit.add_argument("data", metavar="DATA", help=data_help)
     audit.add_argument("-o", "--output", default="audit", help="report folder (default: audit)")
     audit.add_argument("--test", metavar="DATA", help="a held-out set (same forms as DATA) to check for leakage")
-    audit.add_argument("--backbone", default="efficientnet_lite0", help="see `sktransfer backbones` (default: efficientnet_lite0)")
+    backbone_options(audit)
     audit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default: 5)")
     audit.add_argument("--threshold", type=_similarity_threshold, default="auto",
                        help="cosine similarity of features from which images are duplicates, or auto: "
@@ -730,6 +739,7 @@ def build_parser():
     audit.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     audit.add_argument("--random-state", type=int, default=0, help="seed of folds and training (default: 0)")
     audit.add_argument("-v", "--verbose", action="store_true", help="show progress even when not on a terminal")
+    engine_options(audit)
     data_options(audit)
     audit.set_defaults(run=_audit)
 

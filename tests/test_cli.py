@@ -224,6 +224,23 @@ def test_embed_to_npy_and_parquet_matches_the_embedder(sample, tmp_path):
     assert main(["embed", str(data), "-o", str(tmp_path / "f.csv")]) == 1
 
 
+def test_weights_from_a_file_work_offline(sample, tmp_path, capsys):
+    """--weights path.pth: a torchvision backbone whose weights were fetched elsewhere (here: made up)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    paths = sample[0][:2]
+    assert main(["embed", *paths, "--backbone", "resnet18", "--weights", str(tmp_path / "resnet18.pth"),
+                 "--engine", "torch", "-o", str(tmp_path / "f.npy")]) == 0
+    expected = ImageEmbedder("resnet18", weights=str(tmp_path / "resnet18.pth"), engine="torch").fit_transform(paths)
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), expected, atol=1e-5)
+    data = copy_images(sample, tmp_path / "d", 2)
+    assert main(["fit", str(data), "--cv", "2", "--weights", str(tmp_path / "missing.pth")]) == 1
+    assert "missing.pth" in capsys.readouterr().err
+    assert build_parser().parse_args(["audit", "x", "--weights", "w.pth", "--engine", "torch"]).weights == "w.pth"
+
+
 def test_backbones_lists_offline_weights_feature_size_and_cost(capsys):
     assert main(["backbones"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
