@@ -338,6 +338,11 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
     the number of outputs).
     """
 
+    def __setstate__(self, state):
+        if "head_" in state:  # fitted before n_features_in_ was recorded: one column of images
+            state.setdefault("n_features_in_", 1)
+        super().__setstate__(state)
+
     _parameter_constraints = {
         **ImageEmbedder._parameter_constraints,
         "hidden_units": [tuple, list],
@@ -475,6 +480,9 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                 "early_stopping=True holds out part of the training data and stops on it, which "
                 "partial_fit cannot do on each batch; set early_stopping=False to use partial_fit."
             )
+        columns = X if hasattr(X, "columns") else None  # a one-column DataFrame's name is kept
+        if continuing:
+            _check_feature_names(self, columns, reset=False)
         items = as_image_list(X)
         y_train, weights, n_outputs, fitted = self._prepare_targets(
             y, len(items), sample_weight, continuing=continuing, classes=classes
@@ -525,6 +533,9 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             setattr(self, name, value)
         self.embedder_ = embedder
         self.head_ = head
+        self.n_features_in_ = 1  # one column of images, as ImageEmbedder records it
+        if not continuing:
+            _check_feature_names(self, columns, reset=True)
         return self
 
     def _head_settings(self):
@@ -612,6 +623,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         self.unfreeze_ = 0  # save_model refuses fine-tuned models
         self.embedder_ = embedder
         self.head_ = head
+        self.n_features_in_ = 1
 
     def _seed(self):
         """A seed drawn from ``random_state`` (a fresh one when it is None). With a fixed
@@ -632,6 +644,10 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
     def _features(self, X, view=None):
         check_is_fitted(self)
         return self._embed(self.embedder_, as_image_list(X), view, self.unfreeze_)
+
+    def _check_columns(self, X):
+        """The column name of a DataFrame ``X``, where fit saw one, must be fit's (as scikit-learn checks)."""
+        _check_feature_names(self, X if hasattr(X, "columns") else None, reset=False)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -788,7 +804,8 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         "tta": [StrOptions(set(TTA_PRESETS)), None],
         "calibration": [StrOptions({"temperature"}), None],
     }
-    _fitted_attributes = ("embedder_", "head_", "unfreeze_", "classes_", "multilabel_", "temperature_")
+    _fitted_attributes = ("n_features_in_", "embedder_", "head_", "unfreeze_", "classes_", "multilabel_",
+                          "temperature_")
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
                  hidden_units=(), dropout=0.0, lr=3e-3, weight_decay="auto", max_epochs=15,
@@ -1079,6 +1096,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         proba : ndarray of shape (n_images, n_classes)
         """
         check_is_fitted(self)
+        self._check_columns(X)
         items = as_image_list(X)
         views = [None] if self.tta is None else tta_views(self.tta, self.embedder_.backbone_.preprocessing)
         features = [self._features(items, v) for v in views]  # the backbone keeps all its threads
@@ -1254,8 +1272,8 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         **_PretrainedImageModel._parameter_constraints,
         "target_scaling": ["boolean"],
     }
-    _fitted_attributes = ("embedder_", "head_", "unfreeze_", "n_outputs_", "target_mean_", "target_scale_",
-                          "_single_output")
+    _fitted_attributes = ("n_features_in_", "embedder_", "head_", "unfreeze_", "n_outputs_", "target_mean_",
+                          "target_scale_", "_single_output")
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
                  hidden_units=(), dropout=0.0, lr=3e-3, weight_decay="auto", max_epochs=30,
@@ -1359,6 +1377,8 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         y_pred : ndarray of shape (n_images,) or (n_images, n_outputs_)
             1-D when ``y`` was 1-D in fit.
         """
+        check_is_fitted(self)
+        self._check_columns(X)
         Z = self._features(X)
         with limited_threads(enabled=not self.unfreeze_):
             pred = self.head_.predict({"X": Z}).astype(np.float64) * self.target_scale_ + self.target_mean_

@@ -12,7 +12,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from sktransfer import ImageEmbedder, PretrainedImageClassifier
+from sktransfer import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,17 @@ def test_pandas_output_keeps_names_and_index(garden):
         embedder.get_feature_names_out(["height_cm"])  # not the column it was fitted on
     with pytest.raises(ValueError, match="feature names should match those that were passed during fit"):
         embedder.transform(frame[["photo"]].rename(columns={"photo": "picture"}))
+
+
+def test_models_record_the_column_of_images_they_were_fitted_on(garden):
+    frame, y = garden
+    for model in (PretrainedImageClassifier(max_epochs=2, random_state=0).fit(frame[["photo"]], y),
+                  PretrainedImageRegressor(max_epochs=2, random_state=0).fit(frame[["photo"]], frame["height_cm"])):
+        assert model.n_features_in_ == 1 and model.feature_names_in_.tolist() == ["photo"]
+        model.predict(frame[["photo"]])
+        with pytest.raises(ValueError, match="feature names should match those that were passed during fit"):
+            model.predict(frame[["photo"]].rename(columns={"photo": "picture"}))
+    assert not hasattr(PretrainedImageClassifier(max_epochs=2).fit(list(frame["photo"]), y), "feature_names_in_")
 
 
 @pytest.mark.parametrize("model, floor", [
