@@ -783,6 +783,10 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         The trained head; ``head_.history`` holds the training curves.
     history_ : skorch.History
         Shortcut to ``head_.history``.
+    n_features_in_ : int
+        1: the images are one input column.
+    feature_names_in_ : ndarray of shape (1,)
+        The column's name, when ``fit`` was given a DataFrame with one.
 
     See Also
     --------
@@ -1250,6 +1254,10 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         (losses on the standardised targets).
     history_ : skorch.History
         Shortcut to ``head_.history``.
+    n_features_in_ : int
+        1: the images are one input column.
+    feature_names_in_ : ndarray of shape (1,)
+        The column's name, when ``fit`` was given a DataFrame with one.
 
     See Also
     --------
