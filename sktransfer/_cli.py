@@ -772,8 +772,23 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
-        print(f"sktransfer {args.command}: error: {e}", file=sys.stderr)
+        print(f"sktransfer {args.command}: error: {_in_words(e)}", file=sys.stderr)
         return 1
+
+
+def _in_words(error):
+    """An error's message in the command line's words: bad images are files, not items of ``X``."""
+    from ._inputs import ImageInputError
+
+    if not isinstance(error, ImageInputError):
+        return str(error)
+    shown = error.errors[:50]
+    lines = [f"{len(error.errors)} file(s) cannot be used as images:"]
+    lines += [f"  {safe_text(str(item))!r}: {reason}" for _, item, reason in shown]
+    if len(error.errors) > len(shown):
+        lines.append(f"  ... and {len(error.errors) - len(shown)} more")
+    lines.append("Accepted: image files Pillow reads (JPEG, PNG, WebP, BMP, TIFF, GIF, ...).")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

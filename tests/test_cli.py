@@ -163,6 +163,9 @@ def test_predict_errors_name_the_input(trained, tmp_path, capsys):
     assert main(["predict", str(model_path), str(tmp_path / "missing.jpg"), str(model_path)]) == 1
     err = capsys.readouterr().err
     assert "missing.jpg': file not found" in err and "model.joblib': not an image file" in err
+    # In the command line's words: files, not Python objects.
+    assert err.startswith("sktransfer predict: error: 2 file(s) cannot be used as images:\n")
+    assert "input(s) of X" not in err and "PIL images" not in err and "uint8 arrays" not in err
     assert main(["predict", str(tmp_path / "none.joblib"), str(data)]) == 1
     assert "none.joblib' does not exist" in capsys.readouterr().err
     photo = next(data.rglob("*.jpg"))
