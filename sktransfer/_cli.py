@@ -782,13 +782,9 @@ def _in_words(error):
 
     if not isinstance(error, ImageInputError):
         return str(error)
-    shown = error.errors[:50]
-    lines = [f"{len(error.errors)} file(s) cannot be used as images:"]
-    lines += [f"  {safe_text(str(item))!r}: {reason}" for _, item, reason in shown]
-    if len(error.errors) > len(shown):
-        lines.append(f"  ... and {len(error.errors) - len(shown)} more")
-    lines.append("Accepted: image files Pillow reads (JPEG, PNG, WebP, BMP, TIFF, GIF, ...).")
-    return "\n".join(lines)
+    return "\n".join([f"{len(error.errors)} file(s) cannot be used as images:",
+                      *error.listing(lambda i, item: repr(safe_text(str(item)))),
+                      "Accepted: image files Pillow reads (JPEG, PNG, WebP, BMP, TIFF, GIF, ...)."])
 
 
 if __name__ == "__main__":

@@ -56,6 +56,12 @@ from ._repr import visual_block
 from ._runtime import limited_threads, seeded_rng, steady_heap
 
 
+def _check_columns(estimator, X, reset=False):
+    """Record (``reset``) or check the column name of a one-column DataFrame ``X`` of images,
+    as scikit-learn's ``feature_names_in_``: a DataFrame at predict must name fit's column."""
+    _check_feature_names(estimator, X if hasattr(X, "columns") else None, reset=reset)
+
+
 def _is_missing(label):
     """None, NaN, pandas.NA or NaT: each way a table marks a missing label."""
     if label is None:
@@ -262,7 +268,7 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         self._validate_params()
         if X is not None:
             as_image_list(X)
-        _check_feature_names(self, X if hasattr(X, "columns") else None, reset=True)
+        _check_columns(self, X, reset=True)
         _check_device(self.device)
         check_engine_settings(self.engine, self.precision, self.device, self.compile)
         self._set_backbone(build_backbone(self.backbone, self.weights, self.preprocessing))
@@ -291,8 +297,7 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         features : ndarray of shape (n_images, n_features_out_), float32
         """
         check_is_fitted(self)
-        # The column's name, where fit saw one, must be the same (as scikit-learn checks).
-        _check_feature_names(self, X if hasattr(X, "columns") else None, reset=False)
+        _check_columns(self, X)
         return self._embed_items(as_image_list(X))
 
     def _embed_items(self, items, name="X"):
@@ -480,9 +485,8 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                 "early_stopping=True holds out part of the training data and stops on it, which "
                 "partial_fit cannot do on each batch; set early_stopping=False to use partial_fit."
             )
-        columns = X if hasattr(X, "columns") else None  # a one-column DataFrame's name is kept
         if continuing:
-            _check_feature_names(self, columns, reset=False)
+            _check_columns(self, X)
         items = as_image_list(X)
         y_train, weights, n_outputs, fitted = self._prepare_targets(
             y, len(items), sample_weight, continuing=continuing, classes=classes
@@ -535,7 +539,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         self.head_ = head
         self.n_features_in_ = 1  # one column of images, as ImageEmbedder records it
         if not continuing:
-            _check_feature_names(self, columns, reset=True)
+            _check_columns(self, X, reset=True)
         return self
 
     def _head_settings(self):
@@ -644,10 +648,6 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
     def _features(self, X, view=None):
         check_is_fitted(self)
         return self._embed(self.embedder_, as_image_list(X), view, self.unfreeze_)
-
-    def _check_columns(self, X):
-        """The column name of a DataFrame ``X``, where fit saw one, must be fit's (as scikit-learn checks)."""
-        _check_feature_names(self, X if hasattr(X, "columns") else None, reset=False)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -1100,7 +1100,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         proba : ndarray of shape (n_images, n_classes)
         """
         check_is_fitted(self)
-        self._check_columns(X)
+        _check_columns(self, X)
         items = as_image_list(X)
         views = [None] if self.tta is None else tta_views(self.tta, self.embedder_.backbone_.preprocessing)
         features = [self._features(items, v) for v in views]  # the backbone keeps all its threads
@@ -1386,7 +1386,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
             1-D when ``y`` was 1-D in fit.
         """
         check_is_fitted(self)
-        self._check_columns(X)
+        _check_columns(self, X)
         Z = self._features(X)
         with limited_threads(enabled=not self.unfreeze_):
             pred = self.head_.predict({"X": Z}).astype(np.float64) * self.target_scale_ + self.target_mean_

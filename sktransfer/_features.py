@@ -56,40 +56,18 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
     -------
     features : ndarray of shape (len(items), backbone.num_features), float32
     """
-    n_images = len(items)
+    base = view_fingerprint(backbone.fingerprint, view)
+    found, n_images = None, len(items)
     if engine == "auto" and n_images >= _engine.OPENVINO_MIN_IMAGES and not backbone.converted():
         # A conversion is repaid by the images still to embed, not by those
         # PyTorch embedded before, whose features are cached.
-        n_images = _uncached(items, TORCH_FLOAT32.namespace(view_fingerprint(backbone.fingerprint, view)),
-                             cache_dir, backbone.num_features)
+        found = _look_up(items, TORCH_FLOAT32.namespace(base), cache_dir, backbone.num_features)
+        n_images = len(found[1])
     plan = backbone.plan(device, engine, precision, compile, n_images=n_images)
-    fingerprint = plan.namespace(view_fingerprint(backbone.fingerprint, view))
-    disk = DiskCache(cache_dir, fingerprint) if cache_dir is not None else None
-    out = np.empty((len(items), backbone.num_features), dtype=np.float32)
-    errors = []
-    todo = collections.OrderedDict()  # digest -> (payload, [indices])
-    for i, item in enumerate(items):
-        try:
-            digest, payload = read_item(item)
-        except (OSError, ValueError, TypeError) as e:
-            errors.append((i, item, error_reason(e)))
-            continue
-        if digest in todo:
-            todo[digest][1].append(i)
-            continue
-        vector = MEMORY.get((fingerprint, digest))
-        if vector is None and disk is not None:
-            vector = disk.get(digest, backbone.num_features)
-            if vector is not None:
-                MEMORY.put((fingerprint, digest), vector)
-        if vector is not None:
-            out[i] = vector
-            continue
-        reason = header_error(payload)
-        if reason:
-            errors.append((i, item, reason))
-            continue
-        todo[digest] = (payload, [i])
+    fingerprint = plan.namespace(base)
+    if found is None or fingerprint != TORCH_FLOAT32.namespace(base):
+        found = _look_up(items, fingerprint, cache_dir, backbone.num_features)
+    out, todo, errors, disk = found
     if errors:
         # Some inputs are unusable, so nothing will be embedded: decode the rest
         # (at reduced scale, no backbone) so one error lists every bad input.
@@ -110,19 +88,38 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
     return out
 
 
-def _uncached(items, fingerprint, cache_dir, num_features):
-    """How many distinct items have no features under ``fingerprint`` in memory or ``cache_dir``."""
+def _look_up(items, fingerprint, cache_dir, num_features):
+    """``(out, todo, errors, disk)``: the features of ``items`` the caches hold under
+    ``fingerprint`` (rows of ``out``), the distinct items still to embed (digest ->
+    (payload, indices)), the items that cannot be read or identified as images
+    (index, item, reason), and the disk cache (or None)."""
     disk = DiskCache(cache_dir, fingerprint) if cache_dir is not None else None
-    missing = set()
-    for item in items:
+    out = np.empty((len(items), num_features), dtype=np.float32)
+    errors = []
+    todo = collections.OrderedDict()
+    for i, item in enumerate(items):
         try:
-            digest, _ = read_item(item)
-        except (OSError, ValueError, TypeError):
-            continue  # told by the embedding that follows
-        if MEMORY.get((fingerprint, digest)) is None and (
-                disk is None or disk.get(digest, num_features) is None):
-            missing.add(digest)
-    return len(missing)
+            digest, payload = read_item(item)
+        except (OSError, ValueError, TypeError) as e:
+            errors.append((i, item, error_reason(e)))
+            continue
+        if digest in todo:
+            todo[digest][1].append(i)
+            continue
+        vector = MEMORY.get((fingerprint, digest))
+        if vector is None and disk is not None:
+            vector = disk.get(digest, num_features)
+            if vector is not None:
+                MEMORY.put((fingerprint, digest), vector)
+        if vector is not None:
+            out[i] = vector
+            continue
+        reason = header_error(payload)
+        if reason:
+            errors.append((i, item, reason))
+            continue
+        todo[digest] = (payload, [i])
+    return out, todo, errors, disk
 
 
 def _decode_errors(todo, items):

@@ -596,14 +596,19 @@ def tune_l2(X, y, weights, criterion, n_outputs, folds):
             with torch.no_grad():
                 loss += float(weighted_loss(criterion, layer(Xv), yv, wv)) * float(wv.sum()) / held_out
         if solution is None or loss < best_loss:
-            best, best_loss = i, loss
-            with torch.no_grad():
-                finite = [m for m in layers if torch.isfinite(m.weight).all() and torch.isfinite(m.bias).all()]
-                solution = ((torch.stack([m.weight for m in finite]).mean(0), torch.stack([m.bias for m in finite]).mean(0))
-                            if finite else (None, None))
+            best, best_loss, solution = i, loss, _mean_solution(layers)
         elif i - best >= L2_PATIENCE:
             break
     return float(L2_GRID[best]), *solution
+
+
+def _mean_solution(layers):
+    """The mean weight and bias of the layers whose solution is finite; (None, None) when none is."""
+    with torch.no_grad():
+        finite = [m for m in layers if torch.isfinite(m.weight).all() and torch.isfinite(m.bias).all()]
+        if not finite:
+            return None, None
+        return torch.stack([m.weight for m in finite]).mean(0), torch.stack([m.bias for m in finite]).mean(0)
 
 
 def tune_ridge(X, Y, weights):

@@ -35,16 +35,20 @@ class ImageInputError(ValueError):
     def __init__(self, errors, name="X"):
         self.errors = list(errors)
         self.name = name
-        lines = [f"{len(self.errors)} input(s) of {name} cannot be used as images:"]
+        super().__init__("\n".join([
+            f"{len(self.errors)} input(s) of {name} cannot be used as images:",
+            *self.listing(lambda i, item: f"[{i}] {_describe(item)}"),
+            "Accepted: paths (str or pathlib.Path) to image files Pillow can read, "
+            "encoded image bytes, PIL images, or HxWx3 / HxW uint8 arrays.",
+        ]))
+
+    def listing(self, describe):
+        """One line per bad input, ``describe(index, item)`` and the reason; the first 50, then a count."""
         shown = self.errors[:50]
-        lines += [f"  [{i}] {_describe(item)}: {reason}" for i, item, reason in shown]
+        lines = [f"  {describe(i, item)}: {reason}" for i, item, reason in shown]
         if len(self.errors) > len(shown):
             lines.append(f"  ... and {len(self.errors) - len(shown)} more (see .errors)")
-        lines.append(
-            "Accepted: paths (str or pathlib.Path) to image files Pillow can read, "
-            "encoded image bytes, PIL images, or HxWx3 / HxW uint8 arrays."
-        )
-        super().__init__("\n".join(lines))
+        return lines
 
     def __reduce__(self):
         return (type(self), (self.errors, self.name))
