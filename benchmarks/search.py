@@ -34,7 +34,9 @@ from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
 from sktransfer import PretrainedImageClassifier, clear_cache
 from sktransfer._backbones import build_backbone
 
-GRID = {"lr": [1e-3, 3e-3, 1e-2], "hidden_units": [(), (256,)], "weight_decay": [1e-4, 1e-2]}
+# A linear head at six L2 strengths (L-BFGS, a regularisation path as LogisticRegressionCV's Cs) and an
+# MLP head at the same six weight decays (AdamW, decoupled).
+GRID = {"hidden_units": [(), (256,)], "weight_decay": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]}
 
 # One fit, or the search, as a whole job: a fresh process, timed from its start.
 JOB = r'''
@@ -53,7 +55,7 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 '''
 
 
-def skorch_peer(backbone, max_epochs, lr, hidden_units, weight_decay):
+def skorch_peer(backbone, max_epochs, hidden_units, weight_decay, lr=3e-3):
     """The usual skorch pattern: backbone inside the module, frozen with Freezer."""
     from skorch import NeuralNetClassifier
     from skorch.callbacks import Freezer

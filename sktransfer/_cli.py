@@ -673,12 +673,12 @@ def build_parser():
     fit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default: 5)")
     fit.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                      help="settings to try, e.g. hidden_units='(),(256,)' or dropout=0.0,0.5 or "
-                          "backbone=efficientnet_lite0,efficientnet_lite1; repeatable. The default linear "
-                          "head (weight_decay=auto) is fitted by L-BFGS at a tuned L2 strength: it reads "
-                          "neither lr nor max_epochs nor batch_size")
+                          "backbone=efficientnet_lite0,efficientnet_lite1 or weight_decay=0.01,0.1,1; "
+                          "repeatable. The default linear head (weight_decay=auto) is fitted by L-BFGS at a "
+                          "tuned L2 strength (a number: that strength): it reads neither lr nor batch_size")
     fit.add_argument("--max-epochs", type=int, default=None,
-                     help="epochs of head training by AdamW (with --grid hidden_units=... or a number "
-                          "for weight_decay; the default linear head ignores it) (default: the classifier's, "
+                     help="epochs of head training (AdamW's, with --grid hidden_units=... or dropout=...; "
+                          "for the linear head, the most L-BFGS steps) (default: the classifier's, "
                           f"{PretrainedImageClassifier().max_epochs})")
     fit.add_argument("--cache-dir", help="folder of a disk feature cache, reused by later runs")
     fit.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")

@@ -678,33 +678,39 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     hidden_units : tuple of int, default=()
         Hidden layer widths of the head; ``()`` is a linear head.
     dropout : float, default=0.0
-        Dropout before each linear layer of the head.
+        Dropout before each linear layer of the head. A head with dropout is
+        trained by AdamW (L-BFGS's line search needs the same loss at every
+        evaluation).
     lr : float, default=3e-3
-        Learning rate of the head's optimizer (AdamW's; the tuned linear head
-        of ``weight_decay="auto"`` is fitted by L-BFGS with a line search and
+        Learning rate of the head's optimizer (AdamW's; the full-batch linear
+        head, see ``optimizer``, is fitted by L-BFGS with a line search and
         does not use it).
     weight_decay : float or "auto", default="auto"
-        ``"auto"``: a linear head trained by ``fit`` (no ``hidden_units``,
-        ``unfreeze`` or ``augment``; not multi-label) gets the L2 penalty
-        chosen by 3-fold cross-validation on the cached training features, as
-        ``LogisticRegressionCV``/``RidgeCV`` do: strengths from 10 down to
-        0.001, strongest first, until two in a row have not improved on the
-        best (docs/accuracy.md); other heads (and ``partial_fit``,
-        ``warm_start=True``, ``optimizer__*`` settings) get AdamW's weight
-        decay 1e-4. A number: the weight decay of the head's optimizer (for
-        optimizers without it, the same as an L2 penalty in the loss).
+        The L2 strength of the full-batch linear head (see ``optimizer``):
+        its loss is the mean over images plus ``weight_decay / 2`` times the
+        sum of squared weights, ``LogisticRegression(C=1 / (weight_decay *
+        n_images))`` on the standardised features. ``"auto"`` chooses it by
+        3-fold cross-validation on the cached training features, as
+        ``LogisticRegressionCV`` does: strengths from 10 down to 0.001,
+        strongest first, until two in a row have not improved on the best
+        (docs/accuracy.md). For the heads AdamW trains, a number is AdamW's
+        (decoupled) weight decay and ``"auto"`` is 1e-4; for an ``optimizer``
+        without weight decay, an L2 penalty in the loss.
     max_epochs : int, default=15
-        Epochs of head training.
+        Epochs of head training (for the full-batch linear head, L-BFGS
+        steps, ending early once a step no longer lowers the loss).
     batch_size : int, default=64
-        Mini-batch size of head training (the tuned linear head of
-        ``weight_decay="auto"`` takes all training images as one batch).
+        Mini-batch size of head training (the full-batch linear head takes
+        all training images as one batch).
     optimizer : torch optimizer class or None, default=None
-        Any of its arguments can be set as ``optimizer__<name>``. None: with
-        ``weight_decay="auto"`` and no ``optimizer__*`` settings, a linear
-        head trained by ``fit`` is fitted full batch by ``torch.optim.LBFGS``
-        (each epoch one L-BFGS step with its own line search, so ``lr`` and
-        ``batch_size`` do not apply) to the optimum of its penalised loss;
-        otherwise ``torch.optim.AdamW``.
+        Any of its arguments can be set as ``optimizer__<name>``. None: a
+        linear head without dropout on plain features (no ``unfreeze`` or
+        ``augment``), trained by ``fit`` (not ``partial_fit`` or
+        ``warm_start=True``) and without ``optimizer__*`` settings, is fitted
+        full batch by ``torch.optim.LBFGS`` (each epoch one L-BFGS step with
+        its own line search, so ``lr`` and ``batch_size`` do not apply) to
+        the optimum of its penalised loss; other heads (and multi-label ones)
+        by ``torch.optim.AdamW``.
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the training data (stratified for
         single-label y) and stop when the validation loss has not improved for
@@ -1165,32 +1171,38 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
     hidden_units : tuple of int, default=()
         Hidden layer widths of the head; ``()`` is a linear head.
     dropout : float, default=0.0
-        Dropout before each linear layer of the head.
+        Dropout before each linear layer of the head. A head with dropout is
+        trained by AdamW (L-BFGS's line search needs the same loss at every
+        evaluation).
     lr : float, default=3e-3
-        Learning rate of the head's optimizer (AdamW's; the tuned linear head
-        of ``weight_decay="auto"`` is fitted by L-BFGS with a line search and
+        Learning rate of the head's optimizer (AdamW's; the full-batch linear
+        head, see ``optimizer``, is fitted by L-BFGS with a line search and
         does not use it).
     weight_decay : float or "auto", default="auto"
-        ``"auto"``: a linear head trained by ``fit`` (no ``hidden_units``,
-        ``unfreeze`` or ``augment``) gets the L2 penalty, from 10 down to
-        0.001 in half decades, of the least leave-one-out error on the cached
+        The L2 strength of the full-batch linear head (see ``optimizer``):
+        its loss is the mean over images of the mean squared error over
+        outputs plus ``weight_decay / 2`` times the sum of squared weights,
+        ``Ridge(alpha=weight_decay * n_images * n_outputs / 2)`` on the
+        standardised features. ``"auto"`` chooses it, from 10 down to 0.001
+        in half decades, by the least leave-one-out error on the cached
         training features, computed in closed form by ``RidgeCV``
-        (docs/accuracy.md); other heads (and ``partial_fit``,
-        ``warm_start=True``, ``optimizer__*`` settings) get AdamW's weight
-        decay 1e-4. A number: the weight decay of the head's optimizer (for
-        optimizers without it, the same as an L2 penalty in the loss).
+        (docs/accuracy.md). For the heads AdamW trains, a number is AdamW's
+        (decoupled) weight decay and ``"auto"`` is 1e-4; for an ``optimizer``
+        without weight decay, an L2 penalty in the loss.
     max_epochs : int, default=30
-        Epochs of head training.
+        Epochs of head training (for the full-batch linear head, L-BFGS
+        steps, ending early once a step no longer lowers the loss).
     batch_size : int, default=64
-        Mini-batch size of head training (the tuned linear head of
-        ``weight_decay="auto"`` takes all training images as one batch).
+        Mini-batch size of head training (the full-batch linear head takes
+        all training images as one batch).
     optimizer : torch optimizer class or None, default=None
-        Any of its arguments can be set as ``optimizer__<name>``. None: with
-        ``weight_decay="auto"`` and no ``optimizer__*`` settings, a linear
-        head trained by ``fit`` is fitted full batch by ``torch.optim.LBFGS``
-        (each epoch one L-BFGS step with its own line search, so ``lr`` and
-        ``batch_size`` do not apply) to the optimum of its penalised loss;
-        otherwise ``torch.optim.AdamW``.
+        Any of its arguments can be set as ``optimizer__<name>``. None: a
+        linear head without dropout on plain features (no ``unfreeze`` or
+        ``augment``), trained by ``fit`` (not ``partial_fit`` or
+        ``warm_start=True``) and without ``optimizer__*`` settings, is fitted
+        full batch by ``torch.optim.LBFGS`` (each epoch one L-BFGS step with
+        its own line search, so ``lr`` and ``batch_size`` do not apply) to
+        the optimum of its penalised loss; other heads by ``torch.optim.AdamW``.
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the training data and stop when
         the validation loss has not improved for ``n_iter_no_change`` epochs,

@@ -106,7 +106,7 @@ def test_tta_averages_the_probabilities_of_the_views(flowers_small):
 
 # -- class imbalance: weights reach the loss -------------------------------------
 
-FULL_BATCH = dict(max_epochs=10, batch_size=1000, lr=0.01, weight_decay=1e-4, random_state=0)  # AdamW, untuned
+FULL_BATCH = dict(weight_decay=0.1, random_state=0)  # L-BFGS over all images at one fixed L2 strength
 
 
 def test_sample_weight_acts_like_repeating_images(flowers_small):
@@ -245,4 +245,4 @@ def test_temperature_scales_the_logits_without_changing_predictions(flowers_smal
     np.testing.assert_allclose(clf.predict_proba(X), torch.softmax(logits / clf.temperature_, 1).numpy(),
                                atol=1e-5)
     np.testing.assert_array_equal(clf.predict(X), clf.classes_[logits.argmax(1).numpy()])
-    assert len(clf.history_) == 15 and "valid_loss" in clf.history_[0]  # held out, as documented
+    assert len(clf.history_) <= 15 and "valid_loss" in clf.history_[0]  # held out, as documented

@@ -29,7 +29,7 @@ def test_fit_predict_proba_score_on_paths(flowers_small):
     assert set(pred) <= set(clf.classes_)
     np.testing.assert_array_equal(pred, clf.classes_[proba.argmax(1)])
     assert clf.score(X, y) == np.mean(pred == y) > 0.8
-    assert len(clf.history_) == 20
+    assert 2 <= len(clf.history_) <= 20  # L-BFGS steps, until one no longer lowers the loss
 
 
 def test_integer_labels_and_every_input_type(digits_small):

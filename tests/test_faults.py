@@ -58,14 +58,14 @@ def test_interrupted_fit_leaves_no_half_fitted_model(small):
     assert not hasattr(clf, "classes_") and not hasattr(clf, "embedder_")
 
     clf.set_params(callbacks=None).fit(X, y)  # a later fit works
-    before = clf.predict_proba(X)
-    assert len(clf.history_) == 6
+    before, epochs = clf.predict_proba(X), len(clf.history_)
+    assert epochs >= 2
 
-    clf.set_params(callbacks=[InterruptAt(3)], lr=0.1)
+    clf.set_params(callbacks=[InterruptAt(1)], lr=0.1)
     with pytest.raises(KeyboardInterrupt):
         clf.fit(X, y)
     np.testing.assert_array_equal(clf.predict_proba(X), before)  # the previous model, untouched
-    assert len(clf.history_) == 6
+    assert len(clf.history_) == epochs
 
 
 def test_early_stopping_is_a_normal_end_not_an_interrupt(sample):

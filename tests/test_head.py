@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.base import clone
-from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
 from sklearn.metrics import r2_score
 from sklearn.utils.estimator_checks import check_do_not_raise_errors_in_init_or_set_params
 
@@ -13,8 +13,11 @@ from sktransfer import ImageEmbedder, PretrainedImageClassifier, PretrainedImage
 from sktransfer._head import (
     L2_GRID,
     FeatureLoader,
+    HeadModule,
     TemperatureScaling,
     feature_statistics,
+    linear_loss,
+    l2_penalty,
     pick_view,
     tune_l2,
     tune_ridge,
@@ -66,11 +69,14 @@ def test_default_weight_decay_tunes_a_full_batch_linear_head(halves):
     X, y = [paths[i] for i in train], labels[train]
     clf = PretrainedImageClassifier(random_state=0).fit(X, y)
     assert clf.weight_decay == "auto" and isinstance(clf.head_.optimizer_, torch.optim.LBFGS) and clf.head_.l2 in L2_GRID
-    assert len(clf.history_) == clf.max_epochs  # still a skorch head: one L-BFGS step per epoch
+    # Still a skorch head: one L-BFGS step per epoch, until a step no longer lowers the loss
+    # (the steps after it would start from the same point and repeat it).
+    losses = clf.history_[:, "train_loss"]
+    assert 2 <= len(losses) < clf.max_epochs and losses[-2] - losses[-1] <= 1e-7 < losses[0] - losses[1], losses
+    assert dict(clf.head_.callbacks_)["converged"].converged_
     # Training starts from the tuned solution (each epoch's loss is that of its starting point),
     # far nearer the optimum than a zero start (loss log(n_classes)); the fitted head does not
     # keep that starting point.
-    losses = clf.history_[:, "train_loss"]
     assert losses[0] - losses[-1] < 0.1 * (np.log(len(clf.classes_)) - losses[-1]), losses
     assert dict(clf.head_.callbacks_)["initial_weights"].weight is None
     again = PretrainedImageClassifier(weight_decay="auto", random_state=0).fit(X, y)
@@ -85,6 +91,57 @@ def test_default_weight_decay_tunes_a_full_batch_linear_head(halves):
     # A number is the optimizer's weight decay; for L-BFGS, which has none, the loss's L2 penalty.
     fixed = PretrainedImageClassifier(optimizer=torch.optim.LBFGS, weight_decay=0.5, max_epochs=2).fit(X, y)
     assert fixed.head_.l2 == 0.5
+    # Dropout makes every evaluation of the loss another one, which L-BFGS's line search cannot
+    # follow: a linear head with dropout is trained by AdamW, in mini-batches.
+    for settings in ({"dropout": 0.5}, {"module__dropout": 0.5}):
+        dropped = PretrainedImageClassifier(max_epochs=2, random_state=0, **settings).fit(X, y)
+        assert isinstance(dropped.head_.optimizer_, torch.optim.AdamW)
+
+
+def test_a_number_for_weight_decay_fits_the_linear_head_at_that_l2_strength(halves):
+    # The head's loss is the mean over images plus weight_decay / 2 times the squared weights:
+    # LogisticRegression's at C = 1 / (weight_decay * n_images), on the standardised features. So a
+    # grid over weight_decay walks a regularisation path, as LogisticRegressionCV's grid over C does.
+    paths, labels, features, _, train, test = halves
+    X, y = [paths[i] for i in train], labels[train]
+    Z = standardised(features, train)
+    for weight_decay in (0.3, 0.01):
+        clf = PretrainedImageClassifier(weight_decay=weight_decay, random_state=0).fit(X, y)
+        assert isinstance(clf.head_.optimizer_, torch.optim.LBFGS) and clf.head_.l2 == weight_decay
+        assert "initial_weights" not in dict(clf.head_.callbacks_)  # nothing tuned: the fit starts at zero
+        probe = LogisticRegression(C=1 / (weight_decay * len(train)), tol=1e-10, max_iter=10_000).fit(Z[train], y)
+        # Within L-BFGS's float32 tolerances (2.4e-3 here at most; C off by a factor of 2 moves them by 3e-2 or more).
+        np.testing.assert_allclose(clf.predict_proba([paths[i] for i in test]), probe.predict_proba(Z[test]),
+                                   atol=5e-3)
+
+
+@pytest.mark.parametrize("task", ["classes", "targets"])
+def test_linear_loss_is_autograds_loss_and_gradient_through_the_head_module(halves, task):
+    # The full-batch linear head evaluates its loss from the raw features with the standardisation
+    # folded into the weights: the same value and gradient as the module's forward and backward.
+    _, labels, features, brightness, _, _ = halves
+    torch.manual_seed(0)
+    X = torch.as_tensor(features)
+    mean, scale = feature_statistics(features)
+    weights = torch.as_tensor(np.where(np.arange(len(X)) % 3 == 0, 2.0, 1.0), dtype=torch.float32)
+    if task == "classes":
+        y, k, criterion = torch.as_tensor(np.unique(labels, return_inverse=True)[1]), 6, torch.nn.CrossEntropyLoss
+    else:
+        y, k, criterion = torch.as_tensor(np.column_stack([brightness, -brightness]) / 100, dtype=torch.float32), 2, \
+            torch.nn.MSELoss
+    criterion = criterion(reduction="none")
+    module = HeadModule(X.shape[1], k, mean=mean, scale=scale)
+    expected = weighted_loss(criterion, module(X), y, weights) + 0.3 * l2_penalty(module)
+    expected.backward()
+    layer = module.layers[-1]
+    grads = layer.weight.grad.clone(), layer.bias.grad.clone()
+    layer.zero_grad()
+    loss, logits = linear_loss(layer, X, lambda z: weighted_loss(criterion, z, y, weights), 0.3, module.mean,
+                               module.scale)
+    np.testing.assert_allclose(float(loss), float(expected.detach()), rtol=1e-5)
+    np.testing.assert_allclose(logits, module(X).detach(), rtol=1e-4, atol=1e-4)
+    for got, want in zip((layer.weight.grad, layer.bias.grad), grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("n_targets, weighted", [(1, False), (2, True)])

@@ -3,6 +3,7 @@
 import joblib
 import numpy as np
 import pytest
+import torch
 
 from sktransfer import PretrainedImageClassifier, PretrainedImageRegressor
 
@@ -28,8 +29,9 @@ def test_warm_start_continues_from_the_current_head(flowers_split):
     # The sixth epoch starts where the fifth ended, not from a new random head.
     assert losses[5] < 0.5 * losses[0] and losses[5] < losses[4] * 1.1
     assert warm.head_.optimizer_.param_groups[0]["lr"] == 2e-3  # this fit's settings apply
-    # Without warm_start: anew (with AdamW's weight decay of 1e-4, as warm_start=True trains).
-    cold = PretrainedImageClassifier(max_epochs=5, lr=1e-3, weight_decay=1e-4, random_state=0).fit(X, y).fit(X, y)
+    # Without warm_start: anew (with AdamW and its weight decay of 1e-4, as warm_start=True trains).
+    cold = PretrainedImageClassifier(max_epochs=5, lr=1e-3, optimizer=torch.optim.AdamW, weight_decay=1e-4,
+                                     random_state=0).fit(X, y).fit(X, y)
     assert len(cold.history_) == 5 and cold.history_[:, "train_loss"] == first
 
 

@@ -53,7 +53,7 @@ def test_digit_as_a_number_generalises_to_unseen_photos(digits_split):
     assert pred.shape == (20,) and pred.dtype == np.float64
     assert reg.score(test, y_test) == pytest.approx(r2_score(y_test, pred))
     assert reg.score(test, y_test) > 0.4  # far better than predicting the mean (R² = 0)
-    assert len(reg.history_) == 30
+    assert 2 <= len(reg.history_) <= 30  # L-BFGS steps from the tuned start, until one no longer lowers the loss
 
 
 def test_multi_output_targets(flowers_split):
