@@ -10,6 +10,7 @@ backbone (stages 1-4). :class:`PretrainedImageClassifier` and
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import numbers
 import os
@@ -46,8 +47,10 @@ from ._head import (
     HeadRegressor,
     build_head,
     check_head_settings,
+    full_batch,
     resume,
     unexpected_setting,
+    warn_unread_settings,
 )
 # Under this name too because pickles of calibrated models from 0.1.0 refer to it.
 from ._head import TemperatureSoftmax as _TemperatureSoftmax
@@ -498,6 +501,9 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         incremental = bool(continuing) or epochs is not None
         check_head_settings(params, extra, y_train, task=task, module=BlocksAndHead if self.unfreeze else HeadModule,
                             classifier=is_classifier(self), owner=type(self).__name__, continuing=incremental)
+        if full_batch(params, extra, incremental, multilabel=issubclass(net, HeadMultiLabelClassifier)):
+            defaults = {k: p.default for k, p in inspect.signature(type(self)).parameters.items()}
+            warn_unread_settings(params, defaults)
 
         embedder = self._make_embedder().fit()
         if continuing:

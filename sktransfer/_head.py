@@ -11,6 +11,7 @@ import contextlib
 import copy
 import difflib
 import inspect
+import warnings
 
 import numpy as np
 import torch
@@ -788,6 +789,22 @@ def full_batch(params, extra, continuing, multilabel=False):
             and not params["unfreeze"] and params["augment"] is None and not continuing
             and not params.get("warm_start") and "module__hidden_units" not in extra
             and not any(k.startswith("optimizer__") for k in extra))
+
+
+def warn_unread_settings(params, defaults):
+    """Warn when ``lr`` or ``batch_size`` differ from ``defaults`` (the estimator's)
+    for a full-batch linear head, which reads neither: a grid over them would
+    give equal candidates. As scikit-learn warns of a setting its solver ignores."""
+    unread = [f"{name}={params[name]!r}" for name in ("lr", "batch_size") if params[name] != defaults[name]]
+    if unread:
+        warnings.warn(
+            f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used: the linear head is "
+            "fitted full batch by L-BFGS, which reads neither lr nor batch_size (its L2 strength is "
+            "weight_decay). They apply to heads AdamW trains: with hidden_units, dropout, or "
+            "optimizer=torch.optim.AdamW.",
+            UserWarning,
+            stacklevel=4,  # the user's fit
+        )
 
 
 def head_optimizer(params, full):

@@ -165,7 +165,7 @@ def test_grid_search_routes_sample_weight(flowers_small, routing):
     with sklearn.config_context(enable_metadata_routing=routing):
         if routing:
             est.set_fit_request(sample_weight=True).set_score_request(sample_weight=False)
-        search = GridSearchCV(est, {"lr": [0.01]}, cv=2).fit(X, y, sample_weight=w)
+        search = GridSearchCV(est, {"weight_decay": [0.1]}, cv=2).fit(X, y, sample_weight=w)
     direct = PretrainedImageClassifier(**FULL_BATCH).fit(X, y, sample_weight=w)
     np.testing.assert_allclose(search.best_estimator_.predict_proba(X), direct.predict_proba(X), atol=1e-6)
     unweighted = PretrainedImageClassifier(**FULL_BATCH).fit(X, y)

@@ -144,7 +144,7 @@ def test_epoch_table_only_when_verbose(flowers_small, capsys):
 def test_early_stopping_holds_out_training_data(flowers_small):
     X, y = flowers_small
     clf = PretrainedImageClassifier(early_stopping=True, validation_fraction=0.2, n_iter_no_change=2,
-                                    max_epochs=200, lr=0.05, random_state=0).fit(X, y)
+                                    max_epochs=200, random_state=0).fit(X, y)
     history = clf.history_
     assert "valid_loss" in history[0]
     assert len(history) < 200
@@ -153,12 +153,12 @@ def test_early_stopping_holds_out_training_data(flowers_small):
 @pytest.mark.slow
 def test_grid_search_and_cross_validation(flowers_small):
     X, y = flowers_small
-    grid = {"lr": [1e-3, 1e-2], "hidden_units": [(), (32,)]}
+    grid = {"weight_decay": [0.1, 1.0], "hidden_units": [(), (32,)]}
     search = GridSearchCV(PretrainedImageClassifier(**FAST), grid, cv=3).fit(X, y)
     assert len(search.cv_results_["params"]) == 4
     best = PretrainedImageClassifier(**FAST).set_params(**search.best_params_).fit(X, y)
     np.testing.assert_array_equal(search.predict(X), best.predict(X))
-    rs = RandomizedSearchCV(PretrainedImageClassifier(**FAST), {"lr": [1e-3, 3e-3, 1e-2]}, n_iter=2,
+    rs = RandomizedSearchCV(PretrainedImageClassifier(**FAST), {"weight_decay": [0.03, 0.3, 3.0]}, n_iter=2,
                             cv=2, random_state=0).fit(X, y)
     assert rs.best_score_ == rs.cv_results_["mean_test_score"].max() > 1 / 3
     scores = cross_validate(PretrainedImageClassifier(**FAST), X, y, cv=3, scoring=["accuracy", "neg_log_loss"])

@@ -115,6 +115,42 @@ def test_a_number_for_weight_decay_fits_the_linear_head_at_that_l2_strength(halv
                                    atol=5e-3)
 
 
+def test_a_number_for_the_regressors_weight_decay_is_ridge_at_the_matching_alpha(halves):
+    # The regressor's loss (mean over images of the squared error, plus weight_decay / 2 times the
+    # squared weights) is Ridge's objective at alpha = weight_decay * n_images * n_outputs / 2,
+    # on standardised features and targets.
+    from sklearn.linear_model import Ridge
+
+    paths, _, features, brightness, train, test = halves
+    Z = standardised(features, train)
+    target = (brightness[train] - brightness[train].mean()) / brightness[train].std()
+    for weight_decay in (1.0, 0.03):
+        reg = PretrainedImageRegressor(weight_decay=weight_decay, random_state=0).fit(
+            [paths[i] for i in train], brightness[train])
+        assert reg.head_.l2 == weight_decay
+        ridge = Ridge(alpha=weight_decay * len(train) / 2).fit(Z[train], target)
+        expected = ridge.predict(Z[test]) * brightness[train].std() + brightness[train].mean()
+        np.testing.assert_allclose(reg.predict([paths[i] for i in test]), expected, rtol=1e-3, atol=0.05)
+
+
+def test_settings_the_full_batch_head_never_reads_are_warned_about(halves):
+    # As scikit-learn warns of a setting its solver ignores: a grid over lr or batch_size for the
+    # default head would give equal candidates.
+    import warnings
+
+    paths, labels, _, _, train, _ = halves
+    X, y = [paths[i] for i in train][:30], labels[train][:30]
+    with pytest.warns(UserWarning, match=r"lr=0.01 and batch_size=8 are not used: the linear head is fitted "
+                                         r"full batch by L-BFGS"):
+        PretrainedImageClassifier(lr=0.01, batch_size=8, random_state=0).fit(X, y)
+    with pytest.warns(UserWarning, match=r"^lr=0.01 is not used"):
+        PretrainedImageRegressor(lr=0.01, random_state=0).fit(X, np.arange(len(X), dtype=float))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        PretrainedImageClassifier(weight_decay=0.1, random_state=0).fit(X, y)  # defaults: nothing to say
+        PretrainedImageClassifier(lr=0.01, hidden_units=(8,), max_epochs=1, random_state=0).fit(X, y)  # AdamW reads it
+
+
 @pytest.mark.parametrize("task", ["classes", "targets"])
 def test_linear_loss_is_autograds_loss_and_gradient_through_the_head_module(halves, task):
     # The full-batch linear head evaluates its loss from the raw features with the standardisation
