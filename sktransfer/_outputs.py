@@ -16,11 +16,16 @@ import tempfile
 TEMP_PREFIX = ".tmp-"
 
 
-def write_atomic(path, data, mode=None, makedirs=False):
+def write_atomic(path, data, mode=None, makedirs=False, durable=True):
     """Write ``data`` (bytes) to ``path`` through a temporary file and a rename.
 
     A reader sees the old file or the whole new one, never a part, even when
     the writer is killed; a failed write leaves no temporary file behind.
+    ``durable``: the bytes reach the disk before the rename makes them
+    visible, and the rename after it (the folder is synced too), so a power
+    cut leaves the old file or the new one, not an empty one. The disk cache
+    passes False: a torn entry fails its checksum and is recomputed, and a
+    sync per image would slow embedding down.
     """
     folder = os.path.dirname(os.path.abspath(path))
     if makedirs:
@@ -31,6 +36,9 @@ def write_atomic(path, data, mode=None, makedirs=False):
             os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -38,6 +46,22 @@ def write_atomic(path, data, mode=None, makedirs=False):
         except OSError:
             pass
         raise
+    if durable:
+        _sync_folder(folder)
+
+
+def _sync_folder(folder):
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def safe_text(value):

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -61,7 +62,7 @@ def test_interrupted_fit_leaves_no_half_fitted_model(small):
     before, epochs = clf.predict_proba(X), len(clf.history_)
     assert epochs >= 2
 
-    clf.set_params(callbacks=[InterruptAt(1)], lr=0.1)
+    clf.set_params(callbacks=[InterruptAt(1)], weight_decay=0.5)
     with pytest.raises(KeyboardInterrupt):
         clf.fit(X, y)
     np.testing.assert_array_equal(clf.predict_proba(X), before)  # the previous model, untouched
@@ -72,7 +73,7 @@ def test_early_stopping_is_a_normal_end_not_an_interrupt(sample):
     paths, labels = sample
     keep = list(range(10)) + list(range(30, 40))
     clf = PretrainedImageClassifier(early_stopping=True, validation_fraction=0.2, n_iter_no_change=1,
-                                    max_epochs=300, lr=0.1, random_state=0)
+                                    max_epochs=300, random_state=0)
     clf.fit([paths[i] for i in keep], labels[keep])
     assert len(clf.history_) < 300 and clf.predict(paths[:2]).shape == (2,)
 
@@ -189,3 +190,29 @@ def test_pickle_from_an_incompatible_release_is_refused_by_name(tmp_path, small)
     refused = _run(load, old, *X[:2])
     assert refused.returncode != 0
     assert f"saved with sktransfer {other} and cannot be loaded with sktransfer {version}" in refused.stderr
+
+
+def test_outputs_reach_the_disk_before_they_replace_the_old_file_and_cache_entries_do_not_wait(
+        tmp_path, small, monkeypatch):
+    # A saved model or report must survive a power cut whole: its bytes are synced before the
+    # rename makes them visible, and the folder after the rename. A cache entry is not synced
+    # (its checksum catches a torn one, which is recomputed; a sync per image would slow embedding).
+    X, y = small
+    clf = PretrainedImageClassifier(random_state=0).fit(X, y)
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        info = os.fstat(fd)
+        synced.append(("folder" if stat.S_ISDIR(info.st_mode) else "file", info.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    folder = sktransfer.save_model(clf, tmp_path / "model")
+    files = [p for p in Path(folder).iterdir() if p.is_file()]
+    assert {("file", p.stat().st_ino) for p in files} <= set(synced), synced
+    assert ("folder", Path(folder).stat().st_ino) in synced
+    synced.clear()
+    sktransfer.clear_cache()  # embedded afresh, so every entry is written
+    ImageEmbedder(cache_dir=tmp_path / "cache").fit_transform(X)
+    assert cache_info(tmp_path / "cache")["entries"] == len(X) and synced == []
