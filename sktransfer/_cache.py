@@ -290,7 +290,14 @@ class DiskCache:
 def _scan(cache_dir):
     """``(entries, folders, others)`` under a disk cache folder: the files and
     folders the cache wrote, and the rest. No symbolic link is followed.
+
+    A folder that does not exist yet holds nothing; a file in its place is
+    refused (``NotADirectoryError``), as is a folder that cannot be read.
     """
+    if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
+        raise NotADirectoryError(f"cache_dir {cache_dir!r} is a file, not a folder of cached features.")
+    if os.path.isdir(cache_dir):
+        os.scandir(cache_dir).close()  # PermissionError here, not an empty listing below
     entries, folders, others = [], [], []
 
     def listing(folder):
@@ -327,7 +334,13 @@ def cache_info(cache_dir=None):
     -------
     info : dict
         ``entries`` and ``bytes`` (and ``max_bytes`` for the memory cache).
-        For a disk cache, only the entries the cache wrote are counted.
+        For a disk cache, only the entries the cache wrote are counted; a
+        folder not created yet has none.
+
+    Raises
+    ------
+    NotADirectoryError
+        When ``cache_dir`` is a file (so is ``clear_cache``).
     """
     if cache_dir is None:
         return MEMORY.info()

@@ -206,3 +206,16 @@ def test_file_replaced_between_check_and_decode_is_cached_under_what_was_decoded
     # What was returned for b is what was decoded at the time.
     np.testing.assert_allclose(features[1], extract_features([replacement], backbone, view=view)[0],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_cache_info_and_clear_cache_refuse_a_path_that_is_not_a_folder(tmp_path):
+    # A folder not created yet holds no entries; a file given as the folder is a mistake to report,
+    # not an empty cache.
+    assert cache_info(tmp_path / "not yet") == {"entries": 0, "bytes": 0}
+    clear_cache(tmp_path / "not yet")  # nothing to do
+    model = tmp_path / "model.joblib"
+    model.write_bytes(b"not a folder")
+    for call in (cache_info, clear_cache):
+        with pytest.raises(NotADirectoryError, match=r"cache_dir '.*model\.joblib' is a file, not a folder"):
+            call(model)
+    assert model.read_bytes() == b"not a folder"
