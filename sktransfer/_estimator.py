@@ -349,6 +349,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
     def __setstate__(self, state):
         if "head_" in state:  # fitted before n_features_in_ was recorded: one column of images
             state.setdefault("n_features_in_", 1)
+            state.setdefault("weight_decay_", None)  # fitted before the strength was recorded
         super().__setstate__(state)
 
     _parameter_constraints = {
@@ -501,7 +502,8 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         incremental = bool(continuing) or epochs is not None
         check_head_settings(params, extra, y_train, task=task, module=BlocksAndHead if self.unfreeze else HeadModule,
                             classifier=is_classifier(self), owner=type(self).__name__, continuing=incremental)
-        if full_batch(params, extra, incremental, multilabel=issubclass(net, HeadMultiLabelClassifier)):
+        full = full_batch(params, extra, incremental, multilabel=issubclass(net, HeadMultiLabelClassifier))
+        if full:
             defaults = {k: p.default for k, p in inspect.signature(type(self)).parameters.items()}
             warn_unread_settings(params, defaults)
 
@@ -537,6 +539,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             raise KeyboardInterrupt("fit was interrupted; the estimator keeps its previous state.")
         fitted.update(self._after_training(head))
         fitted["unfreeze_"] = int(self.unfreeze)
+        fitted["weight_decay_"] = float(head.l2) if full else None
         # Fitted state is assigned together at the end: an interrupted fit
         # leaves the estimator as it was before.
         for name, value in fitted.items():
@@ -600,7 +603,13 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                 f"save_model cannot export a model fine-tuned with unfreeze={self.unfreeze_}: its trained "
                 "backbone blocks are code as well as tensors. Share it with joblib (trusted sources only)."
             )
-        return super()._export_state()
+        state = super()._export_state()
+        if self.weight_decay_ is not None:
+            state["head.weight_decay"] = float(self.weight_decay_)
+        return state
+
+    def _import_state(self, read):
+        self.weight_decay_ = read("head.weight_decay", float, 0, None, default=None)
 
     def _export_parts(self):
         return self.embedder_.backbone_, self.head_
@@ -693,9 +702,11 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         does not use it).
     weight_decay : float or "auto", default="auto"
         The L2 strength of the full-batch linear head (see ``optimizer``):
-        its loss is the mean over images plus ``weight_decay / 2`` times the
-        sum of squared weights, ``LogisticRegression(C=1 / (weight_decay *
-        n_images))`` on the standardised features. ``"auto"`` chooses it by
+        its loss is the (sample-weighted) mean over images plus
+        ``weight_decay / 2`` times the sum of squared weights,
+        ``LogisticRegression(C=1 / (weight_decay * n))`` on the standardised
+        features, ``n`` being the number of images (the sum of the sample
+        weights, with ``class_weight``, when given). ``"auto"`` chooses it by
         3-fold cross-validation on the cached training features, as
         ``LogisticRegressionCV`` does: strengths from 10 down to 0.001,
         strongest first, until two in a row have not improved on the best
@@ -740,7 +751,10 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     warm_start : bool, default=False
         When True, ``fit`` on a fitted model continues training its head
         (weights, optimizer state and history) for ``max_epochs`` more epochs
-        instead of starting over; ``y`` must have the same classes.
+        instead of starting over; ``y`` must have the same classes. Such a
+        head is AdamW's from its first fit on (see ``optimizer``); a
+        full-batch linear head fitted without ``warm_start`` continues with a
+        fresh AdamW, whose ``weight_decay`` is then the decoupled decay.
     augment : {"flip", "light", "strong"}, callable or None, default=None
         Training augmentation at cached cost: each training image is embedded
         under ``n_views`` random augmentations once, and each epoch the head
@@ -789,6 +803,10 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         The fitted temperature (1.0 without ``calibration``).
     unfreeze_ : int
         Number of backbone blocks trained with the head.
+    weight_decay_ : float or None
+        The L2 strength the full-batch linear head was fitted at: chosen by
+        ``weight_decay="auto"``, or the number given; None for heads AdamW
+        trains. As ``LogisticRegressionCV``'s ``C_`` and ``RidgeCV``'s ``alpha_``.
     embedder_ : ImageEmbedder
         The fitted embedder (backbone and its preprocessing).
     head_ : skorch.NeuralNetClassifier
@@ -820,8 +838,8 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         "tta": [StrOptions(set(TTA_PRESETS)), None],
         "calibration": [StrOptions({"temperature"}), None],
     }
-    _fitted_attributes = ("n_features_in_", "embedder_", "head_", "unfreeze_", "classes_", "multilabel_",
-                          "temperature_")
+    _fitted_attributes = ("n_features_in_", "embedder_", "head_", "unfreeze_", "weight_decay_", "classes_",
+                          "multilabel_", "temperature_")
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
                  hidden_units=(), dropout=0.0, lr=3e-3, weight_decay="auto", max_epochs=15,
@@ -1032,6 +1050,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         }
 
     def _import_state(self, read):
+        super()._import_state(read)
         n_outputs = read("head.n_outputs", int, 1)
         values = read("classes.values", list)
         if len(values) != n_outputs or not all(isinstance(v, (str, int, float, bool)) for v in values):
@@ -1186,10 +1205,11 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         does not use it).
     weight_decay : float or "auto", default="auto"
         The L2 strength of the full-batch linear head (see ``optimizer``):
-        its loss is the mean over images of the mean squared error over
-        outputs plus ``weight_decay / 2`` times the sum of squared weights,
-        ``Ridge(alpha=weight_decay * n_images * n_outputs / 2)`` on the
-        standardised features. ``"auto"`` chooses it, from 10 down to 0.001
+        its loss is the (sample-weighted) mean over images of the mean
+        squared error over outputs plus ``weight_decay / 2`` times the sum of
+        squared weights, ``Ridge(alpha=weight_decay * n * n_outputs / 2)`` on
+        the standardised features, ``n`` being the number of images (the sum
+        of the sample weights, when given). ``"auto"`` chooses it, from 10 down to 0.001
         in half decades, by the least leave-one-out error on the cached
         training features, computed in closed form by ``RidgeCV``
         (docs/accuracy.md). For the heads AdamW trains, a number is AdamW's
@@ -1265,6 +1285,10 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         Number of targets per image.
     target_mean_, target_scale_ : ndarray of shape (n_outputs_,)
         The target standardisation (zeros and ones when ``target_scaling=False``).
+    weight_decay_ : float or None
+        The L2 strength the full-batch linear head was fitted at: chosen by
+        ``weight_decay="auto"`` (``RidgeCV``'s leave-one-out), or the number
+        given; None for heads AdamW trains. As ``RidgeCV``'s ``alpha_``.
     embedder_ : ImageEmbedder
         The fitted embedder (backbone and its preprocessing).
     head_ : skorch.NeuralNetRegressor
@@ -1298,8 +1322,8 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         **_PretrainedImageModel._parameter_constraints,
         "target_scaling": ["boolean"],
     }
-    _fitted_attributes = ("n_features_in_", "embedder_", "head_", "unfreeze_", "n_outputs_", "target_mean_",
-                          "target_scale_", "_single_output")
+    _fitted_attributes = ("n_features_in_", "embedder_", "head_", "unfreeze_", "weight_decay_", "n_outputs_",
+                          "target_mean_", "target_scale_", "_single_output")
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
                  hidden_units=(), dropout=0.0, lr=3e-3, weight_decay="auto", max_epochs=30,
@@ -1378,6 +1402,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         }
 
     def _import_state(self, read):
+        super()._import_state(read)
         self.n_outputs_ = read("head.n_outputs", int, 1)
         for key, low in (("mean", None), ("scale", 1e-30)):
             values = read(f"targets.{key}", list)

@@ -210,7 +210,10 @@ def linear_loss(layer, X, loss_fn, l2, mean=None, scale=None):
     into the weights, so no standardised copy of ``X`` is made at each
     evaluation, and both products over ``X`` (the logits, and the weights'
     gradient) read it in the order BLAS is fastest at for a few outputs.
-    Autograd runs on the logits only, so any criterion works.
+    Autograd runs on the logits only, so any criterion works. Folding costs
+    float32 precision when the features' means are far larger than their
+    spread (a relative error of about 1e-3 on the bias gradient for an
+    offset of 50 standard deviations); pooled backbone features are not so.
 
     Returns
     -------
@@ -240,7 +243,8 @@ class WeightedLossMixin:
 
     Batches are ``{"X": features, "sample_weight": w}``; the criterion must be
     built with ``reduction="none"``. ``l2`` multiplies :func:`l2_penalty` of
-    the module in training (the tuned strength of ``weight_decay="auto"``).
+    the module in training (the full-batch linear head's strength: tuned for
+    ``weight_decay="auto"``, the number given otherwise).
     """
 
     def __init__(self, *args, l2=0.0, **kwargs):
@@ -319,8 +323,9 @@ class Converged(Callback):
         Whether training ended here, before ``max_epochs``.
     """
 
-    def __init__(self, tolerance):
+    def __init__(self, tolerance, sink=print):
         self.tolerance = tolerance
+        self.sink = sink
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         self.converged_ = False
@@ -329,6 +334,9 @@ class Converged(Callback):
         losses = net.history[-2:, "train_loss"]
         if len(losses) == 2 and losses[0] - losses[1] <= self.tolerance:
             self.converged_ = True
+            if net.verbose:  # as skorch's EarlyStopping says why it stops
+                self.sink(f"Stopping: the L-BFGS step of epoch {len(net.history) - 1} lowered the training "
+                          f"loss by no more than {self.tolerance:g}.")
             raise KeyboardInterrupt
 
 
@@ -623,9 +631,9 @@ UNTUNED_WEIGHT_DECAY = 1e-4
 LBFGS_SETTINGS = dict(line_search_fn="strong_wolfe", max_iter=20, history_size=10,
                       tolerance_grad=1e-5, tolerance_change=1e-7)
 #: L-BFGS settings per strength while tuning: the validation loss needs the
-#: optimum only roughly, and each fit starts near it (on the shared photo
-#: sets the validation losses moved by under 0.01 and the chosen strength
-#: not at all, for a third of the work of a tight fit).
+#: optimum only roughly, and each fit starts near it (see :func:`tune_l2`
+#: for how often the chosen strength is that of a tight fit: 24 in 26, for
+#: a third of the work).
 TUNING_SETTINGS = dict(LBFGS_SETTINGS, max_iter=15, tolerance_grad=1e-4)
 
 
@@ -643,10 +651,16 @@ def tune_l2(X, y, weights, criterion, n_outputs, folds):
     best. Folds without weight on both parts are left out.
 
     The folds' models are fitted together, as one linear layer with the
-    outputs of every fold side by side whose loss is the sum of the folds'
-    (:data:`TUNING_SETTINGS`): the fits are independent, so this minimises
-    each, and every evaluation reads the features twice in all instead of
-    twice per fold, which is most of its cost.
+    outputs of every fold side by side whose loss is the sum of the folds':
+    every evaluation reads the features twice in all instead of twice per
+    fold, which is most of its cost. The fits are independent, so at the
+    optimum this is each fold's own fit; but :data:`TUNING_SETTINGS` stop
+    them roughly, and one L-BFGS run over all folds stops elsewhere than
+    separate runs. Against fits to a tight tolerance, on 26 subsets (60-420
+    images) of the shared photo sets, the strength chosen was the same in
+    24, as for separate rough fits (24, not the same two); near-ties, where
+    the two best strengths' validation losses differ by about 0.01, can go
+    either way. It took half the time of separate fits.
 
     Returns
     -------
@@ -798,10 +812,10 @@ def warn_unread_settings(params, defaults):
     unread = [f"{name}={params[name]!r}" for name in ("lr", "batch_size") if params[name] != defaults[name]]
     if unread:
         warnings.warn(
-            f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used: the linear head is "
-            "fitted full batch by L-BFGS, which reads neither lr nor batch_size (its L2 strength is "
-            "weight_decay). They apply to heads AdamW trains: with hidden_units, dropout, or "
-            "optimizer=torch.optim.AdamW.",
+            f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by this fit: the linear "
+            "head is fitted full batch by L-BFGS, which reads neither lr nor batch_size (its L2 strength is "
+            "weight_decay). They apply to heads AdamW trains: with hidden_units, dropout or "
+            "optimizer=torch.optim.AdamW, and when partial_fit or warm_start=True trains a head further.",
             UserWarning,
             stacklevel=4,  # the user's fit
         )

@@ -47,10 +47,10 @@ def write_atomic(path, data, mode=None, makedirs=False, durable=True):
             pass
         raise
     if durable:
-        _sync_folder(folder)
+        sync_folder(folder)
 
 
-def _sync_folder(folder):
+def sync_folder(folder):
     """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -9,8 +9,6 @@ unfitted model shows its settings, a fitted one what fit made.
 
 from __future__ import annotations
 
-import torch
-
 try:  # scikit-learn >= 1.7
     from sklearn.utils._repr_html.estimator import _VisualBlock
 except ImportError:  # scikit-learn 1.6
@@ -52,14 +50,12 @@ def _head_box(model):
     else:
         out = f"{model.n_outputs_} output(s)"
         extra = "\ntarget scaling undone at predict" if model.target_scaling else ""
-    head = model.head_
-    if model.optimizer is None and isinstance(getattr(head, "optimizer_", None), torch.optim.LBFGS):
+    strength = getattr(model, "weight_decay_", None)
+    if strength is not None:
         # The full-batch linear head reads neither lr nor batch_size: say what it was fitted at.
-        settings = (f"L-BFGS, full batch, L2 strength {head.l2:.3g} "
-                    f"({'tuned' if model.weight_decay == 'auto' else 'given'})")
+        settings = f"L-BFGS, full batch, L2 strength {strength:.3g} (weight_decay_)"
     epochs = len(model.history_)
-    return (f"head: {kind} -> {out}",
-            f"{settings}\ntrained {epochs} epoch(s) of at most {model.max_epochs}{extra}")
+    return f"head: {kind} -> {out}", f"{settings}\ntrained {epochs} epoch(s){extra}"
 
 
 def _box(name, details):

@@ -139,6 +139,12 @@ def test_epoch_table_only_when_verbose(flowers_small, capsys):
     clf = PretrainedImageClassifier(max_epochs=2, verbose=1).fit(X, y)
     assert "train_loss" in capsys.readouterr().out
     assert len(clf.history_) == 2
+    # The full-batch head's table ends with the reason when L-BFGS stops before max_epochs.
+    clf = PretrainedImageClassifier(verbose=1).fit(X, y)
+    epochs = len(clf.history_)
+    assert epochs < clf.max_epochs
+    assert (f"Stopping: the L-BFGS step of epoch {epochs - 1} lowered the training loss by no more than 1e-07."
+            in capsys.readouterr().out)
 
 
 def test_early_stopping_holds_out_training_data(flowers_small):

@@ -1,7 +1,9 @@
 """save_model / load_model: tensors and JSON, loaded without running code or the network."""
 
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_model, save_model
+from sktransfer import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor, load_model, save_model
+from sktransfer._head import L2_GRID
 from sktransfer._cache import digest
 
 from conftest import OFFLINE, fresh_env
@@ -89,6 +92,30 @@ def test_round_trip_keeps_parameters_classes_and_backbone(tmp_path, fitted):
     np.testing.assert_array_equal(loaded.predict(X[:4]), clf.predict(X[:4]))
     loaded.fit(X, y)  # a loaded model can be trained again with its saved settings
     assert loaded.score(X, y) > 0.5
+
+
+def test_the_l2_strength_of_a_full_batch_head_is_fitted_state_that_saves_and_loads(tmp_path, sample):
+    # As LogisticRegressionCV's C_ and RidgeCV's alpha_: the strength the linear head was fitted at.
+    paths, labels = sample
+    keep = list(range(5)) + list(range(30, 35)) + list(range(60, 65))
+    X, y = [paths[i] for i in keep], labels[keep]
+    tuned = PretrainedImageClassifier(random_state=0).fit(X, y)
+    assert tuned.weight_decay_ == tuned.head_.l2 and tuned.weight_decay_ in L2_GRID
+    given = PretrainedImageRegressor(weight_decay=0.3, random_state=0).fit(X, np.arange(len(X), dtype=float))
+    assert given.weight_decay_ == 0.3
+    adamw = PretrainedImageClassifier(hidden_units=(8,), max_epochs=1, random_state=0).fit(X, y)
+    assert adamw.weight_decay_ is None  # AdamW's decay is a setting of the optimizer, not a fitted strength
+    for model in (tuned, given, adamw):
+        folder = tmp_path / type(model).__name__ / str(model.weight_decay_)
+        save_model(model, folder)
+        loaded = load_model(folder)
+        assert loaded.weight_decay_ == model.weight_decay_
+        assert _boxes(loaded) == _boxes(model)  # the notebook diagram tells the same story
+
+
+def _boxes(model):
+    """The details of the boxes of the model's notebook diagram."""
+    return [html.unescape(d) for d in re.findall(r"<pre>([^<]*)</pre>", model._repr_html_())]
 
 
 def test_files_hold_only_json_and_tensors(tmp_path, fitted):
@@ -316,6 +343,8 @@ def _classes(values, dtype):
     (_set("params.module__hidden_units", [40000, 40000]), "params.module__hidden_units"),
     (_set("params.embed_batch_size", -3), "embed_batch_size"),
     (_set("history", "epochs"), "history"),
+    (_set("head.weight_decay", -1.0), "head.weight_decay"),
+    (_set("head.weight_decay", "auto"), "head.weight_decay"),
 ])
 def test_wrong_model_json_fields_are_named(tmp_path, saved, edit, field):
     import copy

@@ -212,6 +212,7 @@ def test_outputs_reach_the_disk_before_they_replace_the_old_file_and_cache_entri
     files = [p for p in Path(folder).iterdir() if p.is_file()]
     assert {("file", p.stat().st_ino) for p in files} <= set(synced), synced
     assert ("folder", Path(folder).stat().st_ino) in synced
+    assert ("folder", tmp_path.stat().st_ino) in synced  # the new folder's entry in its parent
     synced.clear()
     sktransfer.clear_cache()  # embedded afresh, so every entry is written
     ImageEmbedder(cache_dir=tmp_path / "cache").fit_transform(X)

@@ -140,8 +140,8 @@ def test_settings_the_full_batch_head_never_reads_are_warned_about(halves):
 
     paths, labels, _, _, train, _ = halves
     X, y = [paths[i] for i in train][:30], labels[train][:30]
-    with pytest.warns(UserWarning, match=r"lr=0.01 and batch_size=8 are not used: the linear head is fitted "
-                                         r"full batch by L-BFGS"):
+    with pytest.warns(UserWarning, match=r"lr=0.01 and batch_size=8 are not used by this fit: the linear head "
+                                         r"is fitted full batch by L-BFGS"):
         PretrainedImageClassifier(lr=0.01, batch_size=8, random_state=0).fit(X, y)
     with pytest.warns(UserWarning, match=r"^lr=0.01 is not used"):
         PretrainedImageRegressor(lr=0.01, random_state=0).fit(X, np.arange(len(X), dtype=float))
