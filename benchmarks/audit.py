@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -227,10 +228,12 @@ def inject(datasets, name, tmp, seed):
     return X, y, classes, flipped, pairs, outsiders
 
 
-def run(datasets, name, cache_dir, tmp, seed=0, weight_decay=None):
+def run(datasets, name, cache_dir, tmp, seed=0, weight_decay=None, adamw=False):
     """Audit ``name`` with injected faults; the figures of the benchmark, and the run's probabilities."""
     X, y, classes, flipped, pairs, outsiders = inject(datasets, name, tmp, seed)
     head = {} if weight_decay is None else {"weight_decay": weight_decay}
+    if adamw:
+        head["optimizer"] = torch.optim.AdamW
     estimator = PretrainedImageClassifier(random_state=seed, cache_dir=cache_dir, **head)
     start = time.perf_counter()
     report = audit(estimator, X, y, cv=5, random_state=seed)
@@ -280,6 +283,8 @@ def main():
                         help="seeds of the injected faults and the folds (default: 0 1 2 3 4)")
     parser.add_argument("--weight-decay", type=weight_decay,
                         help="the head's weight_decay (a number or 'auto'; default: the estimator's)")
+    parser.add_argument("--adamw", action="store_true",
+                        help="train the head with AdamW (mini-batches; weight_decay is then its decoupled decay)")
     parser.add_argument("--save-proba", metavar="FILE.npz",
                         help="also save each run's out-of-fold probabilities, labels, flipped indices "
                              "and neighbours' vote")
@@ -290,14 +295,15 @@ def main():
         print(rules_table(load_runs(args.compare_rules)))
         return
     # docs/benchmarks.md holds the reference configuration; other ones are printed only.
-    reference = set(REFERENCE_SEEDS) <= set(args.seeds) and args.weight_decay is None
+    reference = set(REFERENCE_SEEDS) <= set(args.seeds) and args.weight_decay is None and not args.adamw
     cpu = machine()
     results, runs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("trash6", "sign_digits"):
             for seed in args.seeds:
-                r = run(args.datasets, name, args.cache_dir, Path(tmp), seed, args.weight_decay)
-                head = "" if args.weight_decay is None else f" weight_decay={args.weight_decay}"
+                r = run(args.datasets, name, args.cache_dir, Path(tmp), seed, args.weight_decay, args.adamw)
+                head = ("" if args.weight_decay is None else f" weight_decay={args.weight_decay}") + \
+                    (" AdamW" if args.adamw else "")
                 runs[f"{name} seed {seed}{head}"] = r["saved"]
                 results.append(r)
     if args.save_proba:
