@@ -294,10 +294,6 @@ def _scan(cache_dir):
     A folder that does not exist yet holds nothing; a file in its place is
     refused (``NotADirectoryError``), as is a folder that cannot be read.
     """
-    if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
-        raise NotADirectoryError(f"cache_dir {cache_dir!r} is a file, not a folder of cached features.")
-    if os.path.isdir(cache_dir):
-        os.scandir(cache_dir).close()  # PermissionError here, not an empty listing below
     entries, folders, others = [], [], []
 
     def listing(folder):
@@ -306,7 +302,13 @@ def _scan(cache_dir):
         except OSError:
             return []
 
-    for top in listing(cache_dir):
+    try:
+        tops = sorted(os.scandir(cache_dir), key=lambda e: e.name)
+    except FileNotFoundError:
+        tops = []
+    except NotADirectoryError:
+        raise NotADirectoryError(f"cache_dir {cache_dir!r} is a file, not a folder of cached features.") from None
+    for top in tops:
         if not (_HEX32.match(top.name) and top.is_dir(follow_symlinks=False)):
             others.append(top.path)
             continue

@@ -57,15 +57,16 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
     features : ndarray of shape (len(items), backbone.num_features), float32
     """
     base = view_fingerprint(backbone.fingerprint, view)
+    in_torch = TORCH_FLOAT32.namespace(base)
     found, n_images = None, len(items)
     if engine == "auto" and n_images >= _engine.OPENVINO_MIN_IMAGES and not backbone.converted():
         # A conversion is repaid by the images still to embed, not by those
         # PyTorch embedded before, whose features are cached.
-        found = _look_up(items, TORCH_FLOAT32.namespace(base), cache_dir, backbone.num_features)
+        found = _look_up(items, in_torch, cache_dir, backbone.num_features)
         n_images = len(found[1])
     plan = backbone.plan(device, engine, precision, compile, n_images=n_images)
     fingerprint = plan.namespace(base)
-    if found is None or fingerprint != TORCH_FLOAT32.namespace(base):
+    if found is None or fingerprint != in_torch:
         found = _look_up(items, fingerprint, cache_dir, backbone.num_features)
     out, todo, errors, disk = found
     if errors:

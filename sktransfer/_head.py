@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from skorch import NeuralNet, NeuralNetClassifier, NeuralNetRegressor
 from skorch.callbacks import Callback, EarlyStopping
-from skorch.dataset import Dataset, ValidSplit
+from skorch.dataset import Dataset, ValidSplit, unpack_data
+from skorch.utils import to_tensor
 from torch import nn
 
 from ._backbones import pool
@@ -252,8 +253,6 @@ class WeightedLossMixin:
         self.l2 = l2
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
-        from skorch.utils import to_tensor
-
         weights = X.get("sample_weight") if isinstance(X, dict) else None
         if weights is not None:
             weights = to_tensor(weights, device=self.device)
@@ -266,9 +265,6 @@ class WeightedLossMixin:
         """One evaluation of the loss and its gradient: by :func:`linear_loss` for a
         linear :class:`HeadModule` without dropout under L-BFGS, where the same full
         batch is evaluated many times; by skorch's forward and backward otherwise."""
-        from skorch.dataset import unpack_data
-        from skorch.utils import to_tensor
-
         module = self.module_
         Xi, yi = unpack_data(batch)
         X = Xi.get("X") if isinstance(Xi, dict) else None
@@ -544,8 +540,7 @@ def check_head_settings(params, extra, y_train, *, task, module, classifier, own
 
 def _settings(extra, prefix):
     """The settings of ``extra`` for one object (``prefix``), without the prefix; nested ones left out."""
-    return {k[len(prefix):]: v for k, v in extra.items()
-            if k.startswith(prefix) and "__" not in k[len(prefix):]}
+    return {k: v for k, v in _prefixed(extra, prefix).items() if "__" not in k}
 
 
 def _try_settings(params, extra, y_train, optimizer, criterion):

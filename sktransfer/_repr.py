@@ -50,10 +50,9 @@ def _head_box(model):
     else:
         out = f"{model.n_outputs_} output(s)"
         extra = "\ntarget scaling undone at predict" if model.target_scaling else ""
-    strength = getattr(model, "weight_decay_", None)
-    if strength is not None:
+    if model.weight_decay_ is not None:
         # The full-batch linear head reads neither lr nor batch_size: say what it was fitted at.
-        settings = f"L-BFGS, full batch, L2 strength {strength:.3g} (weight_decay_)"
+        settings = f"L-BFGS, full batch, L2 strength {model.weight_decay_:.3g} (weight_decay_)"
     epochs = len(model.history_)
     return f"head: {kind} -> {out}", f"{settings}\ntrained {epochs} epoch(s){extra}"
 
