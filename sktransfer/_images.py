@@ -271,19 +271,21 @@ def open_image(payload, min_size=None):
         return _to_rgb(image)
     if isinstance(payload, Image.Image):
         return _to_rgb(payload.copy() if payload.mode == "RGB" else payload)
-    image = _open_header(payload)
-    w, h = image.size
-    try:
-        if min_size and image.format == "JPEG" and min(w, h) > 2 * min_size:
-            scale = min_size / min(w, h)
-            image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-        image.load()
-        return _to_rgb(image)
-    except Exception as e:  # noqa: BLE001
-        # Damaged files make Pillow's decoders fail in many ways (OSError,
-        # SyntaxError, struct.error, IndexError, ...): report them all as one
-        # documented error instead of letting a decoder's internals escape.
-        raise ValueError(f"image data is damaged or truncated ({type(e).__name__}: {e})") from None
+    # Leaving the block closes the file, which Pillow keeps open after decoding
+    # the first frame of a multi-frame GIF or TIFF; the decoded pixels stay.
+    with _open_header(payload) as image:
+        w, h = image.size
+        try:
+            if min_size and image.format == "JPEG" and min(w, h) > 2 * min_size:
+                scale = min_size / min(w, h)
+                image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+            image.load()
+            return _to_rgb(image)
+        except Exception as e:  # noqa: BLE001
+            # Damaged files make Pillow's decoders fail in many ways (OSError,
+            # SyntaxError, struct.error, IndexError, ...): report them all as one
+            # documented error instead of letting a decoder's internals escape.
+            raise ValueError(f"image data is damaged or truncated ({type(e).__name__}: {e})") from None
 
 
 def load_pixels(payload, preprocessing, view=None, key=None):

@@ -1,3 +1,6 @@
+import gc
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +153,19 @@ def test_open_image_accepts_every_item_type(sample):
     for item in (path, data, im, arr, arr[:, :, 0], arr[:, :, :1]):
         out = open_image(item)
         assert out.mode == "RGB" and out.size == im.size
+
+
+@pytest.mark.parametrize("name", ["anim.gif", "pages.tif"])
+def test_open_image_closes_a_multi_frame_file(tmp_path, name):
+    # Pillow keeps a GIF's or TIFF's file open after decoding one frame, for seeking to the others.
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in (10, 200)]
+    path = tmp_path / name
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        image = open_image(str(path))
+        pixels = np.asarray(image)
+        del image
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert pixels.shape == (16, 16, 3) and (pixels == 10).all()  # the first frame, still readable
