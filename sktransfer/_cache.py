@@ -292,20 +292,19 @@ def _scan(cache_dir):
     folders the cache wrote, and the rest. No symbolic link is followed.
 
     A folder that does not exist yet holds nothing; a file in its place is
-    refused (``NotADirectoryError``), as is a folder that cannot be read.
+    refused (``NotADirectoryError``), as is a folder, at any level, that cannot
+    be read (``PermissionError`` naming it): it is not an empty one.
     """
     entries, folders, others = [], [], []
 
     def listing(folder):
         try:
             return sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
+        except FileNotFoundError:  # not created yet, or removed meanwhile by another clear_cache
             return []
 
     try:
-        tops = sorted(os.scandir(cache_dir), key=lambda e: e.name)
-    except FileNotFoundError:
-        tops = []
+        tops = listing(cache_dir)
     except NotADirectoryError:
         raise NotADirectoryError(f"cache_dir {cache_dir!r} is a file, not a folder of cached features.") from None
     for top in tops:
@@ -342,7 +341,10 @@ def cache_info(cache_dir=None):
     Raises
     ------
     NotADirectoryError
-        When ``cache_dir`` is a file (so is ``clear_cache``).
+        When ``cache_dir`` is a file (so does ``clear_cache``).
+    PermissionError
+        When ``cache_dir`` or a folder in it cannot be read; the error names
+        the folder (so does ``clear_cache``, before it deletes anything).
     """
     if cache_dir is None:
         return MEMORY.info()

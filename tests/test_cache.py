@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from sktransfer._cache import DiskCache, MemoryCache, digest, namespace, view_fi
 from sktransfer._features import extract_features
 from sktransfer._inputs import read_item
 
-from conftest import ForwardCounter
+from conftest import ForwardCounter, fresh_env
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +221,46 @@ def test_cache_info_and_clear_cache_refuse_a_path_that_is_not_a_folder(tmp_path)
         with pytest.raises(NotADirectoryError, match=r"cache_dir '.*model\.joblib' is a file, not a folder"):
             call(model)
     assert model.read_bytes() == b"not a folder"
+
+
+def _without_read_override():
+    """The command prefix of a process that file permissions apply to: none for a user,
+    ``setpriv`` dropping root's override of read and search permissions for root; or skip."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("runs as root, without setpriv to drop root's override of file permissions")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+@pytest.mark.parametrize("locked", ["namespace", "sub-folder"])
+def test_cache_info_and_clear_cache_refuse_an_unreadable_folder_inside(tmp_path, locked):
+    # An unreadable namespace or sub-folder is not an empty one: counting or clearing around
+    # it would report a cache smaller than it is, or leave entries behind silently.
+    prefix = _without_read_override()
+    cache = tmp_path / "cache"
+    for name in ("a" * 32, "b" * 32):
+        DiskCache(cache, name).put("cc" + "0" * 30, np.arange(4, dtype=np.float32))
+    folder = cache / ("a" * 32) if locked == "namespace" else cache / ("a" * 32) / "cc"
+    code = (
+        "import sys\n"
+        "from sktransfer import cache_info, clear_cache\n"
+        "for call in (cache_info, clear_cache):\n"
+        "    try:\n"
+        "        print(call.__name__, 'returned', call(sys.argv[1]))\n"
+        "    except PermissionError as e:\n"
+        "        print(call.__name__, 'raised', e)\n"
+    )
+    folder.chmod(0)
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-c", code, str(cache)], env=fresh_env(),
+                              capture_output=True, text=True)
+    finally:
+        folder.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [["cache_info", "raised"], ["clear_cache", "raised"]], lines
+    assert all(str(folder) in line for line in lines), lines
+    assert cache_info(cache)["entries"] == 2  # refused before anything was deleted
