@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import _engine
-from ._cache import memo_key, namespace, new_hasher
+from ._cache import function_code, memo_key, namespace, new_hasher, source_digest
 from ._images import Preprocessing
 
 __all__ = ["list_backbones", "Backbone"]
@@ -662,33 +662,19 @@ def _freeze(name, net, preprocessing, stages, user_code=False):
 
 
 def _code(body):
-    """The code of a user module's classes (those not from PyTorch, with their bases): a
-    changed ``forward`` changes the features but neither the weights nor the module's repr."""
+    """The code of a user module's classes (those not from PyTorch, with their bases) and the
+    text of the files that define them: a changed ``forward``, or a helper function it calls
+    edited in the same file, changes the features but neither the weights nor the module's repr."""
     classes = {c for m in body.modules() for c in type(m).__mro__
                if c.__module__.split(".")[0] != "torch" and c not in (object, _Body)}
     parts = []
     for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__)):
-        parts.append(f"class {cls.__module__}.{cls.__qualname__}")
+        parts.append(f"class {cls.__module__}.{cls.__qualname__} in file {source_digest(cls.__module__)}")
         for name, value in sorted(vars(cls).items()):
             function = getattr(value, "__func__", value)  # staticmethod, classmethod
             if hasattr(function, "__code__"):
-                parts.append(f"{name}: {_function_code(function)}")
+                parts.append(f"{name}: {function_code(function)}")
     return "\n".join(parts)
-
-
-def _function_code(function):
-    """A function's source (found by its code's own line, so a class defined twice in one
-    file gives each definition's), else its bytecode, written without memory addresses."""
-    import inspect
-    import types
-
-    try:
-        return inspect.getsource(function)
-    except (OSError, TypeError):  # no source file: exec'd code
-        def written(code):
-            consts = tuple(written(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
-            return repr((code.co_code, code.co_names, consts))
-        return written(function.__code__)
 
 
 def _fingerprint(body, preprocessing, user_code=False):

@@ -8,6 +8,9 @@ Every cache key in sktransfer is made here:
   per process in a memo that is never stale (see :func:`file_digest`);
 - :func:`namespace`: a feature namespace derived from a backbone fingerprint
   and the parts that change its features (a view, a frozen prefix, ...);
+- :func:`function_code` / :func:`source_digest`: the code of a user's
+  function and the text of the file that defines it, for the fingerprint of a
+  user's module and the identity of a user's ``augment``;
 - :class:`MemoryCache` (one per process) and :class:`DiskCache`
   (``cache_dir``), which store feature vectors under ``(namespace, digest)``.
 """
@@ -20,6 +23,7 @@ import hashlib
 import os
 import re
 import stat
+import sys
 import threading
 import time
 import warnings
@@ -175,6 +179,53 @@ def file_digest(path, st):
     if key == memo_key(st):
         return value
     return read_file(path)[0]
+
+
+# --------------------------------------------------------------------------
+# Code identity: what a user's functions and classes compute, for cache keys
+
+def function_code(function):
+    """A function's source (found by its code's own line, so a class defined twice in one
+    file gives each definition's), else its bytecode, written without memory addresses.
+
+    The source of a lambda is its whole line(s); where they hold another
+    lambda, the lines and columns of each one's instructions tell them apart.
+    """
+    import inspect
+
+    code = function.__code__
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):  # no source file: exec'd code
+        return _bytecode(code)
+    if code.co_name != "<lambda>":
+        return source
+    if not hasattr(code, "co_positions"):  # Python 3.10 has no columns
+        return f"{source}{_bytecode(code)}"
+    return f"{source}{sorted(set(code.co_positions()), key=repr)}"
+
+
+def _bytecode(code):
+    import types
+
+    consts = tuple(_bytecode(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
+    return repr((code.co_code, code.co_names, consts))
+
+
+def source_digest(module_name):
+    """The digest of the text of module ``module_name``'s Python file; None where it
+    has none (built in, an extension, a notebook's or ``exec``'d code) or it cannot be read.
+
+    The whole file: a function or method that calls a helper defined beside it
+    changes what it computes when only the helper is edited.
+    """
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    if not path or not path.endswith(".py"):
+        return None
+    try:
+        return file_digest(path, os.stat(path))
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------

@@ -139,6 +139,19 @@ def photo(tmp_path, sample):
     return target
 
 
+def import_file(path):
+    """Import the Python file ``path`` afresh, as the module named by its file name (which
+    it replaces in ``sys.modules``): a file edited since gives the edited code, as a fresh
+    process would. (Python's bytecode cache tells an edit from its size or mtime.)"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 class ForwardCounter:
     """Counts images through a module with a real forward hook."""
 

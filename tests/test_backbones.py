@@ -183,3 +183,38 @@ def test_rebuild_keeps_the_family_split():
     b = build_backbone("efficientnet_lite1")
     again = rebuild_backbone("efficientnet_lite1", b.module.state_dict(), b.preprocessing)
     assert again.fingerprint == b.fingerprint and again.stages is not None
+
+
+def test_user_module_whose_helper_function_is_edited_is_another_backbone(tmp_path, sample):
+    """``forward`` unchanged, but a function it calls, defined beside the class, edited: its
+    features are its own, not those cached for the first version of the file."""
+    from sktransfer import ImageEmbedder, clear_cache
+
+    from conftest import import_file
+
+    source = (
+        "import torch\n"
+        "from torch import nn\n\n"
+        "def act(x):\n"
+        "    return {}\n\n"
+        "class HelperNet(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        torch.manual_seed(0)\n"
+        "        self.conv = nn.Conv2d(3, 4, 3)\n\n"
+        "    def forward(self, x):\n"
+        "        return act(self.conv(x))\n"
+    )
+    path, cache = tmp_path / "sktransfer_test_helper_net.py", tmp_path / "cache"
+    features = []
+    for act in ("torch.sigmoid(x)", "torch.relu(x) * 10"):  # another length: Python's bytecode cache sees it
+        path.write_text(source.format(act))
+        clear_cache()  # only the disk cache could serve the features now
+        embedder = ImageEmbedder(backbone=import_file(path).HelperNet(), cache_dir=cache, engine="torch").fit()
+        features.append((embedder.backbone_.fingerprint, embedder.transform(sample[0][:2])))
+    (first, before), (second, after) = features
+    assert first != second
+    assert not np.allclose(after, before)
+    clear_cache()
+    clear_cache(cache)
+    np.testing.assert_array_equal(after, embedder.transform(sample[0][:2]))  # what the edited file computes
