@@ -12,11 +12,14 @@ augmentation.
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
+import types
+import uuid
 
 from PIL import Image, ImageOps
 
-from ._cache import digest as content_digest
+from ._cache import class_code, digest as content_digest, function_code, source_digest
 from ._runtime import seeded_rng
 
 __all__ = ["AUGMENT_PRESETS", "TTA_PRESETS"]
@@ -70,14 +73,45 @@ def _to_pil(image):
     )
 
 
-def transform_identity(transform):
-    """A stable identity of a user transform: a digest of its pickle, else its repr."""
+class _CodePickler(pickle.Pickler):
+    """Writes a transform as what it computes: functions and classes by their code and the
+    text of the files that define them, not by reference to their names as pickle does."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, types.FunctionType):  # a lambda, an inner function, a module's function
+            cells = tuple(_cell_contents(cell) for cell in obj.__closure__ or ())
+            return tuple, ((obj.__module__, obj.__qualname__, function_code(obj), source_digest(obj.__module__),
+                            obj.__defaults__, obj.__kwdefaults__, cells, vars(obj)),)
+        if isinstance(obj, type) and obj.__module__ != "builtins":  # built-in ones (tuple) go by name
+            # A class's file holds its methods' code; without one (a notebook's, exec'd), their code.
+            return tuple, ((obj.__module__, obj.__qualname__, source_digest(obj.__module__) or class_code(obj)),)
+        if isinstance(obj, types.ModuleType):  # a module a closure or a default holds
+            return tuple, ((obj.__name__, source_digest(obj.__name__)),)
+        return NotImplemented
+
+
+def _cell_contents(cell):
     try:
-        return "user:" + content_digest(pickle.dumps(transform))
-    except Exception:
-        # Not picklable (a lambda): its repr, which includes its address, so
-        # its cached views are reused within this process only.
-        return "user-repr:" + repr(transform)
+        return cell.cell_contents
+    except ValueError:  # a variable not assigned yet
+        return "<empty cell>"
+
+
+def transform_identity(transform):
+    """A stable identity of a user transform: a digest of what it computes.
+
+    Functions (lambdas and inner functions too) count by their code, the text
+    of their module's file, their defaults and the values their closure holds;
+    classes by their module's file; other objects by their pickled state. A
+    transform that cannot be written so (a closure holding a lock, say) gets an
+    identity never given again, so none of its cached views is ever reused.
+    """
+    buffer = io.BytesIO()
+    try:
+        _CodePickler(buffer, protocol=4).dump(transform)
+    except Exception:  # noqa: BLE001  (pickle raises many kinds: TypeError, PicklingError, RecursionError, ...)
+        return f"user-once:{uuid.uuid4().hex}"
+    return "user:" + content_digest(buffer.getvalue())
 
 
 def augment_transform(augment, preprocessing):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import _engine
-from ._cache import function_code, memo_key, namespace, new_hasher, source_digest
+from ._cache import class_code, memo_key, namespace, new_hasher, source_digest
 from ._images import Preprocessing
 
 __all__ = ["list_backbones", "Backbone"]
@@ -670,10 +670,7 @@ def _code(body):
     parts = []
     for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__)):
         parts.append(f"class {cls.__module__}.{cls.__qualname__} in file {source_digest(cls.__module__)}")
-        for name, value in sorted(vars(cls).items()):
-            function = getattr(value, "__func__", value)  # staticmethod, classmethod
-            if hasattr(function, "__code__"):
-                parts.append(f"{name}: {function_code(function)}")
+        parts.append(class_code(cls))
     return "\n".join(parts)
 
 

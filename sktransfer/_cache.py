@@ -8,9 +8,10 @@ Every cache key in sktransfer is made here:
   per process in a memo that is never stale (see :func:`file_digest`);
 - :func:`namespace`: a feature namespace derived from a backbone fingerprint
   and the parts that change its features (a view, a frozen prefix, ...);
-- :func:`function_code` / :func:`source_digest`: the code of a user's
-  function and the text of the file that defines it, for the fingerprint of a
-  user's module and the identity of a user's ``augment``;
+- :func:`function_code` / :func:`class_code` / :func:`source_digest`: the
+  code of a user's function or class and the text of the file that defines
+  it, for the fingerprint of a user's module and the identity of a user's
+  ``augment``;
 - :class:`MemoryCache` (one per process) and :class:`DiskCache`
   (``cache_dir``), which store feature vectors under ``(namespace, digest)``.
 """
@@ -203,6 +204,16 @@ def function_code(function):
     if not hasattr(code, "co_positions"):  # Python 3.10 has no columns
         return f"{source}{_bytecode(code)}"
     return f"{source}{sorted(set(code.co_positions()), key=repr)}"
+
+
+def class_code(cls):
+    """The code of the functions a class defines (methods, static and class methods), by name."""
+    parts = []
+    for name, value in sorted(vars(cls).items()):
+        function = getattr(value, "__func__", value)  # staticmethod, classmethod
+        if hasattr(function, "__code__"):
+            parts.append(f"{name}: {function_code(function)}")
+    return "\n".join(parts)
 
 
 def _bytecode(code):

@@ -4,6 +4,7 @@ and how the head picks among views (``pick_view``)."""
 import dataclasses
 import hashlib
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -11,9 +12,13 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from sktransfer import Preprocessing
+from sktransfer import PretrainedImageClassifier, Preprocessing, clear_cache
 from sktransfer._augment import View, augment_transform, augment_views, transform_identity, tta_views
+from sktransfer._backbones import build_backbone
+from sktransfer._features import extract_features
 from sktransfer._head import pick_view
+
+from conftest import import_file
 
 # The default backbone's recipe: resize to 256, centre crop 224.
 PREP = Preprocessing(resize_size=256, crop_size=224, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -110,9 +115,97 @@ def test_user_transforms_are_known_by_their_settings():
     assert transform_identity(one) == transform_identity(same)
     assert transform_identity(one) != transform_identity(other)
     assert augment_transform(one, PREP) == (one, transform_identity(one))
-    # A lambda cannot be pickled: known by its repr (this process only), still not confused.
-    lam = lambda image: image  # noqa: E731
-    assert transform_identity(lam).startswith("user-repr:") and transform_identity(lam) != transform_identity(one)
+
+
+def _make(kind):
+    if kind == "mirror":
+        return lambda image: ImageOps.mirror(image)
+    return lambda image: Image.new("RGB", image.size)
+
+
+def _rotate(degrees):
+    return lambda image: image.rotate(degrees)
+
+
+def _turn(degrees):
+    def turn(image, by=degrees):
+        return image.rotate(by)
+    return turn
+
+
+def test_lambdas_and_inner_functions_are_known_by_their_code_closure_and_defaults():
+    # Each lambda is dropped before the next is made, so the second may get the first's
+    # address (and the same qualified name): its identity is still its own.
+    assert transform_identity(_make("mirror")) != transform_identity(_make("black"))
+    assert transform_identity(_rotate(10)) == transform_identity(_rotate(10)) != transform_identity(_rotate(20))
+    assert transform_identity(_turn(10)) == transform_identity(_turn(10)) != transform_identity(_turn(20))
+    # Two lambdas on one line: told apart too.
+    first, second = (lambda image: image.rotate(90), lambda image: image.rotate(-90))
+    assert transform_identity(first) != transform_identity(second)
+
+
+def test_code_without_a_file_is_known_by_its_bytecode():
+    # Code run by exec (or a notebook cell) has no file: its own code tells versions apart.
+    identities = []
+    for angle in (90, 90, 180):
+        namespace = {"__name__": "sktransfer_test_no_file"}
+        exec(f"def turn(image):\n    return image.rotate({angle})\n\n"
+             f"class Turn:\n    def __call__(self, image):\n        return image.rotate({angle})\n", namespace)
+        identities.append((transform_identity(namespace["turn"]), transform_identity(namespace["Turn"]())))
+    same, again, other = identities
+    assert same == again and other[0] != same[0] and other[1] != same[1]
+
+
+def test_a_transform_whose_identity_cannot_be_written_is_never_reused():
+    lock = threading.Lock()  # cannot be pickled: nothing says what the closure holds
+
+    def locked(image):
+        with lock:
+            return image
+
+    one, two = transform_identity(locked), transform_identity(locked)
+    assert one != two and one.startswith("user-once:")
+
+
+def test_user_code_in_a_file_is_known_by_the_files_text(tmp_path):
+    path = tmp_path / "sktransfer_test_transforms.py"
+    source = (
+        "from PIL import ImageOps\n\n"
+        "def helper(image):\n"
+        "    return {}\n\n"
+        "def flip(image):\n"
+        "    return helper(image)\n\n"
+        "class Flip:\n"
+        "    def __call__(self, image):\n"
+        "        return helper(image)\n"
+    )
+    identities = []
+    for body in ("ImageOps.mirror(image)", "ImageOps.mirror(image)", "ImageOps.flip(image)"):
+        path.write_text(source.format(body))
+        module = import_file(path)
+        identities.append((transform_identity(module.flip), transform_identity(module.Flip())))
+    same, again, edited = identities
+    assert same == again  # reusable: nothing but the code decides
+    assert edited[0] != same[0] and edited[1] != same[1]  # only the helper they call was edited
+
+
+def test_a_user_function_edited_in_its_file_gets_new_views(tmp_path, sample):
+    paths, labels = sample
+    X, y = [paths[i] for i in (0, 1, 30, 31)], labels[[0, 1, 30, 31]]
+    backbone = build_backbone("efficientnet_lite0")
+    path, cache = tmp_path / "sktransfer_test_augment.py", tmp_path / "cache"
+    edits = (('Image.new("RGB", image.size)', lambda image: Image.new("RGB", image.size)),
+             ("ImageOps.mirror(image)", ImageOps.mirror))  # another length: Python's bytecode cache sees it
+    for body, expected in edits:
+        path.write_text(f"from PIL import Image, ImageOps\n\ndef augment(image):\n    return {body}\n")
+        augment = import_file(path).augment
+        clear_cache()  # only the disk cache could serve views of the first version now
+        clf = PretrainedImageClassifier(augment=augment, n_views=1, cache_dir=cache, max_epochs=2,
+                                        random_state=0).fit(X, y)
+        view, = augment_views(augment, 1, clf._seed(), backbone.preprocessing)
+        served = extract_features(X, backbone, cache_dir=cache, view=view)  # what the fit cached
+        images = [expected(Image.open(p).convert("RGB")) for p in X]
+        np.testing.assert_allclose(served, extract_features(images, backbone), atol=1e-5)
 
 
 # -- test-time views ---------------------------------------------------------------------
