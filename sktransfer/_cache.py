@@ -27,6 +27,7 @@ import stat
 import sys
 import threading
 import time
+import types
 import warnings
 
 import numpy as np
@@ -217,8 +218,6 @@ def class_code(cls):
 
 
 def _bytecode(code):
-    import types
-
     consts = tuple(_bytecode(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
     return repr((code.co_code, code.co_names, consts))
 
