@@ -706,7 +706,9 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         ``weight_decay / 2`` times the sum of squared weights,
         ``LogisticRegression(C=1 / (weight_decay * n))`` on the standardised
         features, ``n`` being the number of images (the sum of the sample
-        weights, with ``class_weight``, when given). ``"auto"`` chooses it by
+        weights, with ``class_weight``, when given); for two classes
+        ``C=2 / (weight_decay * n)`` (both logits are penalised, and
+        scikit-learn's binary model has one weight vector, their difference). ``"auto"`` chooses it by
         3-fold cross-validation on the cached training features, as
         ``LogisticRegressionCV`` does: strengths from 10 down to 0.001,
         strongest first, until two in a row have not improved on the best

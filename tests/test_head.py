@@ -115,6 +115,22 @@ def test_a_number_for_weight_decay_fits_the_linear_head_at_that_l2_strength(halv
                                    atol=5e-3)
 
 
+def test_for_two_classes_the_l2_strength_is_logistic_regression_at_twice_the_c(halves):
+    # Two logits, both penalised: at the optimum they are opposite, w and -w, so the one
+    # weight vector of scikit-learn's binary model is 2w and the penalty weight_decay * |w|^2
+    # is weight_decay / 4 times its square: C = 2 / (weight_decay * n_images).
+    paths, labels, features, _, train, test = halves
+    two = np.unique(labels)[:2]
+    train, test = train[np.isin(labels[train], two)], test[np.isin(labels[test], two)]
+    Z = standardised(features, train)
+    for weight_decay in (1.0, 0.03):
+        clf = PretrainedImageClassifier(weight_decay=weight_decay, random_state=0).fit(
+            [paths[i] for i in train], labels[train])
+        expected = LogisticRegression(C=2 / (weight_decay * len(train)), tol=1e-10, max_iter=10_000).fit(
+            Z[train], labels[train]).predict_proba(Z[test])
+        np.testing.assert_allclose(clf.predict_proba([paths[i] for i in test]), expected, atol=5e-3)
+
+
 def test_a_number_for_the_regressors_weight_decay_is_ridge_at_the_matching_alpha(halves):
     # The regressor's loss (mean over images of the squared error, plus weight_decay / 2 times the
     # squared weights) is Ridge's objective at alpha = weight_decay * n_images * n_outputs / 2,
