@@ -505,7 +505,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         full = full_batch(params, extra, incremental, multilabel=issubclass(net, HeadMultiLabelClassifier))
         if full:
             defaults = {k: p.default for k, p in inspect.signature(type(self)).parameters.items()}
-            warn_unread_settings(params, defaults)
+            warn_unread_settings(params, defaults, extra)
 
         embedder = self._make_embedder().fit()
         if continuing:

@@ -167,6 +167,21 @@ def test_settings_the_full_batch_head_never_reads_are_warned_about(halves):
         PretrainedImageClassifier(lr=0.01, hidden_units=(8,), max_epochs=1, random_state=0).fit(X, y)  # AdamW reads it
 
 
+def test_drop_last_is_not_read_by_the_full_batch_head(halves):
+    # The full-batch head's one batch is every image; with images held out for early stopping it
+    # is smaller than its batch_size, and drop_last used to drop it: no training step at all, and
+    # skorch's KeyError for a train_loss never recorded.
+    paths, labels, _, _, train, _ = halves
+    X, y = [paths[i] for i in train], labels[train]
+    with pytest.warns(UserWarning, match=r"^iterator_train__drop_last=True is not used by this fit"):
+        clf = PretrainedImageClassifier(early_stopping=True, validation_fraction=0.25, iterator_train__drop_last=True,
+                                        random_state=0).fit(X, y)
+    assert all(np.isfinite(clf.history_[:, "train_loss"])) and clf.history_[-1, "batches"][0]["train_batch_size"] > 0
+    # Heads trained in mini-batches read it.
+    PretrainedImageClassifier(hidden_units=(8,), max_epochs=1, iterator_train__drop_last=True,
+                              random_state=0).fit(X, y)
+
+
 @pytest.mark.parametrize("task", ["classes", "targets"])
 def test_linear_loss_is_autograds_loss_and_gradient_through_the_head_module(halves, task):
     # The full-batch linear head evaluates its loss from the raw features with the standardisation
