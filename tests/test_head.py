@@ -437,3 +437,25 @@ def test_tuned_start_leaves_held_out_images_and_skorch_module_shapes_alone(halve
     # A hidden layer asked of the skorch module directly is a hidden layer: AdamW, not the tuned linear head.
     mlp = PretrainedImageClassifier(module__hidden_units=(16,), max_epochs=2, random_state=0).fit(X, y)
     assert isinstance(mlp.head_.optimizer_, torch.optim.AdamW) and len(mlp.head_.module_.layers) == 5
+
+
+@pytest.mark.parametrize("settings", [{}, {"weight_decay": 0.1}, {"hidden_units": (8,), "max_epochs": 3},
+                                      {"early_stopping": True, "max_epochs": 3}])
+def test_images_of_zero_sample_weight_are_the_same_as_no_images(halves, settings):
+    # As scikit-learn's estimators do: weight 0 leaves an image out of the feature statistics, the
+    # tuning folds, the held-out split and the mini-batches, not only out of the loss.
+    paths, labels, _, brightness, train, test = halves
+    X, y = [paths[i] for i in train], labels[train]
+    extra = [paths[i] for i in test[:8]]
+    wrong = np.roll(labels[test[:8]], 1)
+    weights = np.r_[np.zeros(4), np.ones(len(X)), np.zeros(4)]  # in front, and behind
+    with_zeros = PretrainedImageClassifier(random_state=0, **settings).fit(
+        extra[:4] + X + extra[4:], np.r_[wrong[:4], y, wrong[4:]], sample_weight=weights)
+    without = PretrainedImageClassifier(random_state=0, **settings).fit(X, y)
+    held_out = [paths[i] for i in test]
+    np.testing.assert_allclose(with_zeros.predict_proba(held_out), without.predict_proba(held_out), atol=1e-6)
+    target = brightness[train]
+    reg_with = PretrainedImageRegressor(random_state=0, **settings).fit(
+        extra[:4] + X + extra[4:], np.r_[np.full(4, 255.0), target, np.zeros(4)], sample_weight=weights)
+    reg_without = PretrainedImageRegressor(random_state=0, **settings).fit(X, target)
+    np.testing.assert_allclose(reg_with.predict(held_out), reg_without.predict(held_out), rtol=1e-5, atol=1e-4)
