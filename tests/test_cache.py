@@ -235,32 +235,36 @@ def _without_read_override():
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
-@pytest.mark.parametrize("locked", ["namespace", "sub-folder"])
-def test_cache_info_and_clear_cache_refuse_an_unreadable_folder_inside(tmp_path, locked):
+def test_cache_info_and_clear_cache_refuse_an_unreadable_folder_inside(tmp_path):
     # An unreadable namespace or sub-folder is not an empty one: counting or clearing around
     # it would report a cache smaller than it is, or leave entries behind silently.
     prefix = _without_read_override()
-    cache = tmp_path / "cache"
-    for name in ("a" * 32, "b" * 32):
-        DiskCache(cache, name).put("cc" + "0" * 30, np.arange(4, dtype=np.float32))
-    folder = cache / ("a" * 32) if locked == "namespace" else cache / ("a" * 32) / "cc"
+    caches = [tmp_path / "namespace", tmp_path / "sub-folder"]
+    for cache in caches:
+        for name in ("a" * 32, "b" * 32):
+            DiskCache(cache, name).put("cc" + "0" * 30, np.arange(4, dtype=np.float32))
+    locked = [caches[0] / ("a" * 32), caches[1] / ("a" * 32) / "cc"]
     code = (
         "import sys\n"
         "from sktransfer import cache_info, clear_cache\n"
-        "for call in (cache_info, clear_cache):\n"
-        "    try:\n"
-        "        print(call.__name__, 'returned', call(sys.argv[1]))\n"
-        "    except PermissionError as e:\n"
-        "        print(call.__name__, 'raised', e)\n"
+        "for cache in sys.argv[1:]:\n"
+        "    for call in (cache_info, clear_cache):\n"
+        "        try:\n"
+        "            print(call.__name__, 'returned', call(cache))\n"
+        "        except PermissionError as e:\n"
+        "            print(call.__name__, 'raised', e)\n"
     )
-    folder.chmod(0)
+    for folder in locked:
+        folder.chmod(0)
     try:
-        done = subprocess.run([*prefix, sys.executable, "-c", code, str(cache)], env=fresh_env(),
+        done = subprocess.run([*prefix, sys.executable, "-c", code, *map(str, caches)], env=fresh_env(),
                               capture_output=True, text=True)
     finally:
-        folder.chmod(0o755)
+        for folder in locked:
+            folder.chmod(0o755)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert [line.split()[:2] for line in lines] == [["cache_info", "raised"], ["clear_cache", "raised"]], lines
-    assert all(str(folder) in line for line in lines), lines
-    assert cache_info(cache)["entries"] == 2  # refused before anything was deleted
+    assert [line.split()[:2] for line in lines] == [["cache_info", "raised"], ["clear_cache", "raised"]] * 2, lines
+    assert all(str(locked[i // 2]) in line for i, line in enumerate(lines)), lines  # each names its folder
+    for cache in caches:
+        assert cache_info(cache)["entries"] == 2  # refused before anything was deleted
