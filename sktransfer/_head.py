@@ -533,14 +533,21 @@ def check_head_settings(params, extra, y_train, *, task, module, classifier, own
         n = len(y_train)
         fraction = params["validation_fraction"]
         n_valid = int(np.ceil(fraction * n))
-        least = int(np.bincount(y_train).min())
-        if least < 2 or n_valid < n_classes or n - n_valid < n_classes:
+        counts = np.bincount(y_train, minlength=n_classes)
+        problems = []
+        if counts.min() < 2:
+            problems.append(f"the rarest class has {_count(int(counts.min()), 'image')}, and each class needs one "
+                            "on each side")
+        if n_valid < n_classes:
+            problems.append(f"{_count(n_valid, 'image')} held out for {n_classes} classes, which need one each")
+        if n - n_valid < n_classes:
+            problems.append(f"{_count(n_valid, 'image')} held out leave {n - n_valid} to train on for "
+                            f"{n_classes} classes")
+        if problems:
             raise ValueError(
                 f"{' and '.join(held_out)} holds out validation_fraction={fraction} "
-                f"of the {n} images ({n_valid}), stratified by class: it needs every class at "
-                f"least twice (the rarest has {least}) and at least {n_classes} images (one per "
-                "class) on each side. Use more images or another validation_fraction, or turn "
-                "it off."
+                f"of the {n} images, stratified by class: {'; '.join(problems)}. Use more images or "
+                "another validation_fraction, or turn it off."
             )
 
 
@@ -956,3 +963,7 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
 
 def _prefixed(settings, prefix):
     return {k[len(prefix):]: v for k, v in settings.items() if k.startswith(prefix)}
+
+
+def _count(n, noun):
+    return f"{n} {noun}{'' if n == 1 else 's'}"
