@@ -411,6 +411,10 @@ def test_demo_shows_accuracy_time_confusion_matrix_and_next_steps(tmp_path, caps
     assert f"saved to {model.resolve()}" in out and "predictions identical = True" in out
     assert "sktransfer fit path/to/photos -o model.joblib" in out
     assert list(joblib.load(model).classes_) == classes
+    folder = str(tmp_path / "demo_model") + os.sep  # as fit -o: the safe save_model folder
+    assert main(["demo", "-o", folder]) == 0
+    assert "predictions identical = True" in capsys.readouterr().out
+    assert sorted(os.listdir(folder)) == ["backbone.pt", "head.pt", "model.json"]
 
 
 def test_version_prints_the_package_version(capsys):
@@ -598,12 +602,17 @@ def test_messages_use_the_command_lines_words(trained, sample, tmp_path, capsys)
     assert main(["evaluate", str(model_path), str(other), "-o", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert f"'plastic' (2 images in {str(other / 'plastic')!r})" in err, err
+    X, y = load_image_folder(other)
+    with open(tmp_path / "other.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label"), *zip(X, y)])
+    assert main(["evaluate", str(model_path), str(tmp_path / "other.csv"), "-o", str(tmp_path / "r")]) == 1
+    assert "'plastic' (2 images: other.csv line 5, other.csv line 6)" in capsys.readouterr().err
     X, y = load_image_folder(small)
     features = ImageEmbedder().fit_transform(X)
     joblib.dump(LogisticRegression().fit(features, y), tmp_path / "lr.joblib")
     assert main(["predict", str(tmp_path / "lr.joblib"), str(small / "glass")]) == 1
     err = capsys.readouterr().err
-    assert "LogisticRegression takes features, not image paths" in err and "2D array" not in err, err
+    assert "holds a LogisticRegression, which takes features, not image paths" in err and "2D array" not in err, err
     assert "ImageEmbedder" in err
     np.save(tmp_path / "features.npy", features)
     assert main(["predict", str(tmp_path / "features.npy"), str(small / "glass")]) == 1
