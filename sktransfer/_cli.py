@@ -195,10 +195,10 @@ def _parse_grid(specs, estimator):
     return grid
 
 
-def _check_settings(clf, grid, option):
-    """Refuse, before any image is read, the settings the estimator's own checks
-    refuse: ``clf``'s (``option`` names where they came from), then every
-    ``--grid`` candidate's.
+def _check_settings(clf, grid, option, y):
+    """Refuse, before any image is read, the settings the classifier's own checks
+    refuse for the labels ``y``: ``clf``'s (``option`` names where they came
+    from), then every ``--grid`` candidate's.
 
     Returns the grid's keys that the full-batch linear head of some candidate
     does not read (lr, batch_size: what :func:`warn_unread_settings` warns of),
@@ -211,17 +211,22 @@ def _check_settings(clf, grid, option):
 
     from ._head import full_batch, warn_unread_settings
 
+    try:
+        clf._validate_params()
+    except ValueError as e:
+        raise ValueError(f"{option}: {e}") from None
+    y_train, _, n_outputs, _ = clf._prepare_targets(y, len(y), None)
     defaults = type(clf)().get_params(deep=False)
     unread = []
-    for candidate in [{}, *ParameterGrid(grid)]:
+    for candidate in ParameterGrid(grid):
         estimator = clone(clf).set_params(**candidate)
         try:
             estimator._validate_params()
             estimator._check_hidden_units()
+            _, _, params, extra = estimator._checked_head_settings(y_train, n_outputs, False)
         except ValueError as e:
             given = ", ".join(f"{k}={v!r}" for k, v in candidate.items())
-            raise ValueError(f"--grid candidate {given}: {e}" if candidate else f"{option}: {e}") from None
-        params, extra = estimator._head_settings()
+            raise ValueError(f"--grid candidate {given}: {e}" if candidate else str(e)) from None
         if full_batch(params, extra, False):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -407,20 +412,20 @@ def _fit(args):
     if args.max_epochs is not None:
         clf.set_params(max_epochs=args.max_epochs)
     grid = _parse_grid(args.grid, clf)
-    unread = _check_settings(clf, grid, f"--max-epochs {args.max_epochs}")
     classes, counts = np.unique(y, return_counts=True)
     print(f"{_count(X, 'image')}, {len(classes)} {'class' if len(classes) == 1 else 'classes'}: "
           + ", ".join(f"{c} ({n})" for c, n in zip(classes, counts)))
-    if unread:
-        them = "it" if len(unread) == 1 else "them"
-        print(f"note: {' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by the default "
-              f"linear head, fitted full batch by L-BFGS: candidates that differ only in {them} give the same "
-              f"model. Heads AdamW trains read {them}: with --grid hidden_units=(256,) or dropout=0.5.")
     if counts.min() < args.cv:
         raise ValueError(
             f"class {classes.tolist()[counts.argmin()]!r} has {counts.min()} images, fewer than --cv {args.cv} "
             "folds; add images or lower --cv."
         )
+    unread = _check_settings(clf, grid, f"--max-epochs {args.max_epochs}", y)
+    if unread:
+        them = "it" if len(unread) == 1 else "them"
+        print(f"note: {' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by the default "
+              f"linear head, fitted full batch by L-BFGS: candidates that differ only in {them} give the same "
+              f"model. Heads AdamW trains read {them}: with --grid hidden_units=(256,) or dropout=0.5.")
     # Each image goes through each backbone once, here: bad images are reported
     # before any training, and every fit below reads its features from the cache.
     feature_keys = {k: v for k, v in grid.items() if k in ("backbone", "weights", "preprocessing")}

@@ -503,13 +503,9 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             kept = np.flatnonzero(weights)
             items, y_train, weights = [items[i] for i in kept], y_train[kept], weights[kept]
         device = _check_device(self.device)
-        net, task = self._head_task(y_train, n_outputs)  # the skorch net and loss for these targets
-        params, extra = self._head_settings()
         # partial_fit trains on batches as they come, so even its first call is not a full-batch fit.
         incremental = bool(continuing) or epochs is not None
-        check_head_settings(params, extra, y_train, task=task, module=BlocksAndHead if self.unfreeze else HeadModule,
-                            classifier=is_classifier(self), owner=type(self).__name__, continuing=incremental,
-                            elsewhere=_elsewhere(type(self)))
+        net, task, params, extra = self._checked_head_settings(y_train, n_outputs, incremental)
         full = full_batch(params, extra, incremental, multilabel=issubclass(net, HeadMultiLabelClassifier))
         if full:
             defaults = {k: p.default for k, p in inspect.signature(type(self)).parameters.items()}
@@ -558,6 +554,17 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         if not continuing:
             _check_columns(self, X, reset=True)
         return self
+
+    def _checked_head_settings(self, y_train, n_outputs, incremental):
+        """The skorch net and loss for the encoded targets ``y_train``, and the head's
+        settings (:meth:`_head_settings`), refused by :func:`check_head_settings` where
+        the head cannot take them; no image is read."""
+        net, task = self._head_task(y_train, n_outputs)
+        params, extra = self._head_settings()
+        check_head_settings(params, extra, y_train, task=task, module=BlocksAndHead if self.unfreeze else HeadModule,
+                            classifier=is_classifier(self), owner=type(self).__name__, continuing=incremental,
+                            elsewhere=_elsewhere(type(self)))
+        return net, task, params, extra
 
     def _head_settings(self):
         """The parameters the head is built from, and the other (prefixed skorch) settings."""

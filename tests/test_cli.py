@@ -499,51 +499,6 @@ def test_missing_output_folders_are_made(trained, sample, tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_export_makes_the_missing_folder_of_its_output(trained, tmp_path, capsys):
-    pytest.importorskip("onnx")
-    _, _, model_path, _, _ = trained
-    output = tmp_path / "nodir" / "t.onnx"
-    assert main(["export", str(model_path), str(output)]) == 0
-    assert output.stat().st_size > 1e6 and sorted(p.name for p in output.parent.iterdir()) == ["t.onnx"]
-    capsys.readouterr()
-
-
-def test_grid_examples_in_fit_help_change_the_model(sample, capsys):
-    """Each --grid example of the help gives candidates that predict differently
-    (lr, max_epochs or batch_size would not: the default head never reads them)."""
-    with pytest.raises(SystemExit):
-        main(["fit", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    examples = re.search(r"settings to try, e\.g\. (.*?); repeatable", text).group(1).split(" or ")
-    assert len(examples) >= 2
-    paths, labels = sample
-    train, test = [], []
-    for c in CLASSES:
-        mine = [p for p, lab in zip(paths, labels) if lab == c]
-        train += [(p, c) for p in mine[:5]]
-        test += mine[5:8]
-    X, y = [p for p, _ in train], [c for _, c in train]
-    for example in examples:
-        grid = _parse_grid([example.replace("'", "")], PretrainedImageClassifier())
-        ((key, values),) = grid.items()
-        probas = [PretrainedImageClassifier(random_state=0, **{key: v}).fit(X, y).predict_proba(test)
-                  for v in values]
-        for i in range(len(values)):
-            for j in range(i):
-                assert np.abs(probas[i] - probas[j]).max() > 1e-3, (example, values[i], values[j])
-
-
-def test_export_states_the_input_of_a_non_square_recipe(tmp_path, capsys):
-    pytest.importorskip("onnx")
-    prep = dict(resize_size=(256, 224), crop_size=(224, 192), crop_mode="squash", interpolation="bicubic",
-                mean=(0.5,) * 3, std=(0.5,) * 3)
-    joblib.dump(ImageEmbedder(preprocessing=prep, engine="torch").fit(), tmp_path / "emb.joblib")
-    assert main(["export", str(tmp_path / "emb.joblib"), str(tmp_path / "emb.onnx")]) == 0
-    out = capsys.readouterr().out
-    assert "uint8 images (n, 224, 192, 3) in, features out" in out
-    assert "prepare them as crop_mode='squash' with resize_size=[256, 224] (bicubic) says" in out
-
-
 def test_a_trailing_slash_decides_the_output_at_once(trained, tmp_path, capsys):
     """A file output ending in / is refused before any work; a model output ending in / is a folder."""
     _, _, model_path, data, _ = trained
@@ -581,7 +536,8 @@ def test_out_of_range_settings_are_refused_before_any_image_is_read(sample, tmp_
     (data / "cardboard" / "broken.jpg").write_bytes(b"not a jpeg")  # reading images would fail on it
     for extra, named in [(["--grid", "dropout=0.0,1.5"], "'dropout'"),
                          (["--max-epochs", "0"], "'max_epochs'"),
-                         (["--grid", "hidden_units=(),(-3,)"], "hidden_units")]:
+                         (["--grid", "hidden_units=(),(-3,)"], "hidden_units"),
+                         (["--grid", "optimizer__betaz=(0.9, 0.99)"], "did you mean optimizer__betas?")]:
         assert main(["fit", str(data), "--cv", "2", "-o", str(tmp_path / "m.joblib"), *extra]) == 1
         err = capsys.readouterr().err
         assert named in err and "broken.jpg" not in err, err
@@ -658,3 +614,48 @@ def test_summaries_count_in_the_singular_too(sample, tmp_path, capsys):
     assert main(["audit", str(data), "--cv", "2", "-o", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "1 duplicate group," in out, out
+
+
+def test_export_makes_the_missing_folder_of_its_output(trained, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    _, _, model_path, _, _ = trained
+    output = tmp_path / "nodir" / "t.onnx"
+    assert main(["export", str(model_path), str(output)]) == 0
+    assert output.stat().st_size > 1e6 and sorted(p.name for p in output.parent.iterdir()) == ["t.onnx"]
+    capsys.readouterr()
+
+
+def test_grid_examples_in_fit_help_change_the_model(sample, capsys):
+    """Each --grid example of the help gives candidates that predict differently
+    (lr, max_epochs or batch_size would not: the default head never reads them)."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    examples = re.search(r"settings to try, e\.g\. (.*?); repeatable", text).group(1).split(" or ")
+    assert len(examples) >= 2
+    paths, labels = sample
+    train, test = [], []
+    for c in CLASSES:
+        mine = [p for p, lab in zip(paths, labels) if lab == c]
+        train += [(p, c) for p in mine[:5]]
+        test += mine[5:8]
+    X, y = [p for p, _ in train], [c for _, c in train]
+    for example in examples:
+        grid = _parse_grid([example.replace("'", "")], PretrainedImageClassifier())
+        ((key, values),) = grid.items()
+        probas = [PretrainedImageClassifier(random_state=0, **{key: v}).fit(X, y).predict_proba(test)
+                  for v in values]
+        for i in range(len(values)):
+            for j in range(i):
+                assert np.abs(probas[i] - probas[j]).max() > 1e-3, (example, values[i], values[j])
+
+
+def test_export_states_the_input_of_a_non_square_recipe(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    prep = dict(resize_size=(256, 224), crop_size=(224, 192), crop_mode="squash", interpolation="bicubic",
+                mean=(0.5,) * 3, std=(0.5,) * 3)
+    joblib.dump(ImageEmbedder(preprocessing=prep, engine="torch").fit(), tmp_path / "emb.joblib")
+    assert main(["export", str(tmp_path / "emb.joblib"), str(tmp_path / "emb.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "uint8 images (n, 224, 192, 3) in, features out" in out
+    assert "prepare them as crop_mode='squash' with resize_size=[256, 224] (bicubic) says" in out
