@@ -677,9 +677,12 @@ def class_outliers(unit, y_enc, n_classes, components, n_neighbors):
     ratio = np.full(n, np.inf)
     for c in range(n_classes):
         members = np.flatnonzero(y_enc == c)
-        if len(members) < 2:  # no spread to measure (possible with a custom cv splitter)
+        if len(members) < 2:
             continue
-        k = min(n_neighbors, len(members) - 1)
+        # Neighbours outside an image's duplicate group: at most the members outside the largest group.
+        k = min(n_neighbors, len(members) - int(np.unique(components[members], return_counts=True)[1].max()))
+        if k < 1:  # no spread to measure: one image, or one group of copies
+            continue
         # Skip the image itself and its duplicates: a twin must not hide an outlier.
         index = NearestNeighbors().fit(unit[members])
         distance, _ = nearest_outside_group(index, components[members], unit, components, k)

@@ -12,8 +12,8 @@ from sklearn.model_selection import GroupKFold, KFold, cross_val_predict
 
 from sktransfer import PretrainedImageClassifier, audit, clear_cache, load_image_folder
 from sktransfer._audit import (
-    HASH_DISTANCE, calibrated_joint, combine_evidence, confident_joint, duplicate_components, find_label_issues,
-    log_ratio, neighbour_proba, normalized_margin, perceptual_hash)
+    HASH_DISTANCE, calibrated_joint, class_outliers, combine_evidence, confident_joint, duplicate_components,
+    find_label_issues, log_ratio, neighbour_proba, normalized_margin, perceptual_hash)
 from sktransfer._backbones import build_backbone
 from sktransfer._cli import main
 from sktransfer._inputs import read_item
@@ -531,3 +531,22 @@ def test_estimator_must_be_an_image_classifier(sample):
 def test_cli_reports_a_missing_folder(tmp_path, capsys):
     assert main(["audit", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out")]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_outliers_of_a_small_class_holding_a_copy():
+    # Three photos of a class, one of them twice: its copies leave two neighbours outside their
+    # group, so at most two are asked for (asking for three gave infinite distances, a NaN fence
+    # and numpy's RuntimeWarning).
+    import warnings
+
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(8, 16))
+    unit[1] = unit[0]
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    y_enc = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    components = np.array([0, 0, 1, 2, 3, 4, 5, 6])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        indices, scores = class_outliers(unit, y_enc, 2, components, n_neighbors=5)
+    assert np.isfinite(scores).all()
+
