@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ._engine import ENGINES, PRECISIONS
-from ._outputs import csv_text, safe_text, write_atomic
+from ._outputs import csv_text, make_folders, safe_text, write_atomic
 from ._version import __version__
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "trash_sample"
@@ -226,7 +226,7 @@ def _writing(path):
 def _write(path, data):
     """``data`` (bytes) to the file ``path``, whole or not at all; missing parent folders are made."""
     with _writing(path):
-        write_atomic(path, data, mode=0o644, makedirs=True)
+        write_atomic(path, data, makedirs=True)
 
 
 def _dump(model, path):
@@ -554,7 +554,7 @@ def _export(args):
     _check_output(output, "OUTPUT")
     model = load_model(args.model) if Path(args.model).is_dir() else _load_model(args.model, classifier=False)
     with _writing(output):
-        output.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(output.parent)
         export_onnx(model, output)
     meta = _onnx_metadata(output)
     crop, resize = json.loads(meta["crop_size"]), json.loads(meta["resize_size"])
@@ -610,7 +610,7 @@ def _audit(args):
                    duplicate_threshold=args.threshold, random_state=args.random_state,
                    verbose=int(args.verbose or _progress()))
     with _writing(out):
-        out.mkdir(parents=True, exist_ok=True)
+        make_folders(out)
         report.to_csv(out / "findings.csv")
         report.to_html(out / "index.html")
     print(f"{len(X)} images audited: {len(report.label_issues)} suspected label errors, "
