@@ -470,7 +470,9 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         y : array-like
             The target of each image (see the estimator).
         sample_weight : array-like of shape (n_images,), default=None
-            Per-image weights in the loss.
+            Per-image weights in the loss. Images of weight 0 are left out (not
+            embedded, nor counted in the feature and target statistics, the
+            tuning folds or the held-out split), as if not given.
 
         Returns
         -------
@@ -495,6 +497,11 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         y_train, weights, n_outputs, fitted = self._prepare_targets(
             y, len(items), sample_weight, continuing=continuing, classes=classes
         )
+        if not weights.all():
+            # Images of weight 0 are left out, as if not given (as in scikit-learn): out of the
+            # feature statistics, the tuning folds, the held-out split and the batches too.
+            kept = np.flatnonzero(weights)
+            items, y_train, weights = [items[i] for i in kept], y_train[kept], weights[kept]
         device = _check_device(self.device)
         net, task = self._head_task(y_train, n_outputs)  # the skorch net and loss for these targets
         params, extra = self._head_settings()
@@ -505,7 +512,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         full = full_batch(params, extra, incremental, multilabel=issubclass(net, HeadMultiLabelClassifier))
         if full:
             defaults = {k: p.default for k, p in inspect.signature(type(self)).parameters.items()}
-            warn_unread_settings(params, defaults)
+            warn_unread_settings(params, defaults, extra)
 
         embedder = self._make_embedder().fit()
         if continuing:
@@ -706,7 +713,9 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         ``weight_decay / 2`` times the sum of squared weights,
         ``LogisticRegression(C=1 / (weight_decay * n))`` on the standardised
         features, ``n`` being the number of images (the sum of the sample
-        weights, with ``class_weight``, when given). ``"auto"`` chooses it by
+        weights, with ``class_weight``, when given); for two classes
+        ``C=2 / (weight_decay * n)`` (both logits are penalised, and
+        scikit-learn's binary model has one weight vector, their difference). ``"auto"`` chooses it by
         3-fold cross-validation on the cached training features, as
         ``LogisticRegressionCV`` does: strengths from 10 down to 0.001,
         strongest first, until two in a row have not improved on the best
@@ -879,7 +888,9 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
             afterwards unless it differs from ``classes_``. For multi-label y
             the labels are the columns and ``classes`` may be left out.
         sample_weight : array-like of shape (n_images,), default=None
-            Per-image weights in the loss.
+            Per-image weights in the loss. Images of weight 0 are left out (not
+            embedded, nor counted in the feature and target statistics, the
+            tuning folds or the held-out split), as if not given.
 
         Returns
         -------
@@ -1370,6 +1381,7 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         if len(y) != n:
             raise ValueError(f"X has {n} images but y has {len(y)} targets; they must match.")
         Y = y.reshape(n, -1)
+        weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32, ensure_non_negative=True)
         if continuing:
             if Y.shape[1] != self.n_outputs_:
                 raise ValueError(
@@ -1379,11 +1391,11 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
             # The head's weights assume the first fit's target scale.
             mean, scale = self.target_mean_, self.target_scale_
         elif self.target_scaling:
-            mean, scale = Y.mean(axis=0), Y.std(axis=0)
+            trained = Y[weights > 0]  # images of weight 0 are left out of training
+            mean, scale = trained.mean(axis=0), trained.std(axis=0)
             scale[scale == 0] = 1.0
         else:
             mean, scale = np.zeros(Y.shape[1]), np.ones(Y.shape[1])
-        weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32, ensure_non_negative=True)
         fitted = {"n_outputs_": Y.shape[1], "target_mean_": mean, "target_scale_": scale,
                   "_single_output": y.ndim == 1}
         return ((Y - mean) / scale).astype(np.float32), weights, Y.shape[1], fitted

@@ -800,17 +800,21 @@ def full_batch(params, extra, continuing, multilabel=False):
             and not any(k.startswith("optimizer__") for k in extra))
 
 
-def warn_unread_settings(params, defaults):
-    """Warn when ``lr`` or ``batch_size`` differ from ``defaults`` (the estimator's)
-    for a full-batch linear head, which reads neither: a grid over them would
-    give equal candidates. As scikit-learn warns of a setting its solver ignores."""
+def warn_unread_settings(params, defaults, extra):
+    """Warn when ``lr`` or ``batch_size`` differ from ``defaults`` (the estimator's),
+    or ``iterator_train__drop_last`` is set in ``extra``, for a full-batch linear
+    head, which reads none of them: a grid over them would give equal
+    candidates. As scikit-learn warns of a setting its solver ignores."""
     unread = [f"{name}={params[name]!r}" for name in ("lr", "batch_size") if params[name] != defaults[name]]
+    if extra.get("iterator_train__drop_last"):
+        unread.append(f"iterator_train__drop_last={extra['iterator_train__drop_last']!r}")
     if unread:
         warnings.warn(
             f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by this fit: the linear "
-            "head is fitted full batch by L-BFGS, which reads neither lr nor batch_size (its L2 strength is "
-            "weight_decay). They apply to heads AdamW trains: with hidden_units, dropout or "
-            "optimizer=torch.optim.AdamW, and when partial_fit or warm_start=True trains a head further.",
+            "head is fitted full batch by L-BFGS, one batch of every training image, which reads neither lr "
+            "nor batch_size (its L2 strength is weight_decay) and drops no batch. They apply to heads AdamW "
+            "trains: with hidden_units, dropout or optimizer=torch.optim.AdamW, and when partial_fit or "
+            "warm_start=True trains a head further.",
             UserWarning,
             stacklevel=4,  # the user's fit
         )
@@ -939,6 +943,8 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
         # fifth off every head fit, the same updates up to float rounding.
         settings["optimizer__fused"] = True
     settings.update(extra)  # prefixed settings the user gave win
+    if full:  # but the one batch is never dropped (warn_unread_settings says so)
+        settings["iterator_train__drop_last"] = False
     return net(**settings)
 
 

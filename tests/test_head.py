@@ -115,6 +115,22 @@ def test_a_number_for_weight_decay_fits_the_linear_head_at_that_l2_strength(halv
                                    atol=5e-3)
 
 
+def test_for_two_classes_the_l2_strength_is_logistic_regression_at_twice_the_c(halves):
+    # Two logits, both penalised: at the optimum they are opposite, w and -w, so the one
+    # weight vector of scikit-learn's binary model is 2w and the penalty weight_decay * |w|^2
+    # is weight_decay / 4 times its square: C = 2 / (weight_decay * n_images).
+    paths, labels, features, _, train, test = halves
+    two = np.unique(labels)[:2]
+    train, test = train[np.isin(labels[train], two)], test[np.isin(labels[test], two)]
+    Z = standardised(features, train)
+    for weight_decay in (1.0, 0.03):
+        clf = PretrainedImageClassifier(weight_decay=weight_decay, random_state=0).fit(
+            [paths[i] for i in train], labels[train])
+        expected = LogisticRegression(C=2 / (weight_decay * len(train)), tol=1e-10, max_iter=10_000).fit(
+            Z[train], labels[train]).predict_proba(Z[test])
+        np.testing.assert_allclose(clf.predict_proba([paths[i] for i in test]), expected, atol=5e-3)
+
+
 def test_a_number_for_the_regressors_weight_decay_is_ridge_at_the_matching_alpha(halves):
     # The regressor's loss (mean over images of the squared error, plus weight_decay / 2 times the
     # squared weights) is Ridge's objective at alpha = weight_decay * n_images * n_outputs / 2,
@@ -149,6 +165,21 @@ def test_settings_the_full_batch_head_never_reads_are_warned_about(halves):
         warnings.simplefilter("error", UserWarning)
         PretrainedImageClassifier(weight_decay=0.1, random_state=0).fit(X, y)  # defaults: nothing to say
         PretrainedImageClassifier(lr=0.01, hidden_units=(8,), max_epochs=1, random_state=0).fit(X, y)  # AdamW reads it
+
+
+def test_drop_last_is_not_read_by_the_full_batch_head(halves):
+    # The full-batch head's one batch is every image; with images held out for early stopping it
+    # is smaller than its batch_size, and drop_last used to drop it: no training step at all, and
+    # skorch's KeyError for a train_loss never recorded.
+    paths, labels, _, _, train, _ = halves
+    X, y = [paths[i] for i in train], labels[train]
+    with pytest.warns(UserWarning, match=r"^iterator_train__drop_last=True is not used by this fit"):
+        clf = PretrainedImageClassifier(early_stopping=True, validation_fraction=0.25, iterator_train__drop_last=True,
+                                        random_state=0).fit(X, y)
+    assert all(np.isfinite(clf.history_[:, "train_loss"])) and clf.history_[-1, "batches"][0]["train_batch_size"] > 0
+    # Heads trained in mini-batches read it.
+    PretrainedImageClassifier(hidden_units=(8,), max_epochs=1, iterator_train__drop_last=True,
+                              random_state=0).fit(X, y)
 
 
 @pytest.mark.parametrize("task", ["classes", "targets"])
@@ -406,3 +437,25 @@ def test_tuned_start_leaves_held_out_images_and_skorch_module_shapes_alone(halve
     # A hidden layer asked of the skorch module directly is a hidden layer: AdamW, not the tuned linear head.
     mlp = PretrainedImageClassifier(module__hidden_units=(16,), max_epochs=2, random_state=0).fit(X, y)
     assert isinstance(mlp.head_.optimizer_, torch.optim.AdamW) and len(mlp.head_.module_.layers) == 5
+
+
+@pytest.mark.parametrize("settings", [{}, {"weight_decay": 0.1}, {"hidden_units": (8,), "max_epochs": 3},
+                                      {"early_stopping": True, "max_epochs": 3}])
+def test_images_of_zero_sample_weight_are_the_same_as_no_images(halves, settings):
+    # As scikit-learn's estimators do: weight 0 leaves an image out of the feature statistics, the
+    # tuning folds, the held-out split and the mini-batches, not only out of the loss.
+    paths, labels, _, brightness, train, test = halves
+    X, y = [paths[i] for i in train], labels[train]
+    extra = [paths[i] for i in test[:8]]
+    wrong = np.roll(labels[test[:8]], 1)
+    weights = np.r_[np.zeros(4), np.ones(len(X)), np.zeros(4)]  # in front, and behind
+    with_zeros = PretrainedImageClassifier(random_state=0, **settings).fit(
+        extra[:4] + X + extra[4:], np.r_[wrong[:4], y, wrong[4:]], sample_weight=weights)
+    without = PretrainedImageClassifier(random_state=0, **settings).fit(X, y)
+    held_out = [paths[i] for i in test]
+    np.testing.assert_allclose(with_zeros.predict_proba(held_out), without.predict_proba(held_out), atol=1e-6)
+    target = brightness[train]
+    reg_with = PretrainedImageRegressor(random_state=0, **settings).fit(
+        extra[:4] + X + extra[4:], np.r_[np.full(4, 255.0), target, np.zeros(4)], sample_weight=weights)
+    reg_without = PretrainedImageRegressor(random_state=0, **settings).fit(X, target)
+    np.testing.assert_allclose(reg_with.predict(held_out), reg_without.predict(held_out), rtol=1e-5, atol=1e-4)
