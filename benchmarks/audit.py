@@ -25,6 +25,9 @@ without fitting anything:
     python benchmarks/audit.py --cache-dir DIR --seeds 5 6 7 8 9 --save-proba auto.npz
     python benchmarks/audit.py --cache-dir DIR --weight-decay 1e-4 --save-proba adamw.npz
     python benchmarks/audit.py --compare-rules auto.npz adamw.npz
+
+``--backbone efficientnet_lite1`` audits with another backbone's features,
+``--data trash6`` one data set only (both printed only).
 """
 
 from __future__ import annotations
@@ -228,13 +231,13 @@ def inject(datasets, name, tmp, seed):
     return X, y, classes, flipped, pairs, outsiders
 
 
-def run(datasets, name, cache_dir, tmp, seed=0, weight_decay=None, adamw=False):
+def run(datasets, name, cache_dir, tmp, seed=0, weight_decay=None, adamw=False, backbone="efficientnet_lite0"):
     """Audit ``name`` with injected faults; the figures of the benchmark, and the run's probabilities."""
     X, y, classes, flipped, pairs, outsiders = inject(datasets, name, tmp, seed)
     head = {} if weight_decay is None else {"weight_decay": weight_decay}
     if adamw:
         head["optimizer"] = torch.optim.AdamW
-    estimator = PretrainedImageClassifier(random_state=seed, cache_dir=cache_dir, **head)
+    estimator = PretrainedImageClassifier(backbone=backbone, random_state=seed, cache_dir=cache_dir, **head)
     start = time.perf_counter()
     report = audit(estimator, X, y, cv=5, random_state=seed)
     seconds = time.perf_counter() - start
@@ -285,6 +288,10 @@ def main():
                         help="the head's weight_decay (a number or 'auto'; default: the estimator's)")
     parser.add_argument("--adamw", action="store_true",
                         help="train the head with AdamW (mini-batches; weight_decay is then its decoupled decay)")
+    parser.add_argument("--backbone", default="efficientnet_lite0",
+                        help="the classifier's backbone (default: efficientnet_lite0, the estimator's)")
+    parser.add_argument("--data", nargs="+", choices=("trash6", "sign_digits"), default=["trash6", "sign_digits"],
+                        help="data sets to audit (default: both)")
     parser.add_argument("--save-proba", metavar="FILE.npz",
                         help="also save each run's out-of-fold probabilities, labels, flipped indices "
                              "and neighbours' vote")
@@ -295,15 +302,18 @@ def main():
         print(rules_table(load_runs(args.compare_rules)))
         return
     # docs/benchmarks.md holds the reference configuration; other ones are printed only.
-    reference = set(REFERENCE_SEEDS) <= set(args.seeds) and args.weight_decay is None and not args.adamw
+    reference = (set(REFERENCE_SEEDS) <= set(args.seeds) and args.weight_decay is None and not args.adamw
+                 and args.backbone == "efficientnet_lite0" and len(args.data) == 2)
     cpu = machine()
     results, runs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("trash6", "sign_digits"):
+        for name in args.data:
             for seed in args.seeds:
-                r = run(args.datasets, name, args.cache_dir, Path(tmp), seed, args.weight_decay, args.adamw)
+                r = run(args.datasets, name, args.cache_dir, Path(tmp), seed, args.weight_decay, args.adamw,
+                        args.backbone)
                 head = ("" if args.weight_decay is None else f" weight_decay={args.weight_decay}") + \
-                    (" AdamW" if args.adamw else "")
+                    (" AdamW" if args.adamw else "") + \
+                    ("" if args.backbone == "efficientnet_lite0" else f" {args.backbone}")
                 runs[f"{name} seed {seed}{head}"] = r["saved"]
                 results.append(r)
     if args.save_proba:

@@ -216,14 +216,23 @@ class _Body(nn.Module):
 # Weights files
 
 def _read_state_dict(path):
+    """The state dict in ``path``: a PyTorch file (read with ``weights_only=True``) or, by its
+    ending, a ``.safetensors`` file (the Hugging Face hub's form, timm's weights)."""
+    safetensors = os.fspath(path).lower().endswith(".safetensors")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if safetensors:
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"weights={str(path)!r}: no such file.") from None
     except Exception as e:
         raise ValueError(
-            f"weights={str(path)!r} could not be read as a PyTorch state dict "
-            f"(loaded with weights_only=True): {e}"
+            f"weights={str(path)!r} could not be read as a "
+            + ("safetensors file" if safetensors else "PyTorch state dict (loaded with weights_only=True)")
+            + f": {e}"
         ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -258,14 +267,19 @@ def _load_weights(model, state, source, arch):
     )
 
 
-def _offline_hint(what, url):
+def _offline_hint(what, url, file=None):
+    """The message of a failed download: ``url``, and the ``file`` there to fetch by hand
+    (None: the file at ``url``, which torch hub's folder of checkpoints also serves)."""
+    where = os.path.join(torch.hub.get_dir(), "checkpoints")
     return (
         f"Could not download the pretrained weights of {what}"
-        + (f" from {url}" if url else "")
-        + ". To work offline, download the file on a machine with network access and "
-        "pass its path as weights='path/to/file.pth' (--weights on the command line), or copy it into "
-        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}; or use one of "
-        f"{', '.join(map(repr, _OFFLINE))}, whose weights ship with the package."
+        + (f" from {url}" if url and not file else "")
+        + ". To work offline, download "
+        + (f"{file} from {url}" if file else "the file")
+        + " on a machine with network access and pass its path as "
+        f"weights='path/to/{file or 'file.pth'}' (--weights on the command line)"
+        + ("" if file else f", or copy it into {where}")
+        + f"; or use one of {', '.join(map(repr, _OFFLINE))}, whose weights ship with the package."
     )
 
 
@@ -439,7 +453,11 @@ class _Timm(_Family):
             model = timm.create_model(arch, pretrained=pretrained)
         except Exception as e:
             if pretrained:
-                raise WeightsDownloadError(_offline_hint(name, None) + f" ({e})") from e
+                cfg = timm.models.get_pretrained_cfg(arch)
+                hub = getattr(cfg, "hf_hub_id", None)
+                hint = _offline_hint(name, f"https://huggingface.co/{hub}", "model.safetensors") if hub else \
+                    _offline_hint(name, None)
+                raise WeightsDownloadError(hint + f" ({e})") from e
             raise
         if weights not in ("DEFAULT", None):
             _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)

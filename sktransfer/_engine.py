@@ -64,16 +64,19 @@ class Plan:
     engine: str
     precision: str
 
-    def namespace(self, fingerprint):
-        """The feature-cache namespace of a body's features on this plan.
+    def namespace(self, fingerprint, device="cpu"):
+        """The feature-cache namespace of a body's features on this plan and ``device``.
 
-        float32 PyTorch keeps the body's own fingerprint (features cached by
-        earlier releases stay valid); every other plan has its own, so a
-        cache never mixes features of different engines or precisions.
+        float32 PyTorch on the CPU keeps the body's own fingerprint (features
+        cached by earlier releases stay valid); every other plan has its own,
+        so a cache never mixes features of different engines or precisions.
+        So does every other kind of device: CUDA computes float32
+        convolutions in TF32 by default (``torch.backends.cudnn.allow_tf32``).
         """
-        if self == TORCH_FLOAT32:
-            return fingerprint
-        return namespace(fingerprint, "engine", self.engine, self.precision)
+        if self != TORCH_FLOAT32:
+            fingerprint = namespace(fingerprint, "engine", self.engine, self.precision)
+        kind = torch.device(device).type
+        return fingerprint if kind == "cpu" else namespace(fingerprint, "device", kind)
 
 
 TORCH_FLOAT32 = Plan("torch", "float32")

@@ -65,7 +65,7 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
         found = _look_up(items, in_torch, cache_dir, backbone.num_features)
         n_images = len(found[1])
     plan = backbone.plan(device, engine, precision, compile, n_images=n_images)
-    fingerprint = plan.namespace(base)
+    fingerprint = plan.namespace(base, device)
     if found is None or fingerprint != in_torch:
         found = _look_up(items, fingerprint, cache_dir, backbone.num_features)
     out, todo, errors, disk = found

@@ -8,8 +8,10 @@ feature-cache key. Nothing here decodes pixels.
 
 from __future__ import annotations
 
+import collections
 import os
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ __all__ = ["load_image_folder", "ImageInputError"]
 
 #: File name endings read by :func:`load_image_folder`.
 IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
 )
 
 
@@ -73,7 +75,10 @@ def load_image_folder(root):
         A folder whose sub-folders are the class names, each holding image
         files (``.jpg``, ``.png``, ... in any letter case), directly or in
         sub-folders of its own (as torchvision's ``ImageFolder`` reads them).
-        Hidden files and folders and files of other types are skipped.
+        Hidden files and folders are skipped. Other files in the class
+        folders, and images directly in ``root``, are skipped with a
+        warning that counts them; a class folder without any image file is
+        an error.
 
     Returns
     -------
@@ -96,31 +101,68 @@ def load_image_folder(root):
             f"load_image_folder: {str(root)!r} is not a folder; expected a folder "
             "with one sub-folder of images per class."
         )
-    paths, labels = [], []
+    paths, labels, skipped, empty = [], [], [], []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = image_files(class_dir)
+        files = image_files(class_dir, skipped)
+        if not files:
+            empty.append(class_dir.name)
         paths += files
         labels += [class_dir.name] * len(files)
+    accepted = ", ".join(IMAGE_EXTENSIONS)
+    loose = sorted(p.name for p in root.iterdir() if _is_image_name(p) and p.is_file())
     if not paths:
         raise ValueError(
             f"load_image_folder: found no images in {str(root)!r}; expected sub-folders "
-            f"(one per class) holding files ending in {', '.join(IMAGE_EXTENSIONS)}."
+            f"(one per class) holding files ending in {accepted}"
+            + (f" ({_count(loose, 'image file')} directly in it: each class needs a sub-folder)." if loose else ".")
+        )
+    if empty:
+        raise ValueError(
+            f"load_image_folder: class folder(s) {', '.join(map(repr, empty))} hold no image files "
+            f"(files ending in {accepted}, any letter case); add images, or remove the folder(s)."
+        )
+    if skipped:
+        endings = collections.Counter(Path(p).suffix.lower() or "(none)" for p in skipped)
+        warnings.warn(
+            f"load_image_folder skipped {_count(skipped, 'file')} in the class folders of {str(root)!r} "
+            f"whose names are not those of images ({dict(endings.most_common())}), e.g. {skipped[0]!r}; "
+            f"read are files ending in {accepted}. Convert or rename them to include them.",
+            UserWarning, stacklevel=2,
+        )
+    if loose:
+        warnings.warn(
+            f"load_image_folder skipped {_count(loose, 'image file')} directly in {str(root)!r}, in no "
+            f"class folder: {', '.join(map(repr, loose[:5]))}{', ...' if len(loose) > 5 else ''}.",
+            UserWarning, stacklevel=2,
         )
     return paths, np.asarray(labels)
 
 
-def image_files(folder):
+def _count(items, noun):
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def _is_image_name(path):
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def image_files(folder, skipped=None):
     """The image files under ``folder``, in its sub-folders too, sorted by path (as str).
 
     Files and folders whose names start with ``.`` are left out, and so are
-    files whose extension is not in :data:`IMAGE_EXTENSIONS` (any letter case).
+    files whose extension is not in :data:`IMAGE_EXTENSIONS` (any letter
+    case); those are appended to ``skipped`` (a list) when given.
     """
     folder = Path(folder)
-    return sorted(
-        str(p) for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    found = []
+    for p in folder.rglob("*"):
+        if any(part.startswith(".") for part in p.relative_to(folder).parts) or not p.is_file():
+            continue
+        if _is_image_name(p):
+            found.append(str(p))
+        elif skipped is not None:
+            skipped.append(str(p))
+    return sorted(found)
 
 
 def as_image_list(X, name="X"):

@@ -320,6 +320,15 @@ def test_frame_and_cleaned_data(faulty):
         report.cleaned(drop=["typo"])
 
 
+def test_report_shows_how_often_the_cross_validated_model_is_right(faulty):
+    # Suspects are only as good as the out-of-fold model: a user deciding whether to drop them
+    # sees its accuracy beside their number.
+    report, y = faulty["report"], faulty["y"]
+    expected = np.mean(report.classes[report.oof_proba.argmax(axis=1)] == y)
+    assert report.oof_accuracy == pytest.approx(expected)
+    assert f"out-of-fold accuracy {expected:.2f}" in repr(report)
+
+
 def test_confident_learning_thresholds():
     # Class 0's images have p0 = 0.9, 0.8, 0.1: its threshold is their mean, 0.6.
     proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.3, 0.7], [0.35, 0.65]])

@@ -183,3 +183,39 @@ def test_rebuild_keeps_the_family_split():
     b = build_backbone("efficientnet_lite1")
     again = rebuild_backbone("efficientnet_lite1", b.module.state_dict(), b.preprocessing)
     assert again.fingerprint == b.fingerprint and again.stages is not None
+
+
+def test_a_timm_download_that_fails_names_the_hub_file_and_how_to_work_offline(tmp_path):
+    # timm's weights come from the Hugging Face hub, not torch hub's folder: the hint names the hub
+    # repository and file to fetch, and the weights= way round it (in a process that cannot download).
+    import subprocess
+    import sys
+
+    from conftest import fresh_env
+
+    code = ("from sktransfer._backbones import build_backbone\n"
+            "try:\n    build_backbone('timm/resnet18.a1_in1k')\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**fresh_env(), "HOME": str(tmp_path)},
+                         capture_output=True, text=True, timeout=300).stdout
+    assert out.startswith("WeightsDownloadError Could not download the pretrained weights of timm/resnet18.a1_in1k")
+    assert "https://huggingface.co/timm/resnet18.a1_in1k" in out and "model.safetensors" in out
+    assert "weights='path/to/model.safetensors'" in out and "torch" not in out.split("(")[0]
+
+
+def test_weights_from_a_safetensors_file_as_the_hub_serves_them(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    save_file(state, tmp_path / "model.safetensors")
+    torch.save(state, tmp_path / "model.pth")
+    from_hub = build_backbone("timm/resnet18", weights=tmp_path / "model.safetensors")
+    from_torch = build_backbone("timm/resnet18", weights=tmp_path / "model.pth")
+    assert from_hub.fingerprint == from_torch.fingerprint  # the same weights, the same features
+    with pytest.raises(ValueError, match="no such file"):
+        build_backbone("timm/resnet18", weights=tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="could not be read as a safetensors file"):
+        build_backbone("timm/resnet18", weights=tmp_path / "bad.safetensors")

@@ -13,7 +13,7 @@ import pytest
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, cache_info, clear_cache
 from sktransfer import _engine
 from sktransfer._engine import (
-    MIN_COSINE, MIN_COSINE_TORCH_BF16, OPENVINO_MIN_IMAGES, Plan, choose, cpu_has_bf16,
+    MIN_COSINE, MIN_COSINE_TORCH_BF16, OPENVINO_MIN_IMAGES, TORCH_FLOAT32, Plan, choose, cpu_has_bf16,
 )
 
 from conftest import ROOT, ForwardCounter
@@ -121,6 +121,15 @@ def test_features_of_each_engine_are_cached_apart(tmp_path, photos):
         ImageEmbedder(engine=engine, precision="float32", cache_dir=tmp_path).fit_transform(photos)
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
     assert cache_info(tmp_path)["entries"] == 2 * len(photos)
+
+
+def test_features_computed_on_a_gpu_are_cached_apart_from_the_cpus():
+    # CUDA runs float32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32), other
+    # arithmetic than the CPU's float32: a cache shared by both must not mix their features.
+    cpu = TORCH_FLOAT32.namespace("body", "cpu")
+    assert cpu == "body"  # features cached by earlier releases on the CPU stay valid
+    assert TORCH_FLOAT32.namespace("body", "cuda:0") == TORCH_FLOAT32.namespace("body", "cuda") != cpu
+    assert Plan("openvino", "float32").namespace("body", "cpu") not in (cpu, TORCH_FLOAT32.namespace("body", "cuda"))
 
 
 @needs_openvino

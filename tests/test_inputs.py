@@ -25,13 +25,36 @@ def test_load_image_folder_skips_non_images_and_names_bad_root(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.PNG")
     (tmp_path / "a" / "notes.txt").write_text("hello")
     (tmp_path / "a" / ".hidden.jpg").write_bytes(b"")
-    paths, labels = load_image_folder(tmp_path)
+    with pytest.warns(UserWarning, match="skipped 1 file in the class folders"):
+        paths, labels = load_image_folder(tmp_path)
     assert [Path(p).name for p in paths] == ["x.PNG"] and list(labels) == ["a"]
     with pytest.raises(ValueError, match="not a folder"):
         load_image_folder(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="found no images"):
         load_image_folder(tmp_path / "empty")
+
+
+def test_load_image_folder_reads_every_jpeg_ending_and_tells_what_it_skips(tmp_path):
+    """Nothing is dropped silently: JPEGs named .jfif or .jpe are read; other files in the class
+    folders, and images outside them, are counted in a warning; a class folder with no image
+    is an error naming it (torchvision's ImageFolder refuses it too), not a class gone from y."""
+    for name in ("a/1.jpg", "a/2.jfif", "a/3.JPE", "b/4.png", "loose.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG" if name.endswith("png") else "JPEG")
+    (tmp_path / "a" / "notes.txt").write_text("hello")
+    (tmp_path / "b" / "5.heic").write_bytes(b"not read")
+    (tmp_path / "README.md").write_text("about the photos")  # not an image: no word about it
+    with pytest.warns(UserWarning) as caught:
+        paths, labels = load_image_folder(tmp_path)
+    assert [Path(p).name for p in paths] == ["1.jpg", "2.jfif", "3.JPE", "4.png"] and list(labels) == list("aaab")
+    message = " ".join(str(w.message) for w in caught)
+    assert "skipped 2 files in the class folders" in message and "'.heic': 1" in message and "'.txt': 1" in message
+    assert "1 image file directly in" in message and "loose.jpg" in message
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "6.avi").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"class folder\(s\) 'c' hold no image files"):
+        load_image_folder(tmp_path)
 
 
 def test_load_image_folder_reads_nested_folders_of_each_class(tmp_path):
