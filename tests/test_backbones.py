@@ -219,3 +219,16 @@ def test_weights_from_a_safetensors_file_as_the_hub_serves_them(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="could not be read as a safetensors file"):
         build_backbone("timm/resnet18", weights=tmp_path / "bad.safetensors")
+
+
+def test_a_body_left_unbuilt_is_checked_against_its_record_when_built():
+    from sktransfer._backbones import Backbone
+
+    real = build_backbone("efficientnet_lite0")
+    same = Backbone(name=real.name, _module=None, preprocessing=real.preprocessing, num_features=real.num_features,
+                    fingerprint=real.fingerprint, _build=lambda: real)
+    assert same.module is real.module
+    other = Backbone(name=real.name, _module=None, preprocessing=real.preprocessing, num_features=real.num_features,
+                     fingerprint="recorded by another version", _build=lambda: real)
+    with pytest.raises(RuntimeError, match="built now differs from the one recorded"):
+        other.module
