@@ -329,12 +329,11 @@ img{{max-width:{thumbnail_size}px;max-height:{thumbnail_size}px;display:block}}<
 {chr(10).join(sections)}
 </body></html>
 """
-        write_atomic(path, page.encode("utf-8"), mode=0o644)
+        write_atomic(path, page.encode("utf-8"))
 
     def to_csv(self, path):
         """Write the rows of :meth:`to_frame` as CSV, atomically, with spreadsheet formulas neutralised."""
-        write_atomic(path, csv_text([COLUMNS, *self._records()], lineterminator="\n").encode("utf-8"),
-                     mode=0o644)
+        write_atomic(path, csv_text([COLUMNS, *self._records()], lineterminator="\n").encode("utf-8"))
 
 
 def _plain(value):

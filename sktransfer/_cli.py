@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ._engine import ENGINES, PRECISIONS
-from ._outputs import csv_text, safe_text, write_atomic
+from ._outputs import csv_text, make_folders, safe_text, write_atomic
 from ._version import __version__
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "trash_sample"
@@ -313,7 +313,7 @@ def _writing(path):
 def _write(path, data):
     """``data`` (bytes) to the file ``path``, whole or not at all; missing parent folders are made."""
     with _writing(path):
-        write_atomic(path, data, mode=0o644, makedirs=True)
+        write_atomic(path, data, makedirs=True)
 
 
 def _dump(model, path):
@@ -631,13 +631,21 @@ def _embed(args):
             raise ImportError("writing .parquet needs pandas and pyarrow: pip install 'sktransfer[parquet]'; "
                               "or write .npy.") from None
     paths = _expand_inputs(args.inputs)
+    names = [safe_text(p) for p in paths]
+    if output.suffix.lower() == ".npy":
+        # The list of paths has one per line: a name with a line break would shift every later row.
+        broken = [n for n in names if "".join(n.splitlines()) != n]
+        if broken:
+            raise ValueError(
+                f"-o {safe_text(output)!r}: {len(broken)} file name(s) contain a line break, and "
+                f"{safe_text(listing.name)!r} lists one path per line: {', '.join(map(repr, broken))}. "
+                "Write .parquet instead (it keeps the paths in a column), or rename the files.")
     embedder = ImageEmbedder(args.backbone, args.weights, batch_size=args.batch_size, cache_dir=args.cache_dir,
                              device=args.device, verbose=int(_progress()), engine=args.engine,
                              precision=args.precision).fit()
     features = embedder.transform(paths)
     # Made in memory, then each file is replaced whole: no command leaves a
     # partial file, or a features file without its list of paths.
-    names = [safe_text(p) for p in paths]
     data = io.BytesIO()
     if output.suffix.lower() == ".npy":
         np.save(data, features)
@@ -665,7 +673,7 @@ def _export(args):
     _check_output(output, "OUTPUT")
     model = load_model(args.model) if Path(args.model).is_dir() else _load_model(args.model, classifier=False)
     with _writing(output):
-        output.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(output.parent)
         export_onnx(model, output)
     meta = _onnx_metadata(output)
     crop, resize = json.loads(meta["crop_size"]), json.loads(meta["resize_size"])
@@ -727,7 +735,7 @@ def _audit(args):
             raise
         raise ValueError(f"--threshold {str(e).partition('=')[2]}") from None
     with _writing(out):
-        out.mkdir(parents=True, exist_ok=True)
+        make_folders(out)
         report.to_csv(out / "findings.csv")
         report.to_html(out / "index.html")
     print(f"{_count(X, 'image')} audited: {_count(report.label_issues, 'suspected label error')}, "
@@ -837,7 +845,8 @@ def build_parser():
         "embed", help="write the feature vectors of images to .parquet or .npy",
         description="Embed images with a frozen backbone. Folders are replaced by the image files "
                     "under them, sorted by path. .parquet gets a path column and one column per "
-                    "feature; .npy gets the array, with the paths in <name>.paths.txt.")
+                    "feature; .npy gets the array, with the paths in <name>.paths.txt, one per line "
+                    "(a path with a line break needs .parquet).")
     embed.add_argument("inputs", metavar="PATH_OR_DIR", nargs="+", help="image files or folders")
     embed.add_argument("-o", "--output", required=True, help="features.parquet or features.npy")
     backbone_options(embed)

@@ -227,6 +227,24 @@ def test_embed_to_npy_and_parquet_matches_the_embedder(sample, tmp_path):
     assert main(["embed", str(data), "-o", str(tmp_path / "f.csv")]) == 1
 
 
+def test_embed_to_npy_refuses_file_names_with_a_line_break(sample, tmp_path, capsys):
+    # The list of paths beside a .npy has one path per line: a name with a line break
+    # would shift every later path against its row. Refused before any embedding.
+    data = tmp_path / "imgs"
+    data.mkdir()
+    plain, broken, carriage = data / "a.jpg", data / "b\nc.jpg", data / "d\re.jpg"
+    for i, path in enumerate((plain, broken, carriage)):
+        shutil.copy(sample[0][i], path)
+    assert main(["embed", str(data), "-o", str(tmp_path / "f.npy")]) == 1
+    err = capsys.readouterr().err
+    assert repr(str(broken)) in err and repr(str(carriage)) in err and ".parquet" in err
+    assert repr(str(plain)) not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # nothing written
+    assert main(["embed", str(data), "-o", str(tmp_path / "f.parquet")]) == 0
+    assert pd.read_parquet(tmp_path / "f.parquet")["path"].tolist() == [str(plain), str(broken), str(carriage)]
+    capsys.readouterr()
+
+
 def test_weights_from_a_file_work_offline(sample, tmp_path, capsys):
     """--weights path.pth: a torchvision backbone whose weights were fetched elsewhere (here: made up)."""
     import torchvision
