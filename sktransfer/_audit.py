@@ -110,6 +110,9 @@ class AuditReport:
         folds by a custom ``cv``), which then counts no image.
     duplicate_threshold : float
         The cosine similarity from which images were joined as duplicates.
+    oof_accuracy : float
+        The share of images whose most probable class in ``oof_proba`` is
+        their given label.
     label_issues : ndarray of int
         Suspected label errors, most suspicious first.
     suggested_labels : ndarray
@@ -153,10 +156,19 @@ class AuditReport:
         self.outliers = outliers
         self.outlier_scores = outlier_scores
 
+    @property
+    def oof_accuracy(self):
+        """The share of images whose most probable class out of fold is their given label.
+
+        The label issues are only as good as this model: where it is often
+        wrong (a small or hard folder), many suspects are labelled right.
+        """
+        return float(np.mean(self.classes[self.oof_proba.argmax(axis=1)] == self.y))
+
     def __repr__(self):
         return (f"AuditReport({len(self.items)} images: {len(self.label_issues)} label issues, "
                 f"{len(self.duplicate_groups)} duplicate groups, {len(self.leakage_groups)} leakage "
-                f"groups, {len(self.outliers)} outliers)")
+                f"groups, {len(self.outliers)} outliers; out-of-fold accuracy {self.oof_accuracy:.2f})")
 
     def _name(self, index, test=False):
         item = (self.test_items if test else self.items)[index]
@@ -211,6 +223,11 @@ class AuditReport:
 
     def cleaned(self, drop=FINDINGS):
         """``X`` and ``y`` without the images of the findings named in ``drop``.
+
+        Label issues are suspects, not verdicts: look at them first
+        (:meth:`to_html`). Where the out-of-fold model is often wrong
+        (:attr:`oof_accuracy`), many are labelled right; keep them with
+        ``drop=("duplicate", "leakage", "outlier")``.
 
         Of each duplicate group the first image stays; of each leakage group
         the images in ``X`` go (the test images are what they leaked into).
@@ -312,12 +329,11 @@ img{{max-width:{thumbnail_size}px;max-height:{thumbnail_size}px;display:block}}<
 {chr(10).join(sections)}
 </body></html>
 """
-        write_atomic(path, page.encode("utf-8"), mode=0o644)
+        write_atomic(path, page.encode("utf-8"))
 
     def to_csv(self, path):
         """Write the rows of :meth:`to_frame` as CSV, atomically, with spreadsheet formulas neutralised."""
-        write_atomic(path, csv_text([COLUMNS, *self._records()], lineterminator="\n").encode("utf-8"),
-                     mode=0o644)
+        write_atomic(path, csv_text([COLUMNS, *self._records()], lineterminator="\n").encode("utf-8"))
 
 
 def _plain(value):
@@ -660,9 +676,12 @@ def class_outliers(unit, y_enc, n_classes, components, n_neighbors):
     ratio = np.full(n, np.inf)
     for c in range(n_classes):
         members = np.flatnonzero(y_enc == c)
-        if len(members) < 2:  # no spread to measure (possible with a custom cv splitter)
+        if len(members) < 2:
             continue
-        k = min(n_neighbors, len(members) - 1)
+        # Neighbours outside an image's duplicate group: at most the members outside the largest group.
+        k = min(n_neighbors, len(members) - int(np.unique(components[members], return_counts=True)[1].max()))
+        if k < 1:  # no spread to measure: one image, or one group of copies
+            continue
         # Skip the image itself and its duplicates: a twin must not hide an outlier.
         index = NearestNeighbors().fit(unit[members])
         distance, _ = nearest_outside_group(index, components[members], unit, components, k)

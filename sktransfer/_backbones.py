@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from . import _engine
-from ._cache import class_code, memo_key, namespace, new_hasher, source_digest
+from ._cache import class_code, digest, memo_key, namespace, new_hasher, source_digest
 from ._images import Preprocessing
+from ._outputs import write_atomic
+from ._version import __version__
 
 __all__ = ["list_backbones", "Backbone"]
 
@@ -59,13 +61,30 @@ class Backbone:
     """
 
     name: str
-    module: nn.Module
+    _module: nn.Module  # None until built, for a body whose OpenVINO conversion is on disk
     preprocessing: Preprocessing
     num_features: int
     fingerprint: str
     _handles: dict = field(default_factory=dict, repr=False, compare=False)
     stages: object = field(default=None, repr=False, compare=False)
     _prefixes: dict = field(default_factory=dict, repr=False, compare=False)
+    _build: object = field(default=None, repr=False, compare=False)  # makes the body when first needed
+
+    @property
+    def module(self):
+        """The body (built now if it was left unbuilt: see :func:`build_backbone`)."""
+        if self._module is None:
+            with _HANDLES_LOCK:
+                if self._module is None:
+                    built = self._build()
+                    if built.fingerprint != self.fingerprint:
+                        raise RuntimeError(
+                            f"backbone {self.name!r} built now differs from the one recorded in "
+                            f"{_engine.model_cache_folder()!r} when it was converted (another version "
+                            "of its code or weights under the same names); delete that folder's "
+                            f"{_BODY_MEMO} files, or set SKTRANSFER_ENGINE_CACHE to an empty folder.")
+                    self._module = built._module
+        return self._module
 
     def plan(self, device="cpu", engine="auto", precision="auto", compile=False, n_images=0):
         """The engine and precision this body runs on here, for a call of ``n_images`` images.
@@ -79,7 +98,8 @@ class Backbone:
         if plan.engine == "openvino":
             with _HANDLES_LOCK:
                 if "openvino" not in self._handles:
-                    self._handles["openvino"] = _engine.convert(self.module, self.fingerprint, shape, self.name)
+                    self._handles["openvino"] = _engine.convert(lambda: self.module, self.fingerprint, shape,
+                                                                self.name)
             if self._handles["openvino"] is None:  # could not convert (told once)
                 plan = _engine.choose("torch", precision, device, compile, n_images=n_images, converted=False)
         return plan
@@ -113,11 +133,16 @@ class Backbone:
 
     def __getstate__(self):
         state = self.__dict__.copy()
+        state["_module"] = self.module  # a pickle carries the body: it loads without any weights file
+        state["_build"] = None
         state["_handles"] = {}  # runtime handles are rebuilt where the model is loaded
         state["_prefixes"] = {}
         return state
 
     def __setstate__(self, state):
+        if "module" in state:  # saved by earlier releases
+            state["_module"] = state.pop("module")
+        state.setdefault("_build", None)
         state.setdefault("stages", None)
         state.setdefault("_prefixes", {})
         state.pop("_on_device", None)  # saved by earlier releases
@@ -163,7 +188,7 @@ class Backbone:
                     self.stages = None
                     return self.prefix(unfreeze)
             prefix = Backbone(
-                name=f"{self.name} (frozen part)", module=body, preprocessing=self.preprocessing,
+                name=f"{self.name} (frozen part)", _module=body, preprocessing=self.preprocessing,
                 num_features=int(torch.Size(shape).numel()),
                 fingerprint=namespace(self.fingerprint, "prefix", len(stages) - unfreeze),
             )
@@ -216,14 +241,23 @@ class _Body(nn.Module):
 # Weights files
 
 def _read_state_dict(path):
+    """The state dict in ``path``: a PyTorch file (read with ``weights_only=True``) or, by its
+    ending, a ``.safetensors`` file (the Hugging Face hub's form, timm's weights)."""
+    safetensors = os.fspath(path).lower().endswith(".safetensors")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if safetensors:
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"weights={str(path)!r}: no such file.") from None
     except Exception as e:
         raise ValueError(
-            f"weights={str(path)!r} could not be read as a PyTorch state dict "
-            f"(loaded with weights_only=True): {e}"
+            f"weights={str(path)!r} could not be read as a "
+            + ("safetensors file" if safetensors else "PyTorch state dict (loaded with weights_only=True)")
+            + f": {e}"
         ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -258,14 +292,19 @@ def _load_weights(model, state, source, arch):
     )
 
 
-def _offline_hint(what, url):
+def _offline_hint(what, url, file=None):
+    """The message of a failed download: ``url``, and the ``file`` there to fetch by hand
+    (None: the file at ``url``, which torch hub's folder of checkpoints also serves)."""
+    where = os.path.join(torch.hub.get_dir(), "checkpoints")
     return (
         f"Could not download the pretrained weights of {what}"
-        + (f" from {url}" if url else "")
-        + ". To work offline, download the file on a machine with network access and "
-        "pass its path as weights='path/to/file.pth' (--weights on the command line), or copy it into "
-        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}; or use one of "
-        f"{', '.join(map(repr, _OFFLINE))}, whose weights ship with the package."
+        + (f" from {url}" if url and not file else "")
+        + ". To work offline, download "
+        + (f"{file} from {url}" if file else "the file")
+        + " on a machine with network access and pass its path as "
+        f"weights='path/to/{file or 'file.pth'}' (--weights on the command line)"
+        + ("" if file else f", or copy it into {where}")
+        + f"; or use one of {', '.join(map(repr, _OFFLINE))}, whose weights ship with the package."
     )
 
 
@@ -439,7 +478,11 @@ class _Timm(_Family):
             model = timm.create_model(arch, pretrained=pretrained)
         except Exception as e:
             if pretrained:
-                raise WeightsDownloadError(_offline_hint(name, None) + f" ({e})") from e
+                cfg = timm.models.get_pretrained_cfg(arch)
+                hub = getattr(cfg, "hf_hub_id", None)
+                hint = _offline_hint(name, f"https://huggingface.co/{hub}", "model.safetensors") if hub else \
+                    _offline_hint(name, None)
+                raise WeightsDownloadError(hint + f" ({e})") from e
             raise
         if weights not in ("DEFAULT", None):
             _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)
@@ -585,11 +628,90 @@ def build_backbone(backbone, weights="DEFAULT", preprocessing=None):
         if key in _BUILT:
             return _BUILT[key]
     family = _family(backbone)
-    net, recipe = family.build(backbone, weights)
-    result = _freeze(backbone, net, preprocessing or recipe, family.stages)
+
+    def build():
+        net, recipe = family.build(backbone, weights)
+        return _freeze(backbone, net, preprocessing or recipe, family.stages)
+
+    memo = _memo_path(family, backbone, weights, key)
+    result = _unbuilt(backbone, memo, build, family.stages)
+    if result is None:
+        result = build()
+        _write_memo(memo, result)
     with _BUILT_LOCK:
         _BUILT[key] = result
     return result
+
+
+# Building a body costs seconds in a fresh process (timm imports torchvision
+# and torch._dynamo: about 3 s of CPU here, more than loading its OpenVINO
+# conversion). Once built, a body's identity (fingerprint, feature length,
+# preprocessing) is recorded beside its conversions, under a key of all that
+# decides it; a later process whose body is converted finds it there and
+# builds the body only when something needs it (PyTorch, fine-tuning, a
+# pickle), checking then that it is the one recorded.
+_BODY_MEMO = "*.body.json"
+
+
+def _memo_path(family, name, weights, key):
+    """Where the identity of this body is recorded, or None for bodies that cannot be
+    recorded: random weights, a user's module, weights a download would bring."""
+    import importlib.metadata
+    import json
+
+    if weights is None:
+        return None
+    if weights == "DEFAULT":
+        if not isinstance(family, _OfflineEfficientNetLite):
+            return None
+        try:
+            weights = family.weights_file(name)
+        except ImportError:
+            return None
+    weights_key = _weights_key(weights)
+    try:
+        versions = {package: importlib.metadata.version(package) for package in ("torch", "timm", "torchvision")}
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    text = json.dumps([FEATURE_VERSION, name, weights_key, repr(key[2]), versions, __version__], default=str)
+    return os.path.join(_engine.model_cache_folder(), digest(text.encode()) + _BODY_MEMO[1:])
+
+
+def _unbuilt(name, memo, build, stages):
+    """The backbone recorded at ``memo``, its body left unbuilt, when its conversion is
+    on disk; None otherwise."""
+    import json
+
+    if memo is None:
+        return None
+    try:
+        with open(memo, encoding="utf-8") as f:
+            record = json.load(f)
+        preprocessing = Preprocessing(**record["preprocessing"])
+        fingerprint, num_features = str(record["fingerprint"]), int(record["num_features"])
+    except (OSError, ValueError, TypeError, KeyError):  # none, or damaged: build
+        return None
+    # The fingerprint covers the recipe's repr: it must read back the same.
+    if repr(preprocessing) != record.get("repr") or not _engine.is_converted(fingerprint, preprocessing.crop_shape):
+        return None
+    return Backbone(name=name, _module=None, preprocessing=preprocessing, num_features=num_features,
+                    fingerprint=fingerprint, stages=stages, _build=build)
+
+
+def _write_memo(memo, backbone):
+    """Record ``backbone``'s identity at ``memo`` (when OpenVINO is here to use it); a
+    failure only costs later processes a build."""
+    import dataclasses
+    import json
+
+    if memo is None or _engine._openvino_core() is None:
+        return
+    record = {"fingerprint": backbone.fingerprint, "num_features": backbone.num_features,
+              "preprocessing": dataclasses.asdict(backbone.preprocessing), "repr": repr(backbone.preprocessing)}
+    try:
+        write_atomic(memo, json.dumps(record).encode(), makedirs=True, durable=False)
+    except OSError:
+        pass
 
 
 def rebuild_backbone(backbone, state, preprocessing):
@@ -653,7 +775,7 @@ def _freeze(name, net, preprocessing, stages, user_code=False):
             raise ValueError(f"backbone {name!r} failed on a 1x3x{h}x{w} input: {e}") from e
     return Backbone(
         name=name,
-        module=body,
+        _module=body,
         preprocessing=preprocessing,
         num_features=int(num_features),
         fingerprint=_fingerprint(body, preprocessing, user_code),

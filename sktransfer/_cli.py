@@ -11,21 +11,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ._engine import ENGINES, PRECISIONS
-from ._outputs import csv_text, safe_text, write_atomic
+from ._outputs import csv_text, make_folders, safe_text, write_atomic
 from ._version import __version__
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "trash_sample"
 
 
 def _demo(args):
-    import joblib
     import numpy as np
     from sklearn.metrics import confusion_matrix
     from sklearn.model_selection import StratifiedKFold, cross_validate
 
     from . import PretrainedImageClassifier, load_image_folder
 
-    _check_output(args.output, "-o")
+    to_folder = _model_output(args.output)
     X, y = load_image_folder(SAMPLE)
     classes = sorted(set(y))
     print(f"Bundled sample: {len(X)} camera photos of household waste (TrashNet), "
@@ -48,8 +47,8 @@ def _demo(args):
     print("\n" + _text_confusion_matrix(confusion_matrix(y, predicted.astype(str), labels=classes), classes))
 
     clf.fit(X, y)
-    _dump(clf, args.output)
-    loaded = joblib.load(args.output)
+    _save_model(clf, args.output, to_folder)
+    loaded = _load_model(args.output)
     same = np.array_equal(loaded.predict_proba(X), clf.predict_proba(X))
     print(f"\nModel trained on all {len(X)} photos saved to {Path(args.output).resolve()} "
           f"(reloaded: predictions identical = {same})")
@@ -78,11 +77,13 @@ def _progress():
     return sys.stderr.isatty()
 
 
-def _read_dataset(source, path_column="path", label_column="label"):
+def _read_dataset(source, path_column="path", label_column="label", lines=None):
     """Paths and labels from a folder with one sub-folder per class, or a CSV file.
 
     Relative paths in a CSV file are taken relative to the CSV file's folder,
-    so a data set folder with its CSV can be moved as a whole.
+    so a data set folder with its CSV can be moved as a whole. For a CSV file,
+    ``lines`` (a dict) gets each path's place, ``"labels.csv line 5"``, for
+    messages; a folder's paths are their own place.
     """
     import csv
 
@@ -118,6 +119,9 @@ def _read_dataset(source, path_column="path", label_column="label"):
     if not rows:
         raise ValueError(f"{str(source)!r} has no rows; expected one row per image.")
     paths = [str(source.parent / row[path_column].strip()) for row in rows]
+    if lines is not None:
+        for n, path in enumerate(paths, start=2):
+            lines.setdefault(path, f"{safe_text(source.name)} line {n}")
     return paths, np.asarray([row[label_column].strip() for row in rows])
 
 
@@ -191,6 +195,47 @@ def _parse_grid(specs, estimator):
     return grid
 
 
+def _check_settings(clf, grid, option, y):
+    """Refuse, before any image is read, the settings the classifier's own checks
+    refuse for the labels ``y``: ``clf``'s (``option`` names where they came
+    from), then every ``--grid`` candidate's.
+
+    Returns the grid's keys that the full-batch linear head of some candidate
+    does not read (lr, batch_size: what :func:`warn_unread_settings` warns of),
+    to be said once instead of once per fit.
+    """
+    import warnings
+
+    from sklearn.base import clone
+    from sklearn.model_selection import ParameterGrid
+
+    from ._head import full_batch, warn_unread_settings
+
+    try:
+        clf._validate_params()
+    except ValueError as e:
+        raise ValueError(f"{option}: {e}") from None
+    y_train, _, n_outputs, _ = clf._prepare_targets(y, len(y), None)
+    defaults = type(clf)().get_params(deep=False)
+    unread = []
+    for candidate in ParameterGrid(grid):
+        estimator = clone(clf).set_params(**candidate)
+        try:
+            estimator._validate_params()
+            estimator._check_hidden_units()
+            _, _, params, extra = estimator._checked_head_settings(y_train, n_outputs, False)
+        except ValueError as e:
+            given = ", ".join(f"{k}={v!r}" for k, v in candidate.items())
+            raise ValueError(f"--grid candidate {given}: {e}" if candidate else str(e)) from None
+        if full_batch(params, extra, False):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                warn_unread_settings(params, defaults, extra)
+            named = str(caught[0].message).partition(" not used")[0] if caught else ""
+            unread += [k for k in candidate if f"{k}=" in named and k not in unread]
+    return unread
+
+
 def _check_output(path, option, folder=False):
     """Fail before any long work when ``path`` cannot be written: a file output
     that is a folder, a folder output that is a file, or a missing parent that
@@ -199,6 +244,8 @@ def _check_output(path, option, folder=False):
     Missing parent folders are made when the output is written (:func:`_write`).
     """
     shown = safe_text(path)
+    if not folder and os.fspath(path).endswith(("/", os.sep)):
+        raise ValueError(f"{option} {shown!r} ends in '/', a folder; give a file name.")
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{option} {shown!r} is a file, not a folder; give a folder for the output.")
     if not folder and os.path.isdir(path):
@@ -214,6 +261,46 @@ def _check_output(path, option, folder=False):
         raise ValueError(f"{option} {shown!r}: no permission to write in {safe_text(existing)!r}.")
 
 
+def _model_output(path):
+    """Whether the model output ``-o path`` is a save_model folder (True) or a joblib file (False).
+
+    A path ending in ``/`` or an existing folder is a folder: empty, or one a
+    save_model wrote (its files are replaced, as save_model does), never a
+    folder of other files. A file name needs an extension: ``-o model`` could
+    mean either. Refused at once, before any long work.
+    """
+    from ._export import BACKBONE_FILE, HEAD_FILE, MODEL_FILE
+
+    shown = safe_text(path)
+    folder = path.endswith(("/", os.sep)) or os.path.isdir(path)
+    if not folder and not Path(path).suffix:
+        name = shown.rstrip(".")
+        raise ValueError(
+            f"-o {shown!r} has no extension: write -o {name}/ for the save_model folder (safe to share) "
+            f"or -o {name}.joblib for a joblib file (runs code when loaded: trusted sources only)."
+        )
+    if folder and os.path.isdir(path):
+        entries = set(os.listdir(path))
+        if entries and MODEL_FILE not in entries and not entries <= {BACKBONE_FILE, HEAD_FILE}:
+            raise ValueError(
+                f"-o {shown!r} is a folder of other files, not a saved model; give a new or empty "
+                "folder, or one written by `sktransfer fit -o FOLDER/` or save_model."
+            )
+    _check_output(path, "-o", folder=folder)
+    return folder
+
+
+def _save_model(model, path, folder):
+    """``model`` as a save_model folder (tensors and JSON: safe to share) or a joblib file."""
+    if folder:
+        from ._export import save_model
+
+        with _writing(path):
+            save_model(model, path)
+    else:
+        _dump(model, path)
+
+
 @contextmanager
 def _writing(path):
     """An error while writing ``path`` names ``path``, never a temporary file beside it."""
@@ -226,7 +313,7 @@ def _writing(path):
 def _write(path, data):
     """``data`` (bytes) to the file ``path``, whole or not at all; missing parent folders are made."""
     with _writing(path):
-        write_atomic(path, data, mode=0o644, makedirs=True)
+        write_atomic(path, data, makedirs=True)
 
 
 def _dump(model, path):
@@ -256,14 +343,27 @@ def _load_model(path, classifier=True):
         try:
             model = joblib.load(path)
         except (pickle.UnpicklingError, EOFError, KeyError, IndexError, AttributeError, ModuleNotFoundError) as e:
-            raise ValueError(f"{str(path)!r} is not a model saved by sktransfer fit or joblib.dump "
-                             f"({type(e).__name__}: {e}).") from None
+            needs = f": it needs the module {e.name!r}, not installed here" if isinstance(e, ModuleNotFoundError) else ""
+            raise ValueError(f"{str(path)!r} is not a model saved by sktransfer fit or joblib.dump{needs}.") from None
+    if hasattr(model, "get_params") and not _takes_images(model):
+        raise ValueError(
+            f"{str(path)!r} holds a {type(model).__name__}, which takes features, not image paths; the model "
+            "must be one of sktransfer's (as `sktransfer fit` saves) or a Pipeline starting with ImageEmbedder."
+        )
     if classifier and not (hasattr(model, "predict_proba") and hasattr(model, "classes_")):
         raise ValueError(
             f"{str(path)!r} holds a {type(model).__name__}, not a fitted classifier with predict_proba."
         )
     check_is_fitted(model)
     return model
+
+
+def _takes_images(model):
+    """Whether ``model`` is, or holds (a Pipeline's step, a meta-estimator's estimator), a sktransfer estimator."""
+    from ._estimator import ImageEmbedder, _PretrainedImageModel
+
+    parts = [model, *model.get_params(deep=True).values()]
+    return any(isinstance(p, (ImageEmbedder, _PretrainedImageModel)) for p in parts)
 
 
 def _show_embedding_progress(model, on):
@@ -291,17 +391,19 @@ _SHOWN_SETTINGS = ("backbone", "hidden_units", "dropout", "lr", "weight_decay", 
 
 
 def _fit(args):
+    import warnings
+
     import numpy as np
     from sklearn.base import clone
     from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
 
     from . import PretrainedImageClassifier
+    from ._inputs import _count
 
     if args.cv < 2:
         raise ValueError(f"--cv {args.cv}: cross-validation needs at least 2 folds.")
-    to_folder = args.output.endswith(("/", os.sep)) or os.path.isdir(args.output)
-    _check_output(args.output, "-o", folder=to_folder)
-    X, y = _read_dataset(args.data, args.path_column, args.label_column)
+    to_folder = _model_output(args.output)
+    X, y = _read_dataset(args.data, args.path_column, args.label_column, args.lines)
     clf = PretrainedImageClassifier(
         backbone=args.backbone, weights=args.weights, cache_dir=args.cache_dir,
         device=args.device, random_state=args.random_state,
@@ -311,13 +413,19 @@ def _fit(args):
         clf.set_params(max_epochs=args.max_epochs)
     grid = _parse_grid(args.grid, clf)
     classes, counts = np.unique(y, return_counts=True)
-    print(f"{len(X)} images, {len(classes)} classes: "
+    print(f"{_count(X, 'image')}, {len(classes)} {'class' if len(classes) == 1 else 'classes'}: "
           + ", ".join(f"{c} ({n})" for c, n in zip(classes, counts)))
     if counts.min() < args.cv:
         raise ValueError(
             f"class {classes.tolist()[counts.argmin()]!r} has {counts.min()} images, fewer than --cv {args.cv} "
             "folds; add images or lower --cv."
         )
+    unread = _check_settings(clf, grid, f"--max-epochs {args.max_epochs}", y)
+    if unread:
+        them = "it" if len(unread) == 1 else "them"
+        print(f"note: {' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by the default "
+              f"linear head, fitted full batch by L-BFGS: candidates that differ only in {them} give the same "
+              f"model. Heads AdamW trains read {them}: with --grid hidden_units=(256,) or dropout=0.5.")
     # Each image goes through each backbone once, here: bad images are reported
     # before any training, and every fit below reads its features from the cache.
     feature_keys = {k: v for k, v in grid.items() if k in ("backbone", "weights", "preprocessing")}
@@ -341,7 +449,10 @@ def _fit(args):
         clf, grid, scoring=accuracy, error_score="raise",
         cv=StratifiedKFold(args.cv, shuffle=True, random_state=args.random_state),
     )
-    search.fit(X, y)
+    with warnings.catch_warnings():
+        if unread:  # said once above, not once per fit
+            warnings.filterwarnings("ignore", r".* not used by this fit: the linear head", UserWarning)
+        search.fit(X, y)
     if bar is not None:
         bar.close()
     results = search.cv_results_
@@ -357,14 +468,8 @@ def _fit(args):
     params = model.get_params(deep=False)
     shown = [k for k in _SHOWN_SETTINGS if k not in grid] + list(grid)
     print("Chosen settings: " + ", ".join(f"{k}={params[k]!r}" for k in shown))
-    if to_folder:
-        from ._export import save_model
-
-        with _writing(args.output):
-            save_model(model, args.output)  # tensors and JSON: safe to share
-    else:
-        _dump(model, args.output)
-    print(f"Model trained on all {len(X)} images saved to {safe_text(args.output)}")
+    _save_model(model, args.output, to_folder)
+    print(f"Model trained on all {_count(X, 'image')} saved to {safe_text(args.output)}")
     return 0
 
 
@@ -389,7 +494,9 @@ def _predict(args):
             for path, label, row in zip(paths, predicted, proba)]
     _write_table(header, rows, args.output)
     if args.output is not None:
-        print(f"{len(rows)} predictions written to {safe_text(args.output)}")
+        from ._inputs import _count
+
+        print(f"{_count(rows, 'prediction')} written to {safe_text(args.output)}")
     return 0
 
 
@@ -407,12 +514,13 @@ def _evaluate(args):
     import numpy as np
     from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix
 
+    from ._inputs import _count
     from ._plotting import _figure, plot_top_losses, top_losses
 
     out = Path(args.output)
     _check_output(out, "-o", folder=True)
     model = _load_model(args.model)
-    X, y = _read_dataset(args.data, args.path_column, args.label_column)
+    X, y = _read_dataset(args.data, args.path_column, args.label_column, args.lines)
     _show_embedding_progress(model, _progress())
     classes = np.asarray(model.classes_)
     if classes.dtype.kind in "iu" and y.dtype.kind in "US":  # integer classes, labels read as text
@@ -420,6 +528,17 @@ def _evaluate(args):
             y = y.astype(classes.dtype)
         except ValueError:
             pass
+    known = set(classes.tolist())
+    unknown = sorted({v for v in y.tolist() if v not in known}, key=str)
+    if unknown:
+        places = []
+        for label in unknown:
+            mine = [p for p, v in zip(X, y.tolist()) if v == label]
+            where = (f" in {safe_text(Path(args.data) / str(label))!r}" if Path(args.data).is_dir() else
+                     ": " + ", ".join(args.lines[p] for p in mine[:10]) + (", ..." if len(mine) > 10 else ""))
+            places.append(f"{label!r} ({_count(mine, 'image')}{where})")
+        raise ValueError(f"{safe_text(args.data)!r} has labels the model does not know: {', '.join(places)}; "
+                         f"the model knows {', '.join(map(repr, classes.tolist()))}.")
     losses, predicted, _ = top_losses(model, X, y)
     _show_embedding_progress(model, False)
     accuracy = float(np.mean(predicted == y))
@@ -487,7 +606,7 @@ def _evaluate(args):
 """
     for name, data in files.items():
         _write(out / name, data if isinstance(data, bytes) else data.encode("utf-8"))
-    print(f"accuracy {accuracy:.3f} on {len(X)} images ({n_wrong} misclassified)")
+    print(f"accuracy {accuracy:.3f} on {_count(X, 'image')} ({n_wrong} misclassified)")
     print(f"Report written to {safe_text(out / 'index.html')}")
     return 0
 
@@ -512,13 +631,21 @@ def _embed(args):
             raise ImportError("writing .parquet needs pandas and pyarrow: pip install 'sktransfer[parquet]'; "
                               "or write .npy.") from None
     paths = _expand_inputs(args.inputs)
+    names = [safe_text(p) for p in paths]
+    if output.suffix.lower() == ".npy":
+        # The list of paths has one per line: a name with a line break would shift every later row.
+        broken = [n for n in names if "".join(n.splitlines()) != n]
+        if broken:
+            raise ValueError(
+                f"-o {safe_text(output)!r}: {len(broken)} file name(s) contain a line break, and "
+                f"{safe_text(listing.name)!r} lists one path per line: {', '.join(map(repr, broken))}. "
+                "Write .parquet instead (it keeps the paths in a column), or rename the files.")
     embedder = ImageEmbedder(args.backbone, args.weights, batch_size=args.batch_size, cache_dir=args.cache_dir,
                              device=args.device, verbose=int(_progress()), engine=args.engine,
                              precision=args.precision).fit()
     features = embedder.transform(paths)
     # Made in memory, then each file is replaced whole: no command leaves a
     # partial file, or a features file without its list of paths.
-    names = [safe_text(p) for p in paths]
     data = io.BytesIO()
     if output.suffix.lower() == ".npy":
         np.save(data, features)
@@ -546,7 +673,7 @@ def _export(args):
     _check_output(output, "OUTPUT")
     model = load_model(args.model) if Path(args.model).is_dir() else _load_model(args.model, classifier=False)
     with _writing(output):
-        output.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(output.parent)
         export_onnx(model, output)
     meta = _onnx_metadata(output)
     crop, resize = json.loads(meta["crop_size"]), json.loads(meta["resize_size"])
@@ -588,26 +715,32 @@ def _backbones(args):
 
 def _audit(args):
     from . import PretrainedImageClassifier, audit
+    from ._inputs import _count
 
     out = Path(args.output)
     _check_output(out, "-o", folder=True)
-    X, y = _read_dataset(args.data, args.path_column, args.label_column)
+    X, y = _read_dataset(args.data, args.path_column, args.label_column, args.lines)
     X_test = y_test = None
     if args.test is not None:
-        X_test, y_test = _read_dataset(args.test, args.path_column, args.label_column)
+        X_test, y_test = _read_dataset(args.test, args.path_column, args.label_column, args.lines)
     clf = PretrainedImageClassifier(backbone=args.backbone, weights=args.weights, cache_dir=args.cache_dir,
                                     device=args.device, random_state=args.random_state, engine=args.engine,
                                     precision=args.precision)
-    report = audit(clf, X, y, cv=args.cv, X_test=X_test, y_test=y_test,
-                   duplicate_threshold=args.threshold, random_state=args.random_state,
-                   verbose=int(args.verbose or _progress()))
+    try:
+        report = audit(clf, X, y, cv=args.cv, X_test=X_test, y_test=y_test,
+                       duplicate_threshold=args.threshold, random_state=args.random_state,
+                       verbose=int(args.verbose or _progress()))
+    except ValueError as e:
+        if not str(e).startswith("duplicate_threshold="):
+            raise
+        raise ValueError(f"--threshold {str(e).partition('=')[2]}") from None
     with _writing(out):
-        out.mkdir(parents=True, exist_ok=True)
+        make_folders(out)
         report.to_csv(out / "findings.csv")
         report.to_html(out / "index.html")
-    print(f"{len(X)} images audited: {len(report.label_issues)} suspected label errors, "
-          f"{len(report.duplicate_groups)} duplicate groups, {len(report.leakage_groups)} leakage groups, "
-          f"{len(report.outliers)} outliers")
+    print(f"{_count(X, 'image')} audited: {_count(report.label_issues, 'suspected label error')}, "
+          f"{_count(report.duplicate_groups, 'duplicate group')}, {_count(report.leakage_groups, 'leakage group')}, "
+          f"{_count(report.outliers, 'outlier')}")
     print(f"Duplicates joined from cosine similarity {report.duplicate_threshold:.3f}. "
           f"Report written to {out / 'index.html'} and {out / 'findings.csv'}")
     return 0
@@ -712,7 +845,8 @@ def build_parser():
         "embed", help="write the feature vectors of images to .parquet or .npy",
         description="Embed images with a frozen backbone. Folders are replaced by the image files "
                     "under them, sorted by path. .parquet gets a path column and one column per "
-                    "feature; .npy gets the array, with the paths in <name>.paths.txt.")
+                    "feature; .npy gets the array, with the paths in <name>.paths.txt, one per line "
+                    "(a path with a line break needs .parquet).")
     embed.add_argument("inputs", metavar="PATH_OR_DIR", nargs="+", help="image files or folders")
     embed.add_argument("-o", "--output", required=True, help="features.parquet or features.npy")
     backbone_options(embed)
@@ -763,6 +897,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.lines = {}  # the CSV line of each image path read from a CSV file, for messages
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -772,18 +907,24 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
-        print(f"sktransfer {args.command}: error: {_in_words(e)}", file=sys.stderr)
+        print(f"sktransfer {args.command}: error: {_in_words(e, args.lines)}", file=sys.stderr)
         return 1
 
 
-def _in_words(error):
-    """An error's message in the command line's words: bad images are files, not items of ``X``."""
+def _in_words(error, lines):
+    """An error's message in the command line's words: bad images are files, not
+    items of ``X``, each with its CSV line when it came from a CSV file (``lines``)."""
     from ._inputs import ImageInputError
 
     if not isinstance(error, ImageInputError):
         return str(error)
+
+    def describe(i, item):
+        place = lines.get(str(item))
+        return repr(safe_text(str(item))) + (f" ({place})" if place else "")
+
     return "\n".join([f"{len(error.errors)} file(s) cannot be used as images:",
-                      *error.listing(lambda i, item: repr(safe_text(str(item)))),
+                      *error.listing(describe),
                       "Accepted: image files Pillow reads (JPEG, PNG, WebP, BMP, TIFF, GIF, ...)."])
 
 

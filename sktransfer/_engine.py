@@ -225,9 +225,10 @@ def is_converted(fingerprint, shape):
     return _openvino_core() is not None and os.path.exists(_model_path(fingerprint, shape))
 
 
-def convert(module, fingerprint, shape, name):
+def convert(body, fingerprint, shape, name):
     """The body as an OpenVINO model with a dynamic batch size, read from disk when
-    converted before; None (told once) when it cannot be converted."""
+    converted before; None (told once) when it cannot be converted. ``body()`` gives
+    the PyTorch module, asked for only to convert it."""
     core = _openvino_core()
     path = _model_path(fingerprint, shape)
     try:
@@ -241,7 +242,7 @@ def convert(module, fingerprint, shape, name):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on torch.jit
-            model = openvino.convert_model(module, example_input=example, input=[(-1, 3, h, w)])
+            model = openvino.convert_model(body(), example_input=example, input=[(-1, 3, h, w)])
     except Exception as e:
         warn_once(("openvino-convert", fingerprint),
                   f"OpenVINO could not convert backbone {name!r} ({type(e).__name__}: {e}); "

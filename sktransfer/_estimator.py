@@ -433,7 +433,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             # The signature's own ``**kwargs`` name (scikit-learn's smoke test of
             # set_params passes it) is stored, and refused at fit like any other.
             if key not in named and key != "kwargs" and not key.startswith(HEAD_PREFIXES):
-                raise unexpected_setting(key, named, type(self).__name__)
+                raise unexpected_setting(key, named, type(self).__name__, _elsewhere(type(self)))
         vars(self).update({k: v for k, v in params.items() if k not in named})
         super().set_params(**{k: v for k, v in params.items() if k in named})
         return self
@@ -503,12 +503,9 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             kept = np.flatnonzero(weights)
             items, y_train, weights = [items[i] for i in kept], y_train[kept], weights[kept]
         device = _check_device(self.device)
-        net, task = self._head_task(y_train, n_outputs)  # the skorch net and loss for these targets
-        params, extra = self._head_settings()
         # partial_fit trains on batches as they come, so even its first call is not a full-batch fit.
         incremental = bool(continuing) or epochs is not None
-        check_head_settings(params, extra, y_train, task=task, module=BlocksAndHead if self.unfreeze else HeadModule,
-                            classifier=is_classifier(self), owner=type(self).__name__, continuing=incremental)
+        net, task, params, extra = self._checked_head_settings(y_train, n_outputs, incremental)
         full = full_batch(params, extra, incremental, multilabel=issubclass(net, HeadMultiLabelClassifier))
         if full:
             defaults = {k: p.default for k, p in inspect.signature(type(self)).parameters.items()}
@@ -557,6 +554,17 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         if not continuing:
             _check_columns(self, X, reset=True)
         return self
+
+    def _checked_head_settings(self, y_train, n_outputs, incremental):
+        """The skorch net and loss for the encoded targets ``y_train``, and the head's
+        settings (:meth:`_head_settings`), refused by :func:`check_head_settings` where
+        the head cannot take them; no image is read."""
+        net, task = self._head_task(y_train, n_outputs)
+        params, extra = self._head_settings()
+        check_head_settings(params, extra, y_train, task=task, module=BlocksAndHead if self.unfreeze else HeadModule,
+                            classifier=is_classifier(self), owner=type(self).__name__, continuing=incremental,
+                            elsewhere=_elsewhere(type(self)))
+        return net, task, params, extra
 
     def _head_settings(self):
         """The parameters the head is built from, and the other (prefixed skorch) settings."""
@@ -914,8 +922,8 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                         "any batch will have, e.g. partial_fit(X, y, classes=['daisy', 'rose', 'tulip'])."
                     ) from None
                 raise ValueError(
-                    f"classes={list(classes)!r} differ from the classes of the first partial_fit call, "
-                    f"{list(self.classes_)}; classes cannot change between calls."
+                    f"classes={np.asarray(classes).tolist()!r} differ from the classes of the first partial_fit "
+                    f"call, {self.classes_.tolist()}; classes cannot change between calls."
                 ) from None
         return self._fit(X, y, sample_weight, continuing="partial_fit" if fitted else None,
                          classes=classes, epochs=1)
@@ -969,14 +977,14 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         if continuing == "warm_start=True" and set(labels.tolist()) != set(encoder.classes_.tolist()):
             raise ValueError(
                 f"warm_start=True continues training on the classes of the previous fit, "
-                f"{list(encoder.classes_)}, but y has {list(labels)}; set warm_start=False to fit "
+                f"{encoder.classes_.tolist()}, but y has {labels.tolist()}; set warm_start=False to fit "
                 "a model on these classes."
             )
         unknown = set(labels.tolist()) - set(encoder.classes_.tolist())
         if unknown:
             raise ValueError(
-                f"y has labels not in classes: {sorted(map(repr, unknown))}; the classes are "
-                f"{list(encoder.classes_)}."
+                f"y has labels not in classes: {', '.join(sorted(map(repr, unknown)))}; the classes are "
+                f"{encoder.classes_.tolist()}."
             )
         if len(encoder.classes_) < 2:
             raise ValueError(
@@ -1451,3 +1459,10 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
+
+
+def _elsewhere(cls):
+    """The parameters of the other image models that ``cls`` lacks: {name: the model's class name}."""
+    named = set(cls._get_param_names())
+    return {name: other.__name__ for other in (PretrainedImageClassifier, PretrainedImageRegressor)
+            if other is not cls for name in other._get_param_names() if name not in named}

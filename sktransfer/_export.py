@@ -41,7 +41,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._version import __version__
 from ._backbones import _looks_like_path, rebuild_backbone
 from ._cache import digest
-from ._outputs import sync_folder, write_atomic
+from ._outputs import make_folders, write_atomic
 from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor, _PretrainedImageModel
 from ._head import HEAD_PREFIXES
 from ._images import Preprocessing
@@ -142,8 +142,7 @@ def save_model(estimator, folder):
     # model.json names the exact tensor files it goes with (load_model checks them).
     info["files"] = {name: digest(data.getvalue()) for name, data in tensors.items()}
     folder = os.fspath(folder)
-    created = not os.path.isdir(folder)
-    os.makedirs(folder, exist_ok=True)
+    make_folders(folder)
     # Each file is replaced whole; an earlier save's model.json goes first and
     # the new one comes last, so a folder that has one is complete.
     try:
@@ -151,10 +150,8 @@ def save_model(estimator, folder):
     except FileNotFoundError:
         pass
     for name, data in tensors.items():
-        write_atomic(os.path.join(folder, name), data.getvalue(), mode=0o644)
-    write_atomic(os.path.join(folder, MODEL_FILE), json.dumps(info, indent=2).encode("utf-8"), mode=0o644)
-    if created:  # the new folder's own entry, in its parent
-        sync_folder(os.path.dirname(os.path.abspath(folder)))
+        write_atomic(os.path.join(folder, name), data.getvalue())
+    write_atomic(os.path.join(folder, MODEL_FILE), json.dumps(info, indent=2).encode("utf-8"))
     return folder
 
 

@@ -440,8 +440,11 @@ def _suggestion(key, names):
     return close[0] if close else None
 
 
-def unexpected_setting(key, names, owner):
-    """The ValueError for a setting ``key`` that is neither one of ``names`` nor prefixed for skorch."""
+def unexpected_setting(key, names, owner, elsewhere=None):
+    """The ValueError for a setting ``key`` that is neither one of ``names`` nor prefixed for skorch;
+    ``elsewhere`` maps the settings of other estimators to their names."""
+    if elsewhere and key in elsewhere:
+        return ValueError(f"{owner} got an unexpected setting {key!r}: it is a setting of {elsewhere[key]} only.")
     hint = _suggestion(key, names)
     return ValueError(
         f"{owner} got an unexpected setting {key!r}"
@@ -457,7 +460,8 @@ def _accepted(cls, skip=("self",)):
     return set(signature) - set(skip), open_ended
 
 
-def check_head_settings(params, extra, y_train, *, task, module, classifier, owner, continuing=False):
+def check_head_settings(params, extra, y_train, *, task, module, classifier, owner, continuing=False,
+                        elsewhere=None):
     """Refuse settings the head cannot take, naming them and what is accepted.
 
     Parameters
@@ -480,6 +484,8 @@ def check_head_settings(params, extra, y_train, *, task, module, classifier, own
         The estimator's class name, for messages.
     continuing : bool
         Whether the fitted head will be trained further (warm_start, partial_fit).
+    elsewhere : dict, optional
+        Settings of the other estimators: {name: estimator}, named when refused.
     """
     multilabel = classifier and np.ndim(y_train) == 2
     optimizer = head_optimizer(params, full_batch(params, extra, continuing, multilabel))
@@ -492,7 +498,7 @@ def check_head_settings(params, extra, y_train, *, task, module, classifier, own
     for key in sorted(extra):
         prefix = next((p for p in HEAD_PREFIXES if key.startswith(p)), None)
         if prefix is None:
-            raise unexpected_setting(key, params, owner)
+            raise unexpected_setting(key, params, owner, elsewhere)
         name = key[len(prefix):].partition("__")[0]
         if prefix in ("iterator_train__", "iterator_valid__") and name not in FeatureLoader.SUPPORTED:
             raise ValueError(
@@ -527,14 +533,21 @@ def check_head_settings(params, extra, y_train, *, task, module, classifier, own
         n = len(y_train)
         fraction = params["validation_fraction"]
         n_valid = int(np.ceil(fraction * n))
-        least = int(np.bincount(y_train).min())
-        if least < 2 or n_valid < n_classes or n - n_valid < n_classes:
+        counts = np.bincount(y_train, minlength=n_classes)
+        problems = []
+        if counts.min() < 2:
+            problems.append(f"the rarest class has {_count(int(counts.min()), 'image')}, and each class needs one "
+                            "on each side")
+        if n_valid < n_classes:
+            problems.append(f"{_count(n_valid, 'image')} held out for {n_classes} classes, which need one each")
+        if n - n_valid < n_classes:
+            problems.append(f"{_count(n_valid, 'image')} held out leave {n - n_valid} to train on for "
+                            f"{n_classes} classes")
+        if problems:
             raise ValueError(
                 f"{' and '.join(held_out)} holds out validation_fraction={fraction} "
-                f"of the {n} images ({n_valid}), stratified by class: it needs every class at "
-                f"least twice (the rarest has {least}) and at least {n_classes} images (one per "
-                "class) on each side. Use more images or another validation_fraction, or turn "
-                "it off."
+                f"of the {n} images, stratified by class: {'; '.join(problems)}. Use more images or "
+                "another validation_fraction, or turn it off."
             )
 
 
@@ -950,3 +963,7 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
 
 def _prefixed(settings, prefix):
     return {k[len(prefix):]: v for k, v in settings.items() if k.startswith(prefix)}
+
+
+def _count(n, noun):
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -13,9 +13,8 @@ the few lines with Pillow); what they need is in the model's metadata.
 from __future__ import annotations
 
 import copy
+import io
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
+
+from ._outputs import write_atomic
 
 __all__ = ["export_onnx"]
 
@@ -203,26 +204,20 @@ def export_onnx(model, path):
         "crop_mode": prep.crop_mode,
         "interpolation": prep.interpolation,
     })
-    path = Path(path)
     example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            # The TorchScript-based exporter: a single self-contained file in seconds,
-            # where torch.export's exporter takes minutes for a backbone and needs onnxscript.
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            torch.onnx.export(
-                graph, (example,), tmp, input_names=["images"], output_names=[output_name],
-                dynamic_axes={"images": {0: "n"}, output_name: {0: "n"}}, opset_version=OPSET,
-                dynamo=False,
-            )
-        _add_metadata(tmp, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    graph_file = io.BytesIO()
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript-based exporter: a single self-contained file in seconds,
+        # where torch.export's exporter takes minutes for a backbone and needs onnxscript.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            graph, (example,), graph_file, input_names=["images"], output_names=[output_name],
+            dynamic_axes={"images": {0: "n"}, output_name: {0: "n"}}, opset_version=OPSET,
+            dynamo=False,
+        )
+    path = Path(path)
+    write_atomic(path, _with_metadata(graph_file.getvalue(), metadata))
     return path
 
 
@@ -234,11 +229,12 @@ def _require_onnx():
     return onnx
 
 
-def _add_metadata(file, metadata):
+def _with_metadata(graph, metadata):
+    """The serialised ONNX model ``graph`` (bytes) with ``metadata`` and a doc string added."""
     onnx = _require_onnx()
-    proto = onnx.load(file)
+    proto = onnx.load_model_from_string(graph)
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, str(value)
     proto.doc_string = f"{metadata['estimator']} on {metadata['backbone']}: images -> {metadata['output']}"
-    onnx.save(proto, file)
+    return proto.SerializeToString()

@@ -10,7 +10,7 @@ import csv
 import io
 import os
 import re
-import tempfile
+import secrets
 
 #: Name prefix of temporary files before their rename (``clear_cache`` knows it).
 TEMP_PREFIX = ".tmp-"
@@ -21,6 +21,9 @@ def write_atomic(path, data, mode=None, makedirs=False, durable=True):
 
     A reader sees the old file or the whole new one, never a part, even when
     the writer is killed; a failed write leaves no temporary file behind.
+    ``mode``: the file's permissions; by default those the umask leaves, as
+    for any file a program creates (0644 under the usual umask 022).
+    ``makedirs``: missing folders are made (see :func:`make_folders`).
     ``durable``: the bytes reach the disk before the rename makes them
     visible, and the rename after it (the folder is synced too), so a power
     cut leaves the old file or the new one, not an empty one. The disk cache
@@ -29,8 +32,10 @@ def write_atomic(path, data, mode=None, makedirs=False, durable=True):
     """
     folder = os.path.dirname(os.path.abspath(path))
     if makedirs:
-        os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX)
+        make_folders(folder, durable=durable)
+    # Not tempfile.mkstemp, whose file is 0600 whatever the umask: the kernel applies the umask to 0666 here.
+    tmp = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(8))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         if mode is not None and hasattr(os, "fchmod"):
             os.fchmod(fd, mode)
@@ -48,6 +53,21 @@ def write_atomic(path, data, mode=None, makedirs=False, durable=True):
         raise
     if durable:
         sync_folder(folder)
+
+
+def make_folders(folder, durable=True):
+    """``os.makedirs(folder, exist_ok=True)``; with ``durable``, each folder it
+    made has its entry synced in its parent, so a power cut cannot lose a level
+    of the path above files synced inside it."""
+    missing = []
+    level = os.path.abspath(folder)
+    while not os.path.isdir(level) and os.path.dirname(level) != level:
+        missing.append(level)
+        level = os.path.dirname(level)
+    os.makedirs(folder, exist_ok=True)
+    if durable:
+        for level in reversed(missing):
+            sync_folder(os.path.dirname(level))
 
 
 def sync_folder(folder):

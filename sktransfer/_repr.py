@@ -9,6 +9,8 @@ unfitted model shows its settings, a fitted one what fit made.
 
 from __future__ import annotations
 
+import numpy as np
+
 try:  # scikit-learn >= 1.7
     from sklearn.utils._repr_html.estimator import _VisualBlock
 except ImportError:  # scikit-learn 1.6
@@ -36,12 +38,14 @@ def _backbone_box(embedder_params, backbone=None, unfreeze=0):
 
 
 def _head_box(model):
-    layers = " -> ".join(str(u) for u in model.hidden_units) or "linear"
-    kind = "MLP " + layers if model.hidden_units else "linear"
-    settings = (f"lr={model.lr}, max_epochs={model.max_epochs}, batch_size={model.batch_size}, "
-                f"dropout={model.dropout}, weight_decay={model.weight_decay}")
+    """Name and details of the head box: the settings unfitted, the trained head once fitted
+    (``set_params`` after fit changes the next fit, not ``head_``)."""
     if not hasattr(model, "head_"):
-        return f"head: {kind}", settings + "\n(trained by fit)"
+        return (f"head: {_layers(model.hidden_units)}",
+                _settings(model.lr, model.max_epochs, model.batch_size, model.dropout, model.weight_decay)
+                + "\n(trained by fit)")
+    head = model.head_
+    kind = _layers(head.module__hidden_units)
     if hasattr(model, "classes_"):
         classes = model.classes_.tolist()
         shown = ", ".join(map(str, classes[:10])) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
@@ -49,12 +53,27 @@ def _head_box(model):
         extra = f"\nclasses: {shown}\ntemperature {model.temperature_:.3g}"
     else:
         out = f"{model.n_outputs_} output(s)"
-        extra = "\ntarget scaling undone at predict" if model.target_scaling else ""
+        scaled = np.any(model.target_mean_ != 0) or np.any(model.target_scale_ != 1)
+        extra = "\ntarget scaling undone at predict" if scaled else ""
     if model.weight_decay_ is not None:
         # The full-batch linear head reads neither lr nor batch_size: say what it was fitted at.
         settings = f"L-BFGS, full batch, L2 strength {model.weight_decay_:.3g} (weight_decay_)"
+    else:
+        # The decay the optimizer applied, or the loss's penalty for an optimizer without one.
+        trained = head.get_params()
+        decay = trained.get("optimizer__weight_decay", trained.get("l2"))
+        settings = _settings(head.lr, head.max_epochs, head.batch_size, head.module__dropout, decay)
     epochs = len(model.history_)
     return f"head: {kind} -> {out}", f"{settings}\ntrained {epochs} epoch(s){extra}"
+
+
+def _layers(hidden_units):
+    return "MLP " + " -> ".join(str(u) for u in hidden_units) if hidden_units else "linear"
+
+
+def _settings(lr, max_epochs, batch_size, dropout, weight_decay):
+    return (f"lr={lr}, max_epochs={max_epochs}, batch_size={batch_size}, "
+            f"dropout={dropout}, weight_decay={weight_decay}")
 
 
 def _box(name, details):

@@ -12,8 +12,8 @@ from sklearn.model_selection import GroupKFold, KFold, cross_val_predict
 
 from sktransfer import PretrainedImageClassifier, audit, clear_cache, load_image_folder
 from sktransfer._audit import (
-    HASH_DISTANCE, calibrated_joint, combine_evidence, confident_joint, duplicate_components, find_label_issues,
-    log_ratio, neighbour_proba, normalized_margin, perceptual_hash)
+    HASH_DISTANCE, calibrated_joint, class_outliers, combine_evidence, confident_joint, duplicate_components,
+    find_label_issues, log_ratio, neighbour_proba, normalized_margin, perceptual_hash)
 from sktransfer._backbones import build_backbone
 from sktransfer._cli import main
 from sktransfer._inputs import read_item
@@ -320,6 +320,15 @@ def test_frame_and_cleaned_data(faulty):
         report.cleaned(drop=["typo"])
 
 
+def test_report_shows_how_often_the_cross_validated_model_is_right(faulty):
+    # Suspects are only as good as the out-of-fold model: a user deciding whether to drop them
+    # sees its accuracy beside their number.
+    report, y = faulty["report"], faulty["y"]
+    expected = np.mean(report.classes[report.oof_proba.argmax(axis=1)] == y)
+    assert report.oof_accuracy == pytest.approx(expected)
+    assert f"out-of-fold accuracy {expected:.2f}" in repr(report)
+
+
 def test_confident_learning_thresholds():
     # Class 0's images have p0 = 0.9, 0.8, 0.1: its threshold is their mean, 0.6.
     proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.3, 0.7], [0.35, 0.65]])
@@ -522,3 +531,22 @@ def test_estimator_must_be_an_image_classifier(sample):
 def test_cli_reports_a_missing_folder(tmp_path, capsys):
     assert main(["audit", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out")]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_outliers_of_a_small_class_holding_a_copy():
+    # Three photos of a class, one of them twice: its copies leave two neighbours outside their
+    # group, so at most two are asked for (asking for three gave infinite distances, a NaN fence
+    # and numpy's RuntimeWarning).
+    import warnings
+
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(8, 16))
+    unit[1] = unit[0]
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    y_enc = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    components = np.array([0, 0, 1, 2, 3, 4, 5, 6])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        indices, scores = class_outliers(unit, y_enc, 2, components, n_neighbors=5)
+    assert np.isfinite(scores).all()
+

@@ -185,6 +185,55 @@ def test_rebuild_keeps_the_family_split():
     assert again.fingerprint == b.fingerprint and again.stages is not None
 
 
+def test_a_timm_download_that_fails_names_the_hub_file_and_how_to_work_offline(tmp_path):
+    # timm's weights come from the Hugging Face hub, not torch hub's folder: the hint names the hub
+    # repository and file to fetch, and the weights= way round it (in a process that cannot download).
+    import subprocess
+    import sys
+
+    from conftest import fresh_env
+
+    code = ("from sktransfer._backbones import build_backbone\n"
+            "try:\n    build_backbone('timm/resnet18.a1_in1k')\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**fresh_env(), "HOME": str(tmp_path)},
+                         capture_output=True, text=True, timeout=300).stdout
+    assert out.startswith("WeightsDownloadError Could not download the pretrained weights of timm/resnet18.a1_in1k")
+    assert "https://huggingface.co/timm/resnet18.a1_in1k" in out and "model.safetensors" in out
+    assert "weights='path/to/model.safetensors'" in out and "torch" not in out.split("(")[0]
+
+
+def test_weights_from_a_safetensors_file_as_the_hub_serves_them(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    save_file(state, tmp_path / "model.safetensors")
+    torch.save(state, tmp_path / "model.pth")
+    from_hub = build_backbone("timm/resnet18", weights=tmp_path / "model.safetensors")
+    from_torch = build_backbone("timm/resnet18", weights=tmp_path / "model.pth")
+    assert from_hub.fingerprint == from_torch.fingerprint  # the same weights, the same features
+    with pytest.raises(ValueError, match="no such file"):
+        build_backbone("timm/resnet18", weights=tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="could not be read as a safetensors file"):
+        build_backbone("timm/resnet18", weights=tmp_path / "bad.safetensors")
+
+
+def test_a_body_left_unbuilt_is_checked_against_its_record_when_built():
+    from sktransfer._backbones import Backbone
+
+    real = build_backbone("efficientnet_lite0")
+    same = Backbone(name=real.name, _module=None, preprocessing=real.preprocessing, num_features=real.num_features,
+                    fingerprint=real.fingerprint, _build=lambda: real)
+    assert same.module is real.module
+    other = Backbone(name=real.name, _module=None, preprocessing=real.preprocessing, num_features=real.num_features,
+                     fingerprint="recorded by another version", _build=lambda: real)
+    with pytest.raises(RuntimeError, match="built now differs from the one recorded"):
+        other.module
+
+
 def test_user_module_whose_helper_function_is_edited_is_another_backbone(tmp_path, sample):
     """``forward`` unchanged, but a function it calls, defined beside the class, edited: its
     features are its own, not those cached for the first version of the file."""

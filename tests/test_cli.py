@@ -227,6 +227,24 @@ def test_embed_to_npy_and_parquet_matches_the_embedder(sample, tmp_path):
     assert main(["embed", str(data), "-o", str(tmp_path / "f.csv")]) == 1
 
 
+def test_embed_to_npy_refuses_file_names_with_a_line_break(sample, tmp_path, capsys):
+    # The list of paths beside a .npy has one path per line: a name with a line break
+    # would shift every later path against its row. Refused before any embedding.
+    data = tmp_path / "imgs"
+    data.mkdir()
+    plain, broken, carriage = data / "a.jpg", data / "b\nc.jpg", data / "d\re.jpg"
+    for i, path in enumerate((plain, broken, carriage)):
+        shutil.copy(sample[0][i], path)
+    assert main(["embed", str(data), "-o", str(tmp_path / "f.npy")]) == 1
+    err = capsys.readouterr().err
+    assert repr(str(broken)) in err and repr(str(carriage)) in err and ".parquet" in err
+    assert repr(str(plain)) not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # nothing written
+    assert main(["embed", str(data), "-o", str(tmp_path / "f.parquet")]) == 0
+    assert pd.read_parquet(tmp_path / "f.parquet")["path"].tolist() == [str(plain), str(broken), str(carriage)]
+    capsys.readouterr()
+
+
 def test_weights_from_a_file_work_offline(sample, tmp_path, capsys):
     """--weights path.pth: a torchvision backbone whose weights were fetched elsewhere (here: made up)."""
     import torchvision
@@ -411,6 +429,10 @@ def test_demo_shows_accuracy_time_confusion_matrix_and_next_steps(tmp_path, caps
     assert f"saved to {model.resolve()}" in out and "predictions identical = True" in out
     assert "sktransfer fit path/to/photos -o model.joblib" in out
     assert list(joblib.load(model).classes_) == classes
+    folder = str(tmp_path / "demo_model") + os.sep  # as fit -o: the safe save_model folder
+    assert main(["demo", "-o", folder]) == 0
+    assert "predictions identical = True" in capsys.readouterr().out
+    assert sorted(os.listdir(folder)) == ["backbone.pt", "head.pt", "model.json"]
 
 
 def test_version_prints_the_package_version(capsys):
@@ -493,6 +515,123 @@ def test_missing_output_folders_are_made(trained, sample, tmp_path, capsys):
     assert np.load(tmp_path / "c" / "f.npy").shape == (1, 1280)
     assert (tmp_path / "c" / "f.paths.txt").read_text().splitlines() == [photo]
     capsys.readouterr()
+
+
+def test_a_trailing_slash_decides_the_output_at_once(trained, tmp_path, capsys):
+    """A file output ending in / is refused before any work; a model output ending in / is a folder."""
+    _, _, model_path, data, _ = trained
+    photo = str(next(data.rglob("*.jpg")))
+    newout = str(tmp_path / "newout") + os.sep
+    assert main(["predict", str(tmp_path / "no-such-model.joblib"), photo, "-o", newout]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"sktransfer predict: error: -o {newout!r} ends in '/', a folder; give a file name")
+    assert "no-such" not in err  # refused before the model is even looked for
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    for output, said in [(str(tmp_path / "model"), "has no extension"),
+                         (str(tmp_path / "notes"), "not a saved model")]:
+        for argv in (["demo", "-o", output], ["fit", str(tmp_path / "no-such-data"), "-o", output]):
+            assert main(argv) == 1
+            err = capsys.readouterr().err
+            assert said in err and "no-such" not in err, err
+            if said == "has no extension":
+                assert "model/" in err and "model.joblib" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+    assert os.listdir(tmp_path / "notes") == ["todo.txt"]
+
+
+def test_fit_writes_the_folder_format_into_an_empty_folder_or_over_a_saved_model(sample, tmp_path, capsys):
+    data = copy_images(sample, tmp_path / "d", 2)
+    (tmp_path / "m").mkdir()
+    for _ in range(2):  # an empty folder, then the saved model it holds
+        assert main(["fit", str(data), "--cv", "2", "--max-epochs", "2", "-o", str(tmp_path / "m")]) == 0
+        assert sorted(os.listdir(tmp_path / "m")) == ["backbone.pt", "head.pt", "model.json"]
+    capsys.readouterr()
+
+
+def test_out_of_range_settings_are_refused_before_any_image_is_read(sample, tmp_path, capsys):
+    data = copy_images(sample, tmp_path / "d", 2)
+    (data / "cardboard" / "broken.jpg").write_bytes(b"not a jpeg")  # reading images would fail on it
+    for extra, named in [(["--grid", "dropout=0.0,1.5"], "'dropout'"),
+                         (["--max-epochs", "0"], "'max_epochs'"),
+                         (["--grid", "hidden_units=(),(-3,)"], "hidden_units"),
+                         (["--grid", "optimizer__betaz=(0.9, 0.99)"], "did you mean optimizer__betas?")]:
+        assert main(["fit", str(data), "--cv", "2", "-o", str(tmp_path / "m.joblib"), *extra]) == 1
+        err = capsys.readouterr().err
+        assert named in err and "broken.jpg" not in err, err
+        assert err.startswith(f"sktransfer fit: error: {extra[0]}"), err
+    assert not (tmp_path / "m.joblib").exists()
+
+
+def test_messages_use_the_command_lines_words(trained, sample, tmp_path, capsys):
+    from sklearn.linear_model import LogisticRegression
+
+    _, _, model_path, data, _ = trained
+    small = copy_images(sample, tmp_path / "small", 2)
+    assert main(["audit", str(small), "--cv", "2", "--threshold", "2", "-o", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert "--threshold 2.0 must be a cosine similarity" in err and "duplicate_threshold" not in err
+    other = copy_images(sample, tmp_path / "other", 1)
+    shutil.copytree(small / "glass", other / "plastic")
+    assert main(["evaluate", str(model_path), str(other), "-o", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert f"'plastic' (2 images in {str(other / 'plastic')!r})" in err, err
+    X, y = load_image_folder(other)
+    with open(tmp_path / "other.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label"), *zip(X, y)])
+    assert main(["evaluate", str(model_path), str(tmp_path / "other.csv"), "-o", str(tmp_path / "r")]) == 1
+    assert "'plastic' (2 images: other.csv line 5, other.csv line 6)" in capsys.readouterr().err
+    X, y = load_image_folder(small)
+    features = ImageEmbedder().fit_transform(X)
+    joblib.dump(LogisticRegression().fit(features, y), tmp_path / "lr.joblib")
+    assert main(["predict", str(tmp_path / "lr.joblib"), str(small / "glass")]) == 1
+    err = capsys.readouterr().err
+    assert "holds a LogisticRegression, which takes features, not image paths" in err and "2D array" not in err, err
+    assert "ImageEmbedder" in err
+    np.save(tmp_path / "features.npy", features)
+    assert main(["predict", str(tmp_path / "features.npy"), str(small / "glass")]) == 1
+    err = capsys.readouterr().err
+    assert "is not a model saved by sktransfer fit or joblib.dump" in err and "Error" not in err, err
+
+
+def test_bad_images_of_a_csv_are_named_by_line(sample, tmp_path, capsys):
+    data = copy_images(sample, tmp_path / "photos", 2)
+    X, y = load_image_folder(data)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    rows = [(os.path.relpath(p, tmp_path), label) for p, label in zip(X, y)]
+    rows.insert(3, ("broken.jpg", "glass"))  # the CSV's 5th line, after the header
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label"), *rows])
+    assert main(["fit", str(tmp_path / "labels.csv"), "--cv", "2", "-o", str(tmp_path / "m.joblib")]) == 1
+    err = capsys.readouterr().err
+    assert f"{str(tmp_path / 'broken.jpg')!r} (labels.csv line 5): not an image file" in err, err
+
+
+def test_a_grid_over_settings_the_linear_head_ignores_notes_it_once(sample, tmp_path, capsys):
+    import warnings
+
+    data = copy_images(sample, tmp_path / "d", 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", str(data), "--cv", "2", "--max-epochs", "2", "--grid", "lr=0.001,0.01",
+                     "-o", str(tmp_path / "m.joblib")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("note: lr is not used by the default linear head") == 1, out
+    assert not [w for w in caught if "not used by this fit" in str(w.message)]
+
+
+def test_summaries_count_in_the_singular_too(sample, tmp_path, capsys):
+    one = copy_images(sample, tmp_path / "one", 2)
+    for c in CLASSES[1:]:
+        shutil.rmtree(one / c)
+    assert main(["fit", str(one), "--cv", "2", "-o", str(tmp_path / "m.joblib")]) == 1
+    assert capsys.readouterr().out.startswith("2 images, 1 class: cardboard (2)\n")
+    data = copy_images(sample, tmp_path / "d", 3)
+    twin = next((data / "glass").iterdir())
+    shutil.copy(twin, twin.with_name("twin.jpg"))
+    assert main(["audit", str(data), "--cv", "2", "-o", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "1 duplicate group," in out, out
 
 
 def test_export_makes_the_missing_folder_of_its_output(trained, tmp_path, capsys):

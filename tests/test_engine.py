@@ -16,7 +16,7 @@ from sktransfer._engine import (
     MIN_COSINE, MIN_COSINE_TORCH_BF16, OPENVINO_MIN_IMAGES, TORCH_FLOAT32, Plan, choose, cpu_has_bf16,
 )
 
-from conftest import ROOT, ForwardCounter
+from conftest import ROOT, ForwardCounter, fresh_env
 
 HAS_OPENVINO = _engine._openvino_core() is not None
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO is not installed on this platform")
@@ -196,3 +196,38 @@ def test_openvino_model_pickles_and_predicts_the_same_where_openvino_is_missing(
     assert len(result["told"]) == 1 and "runs in PyTorch" in result["told"][0]  # told once, not per call
     np.testing.assert_allclose(result["proba"], expected, atol=1e-4)
     np.testing.assert_allclose(result["again"], expected, atol=1e-4)
+
+
+LAZY_EMBED = r"""
+import json, pickle, sys
+import numpy as np
+from sktransfer import ImageEmbedder
+paths, out = json.loads(sys.argv[1]), sys.argv[2]
+embedder = ImageEmbedder(engine="openvino").fit()
+features = embedder.transform(paths)
+built = "timm" in sys.modules
+again = pickle.loads(pickle.dumps(embedder)).transform(paths)  # a pickle carries the body: built for it
+np.save(out, features)
+print(json.dumps({"built": built, "pickled_equal": bool(np.array_equal(again, features))}))
+"""
+
+
+@needs_openvino
+def test_a_body_converted_before_embeds_in_a_fresh_process_without_being_built(sample, tmp_path):
+    """Building the body (timm, which imports torchvision and torch._dynamo: about 3 s of CPU in a
+    fresh process) is left until something needs it when its OpenVINO conversion is on disk: an
+    embedding job pays only the conversion's loading, with the same features."""
+    paths = sample[0][:3]
+    env = {**fresh_env(), "SKTRANSFER_ENGINE_CACHE": str(tmp_path / "engine")}
+
+    def job(name):
+        out = subprocess.run([sys.executable, "-c", LAZY_EMBED, json.dumps(paths), str(tmp_path / name)],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.splitlines()[-1]), np.load(tmp_path / name)
+
+    first, converting = job("first.npy")  # nothing on disk: built and converted
+    second, converted = job("second.npy")
+    assert first == {"built": True, "pickled_equal": True}
+    assert second == {"built": False, "pickled_equal": True}
+    np.testing.assert_array_equal(converted, converting)

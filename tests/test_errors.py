@@ -183,7 +183,10 @@ BAD_PARAMS = [
     (dict(preprocessing={"size": 3}), "preprocessing="),
     (dict(optimizer__betaz=(0.5, 0.6)), "optimizer__betaz: AdamW has no argument 'betaz'"),
     (dict(callbacks=["print"]), "expected skorch callbacks"),
-    (dict(early_stopping=True, validation_fraction=0.1), "needs every class at least twice"),
+    (dict(early_stopping=True, validation_fraction=0.1),
+     r"validation_fraction=0.1 of the 8 images, stratified by class: 1 image held out for 2 classes, which "
+     r"need one each"),
+    (dict(early_stopping=True, validation_fraction=0.9), r"8 images held out leave 0 to train on for 2 classes"),
     (dict(calibration="temperature", validation_fraction=0.1), "calibration='temperature' holds out"),
     (dict(iterator_train__num_workers=2), "only batch_size, shuffle, drop_last apply"),
 ]

@@ -293,9 +293,13 @@ def test_set_params_refuses_unknown_names_at_once(Estimator, sample):
         with pytest.raises(ValueError, match=f"unexpected setting '{key}'; {hint}"):
             Estimator().set_params(**{key: 1})
     assert Estimator().set_params(optimizer__betas=(0.8, 0.9)).get_params()["optimizer__betas"] == (0.8, 0.9)
-    with pytest.raises(ValueError, match="unexpected setting 'tta'"):
-        PretrainedImageRegressor().set_params(tta="flip")  # a classifier's setting, not the regressor's
     paths, labels = sample
+    for key in ("tta", "class_weight", "calibration"):  # a classifier's settings, not the regressor's
+        with pytest.raises(ValueError, match=f"unexpected setting '{key}': it is a setting of "
+                                             "PretrainedImageClassifier only"):
+            PretrainedImageRegressor().set_params(**{key: "flip"})
+    with pytest.raises(ValueError, match="'target_scaling': it is a setting of PretrainedImageRegressor only"):
+        PretrainedImageClassifier(target_scaling=False).fit(paths[::30], labels[::30])
     with ForwardCounter(build_backbone("efficientnet_lite0").module) as counter:
         with pytest.raises(ValueError, match="unexpected setting 'lrr'"):
             GridSearchCV(PretrainedImageClassifier(), {"lrr": [0.1, 0.01]}, cv=2, error_score="raise").fit(

@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import stat
 import subprocess
 import sys
 from contextlib import redirect_stdout
@@ -10,13 +12,15 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
+from torch import nn
 
 from sktransfer import (ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor, export_onnx,
-                        load_image_folder)
+                        load_image_folder, save_model)
 from sktransfer._cli import main
 from sktransfer._images import load_pixels
 
@@ -167,6 +171,33 @@ def test_what_cannot_be_exported_is_refused_with_the_reason(exported, split, tmp
     assert "must end in .onnx" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "none.joblib"), str(target)]) == 1
     assert "none.joblib' does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_the_file_reaches_the_disk_with_the_mode_of_saved_models(tmp_path, monkeypatch, umask):
+    # A file the user keeps, as save_model's: the mode the umask leaves (0644 under 022), and
+    # its bytes synced before the rename publishes it, the folder after.
+    torch.manual_seed(0)
+    embedder = ImageEmbedder(nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU()), engine="torch", preprocessing=dict(
+        resize_size=40, crop_size=32, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)).fit()
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        info = os.fstat(fd)
+        synced.append(("folder" if stat.S_ISDIR(info.st_mode) else "file", info.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    previous = os.umask(umask)
+    try:
+        path = export_onnx(embedder, tmp_path / "features.onnx")
+        saved = [p for p in Path(save_model(embedder, tmp_path / "saved")).iterdir()]
+    finally:
+        os.umask(previous)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in [path, *saved]} == {0o666 & ~umask}
+    assert ("file", path.stat().st_ino) in synced and ("folder", tmp_path.stat().st_ino) in synced
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["features.onnx"]  # no temporary file left
 
 
 def test_sample_photos_load_for_the_graph(split, tmp_path):

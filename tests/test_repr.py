@@ -44,7 +44,8 @@ def test_fitted_models_show_what_fit_made():
     assert any(f"L-BFGS, full batch, L2 strength {clf.weight_decay_:.3g} (weight_decay_)\n"
                f"trained {epochs} epoch(s)\nclasses: cardboard, glass, metal" in d for d in shown)
     mlp = PretrainedImageClassifier(hidden_units=(8,), max_epochs=2, random_state=0).fit(X, y)
-    assert any("lr=0.003, max_epochs=2, batch_size=64, dropout=0.0, weight_decay=auto\n"
+    # weight_decay="auto" on a head AdamW trains: the decay it was trained with.
+    assert any("lr=0.003, max_epochs=2, batch_size=64, dropout=0.0, weight_decay=0.0001\n"
                "trained 2 epoch(s)" in d for d in boxes(mlp))
     fixed = PretrainedImageClassifier(weight_decay=0.1, random_state=0).fit(X, y)
     assert any("L2 strength 0.1 (weight_decay_)" in d for d in boxes(fixed))
@@ -57,3 +58,26 @@ def test_fitted_models_show_what_fit_made():
                   mean=(0.5,) * 3, std=(0.5,) * 3)
     assert any("input 192x160 px: squashed (bilinear), centre crop" in d
                for d in boxes(ImageEmbedder(preprocessing=squash).fit()))
+
+
+def test_fitted_models_show_the_trained_head_not_settings_changed_since():
+    # set_params after fit changes the next fit, not the head predict uses: the diagram shows that head.
+    X, y = subset(SAMPLE, 3, ["cardboard", "glass", "metal"])
+    clf = PretrainedImageClassifier(random_state=0).fit(X, y)
+    clf.set_params(hidden_units=(256,), dropout=0.5)
+    assert "head: linear -&gt; 3 classes (softmax)" in clf._repr_html_()
+    assert any(d.startswith("L-BFGS, full batch") for d in boxes(clf))
+    mlp = PretrainedImageClassifier(hidden_units=(8,), dropout=0.2, max_epochs=2, random_state=0).fit(X, y)
+    mlp.set_params(hidden_units=(), dropout=0.0, lr=0.5, max_epochs=9, batch_size=4, weight_decay=0.5)
+    assert "head: MLP 8 -&gt; 3 classes (softmax)" in mlp._repr_html_()
+    assert any("lr=0.003, max_epochs=2, batch_size=64, dropout=0.2, weight_decay=0.0001\n"
+               "trained 2 epoch(s)" in d for d in boxes(mlp))
+
+    target = np.arange(len(X), dtype=float)
+    scaled = PretrainedImageRegressor(hidden_units=(8,), max_epochs=2, random_state=0).fit(X, target)
+    scaled.set_params(target_scaling=False, hidden_units=())
+    assert "head: MLP 8 -&gt; 1 output(s)" in scaled._repr_html_()
+    assert any("target scaling undone at predict" in d for d in boxes(scaled))
+    unscaled = PretrainedImageRegressor(target_scaling=False, max_epochs=2, random_state=0).fit(X, target)
+    unscaled.set_params(target_scaling=True)
+    assert not any("target scaling" in d for d in boxes(unscaled))
