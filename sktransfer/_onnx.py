@@ -158,7 +158,7 @@ def export_onnx(model, path):
     model : fitted PretrainedImageClassifier, PretrainedImageRegressor or ImageEmbedder
         Models fitted with ``unfreeze`` export with their fine-tuned blocks.
     path : str or path-like
-        The ``.onnx`` file to write (replaced atomically).
+        The ``.onnx`` file to write (replaced atomically; missing folders are made).
 
     Returns
     -------
@@ -172,6 +172,8 @@ def export_onnx(model, path):
         graph never sees (``set_params(tta=None)`` first).
     TypeError
         For anything but the three estimators (e.g. a Pipeline).
+    IsADirectoryError
+        For a ``path`` that is a folder (before the export).
 
     See Also
     --------
@@ -188,6 +190,10 @@ def export_onnx(model, path):
 
     _require_onnx()  # before the export, which takes a while
     backbone, body, head, output, output_name, metadata = _parts(model)
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"export_onnx: {str(path)!r} is a folder; give the .onnx file to write in it, "
+                                f"e.g. {str(path / 'model.onnx')!r}.")
     prep = backbone.preprocessing
     graph = _Graph(prep, copy.deepcopy(body).cpu().float().eval(), head, output).eval()
     h, w = prep.crop_shape
@@ -216,8 +222,7 @@ def export_onnx(model, path):
             dynamic_axes={"images": {0: "n"}, output_name: {0: "n"}}, opset_version=OPSET,
             dynamo=False,
         )
-    path = Path(path)
-    write_atomic(path, _with_metadata(graph_file.getvalue(), metadata))
+    write_atomic(path, _with_metadata(graph_file.getvalue(), metadata), makedirs=True)
     return path
 
 

@@ -268,6 +268,8 @@ def plot_history(estimator, keys=None):
     if missing:
         raise ValueError(f"keys {missing} are not in the history; it records {sorted(recorded)}.")
     epochs = history[:, "epoch"]
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure((6.4, 4.0))
     ax = fig.subplots()
     right = None
@@ -279,6 +281,7 @@ def plot_history(estimator, keys=None):
         target.plot(epochs, history[:, key], marker="." if len(epochs) < 30 else None, label=key,
                     color=f"C{keys.index(key)}")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a few epochs (L-BFGS) are not ticked 1.25, 1.5
     ax.set_ylabel("loss")
     if right is not None:
         right.set_ylabel("accuracy")

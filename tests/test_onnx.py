@@ -166,6 +166,10 @@ def test_what_cannot_be_exported_is_refused_with_the_reason(exported, split, tmp
     with pytest.raises(NotFittedError):
         export_onnx(PretrainedImageClassifier(), target)
     assert not target.exists() and not list(tmp_path.iterdir())  # nothing half-written
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"export_onnx: .*folder' is a folder; give the \.onnx file"):
+        export_onnx(clf, tmp_path / "folder")  # told before the export, not after it of a temporary file
+    assert export_onnx(clf, tmp_path / "new" / "sub" / "m.onnx").is_file()  # folders made, as save_model makes them
     joblib.dump(clf, tmp_path / "m.joblib")
     assert main(["export", str(tmp_path / "m.joblib"), str(tmp_path / "m.txt")]) == 1
     assert "must end in .onnx" in capsys.readouterr().err

@@ -81,6 +81,9 @@ def test_plot_history_draws_the_recorded_curves(clf, data):
     (line,) = fig.axes[0].get_lines()
     np.testing.assert_allclose(line.get_ydata(), clf.history_[:, "train_loss"])
     assert list(line.get_xdata()) == list(range(1, len(clf.history_) + 1))  # one point per epoch
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= len(clf.history_)]
+    assert ticks and all(float(t).is_integer() for t in ticks)  # epochs are counted, never 1.5
 
     (X, y), _ = data
     stopped = PretrainedImageClassifier(max_epochs=6, early_stopping=True, validation_fraction=0.34,
