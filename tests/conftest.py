@@ -130,6 +130,24 @@ def digits_small():
 
 
 @pytest.fixture
+def synced(monkeypatch):
+    """Every ``os.fsync`` from here on, in order: ``("file" or "folder", inode)``. The real
+    fsync still runs; only the calls are recorded."""
+    import stat
+
+    calls = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        info = os.fstat(fd)
+        calls.append(("folder" if stat.S_ISDIR(info.st_mode) else "file", info.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return calls
+
+
+@pytest.fixture
 def photo(tmp_path, sample):
     """One real JPEG copied to a temporary folder (safe to modify)."""
     import shutil

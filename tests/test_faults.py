@@ -2,7 +2,6 @@
 
 import os
 import signal
-import stat
 import subprocess
 import sys
 import textwrap
@@ -193,21 +192,13 @@ def test_pickle_from_an_incompatible_release_is_refused_by_name(tmp_path, small)
 
 
 def test_outputs_reach_the_disk_before_they_replace_the_old_file_and_cache_entries_do_not_wait(
-        tmp_path, small, monkeypatch):
+        tmp_path, small, synced):
     # A saved model or report must survive a power cut whole: its bytes are synced before the
     # rename makes them visible, and the folder after the rename. A cache entry is not synced
     # (its checksum catches a torn one, which is recomputed; a sync per image would slow embedding).
     X, y = small
     clf = PretrainedImageClassifier(random_state=0).fit(X, y)
-    synced = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd):
-        info = os.fstat(fd)
-        synced.append(("folder" if stat.S_ISDIR(info.st_mode) else "file", info.st_ino))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced.clear()
     folder = sktransfer.save_model(clf, tmp_path / "model")
     files = [p for p in Path(folder).iterdir() if p.is_file()]
     assert {("file", p.stat().st_ino) for p in files} <= set(synced), synced

@@ -178,21 +178,12 @@ def test_what_cannot_be_exported_is_refused_with_the_reason(exported, split, tmp
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
-def test_the_file_reaches_the_disk_with_the_mode_of_saved_models(tmp_path, monkeypatch, umask):
+def test_the_file_reaches_the_disk_with_the_mode_of_saved_models(tmp_path, synced, umask):
     # A file the user keeps, as save_model's: the mode the umask leaves (0644 under 022), and
     # its bytes synced before the rename publishes it, the folder after.
     torch.manual_seed(0)
     embedder = ImageEmbedder(nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU()), engine="torch", preprocessing=dict(
         resize_size=40, crop_size=32, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)).fit()
-    synced = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd):
-        info = os.fstat(fd)
-        synced.append(("folder" if stat.S_ISDIR(info.st_mode) else "file", info.st_ino))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
     previous = os.umask(umask)
     try:
         path = export_onnx(embedder, tmp_path / "features.onnx")
