@@ -699,12 +699,13 @@ def _unbuilt(name, memo, build, stages):
 
 
 def _write_memo(memo, backbone):
-    """Record ``backbone``'s identity at ``memo`` (when OpenVINO is here to use it); a
-    failure only costs later processes a build."""
+    """Record ``backbone``'s identity at ``memo`` (where OpenVINO is installed to use it,
+    found without importing it); a failure only costs later processes a build."""
     import dataclasses
+    import importlib.util
     import json
 
-    if memo is None or _engine._openvino_core() is None:
+    if memo is None or importlib.util.find_spec("openvino") is None:
         return
     record = {"fingerprint": backbone.fingerprint, "num_features": backbone.num_features,
               "preprocessing": dataclasses.asdict(backbone.preprocessing), "repr": repr(backbone.preprocessing)}
