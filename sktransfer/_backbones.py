@@ -633,7 +633,7 @@ def build_backbone(backbone, weights="DEFAULT", preprocessing=None):
         net, recipe = family.build(backbone, weights)
         return _freeze(backbone, net, preprocessing or recipe, family.stages)
 
-    memo = _memo_path(family, backbone, weights, key)
+    memo = _memo_path(family, backbone, weights, preprocessing)
     result = _unbuilt(backbone, memo, build, family.stages)
     if result is None:
         result = build()
@@ -653,7 +653,7 @@ def build_backbone(backbone, weights="DEFAULT", preprocessing=None):
 _BODY_MEMO = "*.body.json"
 
 
-def _memo_path(family, name, weights, key):
+def _memo_path(family, name, weights, preprocessing):
     """Where the identity of this body is recorded, or None for bodies that cannot be
     recorded: random weights, a user's module, weights a download would bring."""
     import importlib.metadata
@@ -673,7 +673,7 @@ def _memo_path(family, name, weights, key):
         versions = {package: importlib.metadata.version(package) for package in ("torch", "timm", "torchvision")}
     except importlib.metadata.PackageNotFoundError:
         return None
-    text = json.dumps([FEATURE_VERSION, name, weights_key, repr(key[2]), versions, __version__], default=str)
+    text = json.dumps([FEATURE_VERSION, name, weights_key, repr(preprocessing), versions, __version__], default=str)
     return os.path.join(_engine.model_cache_folder(), digest(text.encode()) + _BODY_MEMO[1:])
 
 

@@ -201,15 +201,13 @@ def _check_settings(clf, grid, option, y):
     from), then every ``--grid`` candidate's.
 
     Returns the grid's keys that the full-batch linear head of some candidate
-    does not read (lr, batch_size: what :func:`warn_unread_settings` warns of),
+    does not read (lr, batch_size: its :func:`unread_settings`),
     to be said once instead of once per fit.
     """
-    import warnings
-
     from sklearn.base import clone
     from sklearn.model_selection import ParameterGrid
 
-    from ._head import full_batch, warn_unread_settings
+    from ._head import full_batch, unread_settings
 
     try:
         clf._validate_params()
@@ -228,11 +226,8 @@ def _check_settings(clf, grid, option, y):
             given = ", ".join(f"{k}={v!r}" for k, v in candidate.items())
             raise ValueError(f"--grid candidate {given}: {e}" if candidate else str(e)) from None
         if full_batch(params, extra, False):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                warn_unread_settings(params, defaults, extra)
-            named = str(caught[0].message).partition(" not used")[0] if caught else ""
-            unread += [k for k in candidate if f"{k}=" in named and k not in unread]
+            ignored = unread_settings(params, defaults, extra)
+            unread += [k for k in candidate if k in ignored and k not in unread]
     return unread
 
 

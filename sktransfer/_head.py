@@ -22,6 +22,7 @@ from skorch.utils import to_tensor
 from torch import nn
 
 from ._backbones import pool
+from ._inputs import _count
 from ._runtime import one_blas_thread
 
 #: Prefixes of the skorch settings the estimators pass on to the head:
@@ -536,7 +537,7 @@ def check_head_settings(params, extra, y_train, *, task, module, classifier, own
         counts = np.bincount(y_train, minlength=n_classes)
         problems = []
         if counts.min() < 2:
-            problems.append(f"the rarest class has {_count(int(counts.min()), 'image')}, and each class needs one "
+            problems.append(f"the rarest class has {_count(counts.min(), 'image')}, and each class needs one "
                             "on each side")
         if n_valid < n_classes:
             problems.append(f"{_count(n_valid, 'image')} held out for {n_classes} classes, which need one each")
@@ -813,14 +814,21 @@ def full_batch(params, extra, continuing, multilabel=False):
             and not any(k.startswith("optimizer__") for k in extra))
 
 
-def warn_unread_settings(params, defaults, extra):
-    """Warn when ``lr`` or ``batch_size`` differ from ``defaults`` (the estimator's),
-    or ``iterator_train__drop_last`` is set in ``extra``, for a full-batch linear
-    head, which reads none of them: a grid over them would give equal
-    candidates. As scikit-learn warns of a setting its solver ignores."""
-    unread = [f"{name}={params[name]!r}" for name in ("lr", "batch_size") if params[name] != defaults[name]]
+def unread_settings(params, defaults, extra):
+    """The settings a full-batch linear head would not read, ``{name: value}``:
+    ``lr`` and ``batch_size`` where they differ from ``defaults`` (the
+    estimator's), and ``iterator_train__drop_last`` where ``extra`` sets it."""
+    unread = {name: params[name] for name in ("lr", "batch_size") if params[name] != defaults[name]}
     if extra.get("iterator_train__drop_last"):
-        unread.append(f"iterator_train__drop_last={extra['iterator_train__drop_last']!r}")
+        unread["iterator_train__drop_last"] = extra["iterator_train__drop_last"]
+    return unread
+
+
+def warn_unread_settings(params, defaults, extra):
+    """Warn of the :func:`unread_settings` of a full-batch linear head: a grid over
+    them would give equal candidates. As scikit-learn warns of a setting its
+    solver ignores."""
+    unread = [f"{name}={value!r}" for name, value in unread_settings(params, defaults, extra).items()]
     if unread:
         warnings.warn(
             f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by this fit: the linear "
@@ -963,7 +971,3 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
 
 def _prefixed(settings, prefix):
     return {k[len(prefix):]: v for k, v in settings.items() if k.startswith(prefix)}
-
-
-def _count(n, noun):
-    return f"{n} {noun}{'' if n == 1 else 's'}"

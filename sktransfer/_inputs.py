@@ -9,6 +9,7 @@ feature-cache key. Nothing here decodes pixels.
 from __future__ import annotations
 
 import collections
+import numbers
 import os
 import stat
 import warnings
@@ -138,8 +139,10 @@ def load_image_folder(root):
     return paths, np.asarray(labels)
 
 
-def _count(items, noun):
-    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+def _count(n, noun):
+    """``n`` ``noun``s, singular for one: ``n`` a number or a collection (its length)."""
+    n = n if isinstance(n, numbers.Integral) else len(n)
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _is_image_name(path):
