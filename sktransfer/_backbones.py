@@ -175,7 +175,7 @@ class Backbone:
         """
         if unfreeze not in self._prefixes:
             stages = self._stages(unfreeze)
-            body = _Flat(nn.Sequential(*stages[:-unfreeze]))
+            body = _Flat(nn.Sequential(*stages[:-unfreeze])).eval()  # frozen, as the body
             h, w = self.preprocessing.crop_shape
             with torch.inference_mode():
                 probe = torch.linspace(-1, 1, 3 * h * w).reshape(1, 3, h, w)

@@ -13,9 +13,7 @@ the few lines with Pillow); what they need is in the model's metadata.
 from __future__ import annotations
 
 import copy
-import io
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from ._engine import onnx_graph
 from ._outputs import write_atomic
 
 __all__ = ["export_onnx"]
@@ -211,18 +210,9 @@ def export_onnx(model, path):
         "interpolation": prep.interpolation,
     })
     example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
-    graph_file = io.BytesIO()
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript-based exporter: a single self-contained file in seconds,
-        # where torch.export's exporter takes minutes for a backbone and needs onnxscript.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        torch.onnx.export(
-            graph, (example,), graph_file, input_names=["images"], output_names=[output_name],
-            dynamic_axes={"images": {0: "n"}, output_name: {0: "n"}}, opset_version=OPSET,
-            dynamo=False,
-        )
-    write_atomic(path, _with_metadata(graph_file.getvalue(), metadata), makedirs=True)
+    graph_bytes = onnx_graph(graph, example, input_names=["images"], output_names=[output_name],
+                             dynamic_axes={"images": {0: "n"}, output_name: {0: "n"}}, opset=OPSET)
+    write_atomic(path, _with_metadata(graph_bytes, metadata), makedirs=True)
     return path
 
 

@@ -231,3 +231,63 @@ def test_a_body_converted_before_embeds_in_a_fresh_process_without_being_built(s
     assert first == {"built": True, "pickled_equal": True}
     assert second == {"built": False, "pickled_equal": True}
     np.testing.assert_array_equal(converted, converting)
+
+
+def _convert_fresh(tmp_path, monkeypatch, photos, part):
+    """Convert the default body (``part="body"``) or its frozen part before the last block
+    (``"prefix"``) into an empty engine cache, check its features on ``photos`` (OpenVINO
+    float32) against PyTorch's, and return the warnings the conversion gave."""
+    import warnings
+
+    from sktransfer._cache import read_file
+    from sktransfer._images import load_pixels
+
+    monkeypatch.setenv("SKTRANSFER_ENGINE_CACHE", str(tmp_path / "engine"))
+    backbone = ImageEmbedder(engine="torch").fit().backbone_
+    if part == "prefix":
+        backbone = backbone.prefix(1)
+    prep = backbone.preprocessing
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        model = _engine.convert(lambda: backbone.module, backbone.fingerprint, prep.crop_shape, backbone.name)
+    assert model is not None
+    assert [f.name for f in (tmp_path / "engine").iterdir() if f.suffix in (".xml", ".bin")]  # kept on disk
+    pixels = [load_pixels(read_file(p)[1], prep) for p in photos]
+    features = _engine.OpenVINORunner(_engine.compile_openvino(model, prep, "float32", 1))(pixels)
+    reference = _engine.TorchRunner(backbone.module, prep, "cpu", "float32")(pixels)
+    assert cosine(features, reference).min() >= MIN_COSINE
+    return [str(w.message) for w in told if issubclass(w.category, RuntimeWarning)]
+
+
+@needs_openvino
+@pytest.mark.parametrize("part", ["body", "prefix"])
+def test_a_body_is_converted_through_onnx_not_openvinos_pytorch_front_end(tmp_path, monkeypatch, photos, part):
+    """Tracing to ONNX and reading that takes about a quarter of the time of
+    openvino.convert_model's PyTorch front end, for the same graph (docs/benchmarks.md)."""
+    import openvino
+
+    front_end = []
+    convert_model = openvino.convert_model
+    monkeypatch.setattr(openvino, "convert_model", lambda *a, **k: front_end.append(1) or convert_model(*a, **k))
+    assert _convert_fresh(tmp_path, monkeypatch, photos, part) == []
+    assert front_end == []
+
+
+@needs_openvino
+@pytest.mark.parametrize("part", ["body", "prefix"])
+def test_a_body_converts_through_openvinos_pytorch_front_end_without_onnx(tmp_path, monkeypatch, photos, part):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as where the onnx package is not installed
+    assert _convert_fresh(tmp_path, monkeypatch, photos, part) == []  # the same features, nothing told
+
+
+def test_tracing_to_onnx_leaves_every_layers_mode_as_it_was():
+    """PyTorch's exporter puts the module in eval mode and then calls ``train(mode)`` with the
+    top module's mode, which would switch layers shared with a frozen body (its BatchNorm
+    included) to training."""
+    import torch
+    from torch import nn
+
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    wrapper = nn.Sequential(frozen, nn.Flatten())  # a new module: in training mode
+    _engine.onnx_graph(wrapper, torch.zeros(1, 3, 8, 8), input_names=["images"], dynamic_axes={"images": {0: "n"}})
+    assert wrapper.training and not any(m.training for m in frozen.modules())
