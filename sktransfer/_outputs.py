@@ -11,6 +11,7 @@ import io
 import os
 import re
 import secrets
+import stat
 
 #: Name prefix of temporary files before their rename (``clear_cache`` knows it).
 TEMP_PREFIX = ".tmp-"
@@ -21,8 +22,11 @@ def write_atomic(path, data, mode=None, makedirs=False, durable=True):
 
     A reader sees the old file or the whole new one, never a part, even when
     the writer is killed; a failed write leaves no temporary file behind.
-    ``mode``: the file's permissions; by default those the umask leaves, as
-    for any file a program creates (0644 under the usual umask 022).
+    ``mode``: the file's permissions; by default an existing file keeps its
+    own, and a new one gets those the umask leaves, as for any file a program
+    creates (0644 under the usual umask 022).
+    A ``path`` that is a symbolic link stays one: the file it points to is
+    written, as an editor or ``cp`` would.
     ``makedirs``: missing folders are made (see :func:`make_folders`).
     ``durable``: the bytes reach the disk before the rename makes them
     visible, and the rename after it (the folder is synced too), so a power
@@ -30,9 +34,15 @@ def write_atomic(path, data, mode=None, makedirs=False, durable=True):
     passes False: a torn entry fails its checksum and is recomputed, and a
     sync per image would slow embedding down.
     """
-    folder = os.path.dirname(os.path.abspath(path))
+    path = os.path.realpath(path)
+    folder = os.path.dirname(path)
     if makedirs:
         make_folders(folder, durable=durable)
+    if mode is None:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:  # a new file
+            pass
     # Not tempfile.mkstemp, whose file is 0600 whatever the umask: the kernel applies the umask to 0666 here.
     tmp = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(8))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -208,3 +209,32 @@ def test_outputs_reach_the_disk_before_they_replace_the_old_file_and_cache_entri
     sktransfer.clear_cache()  # embedded afresh, so every entry is written
     ImageEmbedder(cache_dir=tmp_path / "cache").fit_transform(X)
     assert cache_info(tmp_path / "cache")["entries"] == len(X) and synced == []
+
+
+def test_rewriting_a_file_keeps_its_permissions_and_writes_through_a_link(tmp_path):
+    # As an editor or cp does: a private file stays private when an output replaces it, and an
+    # output named by a link updates the file the link points to (the link stays a link).
+    from sktransfer._outputs import write_atomic
+
+    secret = tmp_path / "secret.csv"
+    secret.write_bytes(b"old")
+    secret.chmod(0o600)
+    write_atomic(secret, b"new")
+    assert secret.read_bytes() == b"new" and stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "link.csv"
+    link.symlink_to(secret)
+    write_atomic(link, b"through the link")
+    assert link.is_symlink() and os.readlink(link) == str(secret)
+    assert secret.read_bytes() == b"through the link" and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["links", "secret.csv"]  # no temporary file left
+    assert [p.name for p in (tmp_path / "links").iterdir()] == ["link.csv"]
+
+    fresh = tmp_path / "fresh.csv"  # a new file: what the umask leaves, as before
+    umask = os.umask(0o022)
+    try:
+        write_atomic(fresh, b"x")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
