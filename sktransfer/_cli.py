@@ -126,8 +126,11 @@ def _read_dataset(source, path_column="path", label_column="label", lines=None):
 
 
 def _expand_inputs(inputs):
-    """Files as given; each folder replaced by the image files under it, sorted by path."""
-    from ._inputs import IMAGE_EXTENSIONS, image_files
+    """Files as given; each folder replaced by the image files under it, sorted by path
+    (broken links in it are skipped with a warning)."""
+    import warnings
+
+    from ._inputs import IMAGE_EXTENSIONS, broken_links_text, image_files
 
     paths = []
     for given in inputs:
@@ -135,7 +138,10 @@ def _expand_inputs(inputs):
         if not folder.is_dir():
             paths.append(given)  # missing or unreadable files are reported with every other bad input
             continue
-        found = image_files(folder)
+        broken = []
+        found = image_files(folder, broken=broken)
+        if broken:
+            warnings.warn(f"skipped {broken_links_text(broken)}, in {given!r}.", UserWarning, stacklevel=2)
         if not found:
             raise ValueError(
                 f"{given!r} is a folder with no image files (looked for {', '.join(IMAGE_EXTENSIONS)})."

@@ -76,10 +76,11 @@ def load_image_folder(root):
         A folder whose sub-folders are the class names, each holding image
         files (``.jpg``, ``.png``, ... in any letter case), directly or in
         sub-folders of its own (as torchvision's ``ImageFolder`` reads them).
+        Linked folders are followed, each real folder once per class.
         Hidden files and folders are skipped. Other files in the class
-        folders, and images directly in ``root``, are skipped with a
-        warning that counts them; a class folder without any image file is
-        an error.
+        folders, broken links, and images directly in ``root``, are skipped
+        with a warning that counts them; a class folder without any image
+        file is an error.
 
     Returns
     -------
@@ -102,9 +103,9 @@ def load_image_folder(root):
             f"load_image_folder: {str(root)!r} is not a folder; expected a folder "
             "with one sub-folder of images per class."
         )
-    paths, labels, skipped, empty = [], [], [], []
+    paths, labels, skipped, broken, empty = [], [], [], [], []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = image_files(class_dir, skipped)
+        files = image_files(class_dir, skipped, broken)
         if not files:
             empty.append(class_dir.name)
         paths += files
@@ -122,12 +123,20 @@ def load_image_folder(root):
             f"load_image_folder: class folder(s) {', '.join(map(repr, empty))} hold no image files "
             f"(files ending in {accepted}, any letter case); add images, or remove the folder(s)."
         )
-    if skipped:
-        endings = collections.Counter(Path(p).suffix.lower() or "(none)" for p in skipped)
+    if skipped or broken:
+        reasons = []
+        if skipped:
+            endings = collections.Counter(Path(p).suffix.lower() or "(none)" for p in skipped)
+            reasons.append(
+                f"{len(skipped)} whose names are not those of images ({dict(endings.most_common())}), "
+                f"e.g. {skipped[0]!r}; read are files ending in {accepted}. Convert or rename them to "
+                "include them"
+            )
+        if broken:
+            reasons.append(broken_links_text(broken))
         warnings.warn(
-            f"load_image_folder skipped {_count(skipped, 'file')} in the class folders of {str(root)!r} "
-            f"whose names are not those of images ({dict(endings.most_common())}), e.g. {skipped[0]!r}; "
-            f"read are files ending in {accepted}. Convert or rename them to include them.",
+            f"load_image_folder skipped {_count(len(skipped) + len(broken), 'file')} in the class folders "
+            f"of {str(root)!r}: {'. '.join(reasons)}.",
             UserWarning, stacklevel=2,
         )
     if loose:
@@ -137,6 +146,11 @@ def load_image_folder(root):
             UserWarning, stacklevel=2,
         )
     return paths, np.asarray(labels)
+
+
+def broken_links_text(broken):
+    """How many of the paths ``broken`` (a list) were skipped as links to nothing, with the first."""
+    return f"{_count(broken, 'broken link')} (or other entry that is not a file), e.g. {broken[0]!r}"
 
 
 def _count(n, noun):
@@ -149,22 +163,41 @@ def _is_image_name(path):
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def image_files(folder, skipped=None):
+def image_files(folder, skipped=None, broken=None):
     """The image files under ``folder``, in its sub-folders too, sorted by path (as str).
 
+    Linked folders are followed (as torchvision's ``ImageFolder`` walks),
+    each real folder once: a link back to a folder above ends there, and a
+    folder reached by two names is read under the one the walk, in sorted
+    order, reaches first.
     Files and folders whose names start with ``.`` are left out, and so are
     files whose extension is not in :data:`IMAGE_EXTENSIONS` (any letter
-    case); those are appended to ``skipped`` (a list) when given.
+    case); those are appended to ``skipped`` (a list) when given. Entries
+    that are not files, broken links above all (and pipes, sockets), are
+    appended to ``broken`` when given.
     """
-    folder = Path(folder)
     found = []
-    for p in folder.rglob("*"):
-        if any(part.startswith(".") for part in p.relative_to(folder).parts) or not p.is_file():
-            continue
-        if _is_image_name(p):
-            found.append(str(p))
-        elif skipped is not None:
-            skipped.append(str(p))
+    visited = {os.path.realpath(folder)}
+    for parent, folders, names in os.walk(str(Path(folder)), followlinks=True):
+        # Pruned in place, sorted: the walk skips hidden and visited folders, in the same order everywhere.
+        kept = []
+        for name in sorted(folders):
+            real = os.path.realpath(os.path.join(parent, name))
+            if not name.startswith(".") and real not in visited:
+                visited.add(real)
+                kept.append(name)
+        folders[:] = kept
+        for name in names:
+            path = os.path.join(parent, name)
+            if name.startswith("."):
+                continue
+            if not os.path.isfile(path):
+                if broken is not None:
+                    broken.append(path)
+            elif _is_image_name(Path(name)):
+                found.append(path)
+            elif skipped is not None:
+                skipped.append(path)
     return sorted(found)
 
 

@@ -227,6 +227,21 @@ def test_embed_to_npy_and_parquet_matches_the_embedder(sample, tmp_path):
     assert main(["embed", str(data), "-o", str(tmp_path / "f.csv")]) == 1
 
 
+def test_a_folder_given_is_read_through_linked_folders_and_its_broken_links_are_told(sample, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(sample[0][0], elsewhere / "b.jpg")
+    data = tmp_path / "imgs"
+    data.mkdir()
+    shutil.copy(sample[0][1], data / "a.jpg")
+    (data / "linked").symlink_to(elsewhere)
+    (data / "c.jpg").symlink_to(tmp_path / "missing.jpg")
+    with pytest.warns(UserWarning, match=r"skipped 1 broken link .*c\.jpg"):
+        assert main(["embed", str(data), "-o", str(tmp_path / "f.npy")]) == 0
+    assert (tmp_path / "f.paths.txt").read_text().splitlines() == [str(data / "a.jpg"), str(data / "linked" / "b.jpg")]
+    assert np.load(tmp_path / "f.npy").shape == (2, 1280)
+
+
 def test_embed_to_npy_refuses_file_names_with_a_line_break(sample, tmp_path, capsys):
     # The list of paths beside a .npy has one path per line: a name with a line break
     # would shift every later path against its row. Refused before any embedding.

@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,39 @@ def test_load_image_folder_reads_nested_folders_of_each_class(tmp_path):
     assert [Path(p).relative_to(tmp_path).as_posix() for p in paths] == ["a/1.jpg", "a/2019/05/3.png",
                                                                          "a/2019/2.jpg", "b/4.jpg"]
     assert list(labels) == ["a", "a", "a", "b"]
+
+
+def test_load_image_folder_follows_linked_folders_once_and_counts_broken_links(tmp_path, sample):
+    """As torchvision's ImageFolder walks (following links): photos in a linked sub-folder of a
+    class are read; a link back to a folder above ends the walk instead of looping; a folder
+    reached twice is read once; a link to nothing is counted in the warning, not dropped unseen."""
+    photos = sample[0]
+    elsewhere = tmp_path / "elsewhere" / "2019"
+    elsewhere.mkdir(parents=True)
+    shutil.copy(photos[0], elsewhere / "1.jpg")
+    shutil.copy(photos[1], tmp_path / "elsewhere" / "0.jpg")
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    (data / "b").mkdir()
+    shutil.copy(photos[2], data / "a" / "2.jpg")
+    shutil.copy(photos[40], data / "b" / "3.jpg")
+    (data / "a" / "2019").symlink_to(elsewhere)           # a linked sub-folder of a class
+    (data / "a" / "again").symlink_to(elsewhere)          # the same folder by another name
+    (data / "a" / "sub").mkdir()
+    (data / "a" / "sub" / "up").symlink_to(data / "a")    # back to an ancestor: no endless walk
+    (data / "b" / "loop").symlink_to(data / "b")          # to itself
+    (data / "b" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")  # a broken link
+    (data / "c").symlink_to(tmp_path / "elsewhere")       # a linked class folder
+    with pytest.warns(UserWarning) as caught:
+        paths, labels = load_image_folder(data)
+    assert [Path(p).relative_to(data).as_posix() for p in paths] == [
+        "a/2.jpg", "a/2019/1.jpg", "b/3.jpg", "c/0.jpg", "c/2019/1.jpg"]
+    assert list(labels) == ["a", "a", "b", "c", "c"]
+    message = " ".join(str(w.message) for w in caught)
+    assert "skipped 1 file in the class folders" in message and "1 broken link" in message
+    assert "gone.jpg" in message
+    with pytest.warns(UserWarning, match="1 broken link"):
+        assert paths == load_image_folder(data)[0]  # the same order every time
 
 
 def test_containers_of_paths_are_accepted(sample):
