@@ -61,7 +61,7 @@ import sys
 import numpy as np
 
 from ._inputs import ImageInputError, as_image_list, error_reason, read_item
-from ._outputs import csv_text, write_atomic
+from ._outputs import csv_text, safe_text, write_atomic
 
 __all__ = ["audit", "AuditReport"]
 
@@ -298,13 +298,13 @@ class AuditReport:
                 name = self._name(i, side == "X_test")
                 if root is not None and isinstance(item, (str, os.PathLike, np.str_)):
                     name = os.path.relpath(os.path.abspath(name), root)
-                caption = [html.escape(name)]
+                caption = [_html(name)]
                 if side == "X_test":
                     caption.append("<b>test set</b>")
                 if given is not None:
-                    caption.append(f"given: <b>{html.escape(str(given))}</b>")
+                    caption.append(f"given: <b>{_html(given)}</b>")
                 if suggested is not None:
-                    caption.append(f"suggested: <b>{html.escape(str(suggested))}</b>")
+                    caption.append(f"suggested: <b>{_html(suggested)}</b>")
                 caption.append(f"score {score:.3f}" + ("" if group is None else f", group {group}"))
                 cells.append((group, f'<figure>{_thumbnail(item, thumbnail_size)}'
                                      f'<figcaption>{"<br>".join(caption)}</figcaption></figure>'))
@@ -325,7 +325,7 @@ figure{{margin:0;width:{thumbnail_size + 32}px;font-size:small;overflow-wrap:any
 img{{max-width:{thumbnail_size}px;max-height:{thumbnail_size}px;display:block}}</style>
 </head><body>
 <h1>Audit of {len(self.items)} images</h1>
-<p>{html.escape(repr(self))}{"" if root is None else f". Paths are relative to {html.escape(root)}"}</p>
+<p>{_html(repr(self))}{"" if root is None else f". Paths are relative to {_html(root)}"}</p>
 {chr(10).join(sections)}
 </body></html>
 """
@@ -341,6 +341,11 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _html(value):
+    """``value`` as text for the page: markup escaped, a name's bytes that are not UTF-8 as ``\\xNN``."""
+    return html.escape(safe_text(value))
+
+
 def _thumbnail(item, size):
     """An <img> tag with a small JPEG of ``item`` embedded, or a note when it cannot be read."""
     from ._images import open_image
@@ -348,7 +353,7 @@ def _thumbnail(item, size):
     try:
         image = open_image(read_item(item)[1]).convert("RGB")
     except (OSError, ValueError, TypeError) as e:
-        return f"<p>(cannot show: {html.escape(str(e))})</p>"
+        return f"<p>(cannot show: {_html(e)})</p>"
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)

@@ -1,6 +1,7 @@
 """sktransfer.audit and `sktransfer audit`: real photos with injected faults."""
 
 import csv
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -499,6 +500,26 @@ def test_cli_writes_report_and_findings(sample, tmp_path):
     assert "&lt;b&gt;copy.jpg" in page and "<b>copy.jpg" not in page
     assert page.count("data:image/jpeg;base64,") == len(rows)
     assert not list(out.glob(".*.tmp"))  # written through temporary files, none left behind
+
+
+def test_cli_report_shows_names_that_are_not_utf8(sample, tmp_path):
+    """File and class names whose bytes are not UTF-8 are shown as \\xNN on the page, as in the
+    CSV: the page is written after all the audit's work, and must not fail on a name."""
+    paths, labels = sample
+    data = tmp_path / "photos"
+    for c, folder in (("glass", "glass"), ("metal", os.fsdecode(b"m\xe9tal"))):
+        (data / folder).mkdir(parents=True)
+        for p in [p for p, lab in zip(paths, labels) if lab == c][:3]:
+            shutil.copy(p, data / folder / Path(p).name)
+    first = sorted((data / "glass").iterdir())[0]
+    for name in (b"dup\xff1.jpg", b"dup\xff2.jpg"):
+        shutil.copy(first, data / os.fsdecode(b"m\xe9tal") / os.fsdecode(name))
+    out = tmp_path / "audit out"
+    assert main(["audit", str(data), "-o", str(out), "--cv", "2"]) == 0
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "dup\\xff1.jpg" in page and "dup\\xff2.jpg" in page and "m\\xe9tal" in page
+    findings = (out / "findings.csv").read_text(encoding="utf-8")
+    assert "dup\\xff1.jpg" in findings and "m\\xe9tal" in findings
 
 
 @pytest.mark.parametrize("kwargs, message", [
