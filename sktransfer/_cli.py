@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import numbers
 import os
 import sys
 import time
@@ -251,7 +252,8 @@ def _check_output(path, option, folder=False):
         raise ValueError(f"{option} {shown!r} is a file, not a folder; give a folder for the output.")
     if not folder and os.path.isdir(path):
         raise ValueError(f"{option} {shown!r} is a folder; give a file name.")
-    existing = Path(os.path.abspath(path))
+    # An output named by a link is written where the link points (write_atomic).
+    existing = Path(os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path))
     if not folder:
         existing = existing.parent
     while not os.path.lexists(existing):
@@ -289,6 +291,21 @@ def _model_output(path):
             )
     _check_output(path, "-o", folder=folder)
     return folder
+
+
+def _check_folder_can_hold(grid, path):
+    """Refuse at once a save_model folder ``path`` for a fit that may fine-tune
+    backbone blocks (a ``grid`` candidate with ``unfreeze`` above 0): save_model
+    refuses such a model, and which candidate wins is known only after all the work."""
+    tuned = [v for v in grid.get("unfreeze", []) if isinstance(v, numbers.Integral) and v > 0]
+    if tuned:
+        shown = safe_text(path)
+        raise ValueError(
+            f"-o {shown!r} is a save_model folder, which cannot hold a model fine-tuned with "
+            f"unfreeze={tuned[0]} (its trained backbone blocks are code as well as tensors); write "
+            f"-o {shown.rstrip('/' + os.sep) + '.joblib'!r} (a joblib file: trusted sources only), or leave "
+            "unfreeze out of --grid."
+        )
 
 
 def _save_model(model, path, folder):
@@ -404,7 +421,6 @@ def _fit(args):
     if args.cv < 2:
         raise ValueError(f"--cv {args.cv}: cross-validation needs at least 2 folds.")
     to_folder = _model_output(args.output)
-    X, y = _read_dataset(args.data, args.path_column, args.label_column, args.lines)
     clf = PretrainedImageClassifier(
         backbone=args.backbone, weights=args.weights, cache_dir=args.cache_dir,
         device=args.device, random_state=args.random_state,
@@ -413,6 +429,9 @@ def _fit(args):
     if args.max_epochs is not None:
         clf.set_params(max_epochs=args.max_epochs)
     grid = _parse_grid(args.grid, clf)
+    if to_folder:
+        _check_folder_can_hold(grid, args.output)
+    X, y = _read_dataset(args.data, args.path_column, args.label_column, args.lines)
     classes, counts = np.unique(y, return_counts=True)
     print(f"{_count(X, 'image')}, {len(classes)} {'class' if len(classes) == 1 else 'classes'}: "
           + ", ".join(f"{c} ({n})" for c, n in zip(classes, counts)))
@@ -650,8 +669,9 @@ def _embed(args):
     data = io.BytesIO()
     if output.suffix.lower() == ".npy":
         np.save(data, features)
-        _write(listing, "".join(n + "\n" for n in names).encode("utf-8"))
+        # The larger file first: if it cannot be written, the old features keep their old list.
         _write(output, data.getvalue())
+        _write(listing, "".join(n + "\n" for n in names).encode("utf-8"))
         print(f"{features.shape[0]} x {features.shape[1]} features written to {safe_text(output)}; "
               f"row i is the image on line i of {safe_text(listing)}")
     else:

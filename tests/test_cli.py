@@ -515,7 +515,11 @@ def test_outputs_are_checked_before_any_work(trained, sample, tmp_path, capsys):
         assert str(tmp_path / "afile") in err and ".tmp" not in err and "no-such" not in err, err
     assert main(["predict", str(model_path), photo, "-o", str(tmp_path)]) == 1
     assert "is a folder; give a file name" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
+    (tmp_path / "linked.csv").symlink_to(blocked + ".csv")  # an output named by a link is written where it points
+    assert main(["predict", str(tmp_path / "no-such-model.joblib"), photo, "-o", str(tmp_path / "linked.csv")]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "afile") in err and "no-such" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "linked.csv"]  # nothing written
 
 
 def test_missing_output_folders_are_made(trained, sample, tmp_path, capsys):
@@ -562,6 +566,19 @@ def test_fit_writes_the_folder_format_into_an_empty_folder_or_over_a_saved_model
         assert main(["fit", str(data), "--cv", "2", "--max-epochs", "2", "-o", str(tmp_path / "m")]) == 0
         assert sorted(os.listdir(tmp_path / "m")) == ["backbone.pt", "head.pt", "model.json"]
     capsys.readouterr()
+
+
+def test_fit_to_a_folder_refuses_fine_tuning_before_any_image_is_read(sample, tmp_path, capsys):
+    # save_model cannot write a fine-tuned model: said at once, not after the grid search and refit.
+    data = copy_images(sample, tmp_path / "d", 2)
+    (data / "cardboard" / "broken.jpg").write_bytes(b"not a jpeg")  # reading images would fail on it
+    output = str(tmp_path / "out model") + "/"
+    for grid in ("unfreeze=1", "unfreeze=0,2"):
+        assert main(["fit", str(data), "--cv", "2", "--max-epochs", "1", "--grid", grid, "-o", output]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("sktransfer fit: error: -o ") and "fine-tuned" in err, err
+        assert "out model.joblib" in err and "broken.jpg" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
 def test_out_of_range_settings_are_refused_before_any_image_is_read(sample, tmp_path, capsys):

@@ -238,3 +238,24 @@ def test_rewriting_a_file_keeps_its_permissions_and_writes_through_a_link(tmp_pa
     finally:
         os.umask(umask)
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+
+
+def test_embed_that_cannot_write_its_features_leaves_the_old_list_of_paths(tmp_path, small):
+    # The features (the larger file) are written first, their list of paths last: a write that
+    # fails (here a file size limit, as a full disk would) leaves the previous pair as it was.
+    resource = pytest.importorskip("resource")  # POSIX
+
+    out, listing = tmp_path / "f.npy", tmp_path / "f.paths.txt"
+    out.write_bytes(b"old features")
+    listing.write_text("old list\n")
+    limit = 4096  # above the list of two paths, below two rows of 1280 float32 features
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "sktransfer", "embed", *small[0][:2], "-o", str(out),
+                           "--engine", "torch"], env=env, capture_output=True, text=True, preexec_fn=limited)
+    assert done.returncode == 1 and "cannot write" in done.stderr, done.stderr
+    assert out.read_bytes() == b"old features" and listing.read_text() == "old list\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "f.paths.txt"]
