@@ -214,9 +214,11 @@ def model_cache_folder():
 
 
 def _model_path(fingerprint, shape):
+    """Where the body of ``fingerprint`` for images of ``shape`` is kept once converted: one
+    file per release of torch (whose exporter traces it) and of OpenVINO (which reads it)."""
     import openvino
 
-    key = f"{fingerprint}|{shape}|openvino-{openvino.get_version()}"
+    key = f"{fingerprint}|{shape}|openvino-{openvino.get_version()}|torch-{torch.__version__}"
     return os.path.join(model_cache_folder(), digest(key.encode()) + ".xml")
 
 

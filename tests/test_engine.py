@@ -324,3 +324,17 @@ def test_a_body_openvino_cannot_convert_runs_in_pytorch_at_the_precision_auto_or
     assert sum("could not convert" in str(w.message) for w in told) == 1
     assert not [w for w in told if issubclass(w.category, torch.jit.TracerWarning)]
     assert capfd.readouterr().out == ""  # nothing on stdout: `sktransfer predict > out.csv` stays clean
+
+
+@needs_openvino
+def test_a_conversion_is_kept_per_torch_and_openvino_version(monkeypatch):
+    """The converted graph is torch's trace read by OpenVINO: another release of either
+    converts again."""
+    import openvino
+
+    path = _engine._model_path("fingerprint", (224, 224))
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert _engine._model_path("fingerprint", (224, 224)) != path
+    monkeypatch.undo()
+    monkeypatch.setattr(openvino, "get_version", lambda: "0.0.0")
+    assert _engine._model_path("fingerprint", (224, 224)) != path
