@@ -473,8 +473,10 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             The target of each image (see the estimator).
         sample_weight : array-like of shape (n_images,), default=None
             Per-image weights in the loss. Images of weight 0 are left out (not
-            embedded, nor counted in the feature and target statistics, the
-            tuning folds or the held-out split), as if not given.
+            embedded, nor counted in the classes, the class frequencies of
+            ``class_weight="balanced"``, the feature and target statistics, the
+            tuning folds or the held-out split), as if not given; a classifier
+            needs images of two classes with weight above 0.
 
         Returns
         -------
@@ -499,8 +501,8 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         y_train, weights, n_outputs, fitted, kept = self._prepare_targets(
             y, len(items), sample_weight, continuing=continuing, classes=classes
         )
-        # Images of weight 0 are left out, as if not given (as in scikit-learn): out of the
-        # feature statistics, the tuning folds, the held-out split and the batches too.
+        # Images of weight 0 are left out, as if not given (as in scikit-learn): out of the classes,
+        # the feature statistics, the tuning folds, the held-out split and the batches too.
         items = [items[i] for i in kept]
         device = _check_device(self.device)
         # partial_fit trains on batches as they come, so even its first call is not a full-batch fit.
@@ -823,7 +825,8 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     Attributes
     ----------
     classes_ : ndarray of shape (n_classes,)
-        The class labels, as given in ``y`` (any type); for multi-label y,
+        The class labels, as given in ``y`` (any type), of the images with
+        weight above 0 (see ``fit``); for multi-label y,
         the column indices ``0 .. n_labels - 1``.
     multilabel_ : bool
         Whether the model was fitted on a multi-label indicator y.
