@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +249,12 @@ def test_weights_that_leave_out_a_class_fit_as_the_kept_images_alone(two_of_each
     alone = PretrainedImageClassifier(random_state=0).fit(X[2:], y[2:])
     assert with_zeros.classes_.tolist() == alone.classes_.tolist() == np.unique(y[2:]).tolist()
     np.testing.assert_allclose(with_zeros.predict_proba(X), alone.predict_proba(X), atol=1e-6)
+    # warm_start continues on the classes of the first fit: leaving one out by weight is refused
+    # as leaving it out of y is.
+    warm = PretrainedImageClassifier(warm_start=True, max_epochs=1, random_state=0).fit(X, y)
+    with pytest.raises(ValueError, match="but the images sample_weight leaves with weight above 0 have "
+                                         + re.escape(str(np.unique(y[2:]).tolist()))):
+        warm.fit(X, y, sample_weight=weights)
 
 
 def test_balanced_class_weight_counts_only_the_images_it_trains_on(flowers_small):
