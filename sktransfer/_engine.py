@@ -214,9 +214,11 @@ def model_cache_folder():
 
 
 def _model_path(fingerprint, shape):
+    """Where the body of ``fingerprint`` for images of ``shape`` is kept once converted: one
+    file per release of torch (whose exporter traces it) and of OpenVINO (which reads it)."""
     import openvino
 
-    key = f"{fingerprint}|{shape}|openvino-{openvino.get_version()}"
+    key = f"{fingerprint}|{shape}|openvino-{openvino.get_version()}|torch-{torch.__version__}"
     return os.path.join(model_cache_folder(), digest(key.encode()) + ".xml")
 
 
@@ -250,8 +252,10 @@ def convert(body, fingerprint, shape, name):
     example = torch.zeros(1, 3, h, w).contiguous(memory_format=torch.channels_last)
     module = body()
     try:
-        model = core.read_model(onnx_graph(module, example, input_names=["images"],
-                                           dynamic_axes={"images": {0: "n"}}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on shapes read as Python values
+            model = core.read_model(onnx_graph(module, example, input_names=["images"],
+                                               dynamic_axes={"images": {0: "n"}}))
     except Exception:
         model = None
     if model is None:
@@ -282,6 +286,10 @@ def onnx_graph(module, example, *, input_names, dynamic_axes, output_names=None,
     """
     graph = io.BytesIO()
     modes = [(layer, layer.training) for layer in module.modules()]
+    # The exporter logs the whole graph when an operation has no ONNX form, to
+    # stdout unless told otherwise, where it would mix with a command's output.
+    if hasattr(torch._C, "_jit_set_onnx_log_output_stream"):
+        torch._C._jit_set_onnx_log_output_stream("stderr")
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import platform
 import random
@@ -130,28 +131,51 @@ def limited_threads(n_threads=1, enabled=True):
 
     For the head: its small matrix products only lose from more threads, and
     on a busy machine idle OpenMP threads spin and slow it tenfold. Only the
-    calling thread's pools change (OpenMP's thread count is a per-thread
-    setting), so a backbone pass in another thread keeps its threads.
+    calling thread's counts change, so a backbone pass in another thread,
+    and any thread started meanwhile, keeps the process's count.
 
-    threadpoolctl sets the OpenMP runtimes' count, which is torch's intra-op
-    pool, but not all of torch's: once ``torch.set_num_threads`` has run in a
-    thread, the MKL that torch links statically (invisible to threadpoolctl)
-    keeps its own count there, and torch's lazy per-thread set-up, when it
-    first runs inside the block, would reset OpenMP's. So torch's own setter
-    runs inside threadpoolctl's limit. numpy's BLAS, whose thread count is
-    process-wide, is left alone here; the head's closed-form tuning limits
-    it with :func:`one_blas_thread`.
+    Two per-thread settings make torch's count: OpenMP's (torch's intra-op
+    pool), limited through threadpoolctl, and that of the MKL torch links
+    statically (invisible to threadpoolctl), which keeps a count of its own
+    in a thread once ``torch.set_num_threads`` has run there; it is limited
+    through MKL's per-thread setter (:func:`_mkl_local_setter`).
+    ``torch.set_num_threads`` itself is not called: it also sets the count
+    that every thread copies on its first torch call, which would leave a
+    thread started during the block on ``n_threads`` for good. torch's lazy
+    per-thread set-up runs before the limit, so it cannot reset it inside.
+    numpy's BLAS, whose thread count is process-wide, is left alone here;
+    the head's closed-form tuning limits it with :func:`one_blas_thread`.
     """
     if not enabled:
         yield
         return
-    before = torch.get_num_threads()  # also runs torch's per-thread set-up before the limit
+    torch.get_num_threads()  # torch's per-thread set-up, before the limit
+    mkl = _mkl_local_setter()
     with _pools("openmp").limit(limits=n_threads):
-        torch.set_num_threads(n_threads)
+        previous = mkl(n_threads) if mkl is not None else None
         try:
             yield
         finally:
-            torch.set_num_threads(before)
+            if mkl is not None:
+                mkl(previous)  # 0: the thread follows MKL's global count again
+
+
+@functools.lru_cache(maxsize=1)
+def _mkl_local_setter():
+    """``MKL_Set_Num_Threads_Local`` (the C function of MKL's ``mkl_service.h``) of the
+    MKL linked into torch, or None where torch has none. It sets the calling
+    thread's count and returns the previous one (0: none, the global count)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    folder = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        try:
+            setter = ctypes.CDLL(os.path.join(folder, name)).MKL_Set_Num_Threads_Local
+        except (OSError, AttributeError):
+            continue
+        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+        return setter
+    return None
 
 
 # -- random generators --------------------------------------------------------------

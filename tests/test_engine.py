@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, cache_info, clear_cache
 from sktransfer import _engine
@@ -291,3 +292,49 @@ def test_tracing_to_onnx_leaves_every_layers_mode_as_it_was():
     wrapper = nn.Sequential(frozen, nn.Flatten())  # a new module: in training mode
     _engine.onnx_graph(wrapper, torch.zeros(1, 3, 8, 8), input_names=["images"], dynamic_axes={"images": {0: "n"}})
     assert wrapper.training and not any(m.training for m in frozen.modules())
+
+
+class _Unconvertible(torch.nn.Module):
+    """A body neither ONNX nor OpenVINO has a form for (singular values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=4)
+
+    def forward(self, x):
+        return torch.linalg.svdvals(self.conv(x).flatten(2))
+
+
+@needs_openvino
+@pytest.mark.parametrize("precision", ["auto", "float32", "bfloat16"])
+def test_a_body_openvino_cannot_convert_runs_in_pytorch_at_the_precision_auto_or_the_cpu_allows(
+        precision, photos, tmp_path, monkeypatch, capfd):
+    import warnings
+
+    monkeypatch.setenv("SKTRANSFER_ENGINE_CACHE", str(tmp_path / "engine"))
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        embedder = ImageEmbedder(_Unconvertible(), engine="openvino", precision=precision).fit()
+        plan = embedder.backbone_.plan(engine="openvino", precision=precision)
+        features = embedder.transform(photos[:2])
+    # PyTorch's emulated bfloat16 only where asked for explicitly and the CPU has it natively.
+    native = precision == "bfloat16" and cpu_has_bf16()
+    assert plan == Plan("torch", "bfloat16" if native else "float32")
+    assert features.shape == (2, 8) and np.isfinite(features).all()
+    assert sum("could not convert" in str(w.message) for w in told) == 1
+    assert not [w for w in told if issubclass(w.category, torch.jit.TracerWarning)]
+    assert capfd.readouterr().out == ""  # nothing on stdout: `sktransfer predict > out.csv` stays clean
+
+
+@needs_openvino
+def test_a_conversion_is_kept_per_torch_and_openvino_version(monkeypatch):
+    """The converted graph is torch's trace read by OpenVINO: another release of either
+    converts again."""
+    import openvino
+
+    path = _engine._model_path("fingerprint", (224, 224))
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert _engine._model_path("fingerprint", (224, 224)) != path
+    monkeypatch.undo()
+    monkeypatch.setattr(openvino, "get_version", lambda: "0.0.0")
+    assert _engine._model_path("fingerprint", (224, 224)) != path

@@ -146,6 +146,28 @@ def test_a_limit_in_one_thread_leaves_other_threads_alone():
     assert seen == [1, full]
 
 
+def test_a_thread_started_during_a_limit_gets_the_process_count():
+    # torch's setter also sets the count that a thread's first torch call copies: a thread
+    # started while another fits a head must not be left on one thread for good.
+    full = _in_thread(torch.get_num_threads)
+    inside, release = threading.Event(), threading.Event()
+
+    def head():
+        with limited_threads():
+            inside.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=head)
+    worker.start()
+    inside.wait(10)
+    try:
+        during = _in_thread(lambda: (torch.get_num_threads(), _mkl_threads()))
+    finally:
+        release.set()
+        worker.join()
+    assert during[0] == full and during[1] in (full, None)
+
+
 def test_one_blas_thread_limits_blas_in_any_thread_one_block_at_a_time():
     # threadpoolctl lets only the thread that limited OpenBLAS lift the limit: blocks in
     # different threads must each set and restore it, so they run one after the other.
