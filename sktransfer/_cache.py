@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import errno
 import hashlib
+import numbers
 import os
 import re
 import stat
@@ -288,7 +289,33 @@ class MemoryCache:
             return {"entries": len(self._data), "bytes": self._bytes, "max_bytes": self.max_bytes}
 
 
-MEMORY = MemoryCache(int(os.environ.get("SKTRANSFER_MEMORY_CACHE_MB", "1024")) * 2**20)
+def _checked_size(max_bytes):
+    """``max_bytes`` as an int, or a ValueError naming it: a whole number of bytes, 0 or more."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral) or max_bytes < 0:
+        raise ValueError(f"max_bytes={max_bytes!r} must be a whole number of bytes, 0 or more "
+                         "(0 keeps nothing in memory).")
+    return int(max_bytes)
+
+
+def _size_from_environment(default_mb=1024):
+    """The bound ``SKTRANSFER_MEMORY_CACHE_MB`` sets (megabytes, fractions allowed); the
+    default, told, for a value that is not a number of megabytes, 0 or more."""
+    text = os.environ.get("SKTRANSFER_MEMORY_CACHE_MB")
+    if text is None:
+        return default_mb * 2**20
+    try:
+        megabytes = float(text)
+        if not 0 <= megabytes < float("inf"):
+            raise ValueError
+    except ValueError:
+        warnings.warn(f"SKTRANSFER_MEMORY_CACHE_MB={text!r} is not a number of megabytes, 0 or more; "
+                      f"the memory cache keeps its default bound of {default_mb} MB.", RuntimeWarning,
+                      stacklevel=2)
+        return default_mb * 2**20
+    return int(megabytes * 2**20)
+
+
+MEMORY = MemoryCache(_size_from_environment())
 
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 _HEX2 = re.compile(r"[0-9a-f]{2}\Z")
@@ -325,6 +352,10 @@ class DiskCache:
         h.update(f"{self.namespace}/{key}|".encode())
         h.update(body)
         return h.digest()
+
+    def has(self, key):
+        """Whether an entry for ``key`` is on disk (whole: entries are renamed into place)."""
+        return os.path.lexists(self._path(key))
 
     def get(self, key, num_features):
         try:
@@ -458,5 +489,5 @@ def clear_cache(cache_dir=None):
 
 def set_memory_cache_size(max_bytes):
     """Bound the process-wide memory cache to ``max_bytes`` (default 1 GiB,
-    or ``SKTRANSFER_MEMORY_CACHE_MB`` from the environment)."""
-    MEMORY.resize(max_bytes)
+    or ``SKTRANSFER_MEMORY_CACHE_MB`` from the environment); 0 keeps nothing."""
+    MEMORY.resize(_checked_size(max_bytes))

@@ -220,7 +220,7 @@ def _check_settings(clf, grid, option, y):
         clf._validate_params()
     except ValueError as e:
         raise ValueError(f"{option}: {e}") from None
-    y_train, _, n_outputs, _ = clf._prepare_targets(y, len(y), None)
+    y_train, _, n_outputs, _, _ = clf._prepare_targets(y, len(y), None)
     defaults = type(clf)().get_params(deep=False)
     unread = []
     for candidate in ParameterGrid(grid):

@@ -27,6 +27,7 @@ from sklearn.base import (
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import _check_partial_fit_first_call, check_classification_targets, type_of_target
 from sklearn.utils.validation import (
     _check_feature_names, _check_sample_weight, check_array, check_is_fitted, column_or_1d,
@@ -340,7 +341,8 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
     The flow shared by :class:`PretrainedImageClassifier` and
     :class:`PretrainedImageRegressor`: check the inputs, embed the images
     (once; cached), build the head (``_head.build_head``) and train it. Subclasses
-    say what the targets are (``_prepare_targets``), which skorch net and
+    say what the targets are (``_prepare_targets``: those of the images of
+    weight above 0, which training keeps, and their indices), which skorch net and
     loss learn them (``_head_task``), and what a target looks like to a head
     rebuilt for saved weights (``_stand_in_target``: one image's target and
     the number of outputs).
@@ -471,8 +473,10 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             The target of each image (see the estimator).
         sample_weight : array-like of shape (n_images,), default=None
             Per-image weights in the loss. Images of weight 0 are left out (not
-            embedded, nor counted in the feature and target statistics, the
-            tuning folds or the held-out split), as if not given.
+            embedded, nor counted in the classes, the class frequencies of
+            ``class_weight="balanced"``, the feature and target statistics, the
+            tuning folds or the held-out split), as if not given; a classifier
+            needs images of two classes with weight above 0.
 
         Returns
         -------
@@ -494,14 +498,12 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         if continuing:
             _check_columns(self, X)
         items = as_image_list(X)
-        y_train, weights, n_outputs, fitted = self._prepare_targets(
+        y_train, weights, n_outputs, fitted, kept = self._prepare_targets(
             y, len(items), sample_weight, continuing=continuing, classes=classes
         )
-        if not weights.all():
-            # Images of weight 0 are left out, as if not given (as in scikit-learn): out of the
-            # feature statistics, the tuning folds, the held-out split and the batches too.
-            kept = np.flatnonzero(weights)
-            items, y_train, weights = [items[i] for i in kept], y_train[kept], weights[kept]
+        # Images of weight 0 are left out, as if not given (as in scikit-learn): out of the classes,
+        # the feature statistics, the tuning folds, the held-out split and the batches too.
+        items = [items[i] for i in kept]
         device = _check_device(self.device)
         # partial_fit trains on batches as they come, so even its first call is not a full-batch fit.
         incremental = bool(continuing) or epochs is not None
@@ -554,6 +556,17 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         if not continuing:
             _check_columns(self, X, reset=True)
         return self
+
+    @staticmethod
+    def _kept_images(weights, weighed_by):
+        """Indices of the images of weight above 0, which training keeps (the others are
+        left out as if not given); ``weighed_by`` names what gave the weights, for the
+        error when none is left."""
+        kept = np.flatnonzero(weights)
+        if not len(kept):
+            raise ValueError(f"{weighed_by} gives every image weight 0; at least one needs weight above 0 "
+                             "(images of weight 0 are left out of training).")
+        return kept
 
     def _checked_head_settings(self, y_train, n_outputs, incremental):
         """The skorch net and loss for the encoded targets ``y_train``, and the head's
@@ -812,7 +825,8 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     Attributes
     ----------
     classes_ : ndarray of shape (n_classes,)
-        The class labels, as given in ``y`` (any type); for multi-label y,
+        The class labels, as given in ``y`` (any type), of the images with
+        weight above 0 (see ``fit``); for multi-label y,
         the column indices ``0 .. n_labels - 1``.
     multilabel_ : bool
         Whether the model was fitted on a multi-label indicator y.
@@ -972,33 +986,46 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                 f"{continuing} continues the fitted multi-label head, which needs a 0/1 indicator y "
                 f"with {len(self.classes_)} columns; got one label per image."
             )
-        encoder = LabelEncoder().fit(self.classes_ if continuing else y if classes is None else classes)
-        labels = np.unique(y)
-        if continuing == "warm_start=True" and set(labels.tolist()) != set(encoder.classes_.tolist()):
-            raise ValueError(
-                f"warm_start=True continues training on the classes of the previous fit, "
-                f"{encoder.classes_.tolist()}, but y has {labels.tolist()}; set warm_start=False to fit "
-                "a model on these classes."
-            )
-        unknown = set(labels.tolist()) - set(encoder.classes_.tolist())
+        fresh = not continuing and classes is None  # the classes are those of y
+        encoder = LabelEncoder().fit(self.classes_ if continuing else y if fresh else classes)
+        unknown = set(np.unique(y).tolist()) - set(encoder.classes_.tolist())
         if unknown:
             raise ValueError(
                 f"y has labels not in classes: {', '.join(sorted(map(repr, unknown)))}; the classes are "
                 f"{encoder.classes_.tolist()}."
-            )
-        if len(encoder.classes_) < 2:
-            raise ValueError(
-                f"y has a single class ({encoder.classes_.tolist()[0]!r}); a classifier needs at least two."
             )
         if self.class_weight == "balanced" and (continuing == "partial_fit" or classes is not None):
             raise ValueError(
                 "class_weight='balanced' needs the class frequencies of all the training data, "
                 "which partial_fit sees one batch at a time; pass a dict of class weights instead."
             )
+        weights, weighed_by = self._sample_weights(encoder.transform(y), encoder.classes_, sample_weight, n)
+        # Every label given is checked above; the classes are those of the images training
+        # keeps (weight above 0), as if the others were not given.
+        kept = self._kept_images(weights, weighed_by)
+        y, weights = y[kept], weights[kept]
+        labels = np.unique(y)
+        have = f"the images {weighed_by} leaves with weight above 0 have" if len(kept) < n else "y has"
+        if fresh:
+            encoder = LabelEncoder().fit(labels)
+        if continuing == "warm_start=True" and set(labels.tolist()) != set(encoder.classes_.tolist()):
+            raise ValueError(
+                f"warm_start=True continues training on the classes of the previous fit, "
+                f"{encoder.classes_.tolist()}, but {have} {labels.tolist()}; set warm_start=False to fit "
+                "a model on these classes."
+            )
+        if len(encoder.classes_) < 2:
+            single = encoder.classes_.tolist()[0]
+            raise ValueError(
+                (f"{weighed_by} leaves images of a single class ({single!r}) with weight above 0"
+                 if fresh and len(kept) < n else f"y has a single class ({single!r})")
+                + "; a classifier needs at least two."
+            )
         y_enc = encoder.transform(y).astype(np.int64)
-        weights = self._sample_weights(y_enc, encoder.classes_, sample_weight, n)
+        if self.class_weight == "balanced":  # the class frequencies of the images training keeps
+            weights = weights * compute_class_weight("balanced", classes=encoder.classes_, y=y)[y_enc]
         fitted = {"classes_": encoder.classes_, "multilabel_": False}
-        return y_enc, weights, len(encoder.classes_), fitted
+        return y_enc, weights.astype(np.float32), len(encoder.classes_), fitted, kept
 
     def _prepare_multilabel(self, y, n, sample_weight, continuing, classes):
         Y = y.toarray() if sparse.issparse(y) else np.asarray(y)
@@ -1029,8 +1056,9 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                 "y, weigh images with sample_weight instead."
             )
         weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32, ensure_non_negative=True)
+        kept = self._kept_images(weights, "sample_weight")
         fitted = {"classes_": np.arange(n_labels), "multilabel_": True}
-        return Y.astype(np.float32), weights, n_labels, fitted
+        return Y[kept].astype(np.float32), weights[kept], n_labels, fitted, kept
 
     def _after_training(self, head):
         calibration = dict(head.callbacks_).get("calibration")
@@ -1106,20 +1134,21 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         return head
 
     def _sample_weights(self, y_enc, classes, sample_weight, n):
-        from sklearn.utils.class_weight import compute_class_weight
-
+        """Each image's weight: ``sample_weight`` times, for a dict ``class_weight``, its
+        class's weight ("balanced" weighs the images training keeps, once they are known);
+        and what gave the weights, for messages."""
         weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32, ensure_non_negative=True)
-        if self.class_weight is not None:
-            if isinstance(self.class_weight, dict):
-                unknown = set(self.class_weight) - set(classes)
-                if unknown:
-                    raise ValueError(
-                        f"class_weight names classes not in y: {', '.join(sorted(map(repr, unknown)))}; "
-                        f"the classes are {classes.tolist()}."
-                    )
-            per_class = compute_class_weight(self.class_weight, classes=classes, y=classes[y_enc])
-            weights = weights * per_class[y_enc].astype(np.float32)
-        return weights.astype(np.float32)
+        if not isinstance(self.class_weight, dict):
+            return weights, "sample_weight"
+        unknown = set(self.class_weight) - set(classes)
+        if unknown:
+            raise ValueError(
+                f"class_weight names classes not in y: {', '.join(sorted(map(repr, unknown)))}; "
+                f"the classes are {classes.tolist()}."
+            )
+        per_class = compute_class_weight(self.class_weight, classes=classes, y=classes[y_enc])
+        weights = weights * per_class[y_enc].astype(np.float32)
+        return weights, "class_weight" if sample_weight is None else "sample_weight (with class_weight)"
 
 
     def _head_task(self, y_train, n_outputs):
@@ -1388,8 +1417,9 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
                              "labels use PretrainedImageClassifier.") from None
         if len(y) != n:
             raise ValueError(f"X has {n} images but y has {len(y)} targets; they must match.")
-        Y = y.reshape(n, -1)
         weights = _check_sample_weight(sample_weight, np.empty(n), dtype=np.float32, ensure_non_negative=True)
+        kept = self._kept_images(weights, "sample_weight")
+        Y, weights = y.reshape(n, -1)[kept], weights[kept]
         if continuing:
             if Y.shape[1] != self.n_outputs_:
                 raise ValueError(
@@ -1399,14 +1429,13 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
             # The head's weights assume the first fit's target scale.
             mean, scale = self.target_mean_, self.target_scale_
         elif self.target_scaling:
-            trained = Y[weights > 0]  # images of weight 0 are left out of training
-            mean, scale = trained.mean(axis=0), trained.std(axis=0)
+            mean, scale = Y.mean(axis=0), Y.std(axis=0)
             scale[scale == 0] = 1.0
         else:
             mean, scale = np.zeros(Y.shape[1]), np.ones(Y.shape[1])
         fitted = {"n_outputs_": Y.shape[1], "target_mean_": mean, "target_scale_": scale,
                   "_single_output": y.ndim == 1}
-        return ((Y - mean) / scale).astype(np.float32), weights, Y.shape[1], fitted
+        return ((Y - mean) / scale).astype(np.float32), weights, Y.shape[1], fitted, kept
 
     def _head_task(self, y_train, n_outputs):
         return HeadRegressor, dict(criterion=torch.nn.MSELoss, criterion__reduction="none")

@@ -98,6 +98,7 @@ def _look_up(items, fingerprint, cache_dir, num_features):
     out = np.empty((len(items), num_features), dtype=np.float32)
     errors = []
     todo = collections.OrderedDict()
+    write_error = None
     for i, item in enumerate(items):
         try:
             digest, payload = read_item(item)
@@ -108,6 +109,9 @@ def _look_up(items, fingerprint, cache_dir, num_features):
             todo[digest][1].append(i)
             continue
         vector = MEMORY.get((fingerprint, digest))
+        if vector is not None and disk is not None and write_error is None and not disk.has(digest):
+            # Computed before cache_dir was given (or after it was cleared): the disk gets it now.
+            write_error = disk.put(digest, vector)
         if vector is None and disk is not None:
             vector = disk.get(digest, num_features)
             if vector is not None:
@@ -120,6 +124,7 @@ def _look_up(items, fingerprint, cache_dir, num_features):
             errors.append((i, item, reason))
             continue
         todo[digest] = (payload, [i])
+    _warn_unwritten(disk, write_error)
     return out, todo, errors, disk
 
 
@@ -191,13 +196,18 @@ def _run_backbone(todo, items, preprocessing, runner, out, batch_size, disk, pro
                 bar.update(len(batch))
     if bar is not None:
         bar.close()
-    if write_error is not None:
-        warnings.warn(
-            f"Could not write to the feature cache cache_dir={disk.root!r} ({write_error}); "
-            "the features are computed and returned, but not cached on disk.",
-            RuntimeWarning, stacklevel=4,
-        )
+    _warn_unwritten(disk, write_error)
     return errors
+
+
+def _warn_unwritten(disk, error):
+    """Tell of the ``OSError`` that kept features off the disk cache, if any."""
+    if error is not None:
+        warnings.warn(
+            f"Could not write to the feature cache cache_dir={disk.root!r} ({error}); "
+            "the features are computed and returned, but not cached on disk.",
+            RuntimeWarning, stacklevel=5,  # the user's fit or transform
+        )
 
 
 def _run_now(fn, *args):

@@ -814,13 +814,17 @@ def full_batch(params, extra, continuing, multilabel=False):
             and not any(k.startswith("optimizer__") for k in extra))
 
 
+#: Settings of the training batches that a full-batch linear head leaves out: its one
+#: batch is every training image, never split nor dropped.
+FULL_BATCH_UNREAD = ("iterator_train__batch_size", "iterator_train__drop_last")
+
+
 def unread_settings(params, defaults, extra):
     """The settings a full-batch linear head would not read, ``{name: value}``:
     ``lr`` and ``batch_size`` where they differ from ``defaults`` (the
-    estimator's), and ``iterator_train__drop_last`` where ``extra`` sets it."""
+    estimator's), and those of :data:`FULL_BATCH_UNREAD` where ``extra`` sets them."""
     unread = {name: params[name] for name in ("lr", "batch_size") if params[name] != defaults[name]}
-    if extra.get("iterator_train__drop_last"):
-        unread["iterator_train__drop_last"] = extra["iterator_train__drop_last"]
+    unread.update({name: extra[name] for name in FULL_BATCH_UNREAD if extra.get(name)})
     return unread
 
 
@@ -833,7 +837,7 @@ def warn_unread_settings(params, defaults, extra):
         warnings.warn(
             f"{' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by this fit: the linear "
             "head is fitted full batch by L-BFGS, one batch of every training image, which reads neither lr "
-            "nor batch_size (its L2 strength is weight_decay) and drops no batch. They apply to heads AdamW "
+            "nor any batch size (its L2 strength is weight_decay) and drops no batch. They apply to heads AdamW "
             "trains: with hidden_units, dropout or optimizer=torch.optim.AdamW, and when partial_fit or "
             "warm_start=True trains a head further.",
             UserWarning,
@@ -964,8 +968,9 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
         # fifth off every head fit, the same updates up to float rounding.
         settings["optimizer__fused"] = True
     settings.update(extra)  # prefixed settings the user gave win
-    if full:  # but the one batch is never dropped (warn_unread_settings says so)
-        settings["iterator_train__drop_last"] = False
+    if full:  # but the one batch is never split nor dropped (warn_unread_settings says so)
+        for name in FULL_BATCH_UNREAD:
+            settings.pop(name, None)
     return net(**settings)
 
 

@@ -10,6 +10,7 @@ and turns images into batches.
 from __future__ import annotations
 
 import io
+import warnings
 import math
 from dataclasses import dataclass
 
@@ -202,7 +203,11 @@ def _open_header(payload):
     """
     source = io.BytesIO(payload) if isinstance(payload, (bytes, bytearray)) else payload
     try:
-        image = Image.open(source)
+        with warnings.catch_warnings():
+            # Pillow warns up to twice its limit and refuses beyond; above it, the
+            # check below refuses with the image's size, so its warning only repeats it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
     except Image.DecompressionBombError:
         raise ValueError("image is above Pillow's decompression-bomb limit") from None
     except Image.UnidentifiedImageError:

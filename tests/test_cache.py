@@ -46,6 +46,37 @@ def test_memory_cache_resize_evicts_down_to_the_new_bound_and_adds_nothing():
     assert cache.info()["entries"] == 2  # growing keeps every entry, and invents none
 
 
+@pytest.mark.parametrize("size", [-1, 1.5, "big", None])
+def test_a_bad_memory_cache_size_is_refused_and_changes_nothing(size):
+    from sktransfer import set_memory_cache_size
+
+    before = _cache.MEMORY.info()
+    with pytest.raises((ValueError, TypeError), match="max_bytes"):
+        set_memory_cache_size(size)
+    assert _cache.MEMORY.info()["max_bytes"] == before["max_bytes"]
+
+
+@pytest.mark.parametrize("value", ["abc", "-5"])
+def test_a_bad_memory_cache_size_in_the_environment_is_told_and_the_default_kept(value):
+    code = "import sktransfer; print(sktransfer.cache_info()['max_bytes'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**fresh_env(), "SKTRANSFER_MEMORY_CACHE_MB": value})
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) == 1024 * 2**20
+    assert "SKTRANSFER_MEMORY_CACHE_MB" in out.stderr and repr(value) in out.stderr
+
+
+def test_features_in_memory_are_written_to_a_cache_dir_given_later(tmp_path, sample):
+    """Fitting first and adding cache_dir later (a notebook's order) still fills the disk cache."""
+    photos = sample[0][:3]
+    clear_cache()
+    ImageEmbedder(engine="torch").fit_transform(photos)  # in memory only
+    features = ImageEmbedder(engine="torch", cache_dir=tmp_path).fit_transform(photos)
+    assert cache_info(tmp_path)["entries"] == 3
+    clear_cache()  # memory only: the disk now serves them
+    np.testing.assert_array_equal(ImageEmbedder(engine="torch", cache_dir=tmp_path).fit_transform(photos), features)
+
+
 def test_namespaces_are_derived_in_one_place():
     fp = "ab" * 16
     assert namespace(fp) == fp

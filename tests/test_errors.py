@@ -231,3 +231,16 @@ def test_negative_sample_weight_is_refused_before_embedding(small):
         with pytest.raises(ValueError, match="sample_weight"):
             PretrainedImageClassifier(**QUICK).fit(X, y, sample_weight=weights)
         assert counter.images == 0
+
+
+def test_an_image_just_above_the_decompression_limit_is_told_once_by_us(tmp_path, monkeypatch, recwarn):
+    """Pillow warns (not refuses) up to twice its limit; the ImageInputError says it all."""
+    import warnings
+
+    from sktransfer._images import header_error
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 400)
+    Image.new("RGB", (500, 400), "white").save(tmp_path / "big.png")  # 1.25x the limit
+    warnings.simplefilter("always")
+    assert "decompression-bomb limit" in header_error(str(tmp_path / "big.png"))
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

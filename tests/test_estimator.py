@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,69 @@ def test_fit_errors_name_the_problem(flowers_small):
     clf = PretrainedImageClassifier(**FAST).fit(X, y)
     with pytest.raises(ValueError, match="never seen in fit"):
         clf.score(X[:2], ["daisy", "orchid"])
+
+
+# -- weights that leave images out: the checks see the images training keeps --------
+
+@pytest.fixture(scope="module")
+def two_of_each(sample):
+    """12 photos: the first two of each of the sample's 6 classes, in class order ('trash' last)."""
+    paths, labels = sample
+    keep = np.concatenate([np.flatnonzero(labels == c)[:2] for c in np.unique(labels)])
+    return [paths[i] for i in keep], labels[keep]
+
+
+def test_weights_that_leave_fewer_than_two_classes_are_refused_before_embedding(two_of_each):
+    # Images of weight 0 are left out as if not given, so what is left must still be a training
+    # set: a classifier used to fit on the two 'trash' photos left here and predict 'trash' for
+    # every image (classes_ listing all six), and class_weight zeros for every class said "X is empty".
+    from sktransfer import clear_cache
+
+    X, y = two_of_each
+    assert y[-2:].tolist() == ["trash", "trash"]
+    only_trash = {c: float(c == "trash") for c in np.unique(y)}
+    single = "leaves images of a single class \\('trash'\\) with weight above 0; a classifier needs at least two\\.$"
+    cases = [
+        ({}, {"sample_weight": [0] * 10 + [1, 1]}, "^sample_weight " + single),
+        ({"class_weight": only_trash}, {}, "^class_weight " + single),
+        ({"class_weight": only_trash}, {"sample_weight": np.full(12, 2.0)}, "^sample_weight \\(with class_weight\\) " + single),
+        ({"class_weight": dict.fromkeys(np.unique(y), 0.0)}, {},
+         "^class_weight gives every image weight 0; at least one needs weight above 0"),
+    ]
+    clear_cache()
+    with ForwardCounter(build_backbone("efficientnet_lite0").module) as counter:
+        for settings, fit_params, message in cases:
+            with pytest.raises(ValueError, match=message):
+                PretrainedImageClassifier(**settings).fit(X, y, **fit_params)
+        assert counter.images == 0
+    # As for the kept images given alone:
+    with pytest.raises(ValueError, match="^y has a single class \\('trash'\\); a classifier needs at least two\\.$"):
+        PretrainedImageClassifier().fit(X[-2:], y[-2:])
+
+
+def test_weights_that_leave_out_a_class_fit_as_the_kept_images_alone(two_of_each):
+    # The classes are those of the images training keeps, as if the others were not given.
+    X, y = two_of_each
+    weights = np.r_[np.zeros(2), np.ones(10)]  # no 'cardboard' left
+    with_zeros = PretrainedImageClassifier(random_state=0).fit(X, y, sample_weight=weights)
+    alone = PretrainedImageClassifier(random_state=0).fit(X[2:], y[2:])
+    assert with_zeros.classes_.tolist() == alone.classes_.tolist() == np.unique(y[2:]).tolist()
+    np.testing.assert_allclose(with_zeros.predict_proba(X), alone.predict_proba(X), atol=1e-6)
+    # warm_start continues on the classes of the first fit: leaving one out by weight is refused
+    # as leaving it out of y is.
+    warm = PretrainedImageClassifier(warm_start=True, max_epochs=1, random_state=0).fit(X, y)
+    with pytest.raises(ValueError, match="but the images sample_weight leaves with weight above 0 have "
+                                         + re.escape(str(np.unique(y[2:]).tolist()))):
+        warm.fit(X, y, sample_weight=weights)
+
+
+def test_balanced_class_weight_counts_only_the_images_it_trains_on(flowers_small):
+    # class_weight="balanced" weighs each class by its share of the images training keeps: the
+    # same model as the kept images alone, not the frequencies of images left out with weight 0.
+    X, y = flowers_small  # 10 daisy, 10 sunflower, 10 tulip
+    weights = np.ones(len(X))
+    weights[10:17] = 0.0  # 3 sunflowers kept
+    kept = np.flatnonzero(weights)
+    with_zeros = PretrainedImageClassifier(class_weight="balanced", random_state=0).fit(X, y, sample_weight=weights)
+    alone = PretrainedImageClassifier(class_weight="balanced", random_state=0).fit([X[i] for i in kept], y[kept])
+    np.testing.assert_allclose(with_zeros.predict_proba(X), alone.predict_proba(X), atol=1e-6)

@@ -21,6 +21,7 @@ from sktransfer._head import (
     pick_view,
     tune_l2,
     tune_ridge,
+    unread_settings,
     weighted_loss,
 )
 
@@ -180,6 +181,26 @@ def test_drop_last_is_not_read_by_the_full_batch_head(halves):
     # Heads trained in mini-batches read it.
     PretrainedImageClassifier(hidden_units=(8,), max_epochs=1, iterator_train__drop_last=True,
                               random_state=0).fit(X, y)
+
+
+def test_iterator_train_batch_size_is_not_read_by_the_full_batch_head(halves):
+    # It used to reach the loader and split the one batch, without a word: L-BFGS on another
+    # mini-batch at every evaluation, which its line search cannot follow, and a ruined fit.
+    paths, labels, _, _, train, test = halves
+    X, y, held_out = [paths[i] for i in train], labels[train], [paths[i] for i in test]
+    with pytest.warns(UserWarning, match=r"^iterator_train__batch_size=4 is not used by this fit"):
+        clf = PretrainedImageClassifier(iterator_train__batch_size=4, random_state=0).fit(X, y)
+    assert isinstance(clf.head_.optimizer_, torch.optim.LBFGS)
+    assert all(len(epoch["batches"]) == 1 for epoch in clf.history_)
+    default = PretrainedImageClassifier(random_state=0).fit(X, y)
+    np.testing.assert_allclose(clf.predict_proba(held_out), default.predict_proba(held_out), atol=1e-6)
+    # The command line asks the same function which settings to name.
+    defaults = PretrainedImageClassifier().get_params()
+    assert unread_settings(defaults, defaults, {"iterator_train__batch_size": 4}) == {"iterator_train__batch_size": 4}
+    # Heads trained in mini-batches read it.
+    mlp = PretrainedImageClassifier(hidden_units=(8,), max_epochs=1, iterator_train__batch_size=4,
+                                    random_state=0).fit(X, y)
+    assert len(mlp.history_[-1]["batches"]) == -(-len(X) // 4)
 
 
 @pytest.mark.parametrize("task", ["classes", "targets"])
@@ -423,9 +444,9 @@ def test_tuned_head_fits_with_weight_on_few_images_and_tiny_sets(halves, sample)
     paths, labels, _, brightness, train, _ = halves
     X, y = [paths[i] for i in train], labels[train]
     weights = np.zeros(len(X))
-    weights[:6] = 1.0
+    weights[:2] = weights[-2:] = 1.0  # two photos of the first class, two of the last
     clf = PretrainedImageClassifier(random_state=0).fit(X, y, sample_weight=weights)
-    assert np.isfinite(clf.predict_proba(X)).all()
+    assert clf.classes_.tolist() == [y[0], y[-1]] and np.isfinite(clf.predict_proba(X)).all()
     reg = PretrainedImageRegressor(random_state=0).fit(X[:1], brightness[train][:1])  # one image: no folds
     assert np.isfinite(reg.predict(X[:2])).all()
 
