@@ -8,6 +8,7 @@ import numbers
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -129,13 +130,13 @@ def _read_dataset(source, path_column="path", label_column="label", lines=None):
 def _expand_inputs(inputs):
     """Files as given; each folder replaced by the image files under it, sorted by path
     (broken links in it are skipped with a warning)."""
-    import warnings
-
     from ._inputs import IMAGE_EXTENSIONS, broken_links_text, image_files
 
     paths = []
     for given in inputs:
         folder = Path(given)
+        if not folder.is_dir() and str(given).endswith(("/", os.sep)):
+            raise ValueError(f"folder {given!r} not found.")
         if not folder.is_dir():
             paths.append(given)  # missing or unreadable files are reported with every other bad input
             continue
@@ -202,10 +203,28 @@ def _parse_grid(specs, estimator):
     return grid
 
 
-def _check_settings(clf, grid, option, y):
+#: The classifier's parameters that options set: {parameter: option}.
+_OPTIONS = {"backbone": "--backbone", "weights": "--weights", "cache_dir": "--cache-dir", "device": "--device",
+            "random_state": "--random-state", "engine": "--engine", "precision": "--precision",
+            "max_epochs": "--max-epochs"}
+
+
+def _validated(clf, args):
+    """``clf`` with its parameters checked; a refusal names the option that gave the setting."""
+    try:
+        clf._validate_params()
+    except ValueError as e:
+        # scikit-learn's message names the parameter ("The 'random_state' parameter of ...").
+        given = [f"{flag} {getattr(args, name)}" for name, flag in _OPTIONS.items()
+                 if f"'{name}'" in str(e) and hasattr(args, name)]
+        raise ValueError(f"{given[0]}: {e}" if given else str(e)) from None
+    return clf
+
+
+def _check_settings(clf, grid, y):
     """Refuse, before any image is read, the settings the classifier's own checks
-    refuse for the labels ``y``: ``clf``'s (``option`` names where they came
-    from), then every ``--grid`` candidate's.
+    refuse for the labels ``y``: every ``--grid`` candidate's (``clf``'s own are
+    checked by :func:`_validated`).
 
     Returns the grid's keys that the full-batch linear head of some candidate
     does not read (lr, batch_size: its :func:`unread_settings`),
@@ -216,10 +235,6 @@ def _check_settings(clf, grid, option, y):
 
     from ._head import full_batch, unread_settings
 
-    try:
-        clf._validate_params()
-    except ValueError as e:
-        raise ValueError(f"{option}: {e}") from None
     y_train, _, n_outputs, _, _ = clf._prepare_targets(y, len(y), None)
     defaults = type(clf)().get_params(deep=False)
     unread = []
@@ -409,7 +424,6 @@ _SHOWN_SETTINGS = ("backbone", "hidden_units", "dropout", "lr", "weight_decay", 
 
 
 def _fit(args):
-    import warnings
 
     import numpy as np
     from sklearn.base import clone
@@ -440,7 +454,7 @@ def _fit(args):
             f"class {classes.tolist()[counts.argmin()]!r} has {counts.min()} images, fewer than --cv {args.cv} "
             "folds; add images or lower --cv."
         )
-    unread = _check_settings(clf, grid, f"--max-epochs {args.max_epochs}", y)
+    unread = _check_settings(_validated(clf, args), grid, y)
     if unread:
         them = "it" if len(unread) == 1 else "them"
         print(f"note: {' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by the default "
@@ -747,6 +761,7 @@ def _audit(args):
     clf = PretrainedImageClassifier(backbone=args.backbone, weights=args.weights, cache_dir=args.cache_dir,
                                     device=args.device, random_state=args.random_state, engine=args.engine,
                                     precision=args.precision)
+    _validated(clf, args)
     try:
         report = audit(clf, X, y, cv=args.cv, X_test=X_test, y_test=y_test,
                        duplicate_threshold=args.threshold, random_state=args.random_state,
@@ -762,8 +777,10 @@ def _audit(args):
     print(f"{_count(X, 'image')} audited: {_count(report.label_issues, 'suspected label error')}, "
           f"{_count(report.duplicate_groups, 'duplicate group')}, {_count(report.leakage_groups, 'leakage group')}, "
           f"{_count(report.outliers, 'outlier')}")
-    print(f"Duplicates joined from cosine similarity {report.duplicate_threshold:.3f}. "
-          f"Report written to {out / 'index.html'} and {out / 'findings.csv'}")
+    print(f"Out-of-fold accuracy of the head: {report.oof_accuracy:.3f} (how far to trust its label "
+          f"suggestions). Images joined as duplicates from a feature cosine similarity of "
+          f"{report.duplicate_threshold:.3f} (--threshold).")
+    print(f"Report written to {out / 'index.html'} and {out / 'findings.csv'}")
     return 0
 
 

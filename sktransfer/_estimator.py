@@ -527,7 +527,9 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             Z = np.stack([self._embed(embedder, items, v, self.unfreeze) for v in views], axis=1)
         # Fine-tuning runs backbone blocks every step: keep their buffers in the heap too.
         heap = steady_heap() if self.unfreeze else contextlib.nullcontext()
-        seed = self._seed()  # the held-out split's and the tuning folds' (fresh when random_state is None)
+        # The held-out split's seed and the tuning folds' (fresh when random_state is None;
+        # the folds then take 0: see _head._tuning_folds).
+        seed = self._seed()
         with seeded_rng(None if self.random_state is None else seed, device), \
                 limited_threads(enabled=not self.unfreeze), heap:
             head = build_head(params, extra, Z, y_train, weights, n_outputs, net=net, task=task,

@@ -121,6 +121,10 @@ def test_fit_rejects_bad_settings_and_data_before_training(sample, tmp_path, cap
     assert err.startswith("sktransfer fit: error: --grid 'learning_rate=0.1'") and "lr" in err
     assert main(["fit", str(data), "--cv", "3"]) == 1
     assert "fewer than --cv 3" in capsys.readouterr().err
+    # A setting the classifier refuses is named as the option that gave it.
+    assert main(["fit", str(data), "--cv", "2", "--random-state", "-5", "-o", str(tmp_path / "m.joblib")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sktransfer fit: error: --random-state -5: ") and "--max-epochs" not in err
     (data / "cardboard" / "broken.jpg").write_bytes(b"not a jpeg")
     assert main(["fit", str(data), "--cv", "2", "-o", str(tmp_path / "m.joblib")]) == 1
     err = capsys.readouterr().err
@@ -174,6 +178,8 @@ def test_predict_errors_name_the_input(trained, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(model_path), str(tmp_path / "empty")]) == 1
     assert "is a folder with no image files" in capsys.readouterr().err
+    assert main(["predict", str(model_path), str(tmp_path / "nowhere") + "/"]) == 1
+    assert capsys.readouterr().err.endswith(f"folder {str(tmp_path / 'nowhere') + '/'!r} not found.\n")
 
 
 def test_evaluate_writes_metrics_pictures_and_html(trained, sample, tmp_path):
@@ -476,6 +482,8 @@ def test_too_few_images_for_the_folds_names_the_class_as_plain_text(sample, tmp_
     assert main(["audit", str(data), "--cv", "5", "-o", str(tmp_path / "audit")]) == 1
     err = capsys.readouterr().err
     assert "class 'cardboard' has 2 image(s), fewer than cv=5" in err and "np." not in err
+    assert main(["audit", str(data), "--random-state", "-5", "-o", str(tmp_path / "audit")]) == 1
+    assert capsys.readouterr().err.startswith("sktransfer audit: error: --random-state -5: ")
 
 
 def test_export_of_a_pipeline_is_an_error_message_not_a_traceback(trained, tmp_path, capsys):

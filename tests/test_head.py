@@ -82,6 +82,11 @@ def test_default_weight_decay_tunes_a_full_batch_linear_head(halves):
     assert dict(clf.head_.callbacks_)["initial_weights"].weight is None
     again = PretrainedImageClassifier(weight_decay="auto", random_state=0).fit(X, y)
     np.testing.assert_array_equal(clf.predict_proba(X[:5]), again.predict_proba(X[:5]))
+    # Unseeded, the tuning folds are fixed too (as LogisticRegressionCV's): a grid over what
+    # this head does not read gives equal candidates, as the docs say.
+    unseeded = [PretrainedImageClassifier().fit(X, y) for _ in range(3)]
+    assert len({m.weight_decay_ for m in unseeded}) == 1
+    np.testing.assert_array_equal(unseeded[0].predict_proba(X[:5]), unseeded[2].predict_proba(X[:5]))
     # Heads "auto" does not tune: AdamW with its usual decay.
     mlp = PretrainedImageClassifier(hidden_units=(16,), weight_decay="auto", max_epochs=2, random_state=0).fit(X, y)
     assert isinstance(mlp.head_.optimizer_, torch.optim.AdamW) and mlp.head_.l2 == 0.0
