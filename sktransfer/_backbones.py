@@ -713,7 +713,7 @@ def _write_memo(memo, backbone):
     record = {"fingerprint": backbone.fingerprint, "num_features": backbone.num_features,
               "preprocessing": dataclasses.asdict(backbone.preprocessing), "repr": repr(backbone.preprocessing)}
     try:
-        write_atomic(memo, json.dumps(record).encode(), makedirs=True, durable=False)
+        write_atomic(memo, json.dumps(record).encode(), makedirs=True, durable=False, follow_links=False)
     except OSError:
         pass
 

@@ -372,7 +372,8 @@ class DiskCache:
         body = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
         try:
             # mkstemp makes 0600; a shared cache must be readable by others
-            write_atomic(self._path(key), body + self._check(key, body), mode=0o644, makedirs=True, durable=False)
+            write_atomic(self._path(key), body + self._check(key, body), mode=0o644, makedirs=True, durable=False,
+                         follow_links=False)
         except OSError as e:
             # A full or read-only disk costs recomputation later, never a wrong entry.
             return e

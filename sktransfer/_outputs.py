@@ -17,7 +17,7 @@ import stat
 TEMP_PREFIX = ".tmp-"
 
 
-def write_atomic(path, data, mode=None, makedirs=False, durable=True):
+def write_atomic(path, data, mode=None, makedirs=False, durable=True, follow_links=True):
     """Write ``data`` (bytes) to ``path`` through a temporary file and a rename.
 
     A reader sees the old file or the whole new one, never a part, even when
@@ -26,7 +26,9 @@ def write_atomic(path, data, mode=None, makedirs=False, durable=True):
     own, and a new one gets those the umask leaves, as for any file a program
     creates (0644 under the usual umask 022).
     A ``path`` that is a symbolic link stays one: the file it points to is
-    written, as an editor or ``cp`` would.
+    written, as an editor or ``cp`` would; with ``follow_links=False`` the
+    link itself is replaced (the caches: a link planted in a shared folder
+    must not lead a write elsewhere).
     ``makedirs``: missing folders are made (see :func:`make_folders`).
     ``durable``: the bytes reach the disk before the rename makes them
     visible, and the rename after it (the folder is synced too), so a power
@@ -34,13 +36,15 @@ def write_atomic(path, data, mode=None, makedirs=False, durable=True):
     passes False: a torn entry fails its checksum and is recomputed, and a
     sync per image would slow embedding down.
     """
-    path = os.path.realpath(path)
+    path = os.path.realpath(path) if follow_links else os.path.abspath(path)
     folder = os.path.dirname(path)
     if makedirs:
         make_folders(folder, durable=durable)
     if mode is None:
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
+            existing = os.stat(path) if follow_links else os.lstat(path)
+            if stat.S_ISREG(existing.st_mode):
+                mode = stat.S_IMODE(existing.st_mode)
         except OSError:  # a new file
             pass
     # Not tempfile.mkstemp, whose file is 0600 whatever the umask: the kernel applies the umask to 0666 here.

@@ -162,6 +162,23 @@ def test_cache_reads_only_regular_files_of_the_expected_size(tmp_path):
     np.testing.assert_array_equal(_get_within(cache, keys[3]), np.arange(4, dtype=np.float32))
 
 
+def test_a_link_planted_in_the_cache_is_replaced_not_written_through(tmp_path):
+    """An entry rewritten over a symbolic link replaces the link: writing through it would let
+    whoever can write in the cache overwrite any file the user can."""
+    cache = DiskCache(tmp_path / "cache", "f" * 32)
+    key = "0" * 32
+    cache.put(key, np.arange(4, dtype=np.float32))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    entry = Path(cache._path(key))
+    entry.unlink()
+    entry.symlink_to(victim)
+    assert cache.get(key, 4) is None  # a link is not read
+    assert cache.put(key, np.arange(4, dtype=np.float32)) is None
+    assert victim.read_text() == "keep me" and not entry.is_symlink()
+    np.testing.assert_array_equal(cache.get(key, 4), np.arange(4, dtype=np.float32))
+
+
 def _rewrite_keeping_size_and_mtime(path, data):
     st = os.stat(path)
     assert len(data) == st.st_size
