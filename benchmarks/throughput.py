@@ -38,9 +38,11 @@ run only where their ImageNet weights are on disk (they need a download).
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -205,6 +207,7 @@ def main():
     from sktransfer._backbones import build_backbone
 
     work = Path(tempfile.mkdtemp(prefix="sktransfer-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # its photos and conversions: tens of MB
     os.environ["SKTRANSFER_ENGINE_CACHE"] = str(work / "converted")  # this run converts afresh
     lines = [
         f"{machine()}; {cpu_line()}. Steady state on {args.n} photos of trash6 (and 1600x1200 versions "
