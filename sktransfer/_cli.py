@@ -424,7 +424,6 @@ _SHOWN_SETTINGS = ("backbone", "hidden_units", "dropout", "lr", "weight_decay", 
 
 
 def _fit(args):
-
     import numpy as np
     from sklearn.base import clone
     from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
@@ -442,6 +441,7 @@ def _fit(args):
     )
     if args.max_epochs is not None:
         clf.set_params(max_epochs=args.max_epochs)
+    _validated(clf, args)
     grid = _parse_grid(args.grid, clf)
     if to_folder:
         _check_folder_can_hold(grid, args.output)
@@ -454,7 +454,7 @@ def _fit(args):
             f"class {classes.tolist()[counts.argmin()]!r} has {counts.min()} images, fewer than --cv {args.cv} "
             "folds; add images or lower --cv."
         )
-    unread = _check_settings(_validated(clf, args), grid, y)
+    unread = _check_settings(clf, grid, y)
     if unread:
         them = "it" if len(unread) == 1 else "them"
         print(f"note: {' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by the default "
@@ -754,14 +754,13 @@ def _audit(args):
 
     out = Path(args.output)
     _check_output(out, "-o", folder=True)
+    clf = _validated(PretrainedImageClassifier(
+        backbone=args.backbone, weights=args.weights, cache_dir=args.cache_dir, device=args.device,
+        random_state=args.random_state, engine=args.engine, precision=args.precision), args)
     X, y = _read_dataset(args.data, args.path_column, args.label_column, args.lines)
     X_test = y_test = None
     if args.test is not None:
         X_test, y_test = _read_dataset(args.test, args.path_column, args.label_column, args.lines)
-    clf = PretrainedImageClassifier(backbone=args.backbone, weights=args.weights, cache_dir=args.cache_dir,
-                                    device=args.device, random_state=args.random_state, engine=args.engine,
-                                    precision=args.precision)
-    _validated(clf, args)
     try:
         report = audit(clf, X, y, cv=args.cv, X_test=X_test, y_test=y_test,
                        duplicate_threshold=args.threshold, random_state=args.random_state,
