@@ -391,7 +391,8 @@ class TemperatureSoftmax:
 class TemperatureScaling(Callback):
     """Fit a temperature on the net's held-out split when training ends.
 
-    The temperature minimising the log loss there divides the logits from
+    The temperature minimising the log loss there (weighted by the images'
+    ``sample_weight``, as training weighs them) divides the logits from
     then on (``predict_nonlinearity``), so probabilities are calibrated and
     the argmax is unchanged. The net's ``train_split`` must be seeded, so
     that the split here is the one training held out.
@@ -406,14 +407,18 @@ class TemperatureScaling(Callback):
         dataset = net.get_dataset(X, y)
         _, valid = net.train_split(dataset, y)
         logits = net.forward(valid, training=False).detach().cpu().double().numpy()
-        y_valid = np.asarray(y)[np.asarray(valid.indices)]
+        held_out = np.asarray(valid.indices)
+        y_valid = np.asarray(y)[held_out]
+        # Weighted as training and early stopping weigh the images (sample_weight, class_weight).
+        weights = X.get("sample_weight") if isinstance(X, dict) else None
+        weights = np.ones(len(held_out)) if weights is None else np.asarray(weights, np.float64)[held_out]
         candidates = np.exp(np.linspace(np.log(0.05), np.log(20.0), 401))
         losses = []
         for t in candidates:
             z = logits / t
             z = z - z.max(axis=1, keepdims=True)
             log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            losses.append(-log_p[np.arange(len(y_valid)), y_valid].mean())
+            losses.append(-np.average(log_p[np.arange(len(y_valid)), y_valid], weights=weights))
         self.temperature_ = float(candidates[int(np.argmin(losses))])
         net.predict_nonlinearity = TemperatureSoftmax(self.temperature_)
 

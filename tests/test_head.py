@@ -398,6 +398,26 @@ def test_calibration_is_a_callback_fitted_when_training_ends(halves):
     assert "calibration" not in dict(PretrainedImageClassifier(max_epochs=1).fit(X, y).head_.callbacks_)
 
 
+def test_calibration_weighs_the_held_out_images_as_training_does(halves):
+    # All the held-out weight on one image the head gets right: the temperature is the one that
+    # image's loss wants, the sharpest of the grid. Weights scaled alike change nothing.
+    paths, labels, _, _, train, _ = halves
+    X, y = [paths[i] for i in train], labels[train]
+    clf = PretrainedImageClassifier(calibration="temperature", validation_fraction=0.3, random_state=0).fit(X, y)
+    net, callback = clf.head_, dict(clf.head_.callbacks_)["calibration"]
+    Z, y_enc = clf.embedder_.transform(X), np.searchsorted(clf.classes_, y)
+    _, valid = net.train_split(net.get_dataset({"X": Z}, y_enc), y_enc)
+    held_out = np.asarray(valid.indices)
+    unweighted = callback.temperature_
+    callback.on_train_end(net, X={"X": Z, "sample_weight": np.full(len(X), 3.0, dtype=np.float32)}, y=y_enc)
+    assert callback.temperature_ == unweighted
+    right = held_out[clf.predict([X[i] for i in held_out]) == y[held_out]]
+    weights = np.zeros(len(X), dtype=np.float32)
+    weights[right[0]] = 1.0
+    callback.on_train_end(net, X={"X": Z, "sample_weight": weights}, y=y_enc)
+    assert callback.temperature_ == pytest.approx(0.05) and unweighted > 0.1
+
+
 # -- batching of cached features ------------------------------------------------------
 
 def test_feature_loader_batches_every_row_once_per_epoch():
