@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import numbers
 import os
@@ -129,8 +130,8 @@ def _read_dataset(source, path_column="path", label_column="label", lines=None):
 
 def _expand_inputs(inputs):
     """Files as given; each folder replaced by the image files under it, sorted by path
-    (broken links in it are skipped with a warning)."""
-    from ._inputs import IMAGE_EXTENSIONS, broken_links_text, image_files
+    (other files and broken links in it are skipped with a warning)."""
+    from ._inputs import IMAGE_EXTENSIONS, _count, image_files, skipped_text
 
     paths = []
     for given in inputs:
@@ -140,10 +141,11 @@ def _expand_inputs(inputs):
         if not folder.is_dir():
             paths.append(given)  # missing or unreadable files are reported with every other bad input
             continue
-        broken = []
-        found = image_files(folder, broken=broken)
-        if broken:
-            warnings.warn(f"skipped {broken_links_text(broken)}, in {given!r}.", UserWarning, stacklevel=2)
+        skipped, broken = [], []
+        found = image_files(folder, skipped, broken)
+        if skipped or broken:
+            warnings.warn(f"skipped {_count(len(skipped) + len(broken), 'file')} in {given!r}: "
+                          f"{skipped_text(skipped, broken)}.", UserWarning, stacklevel=2)
         if not found:
             raise ValueError(
                 f"{given!r} is a folder with no image files (looked for {', '.join(IMAGE_EXTENSIONS)})."
@@ -512,9 +514,19 @@ def _predict(args):
 
     if args.output is not None:
         _check_output(args.output, "-o")
-    model = _load_model(args.model)
+    model = _load_model(args.model, classifier=False)
+    classifier = hasattr(model, "predict_proba") and hasattr(model, "classes_")
+    if args.proba and not classifier:
+        raise ValueError(f"--proba needs a classifier; {str(args.model)!r} holds a {type(model).__name__}, "
+                         "which predicts numbers.")
     paths = _expand_inputs(args.inputs)
     _show_embedding_progress(model, _progress())
+    if not classifier:
+        values = np.asarray(model.predict(paths), dtype=float)
+        header = ["path", "prediction"] if values.ndim == 1 else [
+            "path", *(f"prediction_{i}" for i in range(values.shape[1]))]
+        rows = [[path, *(format(v, ".9g") for v in np.atleast_1d(row))] for path, row in zip(paths, values)]
+        return _write_predictions(header, rows, args.output)
     proba = np.asarray(model.predict_proba(paths))
     classes = np.asarray(model.classes_)
     if getattr(model, "multilabel_", False):  # a 0/1 indicator row: name the labels that apply
@@ -526,11 +538,15 @@ def _predict(args):
         header += [f"proba_{c}" for c in classes]
     rows = [[path, label] + ([f"{p:.6f}" for p in row] if args.proba else [])
             for path, label, row in zip(paths, predicted, proba)]
-    _write_table(header, rows, args.output)
-    if args.output is not None:
+    return _write_predictions(header, rows, args.output)
+
+
+def _write_predictions(header, rows, output):
+    _write_table(header, rows, output)
+    if output is not None:
         from ._inputs import _count
 
-        print(f"{_count(rows, 'prediction')} written to {safe_text(args.output)}")
+        print(f"{_count(rows, 'prediction')} written to {safe_text(output)}")
     return 0
 
 
@@ -858,12 +874,14 @@ def build_parser():
     fit.set_defaults(run=_fit)
 
     predict = commands.add_parser(
-        "predict", help="predict the class of images; one CSV row per input, in input order",
+        "predict", help="predict the class (or a regressor's numbers) of images; one CSV row per input, "
+                        "in input order",
         description="Predict with a saved model. Folders are replaced by the image files under "
-                    "them, sorted by path. Writes CSV rows: path, prediction[, proba_<class>...].")
+                    "them, sorted by path. Writes CSV rows: path, prediction[, proba_<class>...]; for a "
+                    "regressor path, prediction (path, prediction_0, prediction_1, ... for several outputs).")
     predict.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     predict.add_argument("inputs", metavar="PATH_OR_DIR", nargs="+", help="image files or folders")
-    predict.add_argument("--proba", action="store_true", help="add the probability of each class")
+    predict.add_argument("--proba", action="store_true", help="add the probability of each class (classifiers)")
     predict.add_argument("-o", "--output", help="CSV file to write (default: standard output)")
     predict.set_defaults(run=_predict)
 
@@ -935,6 +953,18 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.lines = {}  # the CSV line of each image path read from a CSV file, for messages
+    with warnings.catch_warnings():
+        # Warnings are told as errors are, in the command line's words: not Python's file:line and source.
+        warnings.showwarning = functools.partial(_show_warning, args.command)
+        return _run(args)
+
+
+def _show_warning(command, message, category, filename, lineno, file=None, line=None):
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    print(f"sktransfer {command}: warning{kind}: {message}", file=sys.stderr)
+
+
+def _run(args):
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -124,19 +124,9 @@ def load_image_folder(root):
             f"(files ending in {accepted}, any letter case); add images, or remove the folder(s)."
         )
     if skipped or broken:
-        reasons = []
-        if skipped:
-            endings = collections.Counter(Path(p).suffix.lower() or "(none)" for p in skipped)
-            reasons.append(
-                f"{len(skipped)} whose names are not those of images ({dict(endings.most_common())}), "
-                f"e.g. {skipped[0]!r}; read are files ending in {accepted}. Convert or rename them to "
-                "include them"
-            )
-        if broken:
-            reasons.append(broken_links_text(broken))
         warnings.warn(
             f"load_image_folder skipped {_count(len(skipped) + len(broken), 'file')} in the class folders "
-            f"of {str(root)!r}: {'. '.join(reasons)}.",
+            f"of {str(root)!r}: {skipped_text(skipped, broken)}.",
             UserWarning, stacklevel=2,
         )
     if loose:
@@ -148,9 +138,20 @@ def load_image_folder(root):
     return paths, np.asarray(labels)
 
 
-def broken_links_text(broken):
-    """How many of the paths ``broken`` (a list) were skipped as links to nothing, with the first."""
-    return f"{_count(broken, 'broken link')} (or other entry that is not a file), e.g. {broken[0]!r}"
+def skipped_text(skipped, broken):
+    """Why :func:`image_files` left out the paths ``skipped`` (not named as images) and
+    ``broken`` (links to nothing), with how many of each and the first, for a warning."""
+    reasons = []
+    if skipped:
+        endings = collections.Counter(Path(p).suffix.lower() or "(none)" for p in skipped)
+        reasons.append(
+            f"{len(skipped)} whose names are not those of images ({dict(endings.most_common())}), "
+            f"e.g. {skipped[0]!r}; read are files ending in {', '.join(IMAGE_EXTENSIONS)}. Convert or "
+            "rename them to include them"
+        )
+    if broken:
+        reasons.append(f"{_count(broken, 'broken link')} (or other entry that is not a file), e.g. {broken[0]!r}")
+    return ". ".join(reasons)
 
 
 def _count(n, noun):

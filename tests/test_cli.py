@@ -1,6 +1,7 @@
 """The `sktransfer` command line, run in-process through `main` and as a real console command."""
 
 import csv
+import io
 import json
 import os
 import re
@@ -162,6 +163,31 @@ def test_predict_one_row_per_input_in_input_order(trained, sample, tmp_path, cap
     assert captured.err == ""  # no progress bar when stderr is not a terminal
 
 
+def test_predict_with_a_regressor_writes_its_numbers(sample, tmp_path, capsys):
+    from sktransfer import PretrainedImageRegressor, save_model
+
+    paths = sample[0][::12]
+    grey = np.array([np.asarray(Image.open(p).convert("L"), dtype=float).mean() for p in paths])
+    single = PretrainedImageRegressor(max_epochs=5, random_state=0).fit(paths, grey)
+    joblib.dump(single, tmp_path / "grey.joblib")
+    save_model(single, tmp_path / "grey_folder")
+    for model in (tmp_path / "grey.joblib", tmp_path / "grey_folder"):
+        assert main(["predict", str(model), *paths[:3], "-o", str(tmp_path / "p.csv")]) == 0
+        table = pd.read_csv(tmp_path / "p.csv")
+        assert table.columns.tolist() == ["path", "prediction"] and table["path"].tolist() == paths[:3]
+        np.testing.assert_allclose(table["prediction"], single.predict(paths[:3]), rtol=1e-6)
+    two = PretrainedImageRegressor(max_epochs=5, random_state=0).fit(paths, np.c_[grey, -grey])
+    joblib.dump(two, tmp_path / "two.joblib")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "two.joblib"), *paths[:3]]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert table.columns.tolist() == ["path", "prediction_0", "prediction_1"]
+    np.testing.assert_allclose(table[["prediction_0", "prediction_1"]], two.predict(paths[:3]), rtol=1e-6)
+    assert main(["predict", str(tmp_path / "grey.joblib"), *paths[:3], "--proba"]) == 1
+    err = capsys.readouterr().err
+    assert "--proba" in err and "PretrainedImageRegressor" in err and "classifier" in err, err
+
+
 def test_predict_errors_name_the_input(trained, tmp_path, capsys):
     _, _, model_path, data, _ = trained
     assert main(["predict", str(model_path), str(tmp_path / "missing.jpg"), str(model_path)]) == 1
@@ -233,7 +259,7 @@ def test_embed_to_npy_and_parquet_matches_the_embedder(sample, tmp_path):
     assert main(["embed", str(data), "-o", str(tmp_path / "f.csv")]) == 1
 
 
-def test_a_folder_given_is_read_through_linked_folders_and_its_broken_links_are_told(sample, tmp_path):
+def test_a_folder_given_is_read_through_linked_folders_and_its_broken_links_are_told(sample, tmp_path, capsys):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     shutil.copy(sample[0][0], elsewhere / "b.jpg")
@@ -242,10 +268,34 @@ def test_a_folder_given_is_read_through_linked_folders_and_its_broken_links_are_
     shutil.copy(sample[0][1], data / "a.jpg")
     (data / "linked").symlink_to(elsewhere)
     (data / "c.jpg").symlink_to(tmp_path / "missing.jpg")
-    with pytest.warns(UserWarning, match=r"skipped 1 broken link .*c\.jpg"):
-        assert main(["embed", str(data), "-o", str(tmp_path / "f.npy")]) == 0
+    assert main(["embed", str(data), "-o", str(tmp_path / "f.npy")]) == 0
+    assert re.search(r"warning: skipped 1 file in .*: 1 broken link .*c\.jpg", capsys.readouterr().err)
     assert (tmp_path / "f.paths.txt").read_text().splitlines() == [str(data / "a.jpg"), str(data / "linked" / "b.jpg")]
     assert np.load(tmp_path / "f.npy").shape == (2, 1280)
+
+
+@pytest.mark.parametrize("command", ["predict", "embed"])
+def test_files_a_folder_holds_that_are_not_images_are_told_not_dropped_silently(trained, tmp_path, capsys, command):
+    _, _, model, data, _ = trained
+    folder = tmp_path / "photos"
+    shutil.copytree(data / "glass", folder)
+    (folder / "notes.txt").write_text("taken on Monday")
+    (folder / "scan.heic").write_bytes(b"")
+    args = [str(model), str(folder), "-o", str(tmp_path / "out.csv")] if command == "predict" else [
+        str(folder), "-o", str(tmp_path / "out.npy")]
+    assert main([command, *args]) == 0
+    err = capsys.readouterr().err
+    assert f"sktransfer {command}: warning: skipped 2 files in {str(folder)!r}" in err, err
+    assert "'.txt': 1" in err and "'.heic': 1" in err, err
+
+
+def test_warnings_are_told_in_the_command_lines_words_not_pythons(sample, tmp_path, capsys):
+    data = copy_images(sample, tmp_path / "d", 2)
+    (data / "glass" / "notes.txt").write_text("taken on Monday")
+    assert main(["fit", str(data), "--cv", "2", "-o", str(tmp_path / "m.joblib")]) == 0
+    err = capsys.readouterr().err
+    assert "sktransfer fit: warning: " in err and "notes.txt" in err, err
+    assert "UserWarning" not in err and "warnings.warn(" not in err and ".py:" not in err, err
 
 
 def test_embed_to_npy_refuses_file_names_with_a_line_break(sample, tmp_path, capsys):
