@@ -35,6 +35,39 @@ def _figure(figsize):
     return Figure(figsize=figsize)
 
 
+def _fitted_titles(titles, width, height, largest=9.0, smallest=5.0):
+    """``titles`` and the font size (points) at which they fit a picture ``width`` × ``height``
+    inches: the widest line within the width, the two lines within a quarter of the height.
+    Below ``smallest`` points the lines too long for the width are cut, ending in "…"."""
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
+
+    measure = RendererAgg(1, 1, 72)  # at 72 dpi a pixel is a point
+
+    def points(line, size):
+        return measure.get_text_width_height_descent(line, FontProperties(size=size), ismath=False)[0]
+
+    lines = [line for title in titles for line in title.splitlines()]
+    widest = max((points(line, largest) for line in lines), default=0.0)
+    size = largest if widest == 0 else min(largest, largest * width * 72 / widest)
+    size = max(smallest, min(size, largest * (height * 72 / 4) / _title_height(largest)))
+
+    def cut(line):
+        kept = line
+        while kept and points(kept + "…" if kept != line else kept, size) > width * 72:
+            kept = kept[:-1]
+        return kept if kept == line else kept.rstrip() + "…"
+
+    return ["\n".join(cut(line) for line in title.splitlines()) for title in titles], size
+
+
+def _title_height(fontsize):
+    """Points that a two-line title takes above its picture: its lines and matplotlib's title pad."""
+    from matplotlib import rcParams
+
+    return 2 * 1.2 * fontsize + rcParams["axes.titlepad"] + 2
+
+
 def top_losses(estimator, X, y):
     """Each image's loss under ``estimator``: minus the log-probability of its true class.
 
@@ -152,8 +185,11 @@ class TopLossesDisplay:
         ----------
         ax : matplotlib Axes or array of Axes, default=None
             None: a new figure of ``CELL_SIZE`` inches per cell (not attached
-            to pyplot). One Axes: its area is divided into the grid. An array
-            of Axes: one per image, at least as many as there are images.
+            to pyplot). One Axes: its area is divided into the grid, with
+            room between the rows for the titles. An array of Axes: one per
+            image, at least as many as there are images. Titles take the
+            largest font up to 9 points that fits a picture's width (at least
+            5 points; lines still too long are cut, ending in "…").
         n_cells : int, default=None
             Cells of the grid (``ceil(sqrt(n_cells))`` columns); by default
             the number of images.
@@ -165,12 +201,21 @@ class TopLossesDisplay:
         n_cells = max(1, n_cells or len(self.images))
         ncols = math.ceil(math.sqrt(n_cells))
         nrows = math.ceil(n_cells / ncols)
+        titles = [f"predicted {pred} ({p:.2f})\ntrue {true}, loss {loss:.2f}"
+                  for true, pred, p, loss in zip(self.y_true, self.y_pred, self.confidence, self.losses)]
         if ax is None:
             fig = _figure((CELL_SIZE[0] * ncols, CELL_SIZE[1] * nrows))
             axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+            titles, fontsize = _fitted_titles(titles, *CELL_SIZE)
         elif hasattr(ax, "get_subplotspec"):
+            # The Axes' area divided into the grid, with room between the rows for each picture's title.
             fig = ax.figure
-            grid = ax.get_subplotspec().subgridspec(nrows, ncols)
+            box = ax.get_position()
+            width = box.width * fig.get_figwidth() / ncols
+            height = box.height * fig.get_figheight() / nrows
+            titles, fontsize = _fitted_titles(titles, width, height)
+            gap = _title_height(fontsize) / 72
+            grid = ax.get_subplotspec().subgridspec(nrows, ncols, wspace=0.05, hspace=gap / max(height - gap, 1e-3))
             ax.remove()
             axes = np.array([fig.add_subplot(grid[i // ncols, i % ncols]) for i in range(nrows * ncols)])
         else:
@@ -179,13 +224,14 @@ class TopLossesDisplay:
                 raise ValueError(f"ax has {len(axes)} axes for {len(self.images)} images; pass at least one "
                                  "per image, a single Axes to divide, or None.")
             fig = axes[0].figure
+            box = axes[0].get_position()
+            titles, fontsize = _fitted_titles(titles, box.width * fig.get_figwidth(),
+                                              box.height * fig.get_figheight())
         for a in axes:
             a.set_axis_off()
-        for a, image, true, pred, p, loss in zip(axes, self.images, self.y_true, self.y_pred,
-                                                  self.confidence, self.losses):
+        for a, image, title, true, pred in zip(axes, self.images, titles, self.y_true, self.y_pred):
             a.imshow(image)
-            a.set_title(f"predicted {pred} ({p:.2f})\ntrue {true}, loss {loss:.2f}",
-                        fontsize=9, color="firebrick" if pred != true else "black")
+            a.set_title(title, fontsize=fontsize, color="firebrick" if pred != true else "black")
         if not self.images:
             axes[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center",
                          transform=axes[0].transAxes)

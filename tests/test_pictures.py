@@ -133,6 +133,39 @@ def test_top_losses_display_follows_sklearn_display_conventions(clf, data):
     assert png(display, dpi=20).size == (128, 96)  # savefig reaches the figure, as before the display
 
 
+@pytest.mark.parametrize("figsize", [(8, 4), (12, 9), (6.4, 4.8), (4, 3)])
+def test_top_losses_titles_stay_clear_of_the_other_pictures_in_one_axes(clf, data, figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    _, (X, y) = data
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    _, right = fig.subplots(1, 2)
+    display = TopLossesDisplay.from_estimator(clf, X, y, k=9, ax=right)
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    cells = [ax.get_window_extent(renderer) for ax in display.axes_]
+    titles = [ax.title.get_window_extent(renderer) for ax in display.axes_]
+    full = [f"predicted {pred} ({p:.2f})\ntrue {true}, loss {loss:.2f}" for true, pred, p, loss in
+            zip(display.y_true, display.y_pred, display.confidence, display.losses)]
+    for ax, text in zip(display.axes_, full):  # whole, or cut where too long for the picture's width
+        for shown, line in zip(ax.get_title().splitlines(), text.splitlines(), strict=True):
+            assert shown == line or (shown.endswith("…") and line.startswith(shown[:-1]) and len(shown) > 5)
+    if figsize == (12, 9):
+        assert [ax.get_title() for ax in display.axes_] == full
+    for i, title in enumerate(titles):
+        assert title.height > 0 and ax_font(display.axes_[i]) >= 5
+        for j, (cell, other) in enumerate(zip(cells, titles)):
+            if j != i:
+                assert not title.overlaps(cell), f"title {i} over picture {j}"
+                assert not title.overlaps(other), f"title {i} over title {j}"
+
+
+def ax_font(ax):
+    return ax.title.get_fontsize()
+
+
 def test_explain_gives_gradcam_overlays_where_the_photo_is(clf, data):
     _, (X, y) = data
     photo = Image.open(X[4]).convert("RGB").resize((112, 224))  # a glass photo
