@@ -136,9 +136,9 @@ def _expand_inputs(inputs):
     paths = []
     for given in inputs:
         folder = Path(given)
-        if not folder.is_dir() and str(given).endswith(("/", os.sep)):
-            raise ValueError(f"folder {given!r} not found.")
         if not folder.is_dir():
+            if str(given).endswith(("/", os.sep)):
+                raise ValueError(f"folder {given!r} not found.")
             paths.append(given)  # missing or unreadable files are reported with every other bad input
             continue
         skipped, broken = [], []
