@@ -55,9 +55,23 @@ from ._head import (
 )
 # Under this name too because pickles of calibrated models from 0.1.0 refer to it.
 from ._head import TemperatureSoftmax as _TemperatureSoftmax
-from ._inputs import as_image_list
+from ._inputs import ImageInputError, as_image_list
 from ._repr import visual_block
 from ._runtime import limited_threads, seeded_rng, steady_heap
+
+
+def _without_zero_weights(X, y, sample_weight):
+    """``X``, ``y`` and ``sample_weight`` without the images of weight 0 (a DataFrame ``X`` stays one)."""
+    n = len(as_image_list(X))
+    y = np.asarray(y)
+    if len(y) != n:
+        raise ValueError(f"X has {n} images but y has {len(y)} labels; they must match.")
+    weights = _check_sample_weight(sample_weight, np.empty(n), ensure_non_negative=True)
+    keep = np.flatnonzero(weights)
+    if len(keep) == n:
+        return X, y, weights
+    X = X.iloc[keep] if hasattr(X, "iloc") else [as_image_list(X)[i] for i in keep]
+    return X, y[keep], weights[keep]
 
 
 def _check_columns(estimator, X, reset=False):
@@ -518,13 +532,16 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             self._check_same_head(embedder, hidden_units, continuing)
         if self.unfreeze:
             embedder.backbone_.prefix(self.unfreeze)  # an unsupported split fails before embedding
-        if self.augment is None:
-            Z = self._embed(embedder, items, None, self.unfreeze)
-        else:
-            # One backbone pass per image and view, cached: shape (n_images, n_views, n_features).
-            views = augment_views(self.augment, self.n_views, self._seed(),
-                                  embedder.backbone_.preprocessing)
-            Z = np.stack([self._embed(embedder, items, v, self.unfreeze) for v in views], axis=1)
+        try:
+            if self.augment is None:
+                Z = self._embed(embedder, items, None, self.unfreeze)
+            else:
+                # One backbone pass per image and view, cached: shape (n_images, n_views, n_features).
+                views = augment_views(self.augment, self.n_views, self._seed(),
+                                      embedder.backbone_.preprocessing)
+                Z = np.stack([self._embed(embedder, items, v, self.unfreeze) for v in views], axis=1)
+        except ImageInputError as e:  # named by their index in X, not among the kept images
+            raise ImageInputError([(kept[i], item, reason) for i, item, reason in e.errors], e.name) from None
         # Fine-tuning runs backbone blocks every step: keep their buffers in the heap too.
         heap = steady_heap() if self.unfreeze else contextlib.nullcontext()
         # The held-out split's seed and the tuning folds' (fresh when random_state is None;
@@ -1206,6 +1223,9 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     def score(self, X, y, sample_weight=None):
         """Accuracy on ``X`` against ``y``; labels must be classes seen in fit.
 
+        Images whose ``sample_weight`` is 0 are left out, as in ``fit``: their
+        labels may be classes the model never saw.
+
         For multi-label models, subset accuracy: the share of images whose
         every label is predicted right, as in scikit-learn.
         """
@@ -1217,6 +1237,9 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                     f"the model was fitted on; got an array of shape {np.shape(y)}."
                 )
             return super().score(X, y, sample_weight=sample_weight)
+        if sample_weight is not None:
+            # Images of weight 0 count for nothing, as in fit: their labels need not be known.
+            X, y, sample_weight = _without_zero_weights(X, y, sample_weight)
         unseen = set(np.unique(np.asarray(y, dtype=object))) - set(self.classes_.tolist())
         if unseen:
             raise ValueError(
