@@ -509,6 +509,12 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                 "early_stopping=True holds out part of the training data and stops on it, which "
                 "partial_fit cannot do on each batch; set early_stopping=False to use partial_fit."
             )
+        if epochs is not None and getattr(self, "calibration", None) is not None:
+            raise ValueError(
+                f"calibration={self.calibration!r} holds out part of the training data and fits the "
+                "temperature on it, which partial_fit cannot do on each batch; set calibration=None to "
+                "use partial_fit."
+            )
         if continuing:
             _check_columns(self, X)
         items = as_image_list(X)
@@ -916,6 +922,9 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
 
     def partial_fit(self, X, y, classes=None, sample_weight=None):
         """Train the head for one epoch on a batch of images, continuing from the last call.
+
+        ``early_stopping=True`` and ``calibration="temperature"`` are refused:
+        each holds out part of the training data, which a batch cannot spare.
 
         Parameters
         ----------
