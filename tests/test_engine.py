@@ -234,6 +234,39 @@ def test_a_body_converted_before_embeds_in_a_fresh_process_without_being_built(s
     np.testing.assert_array_equal(converted, converting)
 
 
+_FULL_DISK = r'''
+import json, resource, sys, warnings
+import torch
+from torch import nn
+from sktransfer import ImageEmbedder
+from sktransfer import _engine
+calls = []
+convert = _engine.convert
+_engine.convert = lambda *a, **k: calls.append(1) or convert(*a, **k)
+torch.manual_seed(0)
+embedder = ImageEmbedder(backbone=nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU()), engine="openvino").fit()
+resource.setrlimit(resource.RLIMIT_FSIZE, (256, resource.RLIM_INFINITY))  # a full disk: no file over 256 bytes
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first, second = embedder.transform(sys.argv[1:]), embedder.transform(sys.argv[1:])
+print(json.dumps({"shape": first.shape, "equal": bool((first == second).all()), "conversions": len(calls),
+                  "told": [str(w.message) for w in caught if "converted backbone" in str(w.message)]}))
+'''
+
+
+@needs_openvino
+@pytest.mark.skipif(sys.platform == "win32", reason="file size limits (RLIMIT_FSIZE) are POSIX's")
+def test_a_conversion_that_cannot_be_kept_on_a_full_disk_still_embeds(sample, tmp_path):
+    # OpenVINO tells a failed write as a RuntimeError, not an OSError: it used to fail every call.
+    env = {**fresh_env(), "SKTRANSFER_ENGINE_CACHE": str(tmp_path / "engine")}
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, *sample[0][:2]], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["shape"] == [2, 4] and result["equal"] and result["conversions"] == 1
+    assert len(result["told"]) == 1 and "later processes convert it again" in result["told"][0]
+
+
 def _convert_fresh(tmp_path, monkeypatch, photos, part):
     """Convert the default body (``part="body"``) or its frozen part before the last block
     (``"prefix"``) into an empty engine cache, check its features on ``photos`` (OpenVINO
