@@ -156,6 +156,22 @@ def test_features_pytorch_cached_are_not_converted_away(sample, tmp_path, monkey
 
 
 @needs_openvino
+@pytest.mark.parametrize("engine", ["auto", "openvino"])
+def test_unusable_inputs_are_told_before_the_body_is_converted(sample, tmp_path, monkeypatch, engine):
+    from torch import nn
+
+    from sktransfer import ImageInputError
+
+    monkeypatch.setattr(_engine, "OPENVINO_MIN_IMAGES", 3)  # stands in for 500
+    monkeypatch.setenv("SKTRANSFER_ENGINE_CACHE", str(tmp_path / "engine"))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    embedder = ImageEmbedder(backbone=nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU()), engine=engine).fit()
+    with pytest.raises(ImageInputError, match=r"\[3\] .*broken\.jpg"):
+        embedder.transform([*sample[0][:3], str(tmp_path / "broken.jpg")])
+    assert not (tmp_path / "engine").exists()  # nothing converted
+
+
+@needs_openvino
 @pytest.mark.slow
 def test_fine_tuning_runs_the_frozen_prefix_in_the_engine(sample):
     X, y = sample[0][::15], sample[1][::15]
