@@ -604,6 +604,28 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                             elsewhere=_elsewhere(type(self)))
         return net, task, params, extra
 
+    def _check_fit_settings(self, y, folds=(), where=""):
+        """Refuse, before any image is read, the settings ``fit`` would refuse for the
+        labels ``y`` (no sample weights) and for each training fold ``y[train]`` of
+        ``folds`` (index arrays), whose messages say so with ``where`` (e.g. ``"cv=3"``).
+
+        Returns the head's settings (:meth:`_checked_head_settings`) for all of ``y``.
+        """
+        self._validate_params()
+        self._check_hidden_units()
+
+        def check(labels):
+            y_train, _, n_outputs, _, _ = self._prepare_targets(labels, len(labels), None)
+            return self._checked_head_settings(y_train, n_outputs, False)
+
+        checked = check(y)
+        for train in folds:
+            try:
+                check(np.asarray(y)[train])
+            except ValueError as e:
+                raise ValueError(f"{e} (in a training fold of {where})") from None
+        return checked
+
     def _head_settings(self):
         """The parameters the head is built from, and the other (prefixed skorch) settings."""
         extra = self._extra_settings()
