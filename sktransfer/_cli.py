@@ -514,6 +514,9 @@ def _predict(args):
     if args.output is not None:
         _check_output(args.output, "-o")
     model = _load_model(args.model, classifier=False)
+    if not hasattr(model, "predict"):
+        raise ValueError(f"{str(args.model)!r} holds a {type(model).__name__}, which does not predict (it has "
+                         "no predict method).")
     classifier = hasattr(model, "predict_proba") and hasattr(model, "classes_")
     if args.proba and not classifier:
         raise ValueError(f"--proba needs a classifier; {str(args.model)!r} holds a {type(model).__name__}, "

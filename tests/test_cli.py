@@ -188,6 +188,13 @@ def test_predict_with_a_regressor_writes_its_numbers(sample, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "grey.joblib"), *paths[:3], "--proba"]) == 1
     err = capsys.readouterr().err
     assert "--proba" in err and "PretrainedImageRegressor" in err and "classifier" in err, err
+    # A model that does not predict (an embedder) is told as such, not with a traceback.
+    from sktransfer import ImageEmbedder
+
+    save_model(ImageEmbedder().fit(), tmp_path / "embedder")
+    assert main(["predict", str(tmp_path / "embedder"), *paths[:3]]) == 1
+    assert capsys.readouterr().err == (f"sktransfer predict: error: {str(tmp_path / 'embedder')!r} holds a "
+                                       "ImageEmbedder, which does not predict (it has no predict method).\n")
 
 
 def test_predict_errors_name_the_input(trained, tmp_path, capsys):
