@@ -99,6 +99,29 @@ def test_fit_from_csv_with_relative_paths(sample, tmp_path):
     assert list(joblib.load(model).classes_) == CLASSES
 
 
+def test_a_csv_separated_by_semicolons_or_tabs_is_read_as_its_header_says(sample, tmp_path, capsys):
+    # Spreadsheets in many locales export CSV with ';': its header names the columns with it.
+    data = copy_images(sample, tmp_path / "photos", 4)
+    X, y = load_image_folder(data)
+    for name, delimiter in [("semi.csv", ";"), ("tabs.csv", "\t")]:
+        with open(tmp_path / name, "w", newline="") as f:
+            writer = csv.writer(f, delimiter=delimiter)
+            writer.writerow(["path", "label"])
+            writer.writerows([os.path.relpath(p, tmp_path), label] for p, label in zip(X, y))
+        assert main(["fit", str(tmp_path / name), "--cv", "2", "-o", str(tmp_path / "m.joblib")]) == 0
+        assert capsys.readouterr().out.startswith("12 images, 3 classes: cardboard (4), glass (4), metal (4)\n")
+    (tmp_path / "odd.csv").write_text("file;cls\n")
+    assert main(["fit", str(tmp_path / "odd.csv"), "-o", str(tmp_path / "m.joblib")]) == 1
+    assert "has no column(s) 'path', 'label'; its columns are ['file', 'cls']" in capsys.readouterr().err
+
+
+def test_data_that_does_not_exist_is_called_missing(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "nope"), "-o", str(tmp_path / "m.joblib")]) == 1
+    assert capsys.readouterr().err == (f"sktransfer fit: error: {str(tmp_path / 'nope')!r} does not exist; expected "
+                                       "a folder with one sub-folder of images per class, or a CSV file with "
+                                       "columns path,label.\n")
+
+
 def test_fit_that_cannot_write_its_model_leaves_the_previous_one(sample, tmp_path, capsys):
     """The model file is replaced whole or not at all: here the disk refuses a file over 1 MB."""
     import resource
@@ -520,7 +543,7 @@ def test_demo_shows_accuracy_time_confusion_matrix_and_next_steps(tmp_path, caps
     assert all(rows[i][1 + i].startswith("[") for i in range(6))  # the diagonal is marked
     assert np.trace(counts) / 180 == pytest.approx(float(accuracy.group(1)), abs=0.02)  # equal folds of 36
     assert f"saved to {model.resolve()}" in out and "predictions identical = True" in out
-    assert "sktransfer fit path/to/photos -o model.joblib" in out
+    assert "sktransfer fit path/to/photos -o model/" in out  # the safe folder, the one to share
     assert list(joblib.load(model).classes_) == classes
     folder = str(tmp_path / "demo_model") + os.sep  # as fit -o: the safe save_model folder
     assert main(["demo", "-o", folder]) == 0
