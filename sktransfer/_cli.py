@@ -579,6 +579,8 @@ def _evaluate(args):
     from ._plotting import _figure, plot_top_losses, top_losses
 
     out = Path(args.output)
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: the number of misclassified images shown must be at least 1.")
     _check_output(out, "-o", folder=True)
     model = _load_model(args.model)
     X, y = _read_dataset(args.data, args.path_column, args.label_column, args.lines)

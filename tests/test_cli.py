@@ -115,6 +115,14 @@ def test_a_csv_separated_by_semicolons_or_tabs_is_read_as_its_header_says(sample
     assert "has no column(s) 'path', 'label'; its columns are ['file', 'cls']" in capsys.readouterr().err
 
 
+def test_evaluate_names_its_option_for_a_bad_top(trained, tmp_path, capsys):
+    _, _, model, data, _ = trained
+    assert main(["evaluate", str(model), str(data), "-o", str(tmp_path / "r"), "--top", "0"]) == 1
+    assert capsys.readouterr().err == ("sktransfer evaluate: error: --top 0: the number of misclassified images "
+                                       "shown must be at least 1.\n")
+    assert not (tmp_path / "r").exists()
+
+
 def test_data_that_does_not_exist_is_called_missing(tmp_path, capsys):
     assert main(["fit", str(tmp_path / "nope"), "-o", str(tmp_path / "m.joblib")]) == 1
     assert capsys.readouterr().err == (f"sktransfer fit: error: {str(tmp_path / 'nope')!r} does not exist; expected "
