@@ -1,24 +1,31 @@
 """Views of an image (stage 2b): seeded augmentation, test-time views, their cache identity,
 and how the head picks among views (``pick_view``)."""
 
+import copy
 import dataclasses
 import hashlib
+import json
 import random
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
 from torchvision import transforms as T
+from torchvision.transforms import v2 as T2
 
-from sktransfer import PretrainedImageClassifier, Preprocessing, clear_cache
+from sktransfer import ImageInputError, PretrainedImageClassifier, Preprocessing, cache_info, clear_cache
 from sktransfer._augment import View, augment_transform, augment_views, transform_identity, tta_views
 from sktransfer._backbones import build_backbone
 from sktransfer._features import extract_features
 from sktransfer._head import pick_view
 
-from conftest import import_file
+from conftest import fresh_env, import_file
 
 # The default backbone's recipe: resize to 256, centre crop 224.
 PREP = Preprocessing(resize_size=256, crop_size=224, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -277,3 +284,235 @@ def test_training_draws_one_view_per_image_from_torchs_generator():
     assert set(chosen.tolist()) == {0, 1, 2, 3}  # every view is drawn over many images
     torch.manual_seed(0)
     assert torch.equal(pick_view(X, training=True)[0], out)  # random_state decides the draw
+
+
+# -- identity: the globals a transform reads --------------------------------------------
+
+_GLOBALS_MODULE = '''
+from PIL import ImageEnhance
+
+BRIGHTNESS = 0.5
+CONTRAST = 1.0
+
+
+def contrast(image):
+    return ImageEnhance.Contrast(image).enhance(CONTRAST)
+
+
+def darken(image):
+    return contrast(ImageEnhance.Brightness(image).enhance(BRIGHTNESS))
+
+
+def repeat(image, times=2):
+    return image if times == 0 else repeat(image, times - 1)
+
+
+class Darken:
+    def __call__(self, image):
+        return darken(image)
+'''
+
+
+def test_a_function_is_known_by_the_globals_it_reads(tmp_path):
+    path = tmp_path / "sktransfer_test_globals.py"
+    path.write_text(_GLOBALS_MODULE)
+    module = import_file(path)
+
+    def identities():
+        return transform_identity(module.darken), transform_identity(module.Darken())
+
+    first = identities()
+    assert identities() == first  # deterministic
+    module.BRIGHTNESS = 0.0  # read by the function itself
+    darker = identities()
+    module.CONTRAST = 2.0  # read by a function it calls
+    contrasted = identities()
+    assert len({first, darker, contrasted}) == 3
+    assert all(a != b for a, b in zip(first, darker))
+    module.BRIGHTNESS, module.CONTRAST = 0.5, 1.0
+    assert identities() == first  # the values count, not the history
+    # A function that calls itself is known by its code, as any other.
+    assert transform_identity(module.repeat) == transform_identity(module.repeat)
+    assert not transform_identity(module.repeat).startswith("user-once:")
+
+
+def test_a_global_that_cannot_be_written_makes_views_never_reused(tmp_path):
+    path = tmp_path / "sktransfer_test_global_lock.py"
+    path.write_text("import threading\n\nLOCK = threading.Lock()\n\n"
+                    "def locked(image):\n    with LOCK:\n        return image\n")
+    module = import_file(path)
+    one, two = transform_identity(module.locked), transform_identity(module.locked)
+    assert one != two and one.startswith("user-once:")
+
+
+def test_a_changed_global_gets_new_views_in_the_same_process(tmp_path, sample):
+    paths, labels = sample
+    X, y = [paths[i] for i in (0, 1, 30, 31)], labels[[0, 1, 30, 31]]
+    backbone = build_backbone("efficientnet_lite0")
+    path = tmp_path / "sktransfer_test_brightness.py"
+    path.write_text(_GLOBALS_MODULE)
+    module = import_file(path)
+    for brightness in (0.0, 1.0):  # black views, then the photos themselves
+        module.BRIGHTNESS = brightness
+        clf = PretrainedImageClassifier(augment=module.darken, n_views=1, max_epochs=1,
+                                        random_state=0).fit(X, y)
+        view, = augment_views(module.darken, 1, clf._seed(), backbone.preprocessing)
+        served = extract_features(X, backbone, view=view)  # what the fit cached
+        images = [module.darken(Image.open(p).convert("RGB")) for p in X]
+        np.testing.assert_allclose(served, extract_features(images, backbone), atol=1e-5)
+
+
+# -- the same in fresh processes: globals, NumPy's generator, tensors ----------------------
+
+_FRESH_PROCESS = r'''
+import hashlib, json, sys
+import numpy as np
+from PIL import Image, ImageEnhance
+from torchvision.transforms import v2 as T2
+from sktransfer import PretrainedImageClassifier
+from sktransfer._augment import augment_views, transform_identity
+from sktransfer._features import extract_features
+
+BRIGHTNESS = float(sys.argv[1])
+X, y, cache = json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+
+
+def darken(image):
+    return ImageEnhance.Brightness(image).enhance(BRIGHTNESS)
+
+
+def jitter(image):  # draws from NumPy's global generator, as albumentations does
+    return ImageEnhance.Brightness(image).enhance(np.random.uniform(0.5, 1.5))
+
+
+clf = PretrainedImageClassifier(augment=darken, n_views=1, max_epochs=1, random_state=0,
+                                cache_dir=cache).fit(X, y)
+backbone = clf.embedder_.backbone_
+view, = augment_views(darken, 1, clf._seed(), backbone.preprocessing)
+served = extract_features(X, backbone, cache_dir=cache, view=view)
+expected = extract_features([darken(Image.open(p).convert("RGB")) for p in X], backbone)
+clf = PretrainedImageClassifier(augment=jitter, n_views=2, max_epochs=2, random_state=0).fit(X, y)
+head = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in clf.head_.module_.parameters()))
+print(json.dumps({
+    "darken": transform_identity(darken),
+    "served_as_computed": bool(np.allclose(served, expected, atol=1e-5)),
+    "jitter_head": head.hexdigest(),
+    "v2": transform_identity(T2.Compose([T2.RandomResizedCrop(256), T2.RandomHorizontalFlip()])),
+}))
+'''
+
+
+@pytest.fixture(scope="module")
+def two_processes(sample, tmp_path_factory):
+    """The outputs of ``_FRESH_PROCESS`` run in two fresh processes one after the other,
+    sharing a cache_dir: first with BRIGHTNESS=0.0, then with 1.0."""
+    paths, labels = sample
+    X, y = [paths[i] for i in (0, 1, 30, 31)], [str(v) for v in labels[[0, 1, 30, 31]]]
+    folder = tmp_path_factory.mktemp("fresh")
+    script = folder / "fit_augmented.py"
+    script.write_text(_FRESH_PROCESS)
+    outputs = []
+    for brightness in ("0.0", "1.0"):
+        done = subprocess.run([sys.executable, str(script), brightness, json.dumps(X), json.dumps(y),
+                               str(folder / "cache")], env=fresh_env(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return outputs
+
+
+def test_a_global_set_otherwise_in_another_process_gets_new_views(two_processes):
+    black, plain = two_processes
+    assert black["darken"] != plain["darken"]
+    # The second process finds the first one's black views on disk, and does not take them.
+    assert black["served_as_computed"] and plain["served_as_computed"]
+
+
+def test_an_augment_drawing_from_numpy_gives_equal_models_in_fresh_processes(two_processes):
+    first, second = two_processes
+    assert first["jitter_head"] == second["jitter_head"]
+
+
+def test_a_transform_holding_tensors_keeps_its_identity_in_fresh_processes(two_processes):
+    first, second = two_processes
+    assert first["v2"] == second["v2"] and not first["v2"].startswith("user-once:")
+
+
+# -- identity: transforms that hold tensors ---------------------------------------------
+
+def test_a_transform_holding_tensors_is_known_by_their_values():
+    for transform in (T2.RandomResizedCrop(224), T2.ColorJitter(0.3),
+                      T2.Compose([T2.RandomResizedCrop(224), T2.RandomHorizontalFlip()])):
+        assert transform_identity(transform) == transform_identity(copy.deepcopy(transform))
+    # Equal values in separate tensors: one identity; other values, dtypes or shapes: others.
+    identities = [transform_identity(lambda image, k=k: image) for k in (
+        torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([1.0], dtype=torch.float64),
+        torch.tensor([[1.0]]), torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([1.0])[:0])]
+    assert identities[0] == identities[1] and len(set(identities)) == len(identities) - 1
+
+
+def test_clones_of_a_tensor_holding_augment_reuse_the_cached_views(tmp_path, sample):
+    paths, labels = sample
+    X, y = [paths[i] for i in (0, 1, 30, 31)], labels[[0, 1, 30, 31]]
+    augment = T2.Compose([T2.RandomResizedCrop(256), T2.RandomHorizontalFlip()])
+    clf = PretrainedImageClassifier(augment=augment, n_views=2, max_epochs=1, random_state=0, cache_dir=tmp_path)
+    first, second = clone(clf), clone(clf)
+    first.fit(X, y)
+    cached = cache_info(tmp_path)
+    assert cached["entries"] == 2 * len(X)  # one entry per image and view
+    second.fit(X, y)
+    assert cache_info(tmp_path) == cached
+
+
+# -- clone: torchvision transforms with a static get_params --------------------------------
+
+@pytest.mark.parametrize("augment", [T.RandomResizedCrop(256), T.RandomCrop(200), T.ColorJitter(0.3),
+                                     T2.RandomResizedCrop(256)], ids=lambda t: type(t).__name__)
+def test_clone_copies_a_transform_whose_get_params_is_not_an_estimators(augment):
+    clf = PretrainedImageClassifier(augment=augment, lr=0.01, hidden_units=(8,), module__dropout=0.1)
+    copied = clone(clf)
+    assert type(copied) is type(clf) and copied.augment is not augment
+    assert type(copied.augment) is type(augment) and transform_identity(copied.augment) == transform_identity(augment)
+    params, copied_params = clf.get_params(deep=False), copied.get_params(deep=False)
+    assert copied_params.keys() == params.keys() and copied_params["module__dropout"] == 0.1
+    assert copied.hidden_units == (8,) and copied.lr == 0.01
+
+
+def test_clone_keeps_metadata_requests_with_a_transform_augment():
+    from sklearn import config_context
+
+    with config_context(enable_metadata_routing=True):
+        clf = PretrainedImageClassifier(augment=T.RandomResizedCrop(256)).set_fit_request(sample_weight=True)
+        routing = clone(clf).get_metadata_routing()
+    assert routing.fit.requests["sample_weight"] is True
+
+
+def test_grid_search_with_a_torchvision_transform_augment(sample):
+    paths, labels = sample
+    index = [0, 1, 2, 3, 30, 31, 32, 33]
+    X, y = [paths[i] for i in index], labels[index]
+    clf = PretrainedImageClassifier(augment=T.RandomResizedCrop(256), n_views=1, max_epochs=1, random_state=0)
+    search = GridSearchCV(clf, {"lr": [1e-3, 1e-2]}, cv=2, error_score="raise").fit(X, y)
+    assert search.best_estimator_.augment is not clf.augment
+    assert search.predict(X).shape == (len(X),)
+
+
+# -- a failing augment ---------------------------------------------------------------------
+
+def test_a_failing_augment_is_named_at_once_not_taken_for_bad_images(sample):
+    paths, labels = sample
+    index = [0, 1, 2, 3, 30, 31, 32, 33]
+    X, y = [paths[i] for i in index], labels[index]
+    calls = []
+
+    def crop(image):  # the photos are 384x288: no 300x300 crop fits
+        calls.append(image.size)
+        return T.RandomCrop(300)(image)
+
+    clf = PretrainedImageClassifier(augment=crop, n_views=1, max_epochs=1, embed_batch_size=2)
+    with pytest.raises(ValueError, match=r"augment=<function .*crop.*> failed on X\[0\] \('.*'\): "
+                                         r"ValueError: Required crop size") as error:
+        clf.fit(X, y)
+    assert not isinstance(error.value, ImageInputError)
+    assert len(calls) <= 4  # the batch at hand and the one decoded ahead, not every image
+    with pytest.raises(ValueError, match=r"augment=Compose\( RandomCrop\(size=\(300, 300\).*\) failed on X\[0\]"):
+        clf.set_params(augment=T.Compose([T.RandomCrop(300)])).fit(X, y)

@@ -279,3 +279,16 @@ def test_seeded_blocks_nest():
     with seeded_rng(4):
         assert torch.equal(torch.rand(2), inner)
     assert torch.equal(after_inner, expected)  # the outer stream resumed where it was
+
+
+def test_seeded_rng_seeds_and_restores_numpys_global_generator():
+    # Augmentations from albumentations, imgaug or one's own draw from np.random.
+    np.random.seed(123)
+    expected = np.random.rand(3)
+    np.random.seed(123)
+    with seeded_rng(7):
+        first = np.random.rand(3)
+    with seeded_rng(7):
+        second = np.random.rand(3)
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(np.random.rand(3), expected)  # the outer stream is untouched
