@@ -11,12 +11,20 @@ augmentation.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
+import inspect
 import io
+import os
 import pickle
+import site
+import sys
+import sysconfig
 import types
 import uuid
 
+import torch
 from PIL import Image, ImageOps
 
 from ._cache import class_code, digest as content_digest, function_code, source_digest
@@ -75,19 +83,86 @@ def _to_pil(image):
 
 class _CodePickler(pickle.Pickler):
     """Writes a transform as what it computes: functions and classes by their code and the
-    text of the files that define them, not by reference to their names as pickle does."""
+    text of the files that define them, not by reference to their names as pickle does;
+    tensors by their values, not by the address of their storage as torch does.
+
+    The functions and classes of user code written so far are listed in ``reached``,
+    in order: the values of the globals they read are written after the transform
+    (:meth:`dump_globals`).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reached = []
 
     def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor):  # a v2 transform's parameters, a closure's tensor
+            values = obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            return tuple, (("torch.Tensor", str(obj.dtype), tuple(obj.shape), values.numpy().tobytes()),)
         if isinstance(obj, types.FunctionType):  # a lambda, an inner function, a module's function
+            self._reach(obj, obj.__module__)
             cells = tuple(_cell_contents(cell) for cell in obj.__closure__ or ())
             return tuple, ((obj.__module__, obj.__qualname__, function_code(obj), source_digest(obj.__module__),
                             obj.__defaults__, obj.__kwdefaults__, cells, vars(obj)),)
         if isinstance(obj, type) and obj.__module__ != "builtins":  # built-in ones (tuple) go by name
+            self._reach(obj, obj.__module__)
             # A class's file holds its methods' code; without one (a notebook's, exec'd), their code.
             return tuple, ((obj.__module__, obj.__qualname__, source_digest(obj.__module__) or class_code(obj)),)
-        if isinstance(obj, types.ModuleType):  # a module a closure or a default holds
+        if isinstance(obj, types.ModuleType):  # a module a closure, a default or a global holds
             return tuple, ((obj.__name__, source_digest(obj.__name__)),)
         return NotImplemented
+
+    def _reach(self, obj, module_name):
+        if not _installed(module_name):
+            self.reached.append(obj)
+
+    def dump_globals(self):
+        """Write the values of the globals that the user code reached reads, and of those
+        that the code they hold reads in turn. Functions and classes already written are
+        written again as references to them, so code that calls itself ends."""
+        done = 0
+        while done < len(self.reached):
+            obj = self.reached[done]
+            done += 1
+            self.dump(_globals_read(obj))
+
+
+def _globals_read(obj):
+    """``(name, value)`` of each global that a function's code (or a class's methods') names."""
+    functions = [obj] if isinstance(obj, types.FunctionType) else [
+        getattr(value, "__func__", value) for cls in obj.__mro__ if not _installed(cls.__module__)
+        for value in vars(cls).values()]
+    found = {}
+    for function in functions:
+        if isinstance(function, types.FunctionType):
+            namespace = function.__globals__
+            found.update((name, namespace[name]) for name in _names(function.__code__) if name in namespace)
+    return sorted(found.items(), key=lambda item: item[0])
+
+
+def _names(code):
+    """The global (and attribute) names a code object and the code it defines use."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):  # an inner function, a lambda, a comprehension
+            names |= _names(const)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def _installed(module_name):
+    """Whether module ``module_name`` comes from Python itself or an installed package: its
+    code counts by its file's text, and the values of its globals are taken as fixed."""
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    return path is not None and os.path.realpath(path).startswith(_installed_folders())
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_folders():
+    paths = sysconfig.get_paths()
+    folders = [paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths]
+    folders += [*site.getsitepackages(), site.getusersitepackages()]
+    return tuple(sorted({os.path.join(os.path.realpath(folder), "") for folder in folders}))
 
 
 def _cell_contents(cell):
@@ -101,17 +176,43 @@ def transform_identity(transform):
     """A stable identity of a user transform: a digest of what it computes.
 
     Functions (lambdas and inner functions too) count by their code, the text
-    of their module's file, their defaults and the values their closure holds;
-    classes by their module's file; other objects by their pickled state. A
-    transform that cannot be written so (a closure holding a lock, say) gets an
-    identity never given again, so none of its cached views is ever reused.
+    of their module's file, their defaults, the values their closure holds and
+    the values of the globals their code names; classes by their module's file
+    and the globals their methods name; tensors by their values; other objects
+    by their pickled state. The globals of the functions and classes reached so
+    count too (modules by name and file), except in Python's own and installed
+    packages, whose globals are taken as fixed. A transform that cannot be
+    written so (a closure or a global holding a lock, say) gets an identity
+    never given again, so none of its cached views is ever reused.
     """
     buffer = io.BytesIO()
     try:
-        _CodePickler(buffer, protocol=4).dump(transform)
+        pickler = _CodePickler(buffer, protocol=4)
+        pickler.dump(transform)
+        pickler.dump_globals()
     except Exception:  # noqa: BLE001  (pickle raises many kinds: TypeError, PicklingError, RecursionError, ...)
         return f"user-once:{uuid.uuid4().hex}"
     return "user:" + content_digest(buffer.getvalue())
+
+
+def is_estimator(obj):
+    """Whether ``obj`` is a scikit-learn estimator: an object whose ``get_params`` takes ``deep``.
+
+    scikit-learn takes any object with a ``get_params`` for one; torchvision's
+    ``RandomResizedCrop``, ``RandomCrop`` and ``ColorJitter`` have a static
+    ``get_params`` that draws their random parameters instead.
+    """
+    try:
+        return not isinstance(obj, type) and "deep" in inspect.signature(obj.get_params).parameters
+    except (AttributeError, TypeError, ValueError):  # no get_params, or one without a signature
+        return False
+
+
+def copy_augment(augment):
+    """``augment`` for a clone of its estimator: an estimator's clone, else a deep copy."""
+    from sklearn.base import clone
+
+    return clone(augment) if is_estimator(augment) else copy.deepcopy(augment)
 
 
 def augment_transform(augment, preprocessing):

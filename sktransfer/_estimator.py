@@ -34,7 +34,7 @@ from sklearn.utils.validation import (
 )
 
 from ._version import __version__
-from ._augment import AUGMENT_PRESETS, TTA_PRESETS, augment_views, tta_views
+from ._augment import AUGMENT_PRESETS, TTA_PRESETS, augment_views, copy_augment, is_estimator, tta_views
 from ._backbones import build_backbone
 from ._engine import ENGINES, PRECISIONS
 from ._engine import check_settings as check_engine_settings
@@ -433,7 +433,10 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                 if k not in named and not k.startswith("_") and not k.endswith("_")}
 
     def get_params(self, deep=True):
-        params = super().get_params(deep=deep)
+        params = super().get_params(deep=False)
+        for key, value in list(params.items()) if deep else ():
+            if is_estimator(value):  # not a torchvision transform's static get_params
+                params.update((f"{key}__{k}", v) for k, v in value.get_params().items())
         params.update(self._extra_settings())
         return params
 
@@ -453,6 +456,22 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         vars(self).update({k: v for k, v in params.items() if k not in named})
         super().set_params(**{k: v for k, v in params.items() if k in named})
         return self
+
+    def __sklearn_clone__(self):
+        """An unfitted copy, as :func:`sklearn.base.clone` makes it, but for ``augment``:
+        a transform is deep-copied, an estimator cloned.
+
+        scikit-learn takes any object with a ``get_params`` for an estimator, and
+        torchvision's ``RandomResizedCrop``, ``RandomCrop`` and ``ColorJitter`` have a
+        static ``get_params`` of another kind; so ``GridSearchCV`` and
+        ``cross_val_score`` clone estimators whose ``augment`` is one of them.
+        """
+        # Every other parameter (and the metadata requests) as scikit-learn clones them.
+        stand_in = object.__new__(type(self))  # no __setstate__: a fitted model's state is not checked
+        vars(stand_in).update(vars(self), augment=None)
+        new = super(_PretrainedImageModel, stand_in).__sklearn_clone__()
+        new.augment = copy_augment(self.augment)
+        return new
 
     # -- fitting ---------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Process-wide side effects, in one place: the heap, thread counts, random generators.
 
 Everything here changes state that the whole process shares (glibc's
-malloc settings, OpenMP and torch thread counts, torch's and Python's global
-random generators). Each is a context manager that restores what it changed,
+malloc settings, OpenMP and torch thread counts, torch's, NumPy's and Python's
+global random generators). Each is a context manager that restores what it changed,
 and each is safe to nest and to use from several threads at once:
 
 - :func:`steady_heap` is shared: the first user applies the setting, the
@@ -26,6 +26,7 @@ import random
 import sys
 import threading
 
+import numpy as np
 import torch
 
 # -- the heap ---------------------------------------------------------------------
@@ -180,18 +181,20 @@ def _mkl_local_setter():
 
 # -- random generators --------------------------------------------------------------
 
-# One lock for every block that seeds or draws from torch's (and Python's)
-# global generators: two such blocks in two threads would draw from, and
+# One lock for every block that seeds or draws from torch's (and NumPy's and
+# Python's) global generators: two such blocks in two threads would draw from, and
 # reseed, each other's stream. Re-entrant, so seeded blocks may nest.
 _RNG_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
 def seeded_rng(seed, device="cpu"):
-    """Run the block with torch's and Python's global generators seeded from ``seed``.
+    """Run the block with torch's, NumPy's and Python's global generators seeded from ``seed``.
 
-    The generators are restored afterwards (``torch.random.fork_rng``, and the
-    CUDA generator of ``device`` when it is a GPU). Blocks run one at a time
+    Augmentations draw from any of them: torchvision from torch's and
+    Python's, albumentations and imgaug from NumPy's. The generators are
+    restored afterwards (``torch.random.fork_rng``, and the CUDA generator of
+    ``device`` when it is a GPU). Blocks run one at a time
     per process, so equal seeds give equal draws even when estimators are
     fitted in several threads at once. ``seed=None`` takes the lock without
     seeding: an unseeded fit still does not draw from a seeded block's
@@ -200,7 +203,7 @@ def seeded_rng(seed, device="cpu"):
     Parameters
     ----------
     seed : int or None
-        The seed of both generators.
+        The seed of every generator (an integer of up to 64 bits).
     device : str or torch.device, default="cpu"
         Also forks and seeds this device's generator when it is a GPU.
     """
@@ -210,10 +213,12 @@ def seeded_rng(seed, device="cpu"):
             return
         devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            state = random.getstate()
+            state, numpy_state = random.getstate(), np.random.get_state()
             torch.manual_seed(seed)
             random.seed(seed)
+            np.random.seed([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF])  # NumPy's takes 32-bit words
             try:
                 yield
             finally:
                 random.setstate(state)
+                np.random.set_state(numpy_state)

@@ -475,6 +475,9 @@ def test_clone_copies_a_transform_whose_get_params_is_not_an_estimators(augment)
     params, copied_params = clf.get_params(deep=False), copied.get_params(deep=False)
     assert copied_params.keys() == params.keys() and copied_params["module__dropout"] == 0.1
     assert copied.hidden_units == (8,) and copied.lr == 0.01
+    # Its get_params draws a crop (or colours): not an estimator's to go into, nor to set.
+    assert clf.get_params(deep=True)["augment"] is augment
+    assert clf.set_params(lr=0.1).lr == 0.1
 
 
 def test_clone_keeps_metadata_requests_with_a_transform_augment():
