@@ -50,12 +50,15 @@ class View:
         For a random transform: the generators are seeded from ``seed`` and
         the image's content digest, so each image gets its own, reproducible
         draw. None for a deterministic transform.
+    name : str, default="view"
+        How errors name the transform: the parameter that gave it (``augment=...``).
     """
 
-    def __init__(self, transform, identity, seed=None):
+    def __init__(self, transform, identity, seed=None, name="view"):
         self.transform = transform
         self.identity = identity
         self.seed = seed
+        self.name = name
 
     @property
     def key(self):
@@ -63,13 +66,35 @@ class View:
         return f"{self.identity}|seed={self.seed}"
 
     def __call__(self, image, digest):
-        if self.seed is None:
-            return _to_pil(self.transform(image))
-        h = hashlib.blake2b(f"{self.seed}|{digest}".encode(), digest_size=8).digest()
-        image_seed = int.from_bytes(h, "little") & (2**63 - 1)
-        # torchvision's random transforms draw from torch's (and some from Python's) global generators.
-        with seeded_rng(image_seed):
-            return _to_pil(self.transform(image))
+        """The view of ``image``; :class:`TransformError` when the transform raises."""
+        try:
+            if self.seed is None:
+                image = self.transform(image)
+            else:
+                h = hashlib.blake2b(f"{self.seed}|{digest}".encode(), digest_size=8).digest()
+                # Random transforms draw from torch's, NumPy's or Python's global generators.
+                with seeded_rng(int.from_bytes(h, "little") & (2**63 - 1)):
+                    image = self.transform(image)
+        except Exception as e:  # noqa: BLE001  (whatever the user's code raises)
+            raise TransformError(self.name, e) from e
+        return _to_pil(image)
+
+
+class TransformError(Exception):
+    """A view's transform raised on an image: the transform's fault, not the image's.
+
+    Not a ``ValueError`` or ``OSError``, so it is not taken for an image that
+    cannot be decoded; :meth:`located` makes the error the user sees.
+    """
+
+    def __init__(self, name, error):
+        super().__init__(f"{name} failed: {type(error).__name__}: {error}")
+        self.name = name
+        self.error = error
+
+    def located(self, where):
+        """A ``ValueError`` naming the transform, the image (``where``) and the transform's error."""
+        return ValueError(f"{self.name} failed on {where}: {type(self.error).__name__}: {self.error}")
 
 
 def _to_pil(image):
@@ -244,7 +269,17 @@ def augment_transform(augment, preprocessing):
 def augment_views(augment, n_views, seed, preprocessing):
     """``n_views`` random views of ``augment``, each with its own seed stream."""
     transform, identity = augment_transform(augment, preprocessing)
-    return [View(transform, identity, seed=f"{seed}/{k}") for k in range(n_views)]
+    name = f"augment={_brief(augment)}"
+    return [View(transform, identity, seed=f"{seed}/{k}", name=name) for k in range(n_views)]
+
+
+def _brief(value, width=160):
+    """``value`` for an error message: a function by its name, another object by its
+    ``repr`` on one line (a Compose's spans several), cut at ``width`` characters."""
+    if isinstance(value, types.FunctionType):
+        return f"<function {value.__qualname__}>"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _shift(corner, fraction):
@@ -261,10 +296,11 @@ def tta_views(tta, preprocessing):
     """The deterministic views of ``tta=``; the first is the plain image (None)."""
     if tta not in TTA_PRESETS:
         raise ValueError(f"tta={tta!r} is not valid; use None or one of {list(TTA_PRESETS)}.")
-    views = [None, View(ImageOps.mirror, "tta:flip")]
+    name = f"tta={tta!r}"
+    views = [None, View(ImageOps.mirror, "tta:flip", name=name)]
     if tta == "flip+shift":
         # Shift by the margin the centre crop leaves (1 - crop/resize of each side).
         fraction = max(0.0625, 1.0 - max(preprocessing.crop_shape) / preprocessing.decode_size)
         for corner in ((0, 0), (1, 0), (0, 1), (1, 1)):
-            views.append(View(_shift(corner, fraction), f"tta:shift{corner}:{fraction:.4f}"))
+            views.append(View(_shift(corner, fraction), f"tta:shift{corner}:{fraction:.4f}", name=name))
     return views

@@ -18,10 +18,11 @@ import torch
 from PIL import Image
 
 from . import _engine
+from ._augment import TransformError
 from ._cache import MEMORY, DiskCache, read_file, view_fingerprint
 from ._engine import TORCH_FLOAT32
 from ._images import header_error, load_pixels, open_image
-from ._inputs import ImageInputError, error_reason, read_item
+from ._inputs import ImageInputError, _describe, error_reason, read_item
 from ._runtime import steady_heap
 
 
@@ -81,7 +82,7 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
         heap = steady_heap() if len(todo) > batch_size else contextlib.nullcontext()
         with heap:
             errors = _run_backbone(todo, items, backbone.preprocessing, runner, out, batch_size, disk,
-                                   progress, view, fingerprint)
+                                   progress, view, fingerprint, name)
         if errors:
             raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     return out
@@ -152,14 +153,16 @@ def _decode_errors(todo, items):
             for i in indices]
 
 
-def _run_backbone(todo, items, preprocessing, runner, out, batch_size, disk, progress, view, fingerprint):
-    def load(payload, digest):
+def _run_backbone(todo, items, preprocessing, runner, out, batch_size, disk, progress, view, fingerprint, name):
+    def load(payload, digest, indices):
         try:
             if isinstance(payload, str):
                 # Hash the bytes that are decoded: the features are cached under the
                 # digest of what was read now, even if the file changed since it was checked.
                 digest, payload = read_file(payload)
             return digest, load_pixels(payload, preprocessing, view, digest), None
+        except TransformError as e:  # the user's transform failed, not the image: told at once
+            raise e.located(f"{name}[{indices[0]}] ({_describe(items[indices[0]])})") from e.error
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return digest, None, error_reason(e)
 
@@ -179,11 +182,11 @@ def _run_backbone(todo, items, preprocessing, runner, out, batch_size, disk, pro
         if len(entries) > 1:
             workers = max(1, min(4, torch.get_num_threads()))
             submit = stack.enter_context(ThreadPoolExecutor(max_workers=workers)).submit
-        pending = [submit(load, p, d) for d, (p, _) in batches[0]] if batches else []
+        pending = [submit(load, p, d, i) for d, (p, i) in batches[0]] if batches else []
         for b, batch in enumerate(batches):
             results = [f.result() for f in pending]
             if b + 1 < len(batches):
-                pending = [submit(load, p, d) for d, (p, _) in batches[b + 1]]
+                pending = [submit(load, p, d, i) for d, (p, i) in batches[b + 1]]
             arrays, kept = [], []
             for (_, (_, indices)), (digest, array, reason) in zip(batch, results):
                 if array is None:
