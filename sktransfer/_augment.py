@@ -174,12 +174,16 @@ def _names(code):
     return names
 
 
-@functools.lru_cache(maxsize=None)
 def _installed(module_name):
     """Whether module ``module_name`` comes from Python itself or an installed package: its
     code counts by its file's text, and the values of its globals are taken as fixed."""
     path = getattr(sys.modules.get(module_name), "__file__", None)
-    return path is not None and os.path.realpath(path).startswith(_installed_folders())
+    return path is not None and _installed_file(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_file(path):
+    return os.path.realpath(path).startswith(_installed_folders())
 
 
 @functools.lru_cache(maxsize=None)
