@@ -27,8 +27,10 @@ __all__ = ["list_backbones", "Backbone"]
 
 # Bump when the way features are computed changes, so disk caches written by
 # an older release are not reused. 2: 32-bit integer and float images are
-# scaled by their mode, not by their own brightest pixel.
-FEATURE_VERSION = "2"
+# scaled by their mode, not by their own brightest pixel. 3: a transparent
+# colour of RGB and greyscale PNGs is white; a panorama's centre band starts at
+# the crop's whole pixel.
+FEATURE_VERSION = "3"
 
 
 class WeightsDownloadError(RuntimeError):
