@@ -170,15 +170,16 @@ class Preprocessing:
         if size != (w, h):
             box = None
             if self.crop_mode == "center" and max(size) > 4 * max(ch, cw, self.decode_size):
-                # A long panorama: resample only the centre band the crop keeps,
-                # not a resized copy of the whole strip. Nearly the same pixels:
-                # Pillow reads the box as float32, so a weight may round apart.
+                # A long panorama: resample only the centre band the crop keeps (from the
+                # whole pixel where _crop_or_pad would cut the resized strip), not a resized
+                # copy of the whole strip. Nearly the same pixels: Pillow reads the box as
+                # float32, so a weight may round apart.
                 if w > h:
-                    keep = w * cw / size[0]
-                    box, size = ((w - keep) / 2, 0, (w + keep) / 2, h), (cw, size[1])
+                    left, scale = int(round((size[0] - cw) / 2.0)), w / size[0]
+                    box, size = (left * scale, 0, (left + cw) * scale, h), (cw, size[1])
                 else:
-                    keep = h * ch / size[1]
-                    box, size = (0, (h - keep) / 2, w, (h + keep) / 2), (size[0], ch)
+                    top, scale = int(round((size[1] - ch) / 2.0)), h / size[1]
+                    box, size = (0, top * scale, w, (top + ch) * scale), (size[0], ch)
             image = image.resize(size, _RESAMPLE[self.interpolation], box=box)
         fill = tuple(round(255 * v) for v in self.mean) if self.crop_mode == "border" else (0, 0, 0)
         return np.asarray(_crop_or_pad(image, ch, cw, fill), dtype=np.uint8)
@@ -317,7 +318,7 @@ def load_pixels(payload, preprocessing, view=None, key=None):
 def _to_rgb(image):
     image = ImageOps.exif_transpose(image) if image.getexif() else image
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # Scaled by the mode, never by the picture's own values, so equal values
@@ -327,7 +328,7 @@ def _to_rgb(image):
         top = 1.0 if mode == "F" else 65535.0
         arr = np.rint(np.clip(np.nan_to_num(arr) / top * 255.0, 0, 255)).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
-    if mode == "P" and "transparency" in image.info:
+    if mode in ("P", "RGB", "L") and "transparency" in image.info:  # a transparent colour (PNG's tRNS)
         image = image.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
