@@ -83,8 +83,8 @@ def load_image_folder(root):
         Hidden files and folders are skipped. Other files in the class
         folders, broken links, sub-folders that cannot be read, folders of
         another class, and images directly in ``root``, are skipped with a
-        warning that counts them; a class folder without any image file is
-        an error.
+        warning that counts them; a class folder without any image file,
+        and two class folders that are one folder (a link), are errors.
 
     Returns
     -------
@@ -113,6 +113,14 @@ def load_image_folder(root):
     class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
     # Each class's walk stays out of the others' folders: a photo gets one label.
     class_folders = [os.path.realpath(p) for p in class_dirs]
+    first = {}
+    for class_dir, real in zip(class_dirs, class_folders):
+        if first.setdefault(real, class_dir.name) != class_dir.name:
+            raise ValueError(
+                f"load_image_folder: class folders {first[real]!r} and {class_dir.name!r} in {str(root)!r} are "
+                "one folder (one links to the other), whose photos would get both labels; remove the link, "
+                "or give each class its own folder."
+            )
     for class_dir in class_dirs:
         files = image_files(class_dir, skipped, unread, outside=class_folders)
         if not files:

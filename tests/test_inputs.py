@@ -136,6 +136,9 @@ def test_a_link_to_the_data_root_or_another_class_never_labels_that_class_s_phot
     assert "skipped 2 folders in the class folders" in message, message
     assert "2 folders of another class (a class folder or a link into one; read as that class)" in message
     assert str(data / "a" / "b-2019") in message and str(data / "a" / "up") not in message  # a loop: nothing left out
+    (data / "d").symlink_to("b")  # two classes of one folder: an error, not a choice
+    with pytest.raises(ValueError, match="class folders 'b' and 'd' .* are one folder"):
+        load_image_folder(data)
 
 
 def test_a_sub_folder_that_cannot_be_read_is_told_not_dropped_silently(tmp_path, sample):
