@@ -825,6 +825,10 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     if not (isinstance(n_neighbors, numbers.Integral) and n_neighbors >= 1):
         raise ValueError(f"n_neighbors={n_neighbors!r} must be a positive integer.")
     splitter = _check_cv(cv, y, random_state)
+    # The settings the head refuses for these labels, or for a training fold of them (each image
+    # its own group: the duplicate groups are known only once the images are embedded).
+    groups = np.arange(len(y)) if _takes_groups(splitter) else None
+    estimator._check_fit_settings(y, [train for train, _ in splitter.split(items, y, groups=groups)], f"cv={cv!r}")
 
     say = (lambda text: print(f"audit: {text}", file=sys.stderr, flush=True)) if verbose else (lambda text: None)
     everything = items + test_items

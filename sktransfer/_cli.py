@@ -223,10 +223,11 @@ def _validated(clf, args):
     return clf
 
 
-def _check_settings(clf, grid, y):
+def _check_settings(clf, grid, y, folds, where):
     """Refuse, before any image is read, the settings the classifier's own checks
-    refuse for the labels ``y``: every ``--grid`` candidate's (``clf``'s own are
-    checked by :func:`_validated`).
+    refuse for the labels ``y`` or for a training fold of them (``folds``, index
+    arrays, named ``where`` in messages): every ``--grid`` candidate's (``clf``'s
+    own are checked by :func:`_validated`).
 
     Returns the grid's keys that the full-batch linear head of some candidate
     does not read (lr, batch_size: its :func:`unread_settings`),
@@ -237,15 +238,12 @@ def _check_settings(clf, grid, y):
 
     from ._head import full_batch, unread_settings
 
-    y_train, _, n_outputs, _, _ = clf._prepare_targets(y, len(y), None)
     defaults = type(clf)().get_params(deep=False)
     unread = []
     for candidate in ParameterGrid(grid):
         estimator = clone(clf).set_params(**candidate)
         try:
-            estimator._validate_params()
-            estimator._check_hidden_units()
-            _, _, params, extra = estimator._checked_head_settings(y_train, n_outputs, False)
+            _, _, params, extra = estimator._check_fit_settings(y, folds, where)
         except ValueError as e:
             given = ", ".join(f"{k}={v!r}" for k, v in candidate.items())
             raise ValueError(f"--grid candidate {given}: {e}" if candidate else str(e)) from None
@@ -456,7 +454,8 @@ def _fit(args):
             f"class {classes.tolist()[counts.argmin()]!r} has {counts.min()} images, fewer than --cv {args.cv} "
             "folds; add images or lower --cv."
         )
-    unread = _check_settings(clf, grid, y)
+    splitter = StratifiedKFold(args.cv, shuffle=True, random_state=args.random_state)
+    unread = _check_settings(clf, grid, y, [train for train, _ in splitter.split(X, y)], f"--cv {args.cv}")
     if unread:
         them = "it" if len(unread) == 1 else "them"
         print(f"note: {' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} not used by the default "
@@ -483,7 +482,7 @@ def _fit(args):
 
     search = GridSearchCV(
         clf, grid, scoring=accuracy, error_score="raise",
-        cv=StratifiedKFold(args.cv, shuffle=True, random_state=args.random_state),
+        cv=splitter,
     )
     with warnings.catch_warnings():
         if unread:  # said once above, not once per fit

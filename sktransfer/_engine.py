@@ -318,7 +318,7 @@ def _save(openvino, model, path):
             for entry in os.listdir(tmp):
                 os.unlink(os.path.join(tmp, entry))
             os.rmdir(tmp)
-    except OSError as e:
+    except Exception as e:  # OSError, or OpenVINO's RuntimeError for a write that failed (a full disk)
         warn_once("openvino-save", f"Could not keep the converted backbone in {folder!r} ({e}); "
                                    "later processes convert it again. Set SKTRANSFER_ENGINE_CACHE "
                                    "to a writable folder.")

@@ -55,9 +55,23 @@ from ._head import (
 )
 # Under this name too because pickles of calibrated models from 0.1.0 refer to it.
 from ._head import TemperatureSoftmax as _TemperatureSoftmax
-from ._inputs import as_image_list
+from ._inputs import ImageInputError, as_image_list
 from ._repr import visual_block
 from ._runtime import limited_threads, seeded_rng, steady_heap
+
+
+def _without_zero_weights(X, y, sample_weight):
+    """``X``, ``y`` and ``sample_weight`` without the images of weight 0 (a DataFrame ``X`` stays one)."""
+    n = len(as_image_list(X))
+    y = np.asarray(y)
+    if len(y) != n:
+        raise ValueError(f"X has {n} images but y has {len(y)} labels; they must match.")
+    weights = _check_sample_weight(sample_weight, np.empty(n), ensure_non_negative=True)
+    keep = np.flatnonzero(weights)
+    if len(keep) == n:
+        return X, y, weights
+    X = X.iloc[keep] if hasattr(X, "iloc") else [as_image_list(X)[i] for i in keep]
+    return X, y[keep], weights[keep]
 
 
 def _check_columns(estimator, X, reset=False):
@@ -495,6 +509,12 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                 "early_stopping=True holds out part of the training data and stops on it, which "
                 "partial_fit cannot do on each batch; set early_stopping=False to use partial_fit."
             )
+        if epochs is not None and getattr(self, "calibration", None) is not None:
+            raise ValueError(
+                f"calibration={self.calibration!r} holds out part of the training data and fits the "
+                "temperature on it, which partial_fit cannot do on each batch; set calibration=None to "
+                "use partial_fit."
+            )
         if continuing:
             _check_columns(self, X)
         items = as_image_list(X)
@@ -518,13 +538,16 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             self._check_same_head(embedder, hidden_units, continuing)
         if self.unfreeze:
             embedder.backbone_.prefix(self.unfreeze)  # an unsupported split fails before embedding
-        if self.augment is None:
-            Z = self._embed(embedder, items, None, self.unfreeze)
-        else:
-            # One backbone pass per image and view, cached: shape (n_images, n_views, n_features).
-            views = augment_views(self.augment, self.n_views, self._seed(),
-                                  embedder.backbone_.preprocessing)
-            Z = np.stack([self._embed(embedder, items, v, self.unfreeze) for v in views], axis=1)
+        try:
+            if self.augment is None:
+                Z = self._embed(embedder, items, None, self.unfreeze)
+            else:
+                # One backbone pass per image and view, cached: shape (n_images, n_views, n_features).
+                views = augment_views(self.augment, self.n_views, self._seed(),
+                                      embedder.backbone_.preprocessing)
+                Z = np.stack([self._embed(embedder, items, v, self.unfreeze) for v in views], axis=1)
+        except ImageInputError as e:  # named by their index in X, not among the kept images
+            raise ImageInputError([(kept[i], item, reason) for i, item, reason in e.errors], e.name) from None
         # Fine-tuning runs backbone blocks every step: keep their buffers in the heap too.
         heap = steady_heap() if self.unfreeze else contextlib.nullcontext()
         # The held-out split's seed and the tuning folds' (fresh when random_state is None;
@@ -580,6 +603,28 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                             classifier=is_classifier(self), owner=type(self).__name__, continuing=incremental,
                             elsewhere=_elsewhere(type(self)))
         return net, task, params, extra
+
+    def _check_fit_settings(self, y, folds=(), where=""):
+        """Refuse, before any image is read, the settings ``fit`` would refuse for the
+        labels ``y`` (no sample weights) and for each training fold ``y[train]`` of
+        ``folds`` (index arrays), whose messages say so with ``where`` (e.g. ``"cv=3"``).
+
+        Returns the head's settings (:meth:`_checked_head_settings`) for all of ``y``.
+        """
+        self._validate_params()
+        self._check_hidden_units()
+
+        def check(labels):
+            y_train, _, n_outputs, _, _ = self._prepare_targets(labels, len(labels), None)
+            return self._checked_head_settings(y_train, n_outputs, False)
+
+        checked = check(y)
+        for train in folds:
+            try:
+                check(np.asarray(y)[train])
+            except ValueError as e:
+                raise ValueError(f"{e} (in a training fold of {where})") from None
+        return checked
 
     def _head_settings(self):
         """The parameters the head is built from, and the other (prefixed skorch) settings."""
@@ -900,6 +945,9 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     def partial_fit(self, X, y, classes=None, sample_weight=None):
         """Train the head for one epoch on a batch of images, continuing from the last call.
 
+        ``early_stopping=True`` and ``calibration="temperature"`` are refused:
+        each holds out part of the training data, which a batch cannot spare.
+
         Parameters
         ----------
         X : sequence of images
@@ -1206,6 +1254,9 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
     def score(self, X, y, sample_weight=None):
         """Accuracy on ``X`` against ``y``; labels must be classes seen in fit.
 
+        Images whose ``sample_weight`` is 0 are left out, as in ``fit``: their
+        labels may be classes the model never saw.
+
         For multi-label models, subset accuracy: the share of images whose
         every label is predicted right, as in scikit-learn.
         """
@@ -1217,6 +1268,9 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                     f"the model was fitted on; got an array of shape {np.shape(y)}."
                 )
             return super().score(X, y, sample_weight=sample_weight)
+        if sample_weight is not None:
+            # Images of weight 0 count for nothing, as in fit: their labels need not be known.
+            X, y, sample_weight = _without_zero_weights(X, y, sample_weight)
         unseen = set(np.unique(np.asarray(y, dtype=object))) - set(self.classes_.tolist())
         if unseen:
             raise ValueError(

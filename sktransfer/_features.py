@@ -59,21 +59,19 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
     base = view_fingerprint(backbone.fingerprint, view)
     in_torch = TORCH_FLOAT32.namespace(base)
     found, n_images = None, len(items)
-    if engine == "auto" and n_images >= _engine.OPENVINO_MIN_IMAGES and not backbone.converted():
-        # A conversion is repaid by the images still to embed, not by those
-        # PyTorch embedded before, whose features are cached.
+    if engine != "torch" and torch.device(device).type == "cpu" and not backbone.converted():
+        # The plan may convert the body: unusable inputs are told before that. And a
+        # conversion is repaid by the images still to embed, not by those PyTorch
+        # embedded before, whose features are cached.
         found = _look_up(items, in_torch, cache_dir, backbone.num_features)
+        _raise_unusable(found, items, name)
         n_images = len(found[1])
     plan = backbone.plan(device, engine, precision, compile, n_images=n_images)
     fingerprint = plan.namespace(base, device)
     if found is None or fingerprint != in_torch:
         found = _look_up(items, fingerprint, cache_dir, backbone.num_features)
+        _raise_unusable(found, items, name)
     out, todo, errors, disk = found
-    if errors:
-        # Some inputs are unusable, so nothing will be embedded: decode the rest
-        # (at reduced scale, no backbone) so one error lists every bad input.
-        errors += _decode_errors(todo, items)
-        raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     if todo:
         use_compile = plan.engine == "torch" and (
             compile is True or (compile == "auto" and len(todo) >= COMPILE_MIN_IMAGES))
@@ -126,6 +124,15 @@ def _look_up(items, fingerprint, cache_dir, num_features):
         todo[digest] = (payload, [i])
     _warn_unwritten(disk, write_error)
     return out, todo, errors, disk
+
+
+def _raise_unusable(found, items, name):
+    """Raise one :class:`ImageInputError` listing every unusable input when a look-up
+    (``found``) met any: the items still to embed are then decoded too (at reduced
+    scale, no backbone), since nothing will be embedded."""
+    _, todo, errors, _ = found
+    if errors:
+        raise ImageInputError(sorted(errors + _decode_errors(todo, items), key=lambda e: e[0]), name=name)
 
 
 def _decode_errors(todo, items):

@@ -570,8 +570,9 @@ def _try_settings(params, extra, y_train, optimizer, criterion):
     given.pop("param_groups", None)  # skorch's, applied to groups of the head's parameters
     if given:
         try:
-            optimizer([nn.Parameter(torch.zeros(1))], **{"lr": params["lr"], **given})
-        except (TypeError, ValueError) as e:
+            optimizer([nn.Parameter(torch.zeros(1))],
+                      **{"lr": params["lr"], **_settings(optimizer_defaults(optimizer, extra), "optimizer__"), **given})
+        except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{', '.join('optimizer__' + k for k in sorted(given))}: "
                              f"{optimizer.__name__} refuses them: {e}") from None
     given = _settings(extra, "criterion__")
@@ -590,11 +591,15 @@ def _try_settings(params, extra, y_train, optimizer, criterion):
 # -- building and continuing the head ------------------------------------------------
 
 
-def fused_available(optimizer):
-    """Whether ``optimizer`` takes ``fused=True`` on CPU and GPU (Adam and AdamW from torch 2.4)."""
+def optimizer_defaults(optimizer, extra):
+    """The settings sktransfer gives ``optimizer`` unless the user's ``extra`` choose how it steps:
+    the fused kernel of Adam and AdamW (about a fifth off every head fit, the same updates up to
+    float rounding)."""
+    chosen = {"optimizer__fused", "optimizer__foreach", "optimizer__differentiable"} & set(extra)
     version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    return (optimizer in (torch.optim.Adam, torch.optim.AdamW) and version >= (2, 4)
-            and "fused" in inspect.signature(optimizer).parameters)
+    fused = (optimizer in (torch.optim.Adam, torch.optim.AdamW) and version >= (2, 4)  # on CPU and GPU
+             and "fused" in inspect.signature(optimizer).parameters)
+    return {"optimizer__fused": True} if fused and not chosen else {}
 
 
 def head_features(Z, unfreeze, backbone):
@@ -969,10 +974,7 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
         **quiet,
     )
     settings.update(tuned)
-    if fused_available(optimizer):
-        # One fused kernel per step instead of a loop over tensors: about a
-        # fifth off every head fit, the same updates up to float rounding.
-        settings["optimizer__fused"] = True
+    settings.update(optimizer_defaults(optimizer, extra))
     settings.update(extra)  # prefixed settings the user gave win
     if full:  # but the one batch is never split nor dropped (warn_unread_settings says so)
         for name in FULL_BATCH_UNREAD:

@@ -542,6 +542,16 @@ def test_bad_input_errors_before_any_work(sample, kwargs, message):
         assert counter.images == 0
 
 
+def test_settings_a_training_fold_cannot_take_are_refused_before_any_work(sample):
+    # 24 photos of 3 classes: all of them leave 3 to hold out for the temperature, one per class,
+    # but a training fold of cv=3 (16 photos) only 2.
+    X, y = sample[0][:24], np.repeat(["a", "b", "c"], 8)
+    with ForwardCounter(build_backbone("efficientnet_lite0").module) as counter:
+        with pytest.raises(ValueError, match="2 images held out for 3 classes.*a training fold of cv=3"):
+            audit(PretrainedImageClassifier(calibration="temperature"), X, y, cv=3)
+        assert counter.images == 0
+
+
 def test_estimator_must_be_an_image_classifier(sample):
     from sklearn.linear_model import LogisticRegression
 

@@ -20,6 +20,8 @@ from PIL import Image
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_image_folder
 from sktransfer._cli import _parse_grid, build_parser, main
 
+from conftest import ForwardCounter
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cardboard", "glass", "metal"]
 
@@ -296,6 +298,19 @@ def test_warnings_are_told_in_the_command_lines_words_not_pythons(sample, tmp_pa
     err = capsys.readouterr().err
     assert "sktransfer fit: warning: " in err and "notes.txt" in err, err
     assert "UserWarning" not in err and "warnings.warn(" not in err and ".py:" not in err, err
+
+
+def test_grid_candidates_a_training_fold_cannot_take_are_refused_before_any_image_is_read(sample, tmp_path, capsys):
+    from sktransfer._backbones import build_backbone
+
+    data = copy_images(sample, tmp_path / "d", 8)  # 24 photos: 3 held out of all, 2 of a training fold
+    with ForwardCounter(build_backbone("efficientnet_lite0").module) as counter:
+        assert main(["fit", str(data), "--cv", "3", "--grid", "calibration=None,'temperature'",
+                     "-o", str(tmp_path / "m.joblib")]) == 1
+    assert counter.images == 0
+    err = capsys.readouterr().err
+    assert "--grid candidate calibration='temperature'" in err and "a training fold of --cv 3" in err, err
+    assert "2 images held out for 3 classes" in err, err
 
 
 def test_embed_to_npy_refuses_file_names_with_a_line_break(sample, tmp_path, capsys):

@@ -156,6 +156,22 @@ def test_features_pytorch_cached_are_not_converted_away(sample, tmp_path, monkey
 
 
 @needs_openvino
+@pytest.mark.parametrize("engine", ["auto", "openvino"])
+def test_unusable_inputs_are_told_before_the_body_is_converted(sample, tmp_path, monkeypatch, engine):
+    from torch import nn
+
+    from sktransfer import ImageInputError
+
+    monkeypatch.setattr(_engine, "OPENVINO_MIN_IMAGES", 3)  # stands in for 500
+    monkeypatch.setenv("SKTRANSFER_ENGINE_CACHE", str(tmp_path / "engine"))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    embedder = ImageEmbedder(backbone=nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU()), engine=engine).fit()
+    with pytest.raises(ImageInputError, match=r"\[3\] .*broken\.jpg"):
+        embedder.transform([*sample[0][:3], str(tmp_path / "broken.jpg")])
+    assert not (tmp_path / "engine").exists()  # nothing converted
+
+
+@needs_openvino
 @pytest.mark.slow
 def test_fine_tuning_runs_the_frozen_prefix_in_the_engine(sample):
     X, y = sample[0][::15], sample[1][::15]
@@ -232,6 +248,39 @@ def test_a_body_converted_before_embeds_in_a_fresh_process_without_being_built(s
     assert first == {"built": True, "pickled_equal": True}
     assert second == {"built": False, "pickled_equal": True}
     np.testing.assert_array_equal(converted, converting)
+
+
+_FULL_DISK = r'''
+import json, resource, sys, warnings
+import torch
+from torch import nn
+from sktransfer import ImageEmbedder
+from sktransfer import _engine
+calls = []
+convert = _engine.convert
+_engine.convert = lambda *a, **k: calls.append(1) or convert(*a, **k)
+torch.manual_seed(0)
+embedder = ImageEmbedder(backbone=nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU()), engine="openvino").fit()
+resource.setrlimit(resource.RLIMIT_FSIZE, (256, resource.RLIM_INFINITY))  # a full disk: no file over 256 bytes
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first, second = embedder.transform(sys.argv[1:]), embedder.transform(sys.argv[1:])
+print(json.dumps({"shape": first.shape, "equal": bool((first == second).all()), "conversions": len(calls),
+                  "told": [str(w.message) for w in caught if "converted backbone" in str(w.message)]}))
+'''
+
+
+@needs_openvino
+@pytest.mark.skipif(sys.platform == "win32", reason="file size limits (RLIMIT_FSIZE) are POSIX's")
+def test_a_conversion_that_cannot_be_kept_on_a_full_disk_still_embeds(sample, tmp_path):
+    # OpenVINO tells a failed write as a RuntimeError, not an OSError: it used to fail every call.
+    env = {**fresh_env(), "SKTRANSFER_ENGINE_CACHE": str(tmp_path / "engine")}
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, *sample[0][:2]], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["shape"] == [2, 4] and result["equal"] and result["conversions"] == 1
+    assert len(result["told"]) == 1 and "later processes convert it again" in result["told"][0]
 
 
 def _convert_fresh(tmp_path, monkeypatch, photos, part):

@@ -257,6 +257,35 @@ def test_weights_that_leave_out_a_class_fit_as_the_kept_images_alone(two_of_each
         warm.fit(X, y, sample_weight=weights)
 
 
+def test_score_leaves_out_images_of_weight_0_as_fit_does(two_of_each):
+    # GridSearchCV passes the weights to score too: a class left out by weight 0 must not make
+    # every candidate's score NaN ("labels never seen in fit"), nor count in the accuracy.
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    X, y = two_of_each
+    weights = np.r_[np.zeros(2), np.ones(10)]  # no 'cardboard' left
+    clf = PretrainedImageClassifier(random_state=0).fit(X, y, sample_weight=weights)
+    assert clf.score(X, y, sample_weight=weights) == pytest.approx(np.mean(clf.predict(X[2:]) == y[2:]))
+    with pytest.raises(ValueError, match="never seen in fit: 'cardboard'"):
+        clf.score(X, y)  # weighing them, it is asked to score a class it never saw
+    search = GridSearchCV(PretrainedImageClassifier(random_state=0), {"weight_decay": [0.01, 1.0]},
+                          cv=StratifiedKFold(2, shuffle=True, random_state=0), error_score="raise")
+    search.fit(np.r_[X, X], np.r_[y, y], sample_weight=np.r_[weights, weights])
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+
+
+def test_bad_images_are_named_by_their_index_in_X_when_weights_leave_some_out(two_of_each, tmp_path):
+    from sktransfer import ImageInputError
+
+    X, y = list(two_of_each[0]), two_of_each[1]
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    X[5] = str(tmp_path / "broken.jpg")
+    weights = np.r_[np.zeros(3), np.ones(9)]
+    with pytest.raises(ImageInputError, match=r"\[5\] .*broken\.jpg") as caught:
+        PretrainedImageClassifier().fit(X, y, sample_weight=weights)
+    assert [i for i, *_ in caught.value.errors] == [5]
+
+
 def test_balanced_class_weight_counts_only_the_images_it_trains_on(flowers_small):
     # class_weight="balanced" weighs each class by its share of the images training keeps: the
     # same model as the kept images alone, not the frequencies of images left out with weight 0.

@@ -349,6 +349,8 @@ def test_values_the_optimizer_or_criterion_refuse_are_told_before_any_image_is_e
          "criterion__label_smoothing: CrossEntropyLoss refuses them"),
         (PretrainedImageClassifier, y, dict(criterion__weight=torch.ones(5)),  # 2 classes
          "criterion__weight: CrossEntropyLoss refuses them"),
+        (PretrainedImageClassifier, y, dict(hidden_units=(8,), optimizer__foreach=True, optimizer__fused=True),
+         "optimizer__foreach, optimizer__fused: AdamW refuses them: .*fused.* and .*foreach"),
     ]:
         with ForwardCounter(build_backbone("efficientnet_lite0").module) as counter:
             with pytest.raises(ValueError, match=message):
@@ -357,6 +359,12 @@ def test_values_the_optimizer_or_criterion_refuse_are_told_before_any_image_is_e
     # Good values pass, and train.
     PretrainedImageClassifier(engine="torch", max_epochs=2, hidden_units=(8,), optimizer__betas=(0.8, 0.9),
                               criterion__label_smoothing=0.1).fit(X, y)
+    # A way of stepping the user chose replaces the fused kernel sktransfer picks by default.
+    for chosen in [dict(optimizer__foreach=True), dict(optimizer__foreach=False)]:
+        clf = PretrainedImageClassifier(engine="torch", max_epochs=2, hidden_units=(8,), **chosen).fit(X, y)
+        group = clf.head_.optimizer_.param_groups[0]
+        assert not group["fused"] and all(group[k] is v for k, v in
+                                          {k.split("__")[1]: v for k, v in chosen.items()}.items())
 
 
 def test_unknown_settings_are_stored_and_refused_at_fit_with_a_hint(sample):

@@ -83,6 +83,10 @@ def test_partial_fit_survives_a_pickle_and_checks_each_batch(tmp_path, flowers_s
         loaded.partial_fit(X[:2], y[:2], classes=["daisy", "rose", "tulip"])
     with pytest.raises(ValueError, match="early_stopping"):
         PretrainedImageClassifier(early_stopping=True).partial_fit(X, y, classes=np.unique(y))
+    # The temperature too is fitted on held-out images: each batch would lose them, and a batch
+    # without some class could not be split.
+    with pytest.raises(ValueError, match="^calibration='temperature' holds out part of the training data"):
+        PretrainedImageClassifier(calibration="temperature").partial_fit(X, y, classes=np.unique(y))
     with pytest.raises(ValueError, match="balanced"):
         PretrainedImageClassifier(class_weight="balanced").partial_fit(X, y, classes=np.unique(y))
 
