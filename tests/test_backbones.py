@@ -61,6 +61,27 @@ def test_weights_file_rewritten_in_place_is_read_again(tmp_path):
     assert second.fingerprint != first.fingerprint
 
 
+def test_weights_of_a_network_with_another_top_or_none_load_into_the_body(tmp_path):
+    # A network fine-tuned for 10 classes, or saved headless as a feature extractor: the top is
+    # removed anyway, so only the body's weights must fit.
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    tuned = torchvision.models.resnet18(num_classes=10)
+    torch.save(tuned.state_dict(), tmp_path / "tuned.pth")
+    tuned.fc = nn.Identity()
+    headless = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    headless.reset_classifier(0)
+    torch.save(headless.state_dict(), tmp_path / "headless.pth")
+    x = torch.randn(2, 3, 224, 224)
+    for name, path, reference in [("resnet18", "tuned.pth", tuned), ("efficientnet_lite0", "headless.pth", headless),
+                                  ("timm/tf_efficientnet_lite0", "headless.pth", headless)]:
+        body = build_backbone(name, weights=str(tmp_path / path)).module
+        with torch.inference_mode():
+            torch.testing.assert_close(body(x), reference.eval()(x), atol=1e-5, rtol=1e-5)
+
+
 def test_weights_that_do_not_fit_are_named(tmp_path):
     import torchvision
 
