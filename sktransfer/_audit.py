@@ -27,7 +27,10 @@ probabilities of one cross-validation of the head.
   more against the neighbours' vote; per-class thresholds set how many are
   flagged, not which. docs/audit.md compares this with the head alone, with
   noise-rate pruning and with rankings by self-confidence and by normalized
-  margin.
+  margin. A duplicate group whose images carry different labels is one
+  photo filed under two classes, a label error for certain: the images
+  labelled otherwise than the group's most probable class (p summed over
+  the group) are label issues, listed before the others.
 * Duplicates are images whose L2-normalised features have a cosine
   similarity of at least ``duplicate_threshold`` (found with scikit-learn's
   ``NearestNeighbors`` radius search), or whose perceptual hashes (255 bits
