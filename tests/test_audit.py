@@ -13,8 +13,8 @@ from sklearn.model_selection import GroupKFold, KFold, cross_val_predict
 
 from sktransfer import PretrainedImageClassifier, audit, clear_cache, load_image_folder
 from sktransfer._audit import (
-    COLUMNS, FINDINGS, HASH_DISTANCE, calibrated_joint, class_outliers, combine_evidence, confident_joint, duplicate_components,
-    find_label_issues, log_ratio, neighbour_proba, normalized_margin, perceptual_hash)
+    COLUMNS, FINDINGS, HASH_DISTANCE, calibrated_joint, class_outliers, combine_evidence, confident_joint,
+    duplicate_components, find_label_issues, label_conflicts, log_ratio, neighbour_proba, normalized_margin, perceptual_hash)
 from sktransfer._backbones import build_backbone
 from sktransfer._cli import main
 from sktransfer._inputs import read_item
@@ -372,8 +372,9 @@ def test_a_photo_filed_under_two_classes_is_a_label_issue(filed_twice):
     # Filed under two classes neither of which the evidence favours: both copies are label issues.
     assert [issues.get(i) for i in filed_twice["elsewhere"]] == ["paper", "paper"]
     # Certain label problems come first, then the others, most suspicious first.
-    certain = {i for group in conflicting for i in group if y[i] != issues.get(i, y[i])}
+    certain = {i for group in conflicting for i in group if i in issues}
     assert set(report.label_issues[:len(certain)].tolist()) == certain
+    assert np.all(np.diff(report.label_scores[:len(certain)]) <= 0)
     assert np.all(np.diff(report.label_scores[len(certain):]) <= 0)
     # Their rows carry their duplicate group's number, which names them in the table.
     frame = report.to_frame()
@@ -384,22 +385,35 @@ def test_a_photo_filed_under_two_classes_is_a_label_issue(filed_twice):
 
 
 def test_cleaned_keeps_the_copy_with_the_groups_label(filed_twice):
-    report, X = filed_twice["report"], filed_twice["X"]
+    report, X, y = filed_twice["report"], filed_twice["X"], filed_twice["y"]
+    copy, original = filed_twice["known"]
+    # Whichever copy the evidence favours, the one kept carries the group's likely label.
+    unsure = list(filed_twice["unsure"])
+    likely = report.classes[report.label_proba[unsure].sum(axis=0).argmax()]
     for drop in (("duplicate",), ("label_issue",), FINDINGS):
         kept, labels = report.cleaned(drop=drop)
-        copy, original = filed_twice["known"]
         assert X[original] in kept and X[copy] not in kept, drop
-        # Whichever copy the evidence favours, the one kept carries the group's likely label.
-        group = list(filed_twice["unsure"])
-        likely = report.classes[report.label_proba[group].sum(axis=0).argmax()]
-        assert [filed_twice["y"][i] for i in group if X[i] in kept] in ([likely], []), drop
+        assert [y[i] for i in unsure if X[i] in kept] == [likely] * (likely in y[unsure]), drop
         # No copy's label is the group's: which one is right cannot be told from them, so both go.
         assert not set(X[i] for i in filed_twice["elsewhere"]) & set(kept), drop
-        assert labels.tolist() == [filed_twice["y"][X.index(x)] for x in kept]
+        assert labels.tolist() == [y[X.index(x)] for x in kept]
+
+
+def test_label_conflicts_judge_each_group_as_a_whole():
+    proba = np.array([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1],  # group 0-1: labelled 0 and 1, most probably 0
+                      [0.2, 0.3, 0.5], [0.2, 0.3, 0.5],  # group 2-3: labelled 0 and 1, most probably 2
+                      [0.1, 0.8, 0.1], [0.3, 0.4, 0.3],  # group 4-5: one label, left to the other suspects
+                      [0.4, 0.4, 0.2], [0.4, 0.4, 0.2]])  # group 6-7: a tie between its labels
+    y = np.array([0, 1, 0, 1, 0, 0, 1, 0])
+    groups = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5]), np.array([6, 7])]
+    indices, suggested, scores = label_conflicts(groups, y, proba)
+    # Most suspicious first: log(sum p(suggested) / sum p(given)) over the group; a tie goes to the first class.
+    assert indices.tolist() == [2, 1, 3, 6] and suggested.tolist() == [2, 0, 2, 0]
+    np.testing.assert_allclose(scores, np.log([1.0 / 0.4, 1.2 / 0.6, 1.0 / 0.6, 1.0]))
 
 
 def test_leakage_rows_tell_the_split(filed_twice, tmp_path):
-    report, X = filed_twice["report"], filed_twice["X"]
+    report = filed_twice["report"]
     # The test set holds the very file of X: only the split tells its two rows apart.
     frame = report.to_frame()
     leak = frame[frame.finding == "leakage"]
