@@ -326,15 +326,15 @@ def filed_twice(sample, tmp_path_factory):
     """The sample with photos filed under two classes, and a test set holding one of its very files.
 
     Two paper photos are copied into cardboard (listed first, as a class
-    folder sorts them): one the model knows well as paper, one it is less
-    sure of. A third paper photo, itself left out, is filed once as
-    cardboard and once as glass.
+    folder sorts them): one the model knows well as paper, and one checked
+    against the rule only. A third paper photo, itself left out, is filed
+    once as cardboard and once as glass.
     """
     tmp = tmp_path_factory.mktemp("filed_twice")
     paths, labels = sample
-    known, unsure, elsewhere = (next(i for i, p in enumerate(paths) if Path(p).name == name)
+    known, second, elsewhere = (next(i for i, p in enumerate(paths) if Path(p).name == name)
                                 for name in ("paper146.jpg", "paper164.jpg", "paper161.jpg"))
-    copies = [str(shutil.copy(paths[i], tmp / f"{Path(paths[i]).stem}_dup.jpg")) for i in (known, unsure)]
+    copies = [str(shutil.copy(paths[i], tmp / f"{Path(paths[i]).stem}_dup.jpg")) for i in (known, second)]
     filed = [str(shutil.copy(paths[elsewhere], tmp / f"paper161_{c}.jpg")) for c in ("cb", "gl")]
     rest = [i for i in range(len(paths)) if i != elsewhere]
     X = copies + [paths[i] for i in rest] + filed
@@ -342,7 +342,7 @@ def filed_twice(sample, tmp_path_factory):
     X_test = [paths[0]]  # the same file as one of X
     report = audit(PretrainedImageClassifier(random_state=0), X, y, cv=5, X_test=X_test, y_test=labels[:1])
     return dict(report=report, X=X, y=y, X_test=X_test, known=(0, X.index(paths[known])),
-                unsure=(1, X.index(paths[unsure])), elsewhere=(len(X) - 2, len(X) - 1))
+                second=(1, X.index(paths[second])), elsewhere=(len(X) - 2, len(X) - 1))
 
 
 def _group_of(report, i):
@@ -353,7 +353,7 @@ def test_a_photo_filed_under_two_classes_is_a_label_issue(filed_twice):
     report, X, y = filed_twice["report"], filed_twice["X"], filed_twice["y"]
     issues = dict(zip(report.label_issues.tolist(), report.suggested_labels.tolist()))
     scores = dict(zip(report.label_issues.tolist(), report.label_scores.tolist()))
-    conflicting = [filed_twice["known"], filed_twice["unsure"], filed_twice["elsewhere"]]
+    conflicting = [filed_twice["known"], filed_twice["second"], filed_twice["elsewhere"]]
     for group in conflicting:
         assert _group_of(report, group[0]) == list(group)
         # The group's summed evidence names its likely class: the copies filed under another are label issues.
@@ -388,12 +388,12 @@ def test_cleaned_keeps_the_copy_with_the_groups_label(filed_twice):
     report, X, y = filed_twice["report"], filed_twice["X"], filed_twice["y"]
     copy, original = filed_twice["known"]
     # Whichever copy the evidence favours, the one kept carries the group's likely label.
-    unsure = list(filed_twice["unsure"])
-    likely = report.classes[report.label_proba[unsure].sum(axis=0).argmax()]
+    second = list(filed_twice["second"])
+    likely = report.classes[report.label_proba[second].sum(axis=0).argmax()]
     for drop in (("duplicate",), ("label_issue",), FINDINGS):
         kept, labels = report.cleaned(drop=drop)
         assert X[original] in kept and X[copy] not in kept, drop
-        assert [y[i] for i in unsure if X[i] in kept] == [likely] * (likely in y[unsure]), drop
+        assert [y[i] for i in second if X[i] in kept] == [likely] * (likely in y[second]), drop
         # No copy's label is the group's: which one is right cannot be told from them, so both go.
         assert not set(X[i] for i in filed_twice["elsewhere"]) & set(kept), drop
         assert labels.tolist() == [y[X.index(x)] for x in kept]
