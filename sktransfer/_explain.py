@@ -74,6 +74,14 @@ def explain(estimator, X, target=None, alpha=0.5, return_heatmaps=False):
         Only with ``return_heatmaps``: values in [0, 1] per image (all zeros
         when nothing in the image raised the class score).
     """
+    from ._estimator import PretrainedImageClassifier
+
+    if not isinstance(estimator, PretrainedImageClassifier):
+        raise TypeError(
+            f"explain needs a fitted PretrainedImageClassifier, got {type(estimator).__name__}: Grad-CAM "
+            "follows a class score back through the trained head into the backbone's feature map, and "
+            "only that estimator holds both."
+        )
     check_is_fitted(estimator, ["embedder_", "head_"])
     if getattr(estimator, "unfreeze_", 0):
         raise ValueError(

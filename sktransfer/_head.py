@@ -388,13 +388,46 @@ class TemperatureSoftmax:
         return torch.softmax(logits / self.temperature, dim=-1)
 
 
+#: Spread of the prior on log(temperature) (normal, centred on 1): see :func:`fit_temperature`.
+TEMPERATURE_PRIOR_STD = 0.25
+
+
+def fit_temperature(logits, y, weights=None, prior_std=TEMPERATURE_PRIOR_STD):
+    """The temperature ``T`` of ``softmax(logits / T)`` that best explains the labels ``y``.
+
+    The log loss over the images (weighted by ``weights``, scaled to sum to the
+    number of images, so weights scaled alike change nothing), plus a normal prior
+    on ``log(T)`` centred on 0 with ``prior_std``: the most probable temperature
+    given the images. Without the prior a small held-out set that the head gets
+    all right drove ``T`` to the grid's end (0.05), and every probability to 0 or 1:
+    on trash6 splits of 15 photos per class that raised the test log loss from
+    0.77 to 0.89 on average (one held-out set of 9 photos: 0.63 to 6.3), where the
+    prior keeps it at 0.79; with 70 photos per class 0.618 against 0.604
+    (docs/accuracy.md). The prior matters less as the images grow in number.
+    The minimum is searched on a grid of 401 values from 0.05 to 20.
+    """
+    logits = np.asarray(logits, np.float64)
+    y = np.asarray(y)
+    weights = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64)
+    weights = weights * (len(y) / weights.sum())
+    candidates = np.exp(np.linspace(np.log(0.05), np.log(20.0), 401))
+    losses = []
+    for t in candidates:
+        z = logits / t
+        z = z - z.max(axis=1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        losses.append(-np.sum(weights * log_p[np.arange(len(y)), y]) + np.log(t) ** 2 / (2 * prior_std ** 2))
+    return float(candidates[int(np.argmin(losses))])
+
+
 class TemperatureScaling(Callback):
     """Fit a temperature on the net's held-out split when training ends.
 
-    The temperature minimising the log loss there (weighted by the images'
-    ``sample_weight``, as training weighs them) divides the logits from
-    then on (``predict_nonlinearity``), so probabilities are calibrated and
-    the argmax is unchanged. The net's ``train_split`` must be seeded, so
+    The temperature that best explains the held-out images' labels (their log
+    loss weighted by their ``sample_weight``, as training weighs them, and a
+    prior that keeps it near 1: :func:`fit_temperature`) divides the logits
+    from then on (``predict_nonlinearity``), so probabilities are calibrated
+    and the argmax is unchanged. The net's ``train_split`` must be seeded, so
     that the split here is the one training held out.
 
     Attributes
@@ -408,18 +441,10 @@ class TemperatureScaling(Callback):
         _, valid = net.train_split(dataset, y)
         logits = net.forward(valid, training=False).detach().cpu().double().numpy()
         held_out = np.asarray(valid.indices)
-        y_valid = np.asarray(y)[held_out]
         # Weighted as training and early stopping weigh the images (sample_weight, class_weight).
         weights = X.get("sample_weight") if isinstance(X, dict) else None
-        weights = np.ones(len(held_out)) if weights is None else np.asarray(weights, np.float64)[held_out]
-        candidates = np.exp(np.linspace(np.log(0.05), np.log(20.0), 401))
-        losses = []
-        for t in candidates:
-            z = logits / t
-            z = z - z.max(axis=1, keepdims=True)
-            log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            losses.append(-np.average(log_p[np.arange(len(y_valid)), y_valid], weights=weights))
-        self.temperature_ = float(candidates[int(np.argmin(losses))])
+        self.temperature_ = fit_temperature(logits, np.asarray(y)[held_out],
+                                            None if weights is None else np.asarray(weights)[held_out])
         net.predict_nonlinearity = TemperatureSoftmax(self.temperature_)
 
 

@@ -170,15 +170,16 @@ class Preprocessing:
         if size != (w, h):
             box = None
             if self.crop_mode == "center" and max(size) > 4 * max(ch, cw, self.decode_size):
-                # A long panorama: resample only the centre band the crop keeps,
-                # not a resized copy of the whole strip. Nearly the same pixels:
-                # Pillow reads the box as float32, so a weight may round apart.
+                # A long panorama: resample only the centre band the crop keeps (from the
+                # whole pixel where _crop_or_pad would cut the resized strip), not a resized
+                # copy of the whole strip. Nearly the same pixels: Pillow reads the box as
+                # float32, so a weight may round apart.
                 if w > h:
-                    keep = w * cw / size[0]
-                    box, size = ((w - keep) / 2, 0, (w + keep) / 2, h), (cw, size[1])
+                    left, scale = int(round((size[0] - cw) / 2.0)), w / size[0]
+                    box, size = (left * scale, 0, (left + cw) * scale, h), (cw, size[1])
                 else:
-                    keep = h * ch / size[1]
-                    box, size = (0, (h - keep) / 2, w, (h + keep) / 2), (size[0], ch)
+                    top, scale = int(round((size[1] - ch) / 2.0)), h / size[1]
+                    box, size = (0, top * scale, w, (top + ch) * scale), (size[0], ch)
             image = image.resize(size, _RESAMPLE[self.interpolation], box=box)
         fill = tuple(round(255 * v) for v in self.mean) if self.crop_mode == "border" else (0, 0, 0)
         return np.asarray(_crop_or_pad(image, ch, cw, fill), dtype=np.uint8)
@@ -195,6 +196,14 @@ class Preprocessing:
         return x
 
 
+def _too_large(size=None):
+    """Why an image above Pillow's refusal is refused, with how to let it through."""
+    what = f"image of {size[0]}x{size[1]} pixels" if size else "image"
+    return (f"{what} is above twice Pillow's decompression-bomb limit, where Pillow refuses it "
+            f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}; for images you trust, raise it, or set it "
+            "to None)")
+
+
 def _open_header(payload):
     """Open an encoded image (a path or bytes) and check its header; nothing is decoded yet.
 
@@ -204,12 +213,13 @@ def _open_header(payload):
     source = io.BytesIO(payload) if isinstance(payload, (bytes, bytearray)) else payload
     try:
         with warnings.catch_warnings():
-            # Pillow warns up to twice its limit and refuses beyond; above it, the
-            # check below refuses with the image's size, so its warning only repeats it.
+            # Pillow warns up to twice its limit and refuses beyond. Up to there the image is
+            # read, as Pillow reads it (a 108-megapixel phone photo is 1.2x the default limit),
+            # without a warning per image.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
     except Image.DecompressionBombError:
-        raise ValueError("image is above Pillow's decompression-bomb limit") from None
+        raise ValueError(_too_large()) from None
     except Image.UnidentifiedImageError:
         raise ValueError("not an image file Pillow can read") from None
     except (FileNotFoundError, PermissionError, IsADirectoryError):
@@ -217,12 +227,9 @@ def _open_header(payload):
     except Exception as e:  # noqa: BLE001  (a damaged header; see open_image)
         raise ValueError(f"image header is damaged ({type(e).__name__}: {e})") from None
     w, h = image.size
-    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+    if Image.MAX_IMAGE_PIXELS and w * h > 2 * Image.MAX_IMAGE_PIXELS:  # a format Pillow does not check
         image.close()
-        raise ValueError(
-            f"image of {w}x{h} pixels is above Pillow's decompression-bomb limit "
-            f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"
-        )
+        raise ValueError(_too_large((w, h)))
     if w < 1 or h < 1:
         image.close()
         raise ValueError(f"image has no pixels ({w}x{h})")
@@ -311,7 +318,7 @@ def load_pixels(payload, preprocessing, view=None, key=None):
 def _to_rgb(image):
     image = ImageOps.exif_transpose(image) if image.getexif() else image
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # Scaled by the mode, never by the picture's own values, so equal values
@@ -321,7 +328,7 @@ def _to_rgb(image):
         top = 1.0 if mode == "F" else 65535.0
         arr = np.rint(np.clip(np.nan_to_num(arr) / top * 255.0, 0, 255)).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
-    if mode == "P" and "transparency" in image.info:
+    if mode in ("P", "RGB", "L") and "transparency" in image.info:  # a transparent colour (PNG's tRNS)
         image = image.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "La", "RGBa"):

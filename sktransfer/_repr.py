@@ -22,6 +22,8 @@ def _backbone_box(embedder_params, backbone=None, unfreeze=0):
     given = embedder_params["backbone"]
     name = given if isinstance(given, str) else type(given).__name__
     trained = f"last {unfreeze} block(s) fine-tuned" if unfreeze else "frozen"
+    if backbone is not None and isinstance(given, str):
+        name = backbone.name  # what fit built, whatever set_params changed since
     if backbone is None:
         return f"backbone: {name}", f"weights={embedder_params['weights']!r}, {trained}\n(not loaded yet: fit loads it)"
     prep = backbone.preprocessing

@@ -61,6 +61,27 @@ def test_weights_file_rewritten_in_place_is_read_again(tmp_path):
     assert second.fingerprint != first.fingerprint
 
 
+def test_weights_of_a_network_with_another_top_or_none_load_into_the_body(tmp_path):
+    # A network fine-tuned for 10 classes, or saved headless as a feature extractor: the top is
+    # removed anyway, so only the body's weights must fit.
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    tuned = torchvision.models.resnet18(num_classes=10)
+    torch.save(tuned.state_dict(), tmp_path / "tuned.pth")
+    tuned.fc = nn.Identity()
+    headless = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    headless.reset_classifier(0)
+    torch.save(headless.state_dict(), tmp_path / "headless.pth")
+    x = torch.randn(2, 3, 224, 224)
+    for name, path, reference in [("resnet18", "tuned.pth", tuned), ("efficientnet_lite0", "headless.pth", headless),
+                                  ("timm/tf_efficientnet_lite0", "headless.pth", headless)]:
+        body = build_backbone(name, weights=str(tmp_path / path)).module
+        with torch.inference_mode():
+            torch.testing.assert_close(body(x), reference.eval()(x), atol=1e-5, rtol=1e-5)
+
+
 def test_weights_that_do_not_fit_are_named(tmp_path):
     import torchvision
 
@@ -70,6 +91,20 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
         build_backbone("resnet18", weights=str(path))
     with pytest.raises(ValueError, match="not a weights name of 'resnet18'"):
         build_backbone("resnet18", weights="IMAGENET9K")
+    # Backbones without weights names say what they take, not "no such file".
+    for name in ("efficientnet_lite0", "timm/tf_efficientnet_lite0"):
+        with pytest.raises(ValueError, match=f"^weights='IMAGENET1K_V1' is not a file, and {name!r} has no "
+                                             "weights names: use 'DEFAULT'"):
+            build_backbone(name, weights="IMAGENET1K_V1")
+    # A pickled model is not a state dict: told in a line, without PyTorch's advice to unpickle it.
+    import joblib
+
+    joblib.dump({"model": torchvision.models.resnet18()}, tmp_path / "model.joblib")
+    with pytest.raises(ValueError) as caught:
+        build_backbone("resnet18", weights=str(tmp_path / "model.joblib"))
+    message = str(caught.value)
+    assert "holds Python objects other than tensors" in message and "weights_only" in message, message
+    assert "will likely succeed" not in message and len(message.splitlines()) == 1, message
 
 
 def test_user_module_with_another_forward_is_another_backbone(sample):

@@ -99,6 +99,37 @@ def test_fit_from_csv_with_relative_paths(sample, tmp_path):
     assert list(joblib.load(model).classes_) == CLASSES
 
 
+def test_a_csv_separated_by_semicolons_or_tabs_is_read_as_its_header_says(sample, tmp_path, capsys):
+    # Spreadsheets in many locales export CSV with ';': its header names the columns with it.
+    data = copy_images(sample, tmp_path / "photos", 4)
+    X, y = load_image_folder(data)
+    for name, delimiter in [("semi.csv", ";"), ("tabs.csv", "\t")]:
+        with open(tmp_path / name, "w", newline="") as f:
+            writer = csv.writer(f, delimiter=delimiter)
+            writer.writerow(["path", "label"])
+            writer.writerows([os.path.relpath(p, tmp_path), label] for p, label in zip(X, y))
+        assert main(["fit", str(tmp_path / name), "--cv", "2", "-o", str(tmp_path / "m.joblib")]) == 0
+        assert capsys.readouterr().out.startswith("12 images, 3 classes: cardboard (4), glass (4), metal (4)\n")
+    (tmp_path / "odd.csv").write_text("file;cls\n")
+    assert main(["fit", str(tmp_path / "odd.csv"), "-o", str(tmp_path / "m.joblib")]) == 1
+    assert "has no column(s) 'path', 'label'; its columns are ['file', 'cls']" in capsys.readouterr().err
+
+
+def test_evaluate_names_its_option_for_a_bad_top(trained, tmp_path, capsys):
+    _, _, model, data, _ = trained
+    assert main(["evaluate", str(model), str(data), "-o", str(tmp_path / "r"), "--top", "0"]) == 1
+    assert capsys.readouterr().err == ("sktransfer evaluate: error: --top 0: the number of misclassified images "
+                                       "shown must be at least 1.\n")
+    assert not (tmp_path / "r").exists()
+
+
+def test_data_that_does_not_exist_is_called_missing(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "nope"), "-o", str(tmp_path / "m.joblib")]) == 1
+    assert capsys.readouterr().err == (f"sktransfer fit: error: {str(tmp_path / 'nope')!r} does not exist; expected "
+                                       "a folder with one sub-folder of images per class, or a CSV file with "
+                                       "columns path,label.\n")
+
+
 def test_fit_that_cannot_write_its_model_leaves_the_previous_one(sample, tmp_path, capsys):
     """The model file is replaced whole or not at all: here the disk refuses a file over 1 MB."""
     import resource
@@ -188,6 +219,13 @@ def test_predict_with_a_regressor_writes_its_numbers(sample, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "grey.joblib"), *paths[:3], "--proba"]) == 1
     err = capsys.readouterr().err
     assert "--proba" in err and "PretrainedImageRegressor" in err and "classifier" in err, err
+    # A model that does not predict (an embedder) is told as such, not with a traceback.
+    from sktransfer import ImageEmbedder
+
+    save_model(ImageEmbedder().fit(), tmp_path / "embedder")
+    assert main(["predict", str(tmp_path / "embedder"), *paths[:3]]) == 1
+    assert capsys.readouterr().err == (f"sktransfer predict: error: {str(tmp_path / 'embedder')!r} holds a "
+                                       "ImageEmbedder, which does not predict (it has no predict method).\n")
 
 
 def test_predict_errors_name_the_input(trained, tmp_path, capsys):
@@ -513,7 +551,7 @@ def test_demo_shows_accuracy_time_confusion_matrix_and_next_steps(tmp_path, caps
     assert all(rows[i][1 + i].startswith("[") for i in range(6))  # the diagonal is marked
     assert np.trace(counts) / 180 == pytest.approx(float(accuracy.group(1)), abs=0.02)  # equal folds of 36
     assert f"saved to {model.resolve()}" in out and "predictions identical = True" in out
-    assert "sktransfer fit path/to/photos -o model.joblib" in out
+    assert "sktransfer fit path/to/photos -o model/" in out  # the safe folder, the one to share
     assert list(joblib.load(model).classes_) == classes
     folder = str(tmp_path / "demo_model") + os.sep  # as fit -o: the safe save_model folder
     assert main(["demo", "-o", folder]) == 0

@@ -233,14 +233,25 @@ def test_negative_sample_weight_is_refused_before_embedding(small):
         assert counter.images == 0
 
 
-def test_an_image_just_above_the_decompression_limit_is_told_once_by_us(tmp_path, monkeypatch, recwarn):
-    """Pillow warns (not refuses) up to twice its limit; the ImageInputError says it all."""
+def test_images_are_read_up_to_pillows_own_refusal_and_refused_beyond_with_the_remedy(tmp_path, monkeypatch,
+                                                                                       recwarn):
+    """Pillow warns up to twice MAX_IMAGE_PIXELS and refuses beyond: a 108-megapixel phone photo
+    (1.2x its default limit) is read, silently, as Pillow reads it; beyond, the reason says how to
+    lift the limit for trusted images."""
     import warnings
 
-    from sktransfer._images import header_error
+    from sktransfer._images import header_error, load_pixels
+    from sktransfer._backbones import build_backbone
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 400)
     Image.new("RGB", (500, 400), "white").save(tmp_path / "big.png")  # 1.25x the limit
+    Image.new("RGB", (600, 600), "white").save(tmp_path / "huge.png")  # 2.25x
     warnings.simplefilter("always")
-    assert "decompression-bomb limit" in header_error(str(tmp_path / "big.png"))
+    assert header_error(str(tmp_path / "big.png")) is None
+    assert load_pixels(str(tmp_path / "big.png"), build_backbone("efficientnet_lite0").preprocessing).shape == (224, 224, 3)
+    assert header_error(str(tmp_path / "huge.png")).endswith(
+        "is above twice Pillow's decompression-bomb limit, where Pillow refuses it (PIL.Image.MAX_IMAGE_PIXELS="
+        "160000; for images you trust, raise it, or set it to None)")
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+

@@ -423,7 +423,26 @@ def test_calibration_weighs_the_held_out_images_as_training_does(halves):
     weights = np.zeros(len(X), dtype=np.float32)
     weights[right[0]] = 1.0
     callback.on_train_end(net, X={"X": Z, "sample_weight": weights}, y=y_enc)
-    assert callback.temperature_ == pytest.approx(0.05) and unweighted > 0.1
+    assert callback.temperature_ < unweighted  # sharper: that image's loss wants the sharpest
+
+
+def test_the_temperature_is_the_most_probable_one_not_the_edge_of_the_grid():
+    from sktransfer._head import fit_temperature
+
+    rng = np.random.default_rng(0)
+    # A few held-out images, all classified right: the log loss alone falls all the way to the
+    # grid's end (probabilities of 0 and 1); the prior keeps the temperature near 1.
+    logits = rng.normal(size=(6, 4)) + 6 * np.eye(4)[[0, 1, 2, 3, 0, 1]]
+    y = np.array([0, 1, 2, 3, 0, 1])
+    assert (logits.argmax(axis=1) == y).all()
+    assert fit_temperature(logits, y, prior_std=1e9) < 0.2
+    assert 0.5 < fit_temperature(logits, y) < 1.0
+    # Many images: the data decide. Labels drawn from softmax(logits / 2) give a temperature of 2.
+    logits = 3 * rng.normal(size=(5000, 4))
+    p = np.exp(logits / 2) / np.exp(logits / 2).sum(axis=1, keepdims=True)
+    y = np.array([rng.choice(4, p=row) for row in p])
+    assert fit_temperature(logits, y) == pytest.approx(2.0, rel=0.08)
+    assert fit_temperature(logits, y, weights=np.full(5000, 7.0)) == fit_temperature(logits, y)
 
 
 # -- batching of cached features ------------------------------------------------------

@@ -129,6 +129,23 @@ def test_transparent_palette_entries_become_white(tmp_path):
     np.testing.assert_array_equal(out[~transparent], opaque)
 
 
+@pytest.mark.parametrize("mode", ["P", "RGB", "L"])
+def test_a_transparent_colour_becomes_white_in_every_mode_that_has_one(tmp_path, mode):
+    # PNG's tRNS names one transparent colour in RGB and greyscale files too, not only palettes:
+    # the same picture decodes alike whichever mode it was saved in.
+    picture = np.array(_gradient().convert("L" if mode == "L" else "RGB"))
+    picture[:20] = 7 if mode == "L" else (10, 20, 30)  # the top half is the transparent colour
+    image = Image.fromarray(picture)
+    colour = 7 if mode == "L" else (10, 20, 30)
+    if mode == "P":
+        image = image.quantize(64)
+        colour = int(np.asarray(image)[0, 0])
+    image.save(tmp_path / "t.png", transparency=colour)
+    out = np.asarray(open_image(str(tmp_path / "t.png")))
+    assert (out[:20] == 255).all()
+    assert (out[20:] != 255).any()
+
+
 def test_panorama_crop_is_its_centre_at_the_backbone_resolution():
     # The centre of a long strip keeps its content after the memory-saving resize.
     strip = np.zeros((50, 20000, 3), np.uint8)
@@ -136,6 +153,24 @@ def test_panorama_crop_is_its_centre_at_the_backbone_resolution():
     out = PREP.to_array(Image.fromarray(strip))
     assert out.shape == (224, 224, 3)
     assert out[:, :100].mean() < 5 and out[:, 124:].mean() > 250  # the edge sits in the middle
+
+
+@pytest.mark.parametrize("size", [(700, 90), (90, 700), (20000, 50)])
+def test_a_panoramas_centre_band_is_the_pixels_of_the_whole_resize_and_crop(size):
+    # Resampling only the band the crop keeps must cut it where the crop of the whole resized
+    # image starts (a whole pixel, as torchvision and timm round it), not half a pixel off.
+    from conftest import SAMPLE
+
+    from sktransfer._images import _RESAMPLE, _crop_or_pad
+
+    photo = Image.open(next(SAMPLE.glob("glass/*.jpg"))).convert("RGB").resize(size)
+    prep = Preprocessing.from_timm(dict(input_size=(3, 224, 288), crop_pct=0.9, interpolation="bilinear",
+                                        mean=(0.5,) * 3, std=(0.5,) * 3))
+    ch, cw = prep.crop_shape
+    whole = _crop_or_pad(photo.resize(prep._resized(*photo.size), _RESAMPLE["bilinear"]), ch, cw, (0, 0, 0))
+    band = prep.to_array(photo)
+    assert max(prep._resized(*photo.size)) > 4 * max(ch, cw, prep.decode_size)  # the band's path
+    assert np.abs(band.astype(int) - np.asarray(whole, dtype=int)).max() <= 1  # float32 box edges
 
 
 def test_every_unusual_file_goes_through_the_backbone(tmp_path):

@@ -83,6 +83,19 @@ def test_embed_dask_keeps_the_order_of_the_paths(sample):
 
 
 @pytest.mark.slow
+def test_embed_dask_names_a_bad_image_by_its_label_in_paths(sample, tmp_path):
+    import pandas as pd
+
+    from sktransfer import ImageInputError
+
+    paths = list(sample[0][:6])
+    paths[4] = str(tmp_path / "missing.jpg")
+    features = embed_dask(pd.Series(paths, index=range(100, 106)), npartitions=3)
+    with pytest.raises(ImageInputError, match=r"of paths cannot be used as images:\n  \[104\] '.*missing\.jpg': file not found") as caught:
+        features.compute(scheduler="synchronous")
+    assert [i for i, *_ in caught.value.errors] == [104]
+
+
 def test_embed_dask_partition_by_partition_to_parquet(tmp_path, sample, dask_client):
     paths = pd.Series(sample[0][::5], index=np.arange(100, 100 + len(sample[0][::5])))
     lazy = embed_dask(paths, ImageEmbedder(batch_size=8, cache_dir=tmp_path / "cache"), npartitions=3)

@@ -221,9 +221,20 @@ def test_explain_leaves_the_frozen_backbone_untouched(clf, data):
 
 
 def test_explain_needs_a_fitted_cnn_and_known_targets(clf, data):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    from sktransfer import ImageEmbedder, PretrainedImageRegressor
+
     (X, y), _ = data
     with pytest.raises(NotFittedError):
         explain(PretrainedImageClassifier(), X[:1])
+    # Anything else is told as such, fitted or not (a Pipeline of features had said "not fitted").
+    for other in [make_pipeline(ImageEmbedder(), LogisticRegression()).fit(X, y), ImageEmbedder().fit(),
+                  PretrainedImageRegressor(max_epochs=2).fit(X, np.arange(len(X), dtype=float))]:
+        with pytest.raises(TypeError, match=f"^explain needs a fitted PretrainedImageClassifier, got "
+                                            f"{type(other).__name__}"):
+            explain(other, X[:1])
     with pytest.raises(ValueError, match="'paper' is not a class of the model"):
         explain(clf, X[:1], target="paper")
     with pytest.raises(ValueError, match="target has 2 labels for 1 images"):

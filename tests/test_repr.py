@@ -64,8 +64,9 @@ def test_fitted_models_show_the_trained_head_not_settings_changed_since():
     # set_params after fit changes the next fit, not the head predict uses: the diagram shows that head.
     X, y = subset(SAMPLE, 3, ["cardboard", "glass", "metal"])
     clf = PretrainedImageClassifier(random_state=0).fit(X, y)
-    clf.set_params(hidden_units=(256,), dropout=0.5)
+    clf.set_params(hidden_units=(256,), dropout=0.5, backbone="efficientnet_lite2")
     assert "head: linear -&gt; 3 classes (softmax)" in clf._repr_html_()
+    assert "backbone: efficientnet_lite0 -&gt; 1280 features" in clf._repr_html_()  # the body fit built
     assert any(d.startswith("L-BFGS, full batch") for d in boxes(clf))
     mlp = PretrainedImageClassifier(hidden_units=(8,), dropout=0.2, max_epochs=2, random_state=0).fit(X, y)
     mlp.set_params(hidden_units=(), dropout=0.0, lr=0.5, max_epochs=9, batch_size=4, weight_decay=0.5)
