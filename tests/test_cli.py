@@ -228,6 +228,29 @@ def test_predict_with_a_regressor_writes_its_numbers(sample, tmp_path, capsys):
                                        "ImageEmbedder, which does not predict (it has no predict method).\n")
 
 
+def test_predict_to_dev_stdout_writes_only_the_csv_there(trained, sample, tmp_path):
+    # `-o /dev/stdout | cat`: the table goes down the pipe; the line saying so goes to stderr.
+    _, _, model, _, _ = trained
+    photos = sample[0][:2]
+    run = subprocess.run([sys.executable, "-m", "sktransfer", "predict", str(model), *photos, "-o", "/dev/stdout"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert run.returncode == 0, run.stderr
+    table = pd.read_csv(io.StringIO(run.stdout))
+    assert table.columns.tolist() == ["path", "prediction"] and table["path"].tolist() == photos
+    assert "2 predictions written to /dev/stdout" in run.stderr
+
+
+def test_fit_to_a_folder_a_killed_save_left_holding_only_tensor_files(trained, tmp_path):
+    from sktransfer import load_model, save_model
+
+    _, _, model, data, _ = trained
+    folder = tmp_path / "m"
+    save_model(joblib.load(model), folder)
+    (folder / "model.json").unlink()  # as a save killed before its model.json
+    assert main(["fit", str(data), "--cv", "2", "--max-epochs", "2", "-o", str(folder) + "/"]) == 0
+    load_model(folder)
+
+
 def test_predict_errors_name_the_input(trained, tmp_path, capsys):
     _, _, model_path, data, _ = trained
     assert main(["predict", str(model_path), str(tmp_path / "missing.jpg"), str(model_path)]) == 1
