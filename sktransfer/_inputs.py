@@ -23,9 +23,20 @@ from ._cache import digest, file_digest, new_hasher
 __all__ = ["load_image_folder", "ImageInputError"]
 
 #: File name endings read by :func:`load_image_folder`.
-IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-)
+def _image_extensions():
+    """The endings of the image files a folder is read for: the common photo and bitmap
+    formats, and those Pillow reads only with a library or plugin present (AVIF, JPEG 2000,
+    HEIF through pillow-heif) where this Pillow registers a reader for them."""
+    from PIL import Image
+
+    common = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+              ".ppm", ".pgm", ".pbm", ".pnm")
+    readers = Image.registered_extensions()
+    optional = (".avif", ".jp2", ".j2k", ".jpx", ".heic", ".heif")
+    return common + tuple(e for e in optional if readers.get(e) in Image.OPEN)
+
+
+IMAGE_EXTENSIONS = _image_extensions()
 
 
 class ImageInputError(ValueError):

@@ -296,3 +296,25 @@ def test_pil_identity_covers_palette_and_orientation():
     turned = Image.new("RGB", (4, 4))
     turned.getexif()[0x0112] = 6
     assert read_item(turned)[0] != read_item(Image.new("RGB", (4, 4)))[0]
+
+
+def test_every_photo_format_pillow_reads_here_is_found_in_a_folder(tmp_path):
+    # AVIF (phones), JPEG 2000 (scans, medical images) and the portable bitmaps were read when
+    # named one by one but skipped inside folders as "not images".
+    from PIL import Image, features
+
+    from sktransfer import load_image_folder
+
+    picture = Image.new("RGB", (32, 24), (200, 30, 30))
+    written = {".pbm": "1", ".pnm": "RGB"}
+    if features.check("avif"):
+        written[".avif"] = "RGB"
+    if features.check("jpg_2000"):
+        written.update({".jp2": "RGB", ".j2k": "RGB"})
+    for i, (ending, mode) in enumerate(written.items()):
+        folder = tmp_path / ("a" if i % 2 else "b")
+        folder.mkdir(exist_ok=True)
+        picture.convert(mode).save(folder / f"photo{ending.upper() if i == 0 else ending}",
+                                   format={".pnm": "PPM", ".j2k": "JPEG2000"}.get(ending))
+    paths, _ = load_image_folder(tmp_path)
+    assert sorted(Path(p).suffix.lower() for p in paths) == sorted(written)
