@@ -298,7 +298,8 @@ class AuditReport:
         """Write a self-contained HTML page of the findings, each with a thumbnail.
 
         Thumbnails are embedded in the page, so it reads offline and can be
-        moved or mailed alone. The file is written atomically.
+        moved or mailed alone. The file is written atomically; missing folders
+        of ``path`` are made.
 
         Parameters
         ----------
@@ -367,11 +368,12 @@ img{{max-width:{thumbnail_size}px;max-height:{thumbnail_size}px;display:block}}<
 {chr(10).join(sections)}
 </body></html>
 """
-        write_atomic(path, page.encode("utf-8"))
+        write_atomic(path, page.encode("utf-8"), makedirs=True)
 
     def to_csv(self, path):
-        """Write the rows of :meth:`to_frame` as CSV, atomically, with spreadsheet formulas neutralised."""
-        write_atomic(path, csv_text([COLUMNS, *self._records()], lineterminator="\n").encode("utf-8"))
+        """Write the rows of :meth:`to_frame` as CSV, atomically, with spreadsheet formulas neutralised
+        (missing folders of ``path`` are made)."""
+        write_atomic(path, csv_text([COLUMNS, *self._records()], lineterminator="\n").encode("utf-8"), makedirs=True)
 
 
 def _plain(value):

@@ -46,6 +46,17 @@ def write_atomic(path, data, mode=None, makedirs=False, durable=True, follow_lin
         with open(path, "wb") as stream:  # the name given: /dev/stdout's target, "pipe:[...]", is no path
             stream.write(data)
         return
+    given = os.fspath(path)
+    try:
+        _replace(given, data, mode, makedirs, durable, follow_links)
+    except OSError as e:
+        if e.errno is None or (e.filename == given and e.filename2 is None):
+            raise
+        # Said of the path given, not of the temporary file beside it nor of a link's target.
+        raise OSError(e.errno, e.strerror, given) from None
+
+
+def _replace(path, data, mode, makedirs, durable, follow_links):
     path = os.path.realpath(path) if follow_links else os.path.abspath(path)
     folder = os.path.dirname(path)
     if makedirs:

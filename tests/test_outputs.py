@@ -77,3 +77,16 @@ def test_a_regular_file_is_still_replaced_whole(tmp_path):
     before = os.stat(target).st_ino
     write_atomic(target, CSV)
     assert target.read_bytes() == CSV and os.stat(target).st_ino != before  # a new file renamed over the old one
+
+
+def test_a_write_that_fails_names_the_path_given_not_its_temporary_file(tmp_path):
+    (tmp_path / "a-folder").mkdir()
+    with pytest.raises(IsADirectoryError) as caught:
+        write_atomic(str(tmp_path / "a-folder"), CSV)
+    assert caught.value.filename == str(tmp_path / "a-folder") and ".tmp-" not in str(caught.value)
+    with pytest.raises(FileNotFoundError) as caught:
+        write_atomic(str(tmp_path / "missing" / "f.csv"), CSV)
+    assert caught.value.filename == str(tmp_path / "missing" / "f.csv") and ".tmp-" not in str(caught.value)
+    write_atomic(str(tmp_path / "made" / "f.csv"), CSV, makedirs=True)
+    assert (tmp_path / "made" / "f.csv").read_bytes() == CSV
+    assert sorted(os.listdir(tmp_path)) == ["a-folder", "made"]  # no temporary file left
