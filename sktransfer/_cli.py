@@ -296,7 +296,7 @@ def _model_output(path):
     folder of other files. A file name needs an extension: ``-o model`` could
     mean either. Refused at once, before any long work.
     """
-    from ._export import MODEL_FILE, is_model_file
+    from ._export import check_model_folder
 
     shown = safe_text(path)
     folder = path.endswith(("/", os.sep)) or os.path.isdir(path)
@@ -306,14 +306,11 @@ def _model_output(path):
             f"-o {shown!r} has no extension: write -o {name}/ for the save_model folder (safe to share) "
             f"or -o {name}.joblib for a joblib file (runs code when loaded: trusted sources only)."
         )
-    if folder and os.path.isdir(path):
-        entries = set(os.listdir(path))
-        # A folder holding only a model's files (or its tensors, left by a save that was killed).
-        if entries and MODEL_FILE not in entries and not all(is_model_file(e) for e in entries):
-            raise ValueError(
-                f"-o {shown!r} is a folder of other files, not a saved model; give a new or empty "
-                "folder, or one written by `sktransfer fit -o FOLDER/` or save_model."
-            )
+    if folder:
+        try:
+            check_model_folder(path)
+        except ValueError as e:
+            raise ValueError(f"-o {e}") from None
     _check_output(path, "-o", folder=folder)
     return folder
 

@@ -85,7 +85,9 @@ def save_model(estimator, folder):
         Folder to write ``model.json`` and the tensor files
         (``backbone-<digest>.pt``, ``head-<digest>.pt``) into, created if
         needed. A model saved there before is replaced whole once the new
-        one is written; a save that fails leaves it as it was.
+        one is written; a save that fails leaves it as it was. A file, or a
+        folder of other files (photos, a project), is refused before
+        anything is written.
 
     Returns
     -------
@@ -110,6 +112,7 @@ def save_model(estimator, folder):
             f"ImageEmbedder, got {type(estimator).__name__}."
         )
     check_is_fitted(estimator)
+    check_model_folder(folder)
     state = estimator._export_state()  # refuses what JSON and tensors cannot hold, before any file is written
     backbone, head = estimator._export_parts()
     params, omitted = _params_to_json(_shareable(estimator.get_params(deep=False)))
@@ -170,6 +173,21 @@ def save_model(estimator, folder):
     _remove(folder, [name for name in earlier
                      if name != MODEL_FILE and is_model_file(name) and name not in info["files"].values()])
     return folder
+
+
+def check_model_folder(folder):
+    """Refuse a ``folder`` :func:`save_model` must not write into: a file, or a folder of
+    other files (photos, a project), whose files a save would mix with a model's. A new or
+    empty folder, or one a save wrote (``model.json``, or only tensor files of a save
+    that was killed), is fine."""
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder!r} is a file; save_model writes a folder ({MODEL_FILE} and its tensor "
+                         "files): give a new or empty folder, or one a save_model wrote.")
+    entries = os.listdir(folder) if os.path.isdir(folder) else []
+    if entries and MODEL_FILE not in entries and not all(is_model_file(e) for e in entries):
+        raise ValueError(f"{folder!r} is a folder of other files, not a saved model; give a new or empty "
+                         "folder, or one a save_model (or `sktransfer fit -o FOLDER/`) wrote.")
 
 
 def is_model_file(name):

@@ -245,6 +245,22 @@ def _largest_file(size):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
+def test_save_model_refuses_a_file_or_a_folder_of_other_files_before_writing(tmp_path, fitted):
+    # A folder of photos is not a model's: writing into it (13 MB beside them) was allowed.
+    clf, _, _ = fitted
+    photos = tmp_path / "photos"
+    (photos / "cardboard").mkdir(parents=True)
+    (photos / "notes.txt").write_text("taken on Monday")
+    with pytest.raises(ValueError, match=f"^{re.escape(repr(str(photos)))} is a folder of other files, not a "
+                                         "saved model"):
+        save_model(clf, photos)
+    assert sorted(os.listdir(photos)) == ["cardboard", "notes.txt"]
+    (tmp_path / "model.joblib").write_bytes(b"a pickle")
+    with pytest.raises(ValueError, match="is a file; save_model writes a folder"):
+        save_model(clf, tmp_path / "model.joblib")
+    assert (tmp_path / "model.joblib").read_bytes() == b"a pickle"
+
+
 @pytest.mark.parametrize("fails_at", ["tensors", "model.json"])
 def test_a_save_that_fails_leaves_the_previous_model_as_it_was(tmp_path, tiny_images, fails_at):
     """A save that cannot write (a full disk) while writing the tensors, or model.json last,
