@@ -382,7 +382,11 @@ def main():
     lines += ["", "### Label-issue rules on the same probabilities", "",
               "Recall @ P≥0.5 (suspects flagged) of each rule of `sktransfer._audit.find_label_issues` "
               "(which images are suspects, how they are ranked) on the runs above; `audit` uses "
-              f"`{AUDIT_RULE}`. Other seeds and heads: `--seeds 5 6 7 8 9 --save-proba runs.npz`, then "
+              f"`{AUDIT_RULE}`, and also judges each duplicate group whose photos carry different labels "
+              "as one (its copies labelled otherwise than the group's most probable class are suspects, "
+              "first), which this table, from the saved probabilities alone, does not: where a flip hit "
+              "one photo of a pair the `audit` column above differs. Other seeds and heads: "
+              "`--seeds 5 6 7 8 9 --save-proba runs.npz`, then "
               "`--compare-rules runs.npz` (docs/audit.md).", "",
               table]
     write_section("audit", "\n".join(lines))

@@ -27,7 +27,10 @@ probabilities of one cross-validation of the head.
   more against the neighbours' vote; per-class thresholds set how many are
   flagged, not which. docs/audit.md compares this with the head alone, with
   noise-rate pruning and with rankings by self-confidence and by normalized
-  margin.
+  margin. A duplicate group whose images carry different labels is one
+  photo filed under two classes, a label error for certain: the images
+  labelled otherwise than the group's most probable class (p summed over
+  the group) are label issues, listed before the others.
 * Duplicates are images whose L2-normalised features have a cosine
   similarity of at least ``duplicate_threshold`` (found with scikit-learn's
   ``NearestNeighbors`` radius search), or whose perceptual hashes (255 bits
@@ -60,7 +63,7 @@ import sys
 
 import numpy as np
 
-from ._inputs import ImageInputError, as_image_list, error_reason, read_item
+from ._inputs import ImageInputError, _count, as_image_list, error_reason, read_item
 from ._outputs import csv_text, safe_text, write_atomic
 
 __all__ = ["audit", "AuditReport"]
@@ -80,7 +83,10 @@ HASH_THUMBNAIL = 32
 HASH_DISTANCE = 24
 #: log_ratio clamps probabilities here: float32 softmax outputs below it have underflowed or are noise.
 PROBA_FLOOR = 1e-12
-COLUMNS = ["path", "finding", "given_label", "suggested_label", "score", "group"]
+#: The columns of the table; ``split`` last, so that the older columns keep their places.
+COLUMNS = ["path", "finding", "given_label", "suggested_label", "score", "group", "split"]
+#: ``split`` of an image of ``X`` and of ``X_test``.
+SPLITS = {"X": "train", "X_test": "test"}
 
 
 class AuditReport:
@@ -114,13 +120,19 @@ class AuditReport:
         The share of images whose most probable class in ``oof_proba`` is
         their given label.
     label_issues : ndarray of int
-        Suspected label errors, most suspicious first.
+        Suspected label errors: first the copies filed under another class
+        than their duplicate group's most probable one (a certain label
+        problem, see :func:`label_conflicts`), then the others; each part
+        most suspicious first.
     suggested_labels : ndarray
-        The most probable class per label issue (never the given label).
+        The most probable class per label issue (never the given label): of
+        the image, or of its duplicate group for a copy filed under another
+        class than the group's.
     label_scores : ndarray of float
-        ``log(p(suggested) / p(given label))`` in ``label_proba`` per label
-        issue (higher: more suspicious; positive, as the suggested class is
-        the more probable).
+        ``log(p(suggested) / p(given label))`` in ``label_proba`` (summed
+        over the duplicate group for a copy filed under another class than
+        the group's) per label issue (higher: more suspicious; positive, as
+        the suggested class is the more probable; 0 for a tie).
     duplicate_groups : list of ndarray of int
         Groups of two or more images of ``X`` that are (near-)duplicates of
         each other and of nothing in ``X_test``.
@@ -166,9 +178,9 @@ class AuditReport:
         return float(np.mean(self.classes[self.oof_proba.argmax(axis=1)] == self.y))
 
     def __repr__(self):
-        return (f"AuditReport({len(self.items)} images: {len(self.label_issues)} label issues, "
-                f"{len(self.duplicate_groups)} duplicate groups, {len(self.leakage_groups)} leakage "
-                f"groups, {len(self.outliers)} outliers; out-of-fold accuracy {self.oof_accuracy:.2f})")
+        return (f"AuditReport({_count(self.items, 'image')}: {_count(self.label_issues, 'label issue')}, "
+                f"{_count(self.duplicate_groups, 'duplicate group')}, {_count(self.leakage_groups, 'leakage group')}, "
+                f"{_count(self.outliers, 'outlier')}; out-of-fold accuracy {self.oof_accuracy:.2f})")
 
     def _name(self, index, test=False):
         item = (self.test_items if test else self.items)[index]
@@ -177,10 +189,18 @@ class AuditReport:
         return f"{'X_test' if test else 'X'}[{index}]"
 
     def _rows(self):
-        """(finding, side, index, given, suggested, score, group) for every finding."""
+        """(finding, side, index, given, suggested, score, group) for every finding.
+
+        A label issue of a copy filed under another class than its group's
+        carries the group's number.
+        """
         n = len(self.items)
+        y_enc = np.searchsorted(self.classes, self.y)
+        in_x = self.duplicate_groups + [train for train, _ in self.leakage_groups]  # numbered as below
+        conflicting = {int(i): group for group, members in enumerate(in_x, 1)
+                       if mixed_labels(members, y_enc) for i in members}
         for i, label, score in zip(self.label_issues, self.suggested_labels, self.label_scores):
-            yield "label_issue", "X", int(i), self.y[i], label, float(score), None
+            yield "label_issue", "X", int(i), self.y[i], label, float(score), conflicting.get(int(i))
         group = 0
         for members in self.duplicate_groups:
             group += 1
@@ -197,11 +217,15 @@ class AuditReport:
             yield "outlier", "X", int(i), self.y[i], None, float(score), None
 
     def to_frame(self):
-        """One row per finding: ``path, finding, given_label, suggested_label, score, group``.
+        """One row per finding: ``path, finding, given_label, suggested_label, score, group, split``.
 
         ``path`` is the image's path (``X[i]`` or ``X_test[j]`` for images
         given as bytes or arrays); members of a duplicate or leakage group
-        share ``group``, which is missing (``<NA>``) for other findings.
+        share ``group``, which a label issue of a copy filed under another
+        class than its group's also carries (it is missing, ``<NA>``, for
+        the other findings). ``split`` is ``"train"`` for an image of ``X``
+        and ``"test"`` for one of ``X_test``: it tells apart the two leakage
+        rows of a file that is in both.
 
         Returns
         -------
@@ -218,7 +242,8 @@ class AuditReport:
 
     def _records(self):
         """The rows of :meth:`to_frame` as tuples, with plain Python values."""
-        return [(self._name(i, side == "X_test"), finding, _plain(given), _plain(suggested), score, group)
+        return [(self._name(i, side == "X_test"), finding, _plain(given), _plain(suggested), score, group,
+                 SPLITS[side])
                 for finding, side, i, given, suggested, score, group in self._rows()]
 
     def cleaned(self, drop=FINDINGS):
@@ -229,8 +254,13 @@ class AuditReport:
         (:attr:`oof_accuracy`), many are labelled right; keep them with
         ``drop=("duplicate", "leakage", "outlier")``.
 
-        Of each duplicate group the first image stays; of each leakage group
-        the images in ``X`` go (the test images are what they leaked into).
+        Of each duplicate group the first image stays, unless the group's
+        images carry different labels: then the first one labelled with the
+        group's most probable class (:func:`label_conflicts`) stays, and none
+        where no image is (the right label is none of theirs). A copy labelled
+        otherwise is a label issue, so ``drop="label_issue"`` removes it too.
+        Of each leakage group the images in ``X`` go (the test images are
+        what they leaked into).
 
         Parameters
         ----------
@@ -251,8 +281,11 @@ class AuditReport:
         if "label_issue" in drop:
             remove.update(self.label_issues.tolist())
         if "duplicate" in drop:
+            y_enc = np.searchsorted(self.classes, self.y)
             for members in self.duplicate_groups:
-                remove.update(members[1:].tolist())
+                likely = members[y_enc[members] == group_class(members, self.label_proba)]
+                kept = likely[:1] if mixed_labels(members, y_enc) else members[:1]
+                remove.update(set(members.tolist()) - set(kept.tolist()))
         if "leakage" in drop:
             for train, _ in self.leakage_groups:
                 remove.update(train.tolist())
@@ -265,7 +298,8 @@ class AuditReport:
         """Write a self-contained HTML page of the findings, each with a thumbnail.
 
         Thumbnails are embedded in the page, so it reads offline and can be
-        moved or mailed alone. The file is written atomically.
+        moved or mailed alone. The file is written atomically; missing folders
+        of ``path`` are made.
 
         Parameters
         ----------
@@ -284,7 +318,9 @@ class AuditReport:
         for finding, title, explanation in (
             ("label_issue", "Suspected label errors",
              "The out-of-fold model and the image's nearest neighbours put it in another class. "
-             "Score: log(p(suggested) / p(given)), higher is more confident."),
+             "Score: log(p(suggested) / p(given)), higher is more confident. Those with a group come "
+             "first: copies filed under another class than the group's most probable one (summed over "
+             "the group), certainly a label problem; the group is in the duplicates or the leakage below."),
             ("duplicate", "Duplicates", "Images with nearly the same features or pixels (one group per row). "
              "Score: cosine similarity to the closest other member (1 for identical files)."),
             ("leakage", "Leakage across the split", "Images in both the data and the test set."),
@@ -315,7 +351,10 @@ class AuditReport:
                 body = "\n".join(f'<div class="group">{"".join(g)}</div>' for g in groups.values())
             else:
                 body = f'<div class="group">{"".join(cell for _, cell in cells)}</div>'
-            sections.append(f"<h2>{title} ({len(rows)})</h2>\n<p>{explanation}</p>\n"
+            count = _count(rows, "image")
+            if finding in ("duplicate", "leakage"):
+                count += f" in {_count({r[6] for r in rows}, 'group')}"
+            sections.append(f"<h2>{title} ({count})</h2>\n<p>{explanation}</p>\n"
                             + (body if rows else "<p>None found.</p>"))
         page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>sktransfer audit</title>
@@ -329,11 +368,12 @@ img{{max-width:{thumbnail_size}px;max-height:{thumbnail_size}px;display:block}}<
 {chr(10).join(sections)}
 </body></html>
 """
-        write_atomic(path, page.encode("utf-8"))
+        write_atomic(path, page.encode("utf-8"), makedirs=True)
 
     def to_csv(self, path):
-        """Write the rows of :meth:`to_frame` as CSV, atomically, with spreadsheet formulas neutralised."""
-        write_atomic(path, csv_text([COLUMNS, *self._records()], lineterminator="\n").encode("utf-8"))
+        """Write the rows of :meth:`to_frame` as CSV, atomically, with spreadsheet formulas neutralised
+        (missing folders of ``path`` are made)."""
+        write_atomic(path, csv_text([COLUMNS, *self._records()], lineterminator="\n").encode("utf-8"), makedirs=True)
 
 
 def _plain(value):
@@ -593,6 +633,41 @@ def find_label_issues(y_enc, proba, flag="estimated_number", rank="log_ratio"):
     return indices, _others(y_enc, proba).argmax(axis=1)[indices], scores[indices], thresholds
 
 
+def mixed_labels(members, y_enc):
+    """Whether the images of a duplicate group carry different labels (``y_enc`` of all images)."""
+    return len(np.unique(y_enc[members])) > 1
+
+
+def group_class(members, proba):
+    """The most probable class of a duplicate group: the largest of ``proba`` summed over its ``members``."""
+    return int(proba[members].sum(axis=0).argmax())
+
+
+def label_conflicts(groups, y_enc, proba):
+    """Copies filed under another class than their group's: ``(indices ranked, suggested, scores)``.
+
+    A group of duplicates whose members carry different labels holds a
+    label error for certain. Its most probable class (:func:`group_class`)
+    is the suggested label of each member labelled otherwise, scored by the
+    log-ratio of the group's summed probabilities,
+    ``log(sum p(suggested) / sum p(given label))`` (0 for a tie), most
+    suspicious first. The copies of a group are held out of each other's
+    training folds and left out of each other's neighbours' vote, so their
+    given labels do not weigh in their evidence.
+    """
+    indices, suggested, scores = [], [], []
+    for members in (m for m in groups if mixed_labels(m, y_enc)):
+        likely = group_class(members, proba)
+        summed = np.maximum(proba[members].sum(axis=0), PROBA_FLOOR)
+        for i in members[y_enc[members] != likely]:
+            indices.append(int(i))
+            suggested.append(likely)
+            scores.append(float(np.log(summed[likely] / summed[y_enc[i]])))
+    order = np.argsort(-np.array(scores), kind="stable")
+    return (np.array(indices, dtype=np.intp)[order], np.array(suggested, dtype=np.intp)[order],
+            np.array(scores, dtype=np.float64)[order])
+
+
 def auto_threshold(unit):
     """The cosine similarity of ``duplicate_threshold="auto"`` for these unit feature vectors."""
     from sklearn.neighbors import NearestNeighbors
@@ -763,7 +838,7 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     X_test : sequence of images or None, default=None
         A held-out set to check for leakage: images of ``X`` duplicated in it.
     y_test : array-like or None, default=None
-        Labels of ``X_test``, shown beside leakage findings.
+        Labels of ``X_test`` (which it needs), shown beside leakage findings.
     duplicate_threshold : float or "auto", default="auto"
         Cosine similarity of features from which two images are duplicates
         (so are images whose perceptual hashes differ in at most
@@ -789,7 +864,7 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     >>> X, y = load_image_folder("sktransfer/data/trash_sample")
     >>> report = audit(PretrainedImageClassifier(random_state=0), X[::3], y[::3], cv=3)
     >>> list(report.to_frame().columns)
-    ['path', 'finding', 'given_label', 'suggested_label', 'score', 'group']
+    ['path', 'finding', 'given_label', 'suggested_label', 'score', 'group', 'split']
     """
     from sklearn.base import clone, is_classifier
     from sklearn.model_selection import cross_val_predict
@@ -815,7 +890,10 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     test_items = [] if X_test is None else as_image_list(X_test, name="X_test")
     if y_test is not None:
         y_test = np.asarray(y_test)
-        if X_test is None or y_test.shape != (len(test_items),):
+        if X_test is None:
+            raise ValueError(f"y_test was given without X_test ({_count(y_test.size, 'label')}): pass the "
+                             "held-out images as X_test, or leave y_test out.")
+        if y_test.shape != (len(test_items),):
             raise ValueError(f"y_test must hold one label per image of X_test ({len(test_items)}), "
                              f"got shape {y_test.shape}.")
     if not (duplicate_threshold == "auto" or isinstance(duplicate_threshold, numbers.Real)
@@ -889,6 +967,13 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     votes = neighbour_proba(unit[:n], y_enc, len(classes), components[:n])
     label_proba = combine_evidence(proba, votes)
     issues, suggested, label_scores, thresholds = find_label_issues(y_enc, label_proba)
+    # A group whose copies carry different labels is judged as a whole, its certain issues first.
+    groups_in_x = duplicate_groups + [train for train, _ in leakage_groups]
+    conflicts, conflict_suggested, conflict_scores = label_conflicts(groups_in_x, y_enc, label_proba)
+    others = ~np.isin(issues, [i for m in groups_in_x if mixed_labels(m, y_enc) for i in m])
+    issues = np.concatenate([conflicts, issues[others]])
+    suggested = np.concatenate([conflict_suggested, suggested[others]])
+    label_scores = np.concatenate([conflict_scores, label_scores[others]])
     return AuditReport(
         items, y, test_items, y_test, classes=classes, oof_proba=proba, neighbour_proba=votes,
         label_proba=label_proba, thresholds=thresholds,

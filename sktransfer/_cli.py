@@ -140,7 +140,7 @@ def _read_dataset(source, path_column="path", label_column="label", lines=None):
 def _expand_inputs(inputs):
     """Files as given; each folder replaced by the image files under it, sorted by path
     (other files and broken links in it are skipped with a warning)."""
-    from ._inputs import IMAGE_EXTENSIONS, _count, image_files, skipped_text
+    from ._inputs import IMAGE_EXTENSIONS, image_files, skipped_count, skipped_text
 
     paths = []
     for given in inputs:
@@ -153,7 +153,7 @@ def _expand_inputs(inputs):
         skipped, broken = [], []
         found = image_files(folder, skipped, broken)
         if skipped or broken:
-            warnings.warn(f"skipped {_count(len(skipped) + len(broken), 'file')} in {given!r}: "
+            warnings.warn(f"skipped {skipped_count(skipped, broken)} in {given!r}: "
                           f"{skipped_text(skipped, broken)}.", UserWarning, stacklevel=2)
         if not found:
             raise ValueError(
@@ -296,7 +296,7 @@ def _model_output(path):
     folder of other files. A file name needs an extension: ``-o model`` could
     mean either. Refused at once, before any long work.
     """
-    from ._export import BACKBONE_FILE, HEAD_FILE, MODEL_FILE
+    from ._export import check_model_folder
 
     shown = safe_text(path)
     folder = path.endswith(("/", os.sep)) or os.path.isdir(path)
@@ -306,13 +306,11 @@ def _model_output(path):
             f"-o {shown!r} has no extension: write -o {name}/ for the save_model folder (safe to share) "
             f"or -o {name}.joblib for a joblib file (runs code when loaded: trusted sources only)."
         )
-    if folder and os.path.isdir(path):
-        entries = set(os.listdir(path))
-        if entries and MODEL_FILE not in entries and not entries <= {BACKBONE_FILE, HEAD_FILE}:
-            raise ValueError(
-                f"-o {shown!r} is a folder of other files, not a saved model; give a new or empty "
-                "folder, or one written by `sktransfer fit -o FOLDER/` or save_model."
-            )
+    if folder:
+        try:
+            check_model_folder(path)
+        except ValueError as e:
+            raise ValueError(f"-o {e}") from None
     _check_output(path, "-o", folder=folder)
     return folder
 
@@ -557,8 +555,15 @@ def _write_predictions(header, rows, output):
     if output is not None:
         from ._inputs import _count
 
-        print(f"{_count(rows, 'prediction')} written to {safe_text(output)}")
+        _told(f"{_count(rows, 'prediction')} written to {safe_text(output)}", output)
     return 0
+
+
+def _told(text, output):
+    """Say ``text`` about the output written to ``output``: on standard output, or on standard
+    error when ``output`` is a pipe or device (``-o /dev/stdout``), so the line stays out of the data."""
+    regular = not os.path.exists(output) or os.path.isfile(output)
+    print(text, file=sys.stdout if regular else sys.stderr)
 
 
 def _evaluate(args):
@@ -715,14 +720,15 @@ def _embed(args):
         # The larger file first: if it cannot be written, the old features keep their old list.
         _write(output, data.getvalue())
         _write(listing, "".join(n + "\n" for n in names).encode("utf-8"))
-        print(f"{features.shape[0]} x {features.shape[1]} features written to {safe_text(output)}; "
-              f"row i is the image on line i of {safe_text(listing)}")
+        _told(f"{features.shape[0]} x {features.shape[1]} features written to {safe_text(output)}; "
+              f"row i is the image on line i of {safe_text(listing)}", output)
     else:
         frame = pd.DataFrame(features, columns=embedder.get_feature_names_out())
         frame.insert(0, "path", names)
         frame.to_parquet(data, index=False)
         _write(output, data.getvalue())
-        print(f"{features.shape[0]} images x {features.shape[1]} features written to {safe_text(output)}")
+        _told(f"{features.shape[0]} images x {features.shape[1]} features written to {safe_text(output)}",
+              output)
     return 0
 
 
@@ -934,7 +940,7 @@ def build_parser():
         "audit", help="find suspected label errors, duplicates, train/test leakage and outliers",
         description="Audit labelled images with the out-of-fold predictions of one cross-validation "
                     "and nearest neighbours in feature space. Writes index.html (thumbnails of each "
-                    "finding) and findings.csv (path, finding, given_label, suggested_label, score, group).")
+                    "finding) and findings.csv (path, finding, given_label, suggested_label, score, group, split).")
     audit.add_argument("data", metavar="DATA", help=data_help)
     audit.add_argument("-o", "--output", default="audit", help="report folder (default: audit)")
     audit.add_argument("--test", metavar="DATA", help="a held-out set (same forms as DATA) to check for leakage")

@@ -8,10 +8,15 @@ from trusted sources. :func:`save_model` writes a folder that holds only data:
   the fitted state (the classes, the target scaling, ...), which each
   estimator gives as JSON values and checks when it takes them back
   (``_export_state``, ``_import_state``);
-- ``backbone.pt`` and ``head.pt``: ``state_dict`` tensors, read back with
-  ``torch.load(weights_only=True)``, which refuses anything but tensors and
-  plain containers (the head through skorch's ``save_params`` and
-  ``load_params``).
+- ``backbone-<digest>.pt`` and ``head-<digest>.pt``: ``state_dict``
+  tensors, read back with ``torch.load(weights_only=True)``, which refuses
+  anything but tensors and plain containers (the head through skorch's
+  ``save_params`` and ``load_params``). Each is named by the content digest
+  of its bytes, and ``model.json`` names the two it goes with (``files``):
+  a new save writes its tensors beside the old ones and then replaces
+  ``model.json`` in one rename, so the folder holds the old model or the
+  new one whole, whenever a save fails or a reader looks. Format 1 (fixed
+  names ``backbone.pt`` and ``head.pt``) is still read.
 
 :func:`load_model` rebuilds the architecture from the backbone registry (no
 download, no weights package) and loads the tensors into it. Settings that
@@ -34,13 +39,14 @@ import json
 import math
 import numbers
 import os
+import re
 
 import torch
 from sklearn.utils.validation import check_is_fitted
 
 from ._version import __version__
 from ._backbones import _looks_like_path, rebuild_backbone
-from ._cache import digest
+from ._cache import DIGEST_SIZE, digest
 from ._outputs import make_folders, write_atomic
 from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor, _PretrainedImageModel
 from ._head import HEAD_PREFIXES
@@ -49,12 +55,15 @@ from ._images import Preprocessing
 __all__ = ["save_model", "load_model"]
 
 FORMAT = "sktransfer-model"
-FORMAT_VERSION = 1
-MODEL_FILE, BACKBONE_FILE, HEAD_FILE = "model.json", "backbone.pt", "head.pt"
+FORMAT_VERSION = 2
+MODEL_FILE = "model.json"
+#: The tensor files of format 1, under fixed names; format 2 names them by content (``_TENSOR_FILE``).
+BACKBONE_FILE, HEAD_FILE = "backbone.pt", "head.pt"
+_TENSOR_FILE = re.compile(r"(backbone|head)-([0-9a-f]{%d})\.pt" % (2 * DIGEST_SIZE))
 _ESTIMATORS = {cls.__name__: cls for cls in (PretrainedImageClassifier, PretrainedImageRegressor, ImageEmbedder)}
 #: Settings of one machine, never written by save_model nor read by load_model
 #: (a loaded model gets the defaults): where features are cached, which device
-#: runs, and ``weights`` when it is a file path (the weights are in backbone.pt).
+#: runs, and ``weights`` when it is a file path (the weights are in the backbone's tensor file).
 MACHINE_LOCAL_PARAMS = ("cache_dir", "device", "weights")
 #: Bounds checked before anything is allocated from model.json's numbers.
 MAX_JSON_BYTES = 64 * 2**20
@@ -73,8 +82,12 @@ def save_model(estimator, folder):
     estimator : PretrainedImageClassifier, PretrainedImageRegressor or ImageEmbedder
         A fitted estimator.
     folder : str or path-like
-        Folder to write ``model.json``, ``backbone.pt`` and ``head.pt`` into
-        (created if needed; files of an earlier save are replaced).
+        Folder to write ``model.json`` and the tensor files
+        (``backbone-<digest>.pt``, ``head-<digest>.pt``) into, created if
+        needed. A model saved there before is replaced whole once the new
+        one is written; a save that fails leaves it as it was. A file, or a
+        folder of other files (photos, a project), is refused before
+        anything is written.
 
     Returns
     -------
@@ -99,6 +112,7 @@ def save_model(estimator, folder):
             f"ImageEmbedder, got {type(estimator).__name__}."
         )
     check_is_fitted(estimator)
+    check_model_folder(folder)
     state = estimator._export_state()  # refuses what JSON and tensors cannot hold, before any file is written
     backbone, head = estimator._export_parts()
     params, omitted = _params_to_json(_shareable(estimator.get_params(deep=False)))
@@ -134,25 +148,61 @@ def save_model(estimator, folder):
         for section in sections:
             node = node.setdefault(section, {})
         node[key] = value
-    tensors = {BACKBONE_FILE: io.BytesIO()}
-    torch.save(backbone.module.state_dict(), tensors[BACKBONE_FILE])
+    buffers = {"backbone": io.BytesIO()}
+    torch.save(backbone.module.state_dict(), buffers["backbone"])
     if head is not None:
-        tensors[HEAD_FILE] = io.BytesIO()
-        head.save_params(f_params=tensors[HEAD_FILE])
-    # model.json names the exact tensor files it goes with (load_model checks them).
-    info["files"] = {name: digest(data.getvalue()) for name, data in tensors.items()}
+        buffers["head"] = io.BytesIO()
+        head.save_params(f_params=buffers["head"])
+    tensors = {part: data.getvalue() for part, data in buffers.items()}
+    # Named by their content: the new files never replace the ones the folder's model.json
+    # names, and the new model.json, one rename, switches from the old model to the new.
+    info["files"] = {part: f"{part}-{digest(data)}.pt" for part, data in tensors.items()}
     folder = os.fspath(folder)
     make_folders(folder)
-    # Each file is replaced whole; an earlier save's model.json goes first and
-    # the new one comes last, so a folder that has one is complete.
+    earlier = set(os.listdir(folder))
+    written = []
     try:
-        os.unlink(os.path.join(folder, MODEL_FILE))
-    except FileNotFoundError:
-        pass
-    for name, data in tensors.items():
-        write_atomic(os.path.join(folder, name), data.getvalue())
-    write_atomic(os.path.join(folder, MODEL_FILE), json.dumps(info, indent=2).encode("utf-8"))
+        for part, data in tensors.items():
+            write_atomic(os.path.join(folder, info["files"][part]), data)
+            written.append(info["files"][part])
+        write_atomic(os.path.join(folder, MODEL_FILE), json.dumps(info, indent=2).encode("utf-8"))
+    except BaseException:
+        _remove(folder, [name for name in written if name not in earlier])
+        raise
+    # The tensor files of the model replaced, which no model.json names any more.
+    _remove(folder, [name for name in earlier
+                     if name != MODEL_FILE and is_model_file(name) and name not in info["files"].values()])
     return folder
+
+
+def check_model_folder(folder):
+    """Refuse a ``folder`` :func:`save_model` must not write into: a file, or a folder of
+    other files (photos, a project), whose files a save would mix with a model's. A new or
+    empty folder, or one a save wrote (``model.json``, or only tensor files of a save
+    that was killed), is fine."""
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder!r} is a file; save_model writes a folder ({MODEL_FILE} and its tensor "
+                         "files): give a new or empty folder, or one a save_model wrote.")
+    entries = os.listdir(folder) if os.path.isdir(folder) else []
+    if entries and MODEL_FILE not in entries and not all(is_model_file(e) for e in entries):
+        raise ValueError(f"{folder!r} is a folder of other files, not a saved model; give a new or empty "
+                         "folder, or one a save_model (or `sktransfer fit -o FOLDER/`) wrote.")
+
+
+def is_model_file(name):
+    """Whether a file named ``name`` is one :func:`save_model` writes: ``model.json``, or a tensor
+    file of this format or of format 1."""
+    return name in (MODEL_FILE, BACKBONE_FILE, HEAD_FILE) or _TENSOR_FILE.fullmatch(name) is not None
+
+
+def _remove(folder, names):
+    """Remove the files ``names`` from ``folder``, as far as possible (what is left is only unused)."""
+    for name in names:
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
 
 
 def load_model(folder, backbone=None):
@@ -179,6 +229,7 @@ def load_model(folder, backbone=None):
     info = _read_info(folder)
     kind = _ESTIMATORS[info["estimator"]]
     has_head = issubclass(kind, _PretrainedImageModel)
+    files = _tensor_files(info, has_head)
     saved = info["backbone"]
     if saved["source"] == "module":
         if not isinstance(backbone, torch.nn.Module):
@@ -210,23 +261,23 @@ def load_model(folder, backbone=None):
         raise ValueError(f"load_model: params in {MODEL_FILE}: {e}") from None
     estimator._import_state(_Fields(info))  # the estimator's own fields, each checked
     if has_head:
-        head_state, head_bytes = _load_tensors(folder, HEAD_FILE, info)
-        _check_head_shapes(info["head"], head_state)
-    body = rebuild_backbone(architecture, _load_tensors(folder, BACKBONE_FILE, info)[0], preprocessing)
+        head_state, head_bytes = _load_tensors(folder, *files["head"])
+        _check_head_shapes(info["head"], head_state, files["head"][0])
+    body = rebuild_backbone(architecture, _load_tensors(folder, *files["backbone"])[0], preprocessing)
     if body.num_features != saved["num_features"] or (has_head and body.num_features != info["head"]["in_features"]):
         raise ValueError(
             f"load_model: {MODEL_FILE} says the backbone gives {saved['num_features']} features, "
-            f"but {saved['name']!r} with {BACKBONE_FILE} gives {body.num_features}."
+            f"but {saved['name']!r} with {files['backbone'][0]} gives {body.num_features}."
         )
-    head = _load_head(estimator, info, body.num_features, head_bytes) if has_head else None
+    head = _load_head(estimator, info, body.num_features, head_bytes, files["head"][0]) if has_head else None
     estimator._import_parts(body, head)
     check_is_fitted(estimator)  # the estimator's own account of its fitted state is whole
     return estimator
 
 
-def _load_head(estimator, info, in_features, data):
-    """The estimator's head of the saved shape, holding the tensors of head.pt (``data``, read by
-    skorch's own loader) and the saved training history."""
+def _load_head(estimator, info, in_features, data, name):
+    """The estimator's head of the saved shape, holding the tensors of the file ``name`` (its bytes
+    ``data``, read by skorch's own loader) and the saved training history."""
     from skorch.history import History
 
     # Untrusted settings reach skorch and torch here (whatever they raise is a bad folder).
@@ -241,35 +292,60 @@ def _load_head(estimator, info, in_features, data):
     try:
         head.load_params(f_params=io.BytesIO(data))
     except Exception as e:
-        raise ValueError(f"load_model: {HEAD_FILE} does not fit the head described in {MODEL_FILE}: "
+        raise ValueError(f"load_model: {name} does not fit the head described in {MODEL_FILE}: "
                          f"{type(e).__name__}: {e}") from None
     if info.get("history"):
         head.history = History(info["history"])
     return head
 
 
-def _load_tensors(folder, name, info):
-    """``(state_dict, file bytes)`` of a tensor file, read with ``weights_only=True``, and
-    checked to be the file ``info`` (model.json) was saved with where it names one."""
+def _tensor_files(info, has_head):
+    """``{"backbone": (name, digest), "head": ...}``: the tensor files ``info`` (model.json) goes with,
+    and the content digest each must have. Format 2 names them in ``files``, each name carrying its
+    digest; format 1 has fixed names, and their digests in ``files`` where a save recorded them
+    (None where not: not checked)."""
+    parts = ("backbone", "head") if has_head else ("backbone",)
+    if info["format_version"] < 2:
+        digests = _field(info, "files", dict, default={})
+        for name, value in digests.items():
+            _check(f"files.{name}", value, str)
+        return {part: (name, digests.get(name)) for part, name in zip(parts, (BACKBONE_FILE, HEAD_FILE))}
+    for part in _field(info, "files", dict):
+        if part not in parts:
+            raise _invalid(f"files.{part}", info["files"][part],
+                           f"only the keys {list(parts)} (this model's tensor files)")
+    files = {}
+    for part in parts:
+        name = _field(info, f"files.{part}", str)
+        match = _TENSOR_FILE.fullmatch(name)
+        if match is None or match[1] != part:
+            raise _invalid(f"files.{part}", name, f"a file name {part}-<{2 * DIGEST_SIZE} hex digits>.pt")
+        files[part] = (name, match[2])
+    return files
+
+
+def _load_tensors(folder, name, expected):
+    """``(state_dict, file bytes)`` of the tensor file ``name``, checked to have the content digest
+    ``expected`` (unless None), then read with ``weights_only=True``."""
     path = os.path.join(folder, name)
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise ValueError(f"load_model: {folder!r} has no {name}.") from None
+        raise ValueError(f"load_model: {folder!r} has no {name}, which {MODEL_FILE} names (if a save_model "
+                         "into the folder was replacing the model, load it again).") from None
+    if expected is not None and digest(data) != expected:
+        raise ValueError(
+            f"load_model: {name} in {folder!r} is not the one {MODEL_FILE} was saved with (its content "
+            "digest differs): the folder mixes files of two saves, or the file was changed. Save the "
+            "model again."
+        )
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"load_model: {path!r} is not a tensor file torch.load(weights_only=True) accepts: {e}") from None
     if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
         raise ValueError(f"load_model: {path!r} does not hold a state dict (names and tensors).")
-    files = info.get("files")  # absent in folders saved by earlier releases: not checked
-    if files is not None and files.get(name) != digest(data):
-        raise ValueError(
-            f"load_model: {name} in {folder!r} is not the one {MODEL_FILE} was saved with (its content "
-            "digest differs): the folder mixes files of two saves, or the file was changed. Save the "
-            "model again."
-        )
     return state, data
 
 
@@ -307,8 +383,6 @@ def _read_info(folder):
     _field(info, "backbone.name", str)
     _field(info, "backbone.source", str, choices=("module", "registry"))
     _field(info, "backbone.num_features", int, 1, MAX_FEATURES)
-    for name, value in _field(info, "files", dict, default={}).items():
-        _check(f"files.{name}", value, str)
     prep = _field(info, "backbone.preprocessing", dict)
     for key, value in prep.items():
         if key.endswith("_size"):  # resize_size, crop_size: an int or (height, width)
@@ -394,11 +468,11 @@ def _short(value):
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_head_shapes(head_info, state):
-    """The head described in model.json has the shapes of the tensors in head.pt.
+def _check_head_shapes(head_info, state, name):
+    """The head described in model.json has the shapes of the tensors in the file ``name``.
 
     Checked on PyTorch's ``meta`` device (shapes, no memory), so numbers in
-    model.json never allocate more than head.pt holds.
+    model.json never allocate more than the head's tensor file holds.
     """
     from ._head import HeadModule
 
@@ -410,7 +484,7 @@ def _check_head_shapes(head_info, state):
         raise ValueError(
             f"load_model: head.in_features, head.hidden_units and head.n_outputs in {MODEL_FILE} "
             f"({head_info['in_features']}, {head_info['hidden_units']}, {head_info['n_outputs']}) do not "
-            f"describe the tensors in {HEAD_FILE}."
+            f"describe the tensors in {name}."
         )
 
 
@@ -464,7 +538,7 @@ def _params_from_json(params, kind):
     for key, value in _shareable(params).items():
         if key not in known and not key.startswith(HEAD_PREFIXES):
             raise ValueError(f"load_model: params.{key} in {MODEL_FILE} is not a setting of {kind.__name__}.")
-        if key in _HEAD_SHAPE_PARAMS:  # the head's shape is head.* in model.json, checked against head.pt
+        if key in _HEAD_SHAPE_PARAMS:  # the head's shape is head.* in model.json, checked against its tensors
             raise ValueError(f"load_model: params.{key} in {MODEL_FILE} would override the head's shape.")
         if key == "optimizer" and value is not None:
             # Only a name looked up in torch.optim: JSON never chooses code to import.

@@ -13,7 +13,7 @@ import numbers
 import os
 import stat
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 from PIL import Image
@@ -23,9 +23,20 @@ from ._cache import digest, file_digest, new_hasher
 __all__ = ["load_image_folder", "ImageInputError"]
 
 #: File name endings read by :func:`load_image_folder`.
-IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-)
+def _image_extensions():
+    """The endings of the image files a folder is read for: the common photo and bitmap
+    formats, and those Pillow reads only with a library or plugin present (AVIF, JPEG 2000,
+    HEIF through pillow-heif) where this Pillow registers a reader for them."""
+    from PIL import Image
+
+    common = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+              ".ppm", ".pgm", ".pbm", ".pnm")
+    readers = Image.registered_extensions()
+    optional = (".avif", ".jp2", ".j2k", ".jpx", ".heic", ".heif")
+    return common + tuple(e for e in optional if readers.get(e) in Image.OPEN)
+
+
+IMAGE_EXTENSIONS = _image_extensions()
 
 
 class ImageInputError(ValueError):
@@ -76,17 +87,23 @@ def load_image_folder(root):
         A folder whose sub-folders are the class names, each holding image
         files (``.jpg``, ``.png``, ... in any letter case), directly or in
         sub-folders of its own (as torchvision's ``ImageFolder`` reads them).
-        Linked folders are followed, each real folder once per class.
+        Linked folders are followed, each real folder once per class; a
+        link back to the class folder or a folder above it (a loop) is not
+        entered, and a folder of another class (a class folder, or a link
+        into one) is not read as this class too.
         Hidden files and folders are skipped. Other files in the class
-        folders, broken links, and images directly in ``root``, are skipped
-        with a warning that counts them; a class folder without any image
-        file is an error.
+        folders, broken links, sub-folders that cannot be read, folders of
+        another class, and images directly in ``root``, are skipped with a
+        warning that counts them; a class folder without any image file,
+        and two class folders that are one folder (a link), are errors.
 
     Returns
     -------
     paths : list of str
-        Image paths, sorted by class name and then by path, so the order is
-        the same on every machine.
+        Image paths, sorted by class name and then by the names on the path
+        below the class folder, compared as text (letter case counts), so
+        the order, and every seeded split of it, is the same on every
+        system.
     labels : ndarray of str
         The class (sub-folder name) of each path.
 
@@ -103,13 +120,30 @@ def load_image_folder(root):
             f"load_image_folder: {str(root)!r} is not a folder; expected a folder "
             "with one sub-folder of images per class."
         )
-    paths, labels, skipped, broken, empty = [], [], [], [], []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = image_files(class_dir, skipped, broken)
+    paths, labels, skipped, unread, empty = [], [], [], [], []
+    class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    # Each class's walk stays out of the others' folders: a photo gets one label.
+    class_folders = [os.path.realpath(p) for p in class_dirs]
+    first = {}
+    for class_dir, real in zip(class_dirs, class_folders):
+        if first.setdefault(real, class_dir.name) != class_dir.name:
+            raise ValueError(
+                f"load_image_folder: class folders {first[real]!r} and {class_dir.name!r} in {str(root)!r} are "
+                "one folder (one links to the other), whose photos would get both labels; remove the link, "
+                "or give each class its own folder."
+            )
+    for class_dir in class_dirs:
+        files = image_files(class_dir, skipped, unread, outside=class_folders)
         if not files:
             empty.append(class_dir.name)
         paths += files
         labels += [class_dir.name] * len(files)
+    if skipped or unread:  # before the errors below: a class folder that cannot be read looks empty
+        warnings.warn(
+            f"load_image_folder skipped {skipped_count(skipped, unread)} in the class folders "
+            f"of {str(root)!r}: {skipped_text(skipped, unread)}.",
+            UserWarning, stacklevel=2,
+        )
     accepted = ", ".join(IMAGE_EXTENSIONS)
     loose = sorted(p.name for p in root.iterdir() if _is_image_name(p) and p.is_file())
     if not paths:
@@ -123,12 +157,6 @@ def load_image_folder(root):
             f"load_image_folder: class folder(s) {', '.join(map(repr, empty))} hold no image files "
             f"(files ending in {accepted}, any letter case); add images, or remove the folder(s)."
         )
-    if skipped or broken:
-        warnings.warn(
-            f"load_image_folder skipped {_count(len(skipped) + len(broken), 'file')} in the class folders "
-            f"of {str(root)!r}: {skipped_text(skipped, broken)}.",
-            UserWarning, stacklevel=2,
-        )
     if loose:
         warnings.warn(
             f"load_image_folder skipped {_count(loose, 'image file')} directly in {str(root)!r}, in no "
@@ -138,9 +166,10 @@ def load_image_folder(root):
     return paths, np.asarray(labels)
 
 
-def skipped_text(skipped, broken):
-    """Why :func:`image_files` left out the paths ``skipped`` (not named as images) and
-    ``broken`` (links to nothing), with how many of each and the first, for a warning."""
+def skipped_text(skipped, unread):
+    """Why :func:`image_files` left out the paths ``skipped`` (not named as images) and the
+    entries ``unread`` (broken links, folders that cannot be read, ...), with how many of each
+    and the first, for a warning."""
     reasons = []
     if skipped:
         endings = collections.Counter(Path(p).suffix.lower() or "(none)" for p in skipped)
@@ -149,9 +178,36 @@ def skipped_text(skipped, broken):
             f"e.g. {skipped[0]!r}; read are files ending in {', '.join(IMAGE_EXTENSIONS)}. Convert or "
             "rename them to include them"
         )
-    if broken:
-        reasons.append(f"{_count(broken, 'broken link')} (or other entry that is not a file), e.g. {broken[0]!r}")
+    groups = {}
+    for entry in unread:
+        groups.setdefault((entry.kind, entry.reason), []).append(entry.path)
+    for (kind, reason), paths in groups.items():
+        one, many = _UNREAD_KINDS[kind]
+        what = (one if len(paths) == 1 else many).format(reason=reason)
+        reasons.append(f"{len(paths)} {what}, e.g. {paths[0]!r}")
     return ". ".join(reasons)
+
+
+def skipped_count(skipped, unread):
+    """How many files and folders :func:`image_files` left out, in words ("2 files and 1 folder")."""
+    folders = sum(entry.kind in _FOLDER_KINDS for entry in unread)
+    files = len(skipped) + len(unread) - folders
+    return " and ".join(_count(n, noun) for n, noun in ((files, "file"), (folders, "folder")) if n)
+
+
+#: An entry :func:`image_files` could not read, or would not: its path, what it is (a key of
+#: ``_UNREAD_KINDS``) and, for a folder that cannot be read, the system's reason.
+Unread = collections.namedtuple("Unread", "path kind reason", defaults=("",))
+#: What each kind of ``Unread`` entry is, in words: for one, and for several.
+_UNREAD_KINDS = {
+    "broken link": ("broken link (pointing at nothing)", "broken links (pointing at nothing)"),
+    "not a file": ("entry that is not a file (a pipe, socket or device)",
+                   "entries that are not files (pipes, sockets or devices)"),
+    "unreadable folder": ("folder that cannot be read ({reason})", "folders that cannot be read ({reason})"),
+    "other class": ("folder of another class (a class folder or a link into one; read as that class)",
+                    "folders of another class (a class folder or a link into one; read as that class)"),
+}
+_FOLDER_KINDS = ("unreadable folder", "other class")
 
 
 def _count(n, noun):
@@ -164,42 +220,78 @@ def _is_image_name(path):
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def image_files(folder, skipped=None, broken=None):
-    """The image files under ``folder``, in its sub-folders too, sorted by path (as str).
+def image_files(folder, skipped=None, unread=None, outside=()):
+    """The image files under ``folder``, in its sub-folders too, sorted by :func:`path_key`.
 
     Linked folders are followed (as torchvision's ``ImageFolder`` walks),
-    each real folder once: a link back to a folder above ends there, and a
-    folder reached by two names is read under the one the walk, in sorted
-    order, reaches first.
+    each real folder once: a link back to ``folder`` or a folder above it
+    (a loop) is not entered, and a folder reached by two names is read
+    under the one the walk, in sorted order, reaches first.
     Files and folders whose names start with ``.`` are left out, and so are
     files whose extension is not in :data:`IMAGE_EXTENSIONS` (any letter
     case); those are appended to ``skipped`` (a list) when given. Entries
-    that are not files, broken links above all (and pipes, sockets), are
-    appended to ``broken`` when given.
+    not read are appended to ``unread`` as :class:`Unread` when given:
+    broken links, other entries that are not files (pipes, sockets),
+    sub-folders that cannot be listed (no permission), and folders in
+    ``outside``.
+    ``outside``: real paths of folders not to enter, nor anything under
+    them (the other class folders of :func:`load_image_folder`); one that
+    holds ``folder`` itself is ignored.
     """
+    top = os.path.realpath(folder)
+    outside = [o for o in map(os.path.realpath, outside) if not _within(top, o)]
+    unread = [] if unread is None else unread
     found = []
-    visited = {os.path.realpath(folder)}
-    for parent, folders, names in os.walk(str(Path(folder)), followlinks=True):
+    visited = {top}
+
+    def cannot_list(error):
+        unread.append(Unread(error.filename, "unreadable folder", error_reason(error)))
+
+    start = str(Path(folder))
+    for parent, folders, names in os.walk(start, followlinks=True, onerror=cannot_list):
         # Pruned in place, sorted: the walk skips hidden and visited folders, in the same order everywhere.
         kept = []
         for name in sorted(folders):
+            if name.startswith("."):
+                continue
             real = os.path.realpath(os.path.join(parent, name))
-            if not name.startswith(".") and real not in visited:
-                visited.add(real)
-                kept.append(name)
+            if real in visited or _within(top, real):  # read already, or a loop
+                continue
+            if any(_within(real, other) for other in outside):
+                unread.append(Unread(os.path.join(parent, name), "other class"))
+                continue
+            visited.add(real)
+            kept.append(name)
         folders[:] = kept
+        below = PurePath(os.path.relpath(parent, start))
         for name in names:
             path = os.path.join(parent, name)
             if name.startswith("."):
                 continue
             if not os.path.isfile(path):
-                if broken is not None:
-                    broken.append(path)
+                unread.append(Unread(path, "broken link" if os.path.islink(path) else "not a file"))
             elif _is_image_name(Path(name)):
-                found.append(path)
+                found.append((path_key(below / name), path))
             elif skipped is not None:
                 skipped.append(path)
-    return sorted(found)
+    return [path for _, path in sorted(found)]
+
+
+def path_key(relative):
+    """The sort key of a path ``relative`` to the folder listed (a ``PurePath`` of any system):
+    its names, compared one by one as text, letter case counting.
+
+    So a folder lists in the same order on every system: sorting whole path
+    strings compares the separator (``/``, or ``\\`` on Windows) with the
+    characters of names (``a/x/1.jpg`` against ``a/x0.jpg``), and pathlib
+    sorts Windows paths ignoring case.
+    """
+    return relative.parts
+
+
+def _within(path, folder):
+    """Whether the real path ``path`` is the real path ``folder`` or under it."""
+    return path == folder or path.startswith(os.path.join(folder, ""))
 
 
 def as_image_list(X, name="X"):

@@ -35,7 +35,28 @@ def write_atomic(path, data, mode=None, makedirs=False, durable=True, follow_lin
     cut leaves the old file or the new one, not an empty one. The disk cache
     passes False: a torn entry fails its checksum and is recomputed, and a
     sync per image would slow embedding down.
+    A ``path`` that is (or links to) something other than a file or a
+    folder, a FIFO, a terminal or a device (``/dev/stdout``, ``/dev/fd/N``,
+    ``/dev/null``), is opened and written to, as a shell's ``>`` does: a
+    file renamed over it would replace it, and its reader would never get
+    the bytes. With ``follow_links=False`` (the caches) only a new name or a
+    regular file is expected, and anything else is replaced.
     """
+    if follow_links and _is_stream(path):
+        with open(path, "wb") as stream:  # the name given: /dev/stdout's target, "pipe:[...]", is no path
+            stream.write(data)
+        return
+    given = os.fspath(path)
+    try:
+        _replace(given, data, mode, makedirs, durable, follow_links)
+    except OSError as e:
+        if e.errno is None or (e.filename == given and e.filename2 is None):
+            raise
+        # Said of the path given, not of the temporary file beside it nor of a link's target.
+        raise OSError(e.errno, e.strerror, given) from None
+
+
+def _replace(path, data, mode, makedirs, durable, follow_links):
     path = os.path.realpath(path) if follow_links else os.path.abspath(path)
     folder = os.path.dirname(path)
     if makedirs:
@@ -67,6 +88,16 @@ def write_atomic(path, data, mode=None, makedirs=False, durable=True, follow_lin
         raise
     if durable:
         sync_folder(folder)
+
+
+def _is_stream(path):
+    """Whether ``path`` names, through any links, an existing entry that is neither a regular file nor
+    a folder: a FIFO, a socket, a terminal or another device."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a new name (or one that cannot be reached: the temporary file's write says why)
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def make_folders(folder, durable=True):

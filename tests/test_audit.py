@@ -13,8 +13,8 @@ from sklearn.model_selection import GroupKFold, KFold, cross_val_predict
 
 from sktransfer import PretrainedImageClassifier, audit, clear_cache, load_image_folder
 from sktransfer._audit import (
-    HASH_DISTANCE, calibrated_joint, class_outliers, combine_evidence, confident_joint, duplicate_components,
-    find_label_issues, log_ratio, neighbour_proba, normalized_margin, perceptual_hash)
+    COLUMNS, FINDINGS, HASH_DISTANCE, calibrated_joint, class_outliers, combine_evidence, confident_joint,
+    duplicate_components, find_label_issues, label_conflicts, log_ratio, neighbour_proba, normalized_margin, perceptual_hash)
 from sktransfer._backbones import build_backbone
 from sktransfer._cli import main
 from sktransfer._inputs import read_item
@@ -299,7 +299,7 @@ def test_outlier_from_another_domain_flagged(faulty):
 def test_frame_and_cleaned_data(faulty):
     report, X, y = faulty["report"], faulty["X"], faulty["y"]
     frame = report.to_frame()
-    assert list(frame.columns) == ["path", "finding", "given_label", "suggested_label", "score", "group"]
+    assert list(frame.columns) == ["path", "finding", "given_label", "suggested_label", "score", "group", "split"]
     assert set(frame["finding"]) == {"label_issue", "duplicate", "leakage", "outlier"}
     issues = frame[frame.finding == "label_issue"]
     assert issues["path"].tolist() == [X[i] for i in report.label_issues]
@@ -319,6 +319,125 @@ def test_frame_and_cleaned_data(faulty):
     assert report.cleaned(drop="outlier")[0] == [x for i, x in enumerate(X) if i not in outliers]
     with pytest.raises(ValueError, match="drop="):
         report.cleaned(drop=["typo"])
+
+
+@pytest.fixture(scope="module")
+def filed_twice(sample, tmp_path_factory):
+    """The sample with photos filed under two classes, and a test set holding one of its very files.
+
+    Two paper photos are copied into cardboard (listed first, as a class
+    folder sorts them): one the model knows well as paper, and one checked
+    against the rule only. A third paper photo, itself left out, is filed
+    once as cardboard and once as glass.
+    """
+    tmp = tmp_path_factory.mktemp("filed_twice")
+    paths, labels = sample
+    known, second, elsewhere = (next(i for i, p in enumerate(paths) if Path(p).name == name)
+                                for name in ("paper146.jpg", "paper164.jpg", "paper161.jpg"))
+    copies = [str(shutil.copy(paths[i], tmp / f"{Path(paths[i]).stem}_dup.jpg")) for i in (known, second)]
+    filed = [str(shutil.copy(paths[elsewhere], tmp / f"paper161_{c}.jpg")) for c in ("cb", "gl")]
+    rest = [i for i in range(len(paths)) if i != elsewhere]
+    X = copies + [paths[i] for i in rest] + filed
+    y = np.concatenate([["cardboard"] * 2, labels[rest], ["cardboard", "glass"]])
+    X_test = [paths[0]]  # the same file as one of X
+    report = audit(PretrainedImageClassifier(random_state=0), X, y, cv=5, X_test=X_test, y_test=labels[:1])
+    return dict(report=report, X=X, y=y, X_test=X_test, known=(0, X.index(paths[known])),
+                second=(1, X.index(paths[second])), elsewhere=(len(X) - 2, len(X) - 1))
+
+
+def _group_of(report, i):
+    return next(members.tolist() for members in report.duplicate_groups if i in members)
+
+
+def test_a_photo_filed_under_two_classes_is_a_label_issue(filed_twice):
+    report, X, y = filed_twice["report"], filed_twice["X"], filed_twice["y"]
+    issues = dict(zip(report.label_issues.tolist(), report.suggested_labels.tolist()))
+    scores = dict(zip(report.label_issues.tolist(), report.label_scores.tolist()))
+    conflicting = [filed_twice["known"], filed_twice["second"], filed_twice["elsewhere"]]
+    for group in conflicting:
+        assert _group_of(report, group[0]) == list(group)
+        # The group's summed evidence names its likely class: the copies filed under another are label issues.
+        proba = report.label_proba[list(group)].sum(axis=0)
+        likely = proba.argmax()
+        for i in group:
+            if y[i] == report.classes[likely]:
+                assert i not in issues
+            else:
+                assert issues[i] == report.classes[likely]
+                given = np.searchsorted(report.classes, y[i])
+                assert scores[i] == pytest.approx(np.log(proba[likely] / proba[given]))
+    # The photo the model knows: the copy filed as cardboard is the issue, not the original.
+    copy, original = filed_twice["known"]
+    assert issues.get(copy) == "paper" and original not in issues
+    # Filed under two classes neither of which the evidence favours: both copies are label issues.
+    assert [issues.get(i) for i in filed_twice["elsewhere"]] == ["paper", "paper"]
+    # Certain label problems come first, then the others, most suspicious first.
+    certain = {i for group in conflicting for i in group if i in issues}
+    assert set(report.label_issues[:len(certain)].tolist()) == certain
+    assert np.all(np.diff(report.label_scores[:len(certain)]) <= 0)
+    assert np.all(np.diff(report.label_scores[len(certain):]) <= 0)
+    # Their rows carry their duplicate group's number, which names them in the table.
+    frame = report.to_frame()
+    rows = frame[frame.finding == "label_issue"].set_index("path")
+    duplicates = frame[frame.finding == "duplicate"].set_index("path")
+    assert rows.loc[X[copy], "group"] == duplicates.loc[X[copy], "group"]
+    assert rows["group"].notna().sum() == len(certain)
+
+
+def test_cleaned_keeps_the_copy_with_the_groups_label(filed_twice):
+    report, X, y = filed_twice["report"], filed_twice["X"], filed_twice["y"]
+    copy, original = filed_twice["known"]
+    # Whichever copy the evidence favours, the one kept carries the group's likely label.
+    second = list(filed_twice["second"])
+    likely = report.classes[report.label_proba[second].sum(axis=0).argmax()]
+    for drop in (("duplicate",), ("label_issue",), FINDINGS):
+        kept, labels = report.cleaned(drop=drop)
+        assert X[original] in kept and X[copy] not in kept, drop
+        assert [y[i] for i in second if X[i] in kept] == [likely] * (likely in y[second]), drop
+        # No copy's label is the group's: which one is right cannot be told from them, so both go.
+        assert not set(X[i] for i in filed_twice["elsewhere"]) & set(kept), drop
+        assert labels.tolist() == [y[X.index(x)] for x in kept]
+
+
+def test_label_conflicts_judge_each_group_as_a_whole():
+    proba = np.array([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1],  # group 0-1: labelled 0 and 1, most probably 0
+                      [0.2, 0.3, 0.5], [0.2, 0.3, 0.5],  # group 2-3: labelled 0 and 1, most probably 2
+                      [0.1, 0.8, 0.1], [0.3, 0.4, 0.3],  # group 4-5: one label, left to the other suspects
+                      [0.4, 0.4, 0.2], [0.4, 0.4, 0.2]])  # group 6-7: a tie between its labels
+    y = np.array([0, 1, 0, 1, 0, 0, 1, 0])
+    groups = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5]), np.array([6, 7])]
+    indices, suggested, scores = label_conflicts(groups, y, proba)
+    # Most suspicious first: log(sum p(suggested) / sum p(given)) over the group; a tie goes to the first class.
+    assert indices.tolist() == [2, 1, 3, 6] and suggested.tolist() == [2, 0, 2, 0]
+    np.testing.assert_allclose(scores, np.log([1.0 / 0.4, 1.2 / 0.6, 1.0 / 0.6, 1.0]))
+
+
+def test_leakage_rows_tell_the_split(filed_twice, tmp_path):
+    report = filed_twice["report"]
+    # The test set holds the very file of X: only the split tells its two rows apart.
+    frame = report.to_frame()
+    leak = frame[frame.finding == "leakage"]
+    assert leak["path"].tolist() == [filed_twice["X_test"][0]] * 2
+    assert leak["split"].tolist() == ["train", "test"]
+    assert set(frame.loc[frame.finding != "leakage", "split"]) == {"train"}
+    report.to_csv(tmp_path / "findings.csv")
+    with open(tmp_path / "findings.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == COLUMNS
+    assert [r["split"] for r in rows if r["finding"] == "leakage"] == ["train", "test"]
+
+
+def test_counts_say_what_they_count(faulty, tmp_path):
+    report = faulty["report"]
+    n_groups, n_images = len(report.duplicate_groups), sum(map(len, report.duplicate_groups))
+    assert "1 leakage group," in repr(report) and f"{n_groups} duplicate groups," in repr(report)
+    report.to_html(tmp_path / "index.html")
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert f"<h2>Duplicates ({n_images} images in {n_groups} groups)</h2>" in page
+    assert "<h2>Leakage across the split (2 images in 1 group)</h2>" in page
+    assert f"<h2>Suspected label errors ({len(report.label_issues)} images)</h2>" in page
+    n_outliers = len(report.outliers)
+    assert f"<h2>Outliers ({n_outliers} image{'' if n_outliers == 1 else 's'})</h2>" in page
 
 
 def test_report_shows_how_often_the_cross_validated_model_is_right(faulty):
@@ -490,7 +609,7 @@ def test_cli_writes_report_and_findings(sample, tmp_path):
     assert main(["audit", str(data), "-o", str(out), "--test", str(test), "--cv", "3"]) == 0
     with open(out / "findings.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "finding", "given_label", "suggested_label", "score", "group"]
+    assert list(rows[0]) == ["path", "finding", "given_label", "suggested_label", "score", "group", "split"]
     assert {r["finding"] for r in rows} <= {"label_issue", "duplicate", "leakage", "outlier"}
     leak = [r for r in rows if r["finding"] == "leakage"]
     assert {Path(r["path"]).name for r in leak} == {first.name, "<b>copy.jpg", "leak.jpg"}
@@ -530,6 +649,7 @@ def test_cli_report_shows_names_that_are_not_utf8(sample, tmp_path):
     (dict(duplicate_threshold="high"), "duplicate_threshold"),
     (dict(n_neighbors=0), "n_neighbors"),
     (dict(X_test=["missing.jpg"], y_test=["a", "b"]), "y_test"),
+    (dict(y_test=["a", "b", "a"]), "y_test was given without X_test"),
     (dict(X_test=["missing.jpg"]), r"1 input\(s\) of X_test cannot be used as images:\n  \[0\] 'missing.jpg'"),
     (dict(y=["a"] * 12), "at least 2 classes"),
 ])

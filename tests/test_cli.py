@@ -228,6 +228,29 @@ def test_predict_with_a_regressor_writes_its_numbers(sample, tmp_path, capsys):
                                        "ImageEmbedder, which does not predict (it has no predict method).\n")
 
 
+def test_predict_to_dev_stdout_writes_only_the_csv_there(trained, sample, tmp_path):
+    # `-o /dev/stdout | cat`: the table goes down the pipe; the line saying so goes to stderr.
+    _, _, model, _, _ = trained
+    photos = sample[0][:2]
+    run = subprocess.run([sys.executable, "-m", "sktransfer", "predict", str(model), *photos, "-o", "/dev/stdout"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert run.returncode == 0, run.stderr
+    table = pd.read_csv(io.StringIO(run.stdout))
+    assert table.columns.tolist() == ["path", "prediction"] and table["path"].tolist() == photos
+    assert "2 predictions written to /dev/stdout" in run.stderr
+
+
+def test_fit_to_a_folder_a_killed_save_left_holding_only_tensor_files(trained, tmp_path):
+    from sktransfer import load_model, save_model
+
+    _, _, model, data, _ = trained
+    folder = tmp_path / "m"
+    save_model(joblib.load(model), folder)
+    (folder / "model.json").unlink()  # as a save killed before its model.json
+    assert main(["fit", str(data), "--cv", "2", "--max-epochs", "2", "-o", str(folder) + "/"]) == 0
+    load_model(folder)
+
+
 def test_predict_errors_name_the_input(trained, tmp_path, capsys):
     _, _, model_path, data, _ = trained
     assert main(["predict", str(model_path), str(tmp_path / "missing.jpg"), str(model_path)]) == 1
@@ -518,11 +541,16 @@ def test_evaluate_draws_class_names_with_dollar_signs_as_text(sample, tmp_path):
     assert "$\\notacommand$" in json.loads((report / "metrics.json").read_text())["classes"]
 
 
+def _model_files(folder):
+    """The files of a save_model folder, sorted, each tensor file under its part's name (head.pt)."""
+    return sorted(re.sub(r"-[0-9a-f]{32}\.pt$", ".pt", name) for name in os.listdir(folder))
+
+
 def test_predict_and_evaluate_take_the_safe_save_model_folder(trained, sample, tmp_path, capsys):
     _, _, model_path, data, _ = trained
     folder = str(tmp_path / "shared") + os.sep
     assert main(["fit", str(data), "-o", folder, "--cv", "2", "--max-epochs", "2"]) == 0
-    assert sorted(os.listdir(folder)) == ["backbone.pt", "head.pt", "model.json"]
+    assert _model_files(folder) == ["backbone.pt", "head.pt", "model.json"]
     assert main(["predict", folder, str(data), "-o", str(tmp_path / "p.csv")]) == 0
     table = pd.read_csv(tmp_path / "p.csv")
     from sktransfer import load_model
@@ -556,7 +584,7 @@ def test_demo_shows_accuracy_time_confusion_matrix_and_next_steps(tmp_path, caps
     folder = str(tmp_path / "demo_model") + os.sep  # as fit -o: the safe save_model folder
     assert main(["demo", "-o", folder]) == 0
     assert "predictions identical = True" in capsys.readouterr().out
-    assert sorted(os.listdir(folder)) == ["backbone.pt", "head.pt", "model.json"]
+    assert _model_files(folder) == ["backbone.pt", "head.pt", "model.json"]
 
 
 def test_version_prints_the_package_version(capsys):
@@ -675,7 +703,7 @@ def test_fit_writes_the_folder_format_into_an_empty_folder_or_over_a_saved_model
     (tmp_path / "m").mkdir()
     for _ in range(2):  # an empty folder, then the saved model it holds
         assert main(["fit", str(data), "--cv", "2", "--max-epochs", "2", "-o", str(tmp_path / "m")]) == 0
-        assert sorted(os.listdir(tmp_path / "m")) == ["backbone.pt", "head.pt", "model.json"]
+        assert _model_files(tmp_path / "m") == ["backbone.pt", "head.pt", "model.json"]
     capsys.readouterr()
 
 

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,8 @@ def test_exported_model_predicts_identically_in_a_fresh_offline_process(tmp_path
     clf, X, y = fitted
     folder = tmp_path / "model"
     save_model(clf, folder)
-    assert sorted(os.listdir(folder)) == ["backbone.pt", "head.pt", "model.json"]
+    files = json.loads((folder / "model.json").read_text())["files"]
+    assert sorted(os.listdir(folder)) == sorted([files["backbone"], files["head"], "model.json"])
     # Embedded here as in the fresh process: the same images in the same batches (features
     # cached by earlier tests were computed beside other images, equal only to float rounding).
     clear_cache()
@@ -129,7 +131,10 @@ def test_files_hold_only_json_and_tensors(tmp_path, fitted):
     info = json.loads((tmp_path / "model.json").read_text())
     assert info["backbone"]["name"] == "efficientnet_lite0" and info["params"]["optimizer"] == "torch.optim.AdamW"
     assert info["backbone"]["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
-    for name in ("backbone.pt", "head.pt"):
+    assert sorted(info["files"]) == ["backbone", "head"]
+    for part, name in info["files"].items():
+        # Each named by its content: a new save never overwrites the files model.json names.
+        assert name == f"{part}-{digest((tmp_path / name).read_bytes())}.pt"
         state = torch.load(tmp_path / name, weights_only=True)
         assert all(torch.is_tensor(v) for v in state.values())
 
@@ -210,18 +215,79 @@ def test_bad_folders_are_named(tmp_path, fitted):
     with pytest.raises(ValueError, match="newer format"):
         load_model(tmp_path)
     (tmp_path / "model.json").write_text(json.dumps(info))
-    # A pickle in place of the tensors is refused, never executed.
+    # A pickle in place of the tensors is refused, never executed, even named as model.json asks.
     import pickle
 
-    (tmp_path / "head.pt").write_bytes(pickle.dumps(ImageEmbedder()))
+    planted = pickle.dumps(ImageEmbedder())
+    (tmp_path / f"head-{digest(planted)}.pt").write_bytes(planted)
+    (tmp_path / "model.json").write_text(json.dumps({**info, "files": {**info["files"], "head": f"head-{digest(planted)}.pt"}}))
     with pytest.raises(ValueError, match="weights_only=True"):
         load_model(tmp_path)
     with pytest.raises(TypeError, match="PretrainedImageRegressor or an ImageEmbedder"):
         save_model("model", tmp_path)
 
 
+def _files(folder):
+    """``{name: bytes}`` of the files in ``folder``."""
+    return {f.name: f.read_bytes() for f in Path(folder).iterdir()}
+
+
+@contextmanager
+def _largest_file(size):
+    """No file of this process can grow beyond ``size`` bytes (RLIMIT_FSIZE): as a full disk, a
+    write fails (Python ignores SIGXFSZ, so ``write`` raises)."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_save_model_refuses_a_file_or_a_folder_of_other_files_before_writing(tmp_path, fitted):
+    # A folder of photos is not a model's: writing into it (13 MB beside them) was allowed.
+    clf, _, _ = fitted
+    photos = tmp_path / "photos"
+    (photos / "cardboard").mkdir(parents=True)
+    (photos / "notes.txt").write_text("taken on Monday")
+    with pytest.raises(ValueError, match=f"^{re.escape(repr(str(photos)))} is a folder of other files, not a "
+                                         "saved model"):
+        save_model(clf, photos)
+    assert sorted(os.listdir(photos)) == ["cardboard", "notes.txt"]
+    (tmp_path / "model.joblib").write_bytes(b"a pickle")
+    with pytest.raises(ValueError, match="is a file; save_model writes a folder"):
+        save_model(clf, tmp_path / "model.joblib")
+    assert (tmp_path / "model.joblib").read_bytes() == b"a pickle"
+
+
+@pytest.mark.parametrize("fails_at", ["tensors", "model.json"])
+def test_a_save_that_fails_leaves_the_previous_model_as_it_was(tmp_path, tiny_images, fails_at):
+    """A save that cannot write (a full disk) while writing the tensors, or model.json last,
+    leaves the folder as it was: the previous model loads, and no file of the failed save is left."""
+    from sklearn.base import clone
+
+    X, y = tiny_images
+    old = PretrainedImageClassifier(backbone=_tiny_body(), preprocessing=TINY_PREPROCESSING, hidden_units=(8,),
+                                    max_epochs=2, random_state=0).fit(X, y)
+    new = clone(old).set_params(max_epochs=10, random_state=1).fit(X, y)  # a longer history: a larger model.json
+    sizes = {name: len(data) for name, data in _files(save_model(new, tmp_path / "scratch")).items()}
+    largest_tensors = max(size for name, size in sizes.items() if name != "model.json")
+    assert sizes["model.json"] > largest_tensors  # so a size limit can stop either step
+    folder = tmp_path / "model"
+    save_model(old, folder)
+    before = _files(folder)
+    with _largest_file(largest_tensors - 1 if fails_at == "tensors" else largest_tensors), pytest.raises(OSError):
+        save_model(new, folder)
+    assert _files(folder) == before
+    np.testing.assert_array_equal(load_model(folder, backbone=_tiny_body()).predict_proba(X), old.predict_proba(X))
+    save_model(new, folder)  # a save that can write replaces the model whole
+    assert _files(folder) == _files(tmp_path / "scratch")
+    np.testing.assert_array_equal(load_model(folder, backbone=_tiny_body()).predict_proba(X), new.predict_proba(X))
+
+
 def test_a_folder_mixing_two_saves_is_refused(tmp_path, fitted):
-    """Files of two saves in one folder: a save that failed half-way, or a file copied in."""
+    """A tensor file copied in from another save, under the name model.json gives it, is refused."""
     import shutil
 
     from sklearn.base import clone
@@ -230,23 +296,10 @@ def test_a_folder_mixing_two_saves_is_refused(tmp_path, fitted):
     other = clone(clf).set_params(random_state=1).fit(X, y)  # a head of the same shape, other weights
     save_model(clf, tmp_path / "a")
     save_model(other, tmp_path / "b")
-    # A second save into "a" that fails after the backbone (head.pt cannot be replaced).
-    head = (tmp_path / "a" / "head.pt").read_bytes()
-    (tmp_path / "a" / "head.pt").unlink()
-    (tmp_path / "a" / "head.pt").mkdir()
-    (tmp_path / "a" / "head.pt" / "in the way").write_text("")
-    with pytest.raises(OSError):
-        save_model(PretrainedImageClassifier(weights=None, max_epochs=2, random_state=0).fit(X, clf.predict(X)),
-                   tmp_path / "a")
-    shutil.rmtree(tmp_path / "a" / "head.pt")
-    (tmp_path / "a" / "head.pt").write_bytes(head)  # the first save's head is back beside the new backbone
-    with pytest.raises(ValueError, match="no model.json"):
-        load_model(tmp_path / "a")
-    # A whole folder with one file from another: each tensor file must be the one model.json was saved with.
-    save_model(clf, tmp_path / "a")
     assert load_model(tmp_path / "a").predict(X).tolist() == clf.predict(X).tolist()
-    shutil.copy(tmp_path / "b" / "head.pt", tmp_path / "a" / "head.pt")
-    with pytest.raises(ValueError, match="head.pt .* not the one model.json was saved with"):
+    head = json.loads((tmp_path / "a" / "model.json").read_text())["files"]["head"]
+    shutil.copy(next((tmp_path / "b").glob("head-*.pt")), tmp_path / "a" / head)
+    with pytest.raises(ValueError, match=f"{head} .* not the one model.json was saved with"):
         load_model(tmp_path / "a")
 
 
@@ -340,7 +393,12 @@ def _classes(values, dtype):
     (_set("head.hidden_units", "(16,)"), "head.hidden_units"),
     (_set("backbone.num_features", KeyError), "backbone.num_features"),
     (_set("files", ["head.pt"]), "files"),
-    (lambda info: info["files"].update({"head.pt": 7}), "files.head.pt"),
+    (_set("files.head", 7), "files.head"),
+    (_set("files.head", KeyError), "files.head"),
+    (_set("files.head", "../classifier/head.pt"), "files.head"),  # only a file of the folder, named by digest
+    (_set("files.head", "head.pt"), "files.head"),
+    (lambda info: info["files"].update(head=info["files"]["backbone"]), "files.head"),
+    (lambda info: info["files"].update(extra="head-" + "0" * 32 + ".pt"), "files.extra"),
     (_set("backbone", []), "backbone.name"),
     (_set("classes.dtype", "V1000000000"), "classes.dtype"),
     (_set("classes.values", ["a"]), "classes.values"),
@@ -385,6 +443,7 @@ def test_wrong_model_json_fields_are_named(tmp_path, saved, edit, field):
     (_set("targets.single_output", KeyError), "targets.single_output"),
     (_set("targets", None), "targets.mean"),
     (_set("targets.single_output", True), "targets.single_output"),  # it has two outputs
+    (_set("files", {"head.pt": 7}), "files.head.pt"),  # format 1 kept digests under the file names
 ])
 def test_wrong_regressor_fields_are_named(tmp_path, edit, field):
     import shutil
@@ -443,11 +502,15 @@ def test_format_1_folders_load_and_save_back_unchanged(tmp_path, tiny_images, na
     if name == "classifier":
         assert model.classes_.tolist() == sorted(set(y)) and model.temperature_ != 1.0
         assert set(model.predict(X)) <= set(y)
-    save_model(model, tmp_path)
+    import shutil
+
+    shutil.copytree(FORMAT_1 / name, tmp_path, dirs_exist_ok=True)
+    save_model(model, tmp_path)  # over the format-1 folder: its backbone.pt and head.pt go
     again = json.loads((tmp_path / "model.json").read_text())
-    # Saving now also records which tensor files the JSON goes with.
+    # Saving now writes format 2: the tensor files named by their content, as model.json names them.
+    assert (written.pop("format_version"), again.pop("format_version")) == (1, 2)
     files = again.pop("files")
-    assert files == {f.name: digest(f.read_bytes()) for f in tmp_path.glob("*.pt")}
+    assert sorted(os.listdir(tmp_path)) == sorted([*files.values(), "model.json"])
     # The fingerprint is the loading release's (features are versioned: FEATURE_VERSION).
     backbone = model.backbone_ if name == "embedder" else model.embedder_.backbone_
     assert again["backbone"].pop("fingerprint") == backbone.fingerprint
@@ -455,8 +518,9 @@ def test_format_1_folders_load_and_save_back_unchanged(tmp_path, tiny_images, na
     if name == "regressor":  # format 1 wrote a temperature of 1.0 for regressors, which have none
         assert written["head"].pop("temperature") == 1.0
     assert {**again, "sktransfer_version": None} == {**written, "sktransfer_version": None}
-    for file in ("backbone.pt", "head.pt")[:2 if name != "embedder" else 1]:
-        old, new = (torch.load(folder / file, weights_only=True) for folder in (FORMAT_1 / name, tmp_path))
+    assert sorted(files) == (["backbone"] if name == "embedder" else ["backbone", "head"])
+    for part, file in files.items():
+        old, new = (torch.load(path, weights_only=True) for path in (FORMAT_1 / name / f"{part}.pt", tmp_path / file))
         assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
     reloaded = load_model(tmp_path, backbone=_tiny_body())
     method = "transform" if name == "embedder" else "predict"

@@ -1,6 +1,11 @@
+import json
 import os
 import shutil
-from pathlib import Path
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import pandas as pd
@@ -8,7 +13,9 @@ import pytest
 from PIL import Image
 
 from sktransfer import ImageEmbedder, ImageInputError, load_image_folder
-from sktransfer._inputs import HEADER_FIRST_BYTES, as_image_list, read_item
+from sktransfer._inputs import HEADER_FIRST_BYTES, as_image_list, path_key, read_item
+
+from conftest import fresh_env
 
 
 def test_load_image_folder_is_sorted_with_class_labels(sample):
@@ -54,7 +61,8 @@ def test_load_image_folder_reads_every_jpeg_ending_and_tells_what_it_skips(tmp_p
     assert "1 image file directly in" in message and "loose.jpg" in message
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "6.avi").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"class folder\(s\) 'c' hold no image files"):
+    with pytest.raises(ValueError, match=r"class folder\(s\) 'c' hold no image files"), \
+            pytest.warns(UserWarning, match=r"skipped 3 files .*'\.avi': 1"):  # told first: it may be why
         load_image_folder(tmp_path)
 
 
@@ -78,7 +86,8 @@ def test_load_image_folder_follows_linked_folders_once_and_counts_broken_links(t
     elsewhere = tmp_path / "elsewhere" / "2019"
     elsewhere.mkdir(parents=True)
     shutil.copy(photos[0], elsewhere / "1.jpg")
-    shutil.copy(photos[1], tmp_path / "elsewhere" / "0.jpg")
+    (tmp_path / "other").mkdir()
+    shutil.copy(photos[1], tmp_path / "other" / "0.jpg")
     data = tmp_path / "data"
     (data / "a").mkdir(parents=True)
     (data / "b").mkdir()
@@ -90,17 +99,111 @@ def test_load_image_folder_follows_linked_folders_once_and_counts_broken_links(t
     (data / "a" / "sub" / "up").symlink_to(data / "a")    # back to an ancestor: no endless walk
     (data / "b" / "loop").symlink_to(data / "b")          # to itself
     (data / "b" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")  # a broken link
-    (data / "c").symlink_to(tmp_path / "elsewhere")       # a linked class folder
+    (data / "c").symlink_to(tmp_path / "other")           # a linked class folder
     with pytest.warns(UserWarning) as caught:
         paths, labels = load_image_folder(data)
-    assert [Path(p).relative_to(data).as_posix() for p in paths] == [
-        "a/2.jpg", "a/2019/1.jpg", "b/3.jpg", "c/0.jpg", "c/2019/1.jpg"]
-    assert list(labels) == ["a", "a", "b", "c", "c"]
+    assert [Path(p).relative_to(data).as_posix() for p in paths] == ["a/2.jpg", "a/2019/1.jpg", "b/3.jpg", "c/0.jpg"]
+    assert list(labels) == ["a", "a", "b", "c"]
     message = " ".join(str(w.message) for w in caught)
     assert "skipped 1 file in the class folders" in message and "1 broken link" in message
     assert "gone.jpg" in message
     with pytest.warns(UserWarning, match="1 broken link"):
         assert paths == load_image_folder(data)[0]  # the same order every time
+
+
+def _relative(paths, folder):
+    return [Path(p).relative_to(folder).as_posix() for p in paths]
+
+
+def test_a_link_to_the_data_root_or_another_class_never_labels_that_class_s_photos(tmp_path, sample):
+    """A link in a class folder back to the data folder (``ln -s .. data/a/up``), or into another
+    class folder, would read the other class's photos again under this class's name. The walk does
+    not enter a link back to the folder walked or one above it (a loop), and skips a folder of
+    another class with a warning that names it."""
+    photos = sample[0]
+    data = tmp_path / "data"
+    for name, photo in (("a/1.jpg", 0), ("b/2.jpg", 40), ("b/2019/3.jpg", 41), ("c/4.jpg", 70)):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photos[photo], data / name)
+    (data / "a" / "up").symlink_to("..")                  # the data folder, above the class folder
+    (data / "a" / "b-2019").symlink_to(data / "b" / "2019")  # into another class folder
+    (data / "c" / "b").symlink_to(Path("..") / "b")      # another class folder itself
+    with pytest.warns(UserWarning) as caught:
+        paths, labels = load_image_folder(data)
+    assert _relative(paths, data) == ["a/1.jpg", "b/2.jpg", "b/2019/3.jpg", "c/4.jpg"]
+    assert list(labels) == ["a", "b", "b", "c"]
+    message = " ".join(str(w.message) for w in caught)
+    assert "skipped 2 folders in the class folders" in message, message
+    assert "2 folders of another class (a class folder or a link into one; read as that class)" in message
+    assert str(data / "a" / "b-2019") in message and str(data / "a" / "up") not in message  # a loop: nothing left out
+    (data / "d").symlink_to("b")  # two classes of one folder: an error, not a choice
+    with pytest.raises(ValueError, match="class folders 'b' and 'd' .* are one folder"):
+        load_image_folder(data)
+
+
+def test_a_sub_folder_that_cannot_be_read_is_told_not_dropped_silently(tmp_path, sample):
+    photos = sample[0]
+    data = tmp_path / "data"
+    for name, photo in (("a/1.jpg", 0), ("a/2019/2.jpg", 1), ("b/3.jpg", 40)):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photos[photo], data / name)
+    (data / "a" / "2019").chmod(0)
+    try:
+        paths, labels, messages = _load_image_folder_without_privileges(data)
+    finally:
+        (data / "a" / "2019").chmod(0o755)
+    assert _relative(paths, data) == ["a/1.jpg", "b/3.jpg"] and labels == ["a", "b"]
+    message = " ".join(messages)
+    assert "skipped 1 folder in the class folders" in message, message
+    assert "1 folder that cannot be read (permission denied), e.g." in message and "2019" in message
+
+
+def _load_image_folder_without_privileges(folder):
+    """``load_image_folder(folder)`` where file permissions apply: here when not root, else in a
+    process started by ``setpriv`` without the capabilities that let root read any folder.
+    Returns the paths, the labels (a list) and the warnings' messages."""
+    if not hasattr(os, "geteuid"):
+        pytest.skip("folder permissions that stop reading are POSIX")
+    if os.geteuid() != 0:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            paths, labels = load_image_folder(folder)
+        return paths, labels.tolist(), [str(w.message) for w in caught]
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("run as root (whom permissions do not stop) and without setpriv to drop that privilege")
+    code = textwrap.dedent(f"""
+        import json, warnings
+        from sktransfer import load_image_folder
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            paths, labels = load_image_folder({str(folder)!r})
+        print(json.dumps([paths, labels.tolist(), [str(w.message) for w in caught]]))
+    """)
+    done = subprocess.run([setpriv, "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-c", code],
+                          env=fresh_env(), capture_output=True, text=True)
+    if done.returncode != 0 and not done.stdout and "setpriv" in done.stderr:
+        pytest.skip(f"run as root, and setpriv cannot drop the privilege here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_folder_order_is_the_same_on_every_system(tmp_path):
+    """Sorting whole path strings compares the separator ('/' here, '\\' on Windows) with the
+    characters of names, and pathlib sorts Windows paths ignoring case: the same folder was listed
+    in another order there, and so gave other seeded splits. Class folders are sorted by name,
+    and files by the names on their path, compared as text."""
+    names = ["a/x0.jpg", "a/x-1.jpg", "a/x/1.jpg", "B/2.jpg"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    paths, labels = load_image_folder(tmp_path)
+    expected = ["B/2.jpg", "a/x/1.jpg", "a/x-1.jpg", "a/x0.jpg"]
+    assert _relative(paths, tmp_path) == expected and list(labels) == ["B", "a", "a", "a"]
+    posix = sorted((PurePosixPath(n) for n in names), key=path_key)
+    windows = sorted((PureWindowsPath(n.replace("/", "\\")) for n in names), key=path_key)
+    assert [p.as_posix() for p in posix] == [p.as_posix() for p in windows] == expected
+    assert [p.as_posix() for p in sorted(PureWindowsPath(n) for n in names)] != expected  # what pathlib does there
 
 
 def test_containers_of_paths_are_accepted(sample):
@@ -193,3 +296,25 @@ def test_pil_identity_covers_palette_and_orientation():
     turned = Image.new("RGB", (4, 4))
     turned.getexif()[0x0112] = 6
     assert read_item(turned)[0] != read_item(Image.new("RGB", (4, 4)))[0]
+
+
+def test_every_photo_format_pillow_reads_here_is_found_in_a_folder(tmp_path):
+    # AVIF (phones), JPEG 2000 (scans, medical images) and the portable bitmaps were read when
+    # named one by one but skipped inside folders as "not images".
+    from PIL import Image, features
+
+    from sktransfer import load_image_folder
+
+    picture = Image.new("RGB", (32, 24), (200, 30, 30))
+    written = {".pbm": "1", ".pnm": "RGB"}
+    if features.check("avif"):
+        written[".avif"] = "RGB"
+    if features.check("jpg_2000"):
+        written.update({".jp2": "RGB", ".j2k": "RGB"})
+    for i, (ending, mode) in enumerate(written.items()):
+        folder = tmp_path / ("a" if i % 2 else "b")
+        folder.mkdir(exist_ok=True)
+        picture.convert(mode).save(folder / f"photo{ending.upper() if i == 0 else ending}",
+                                   format={".pnm": "PPM", ".j2k": "JPEG2000"}.get(ending))
+    paths, _ = load_image_folder(tmp_path)
+    assert sorted(Path(p).suffix.lower() for p in paths) == sorted(written)
