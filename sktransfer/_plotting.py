@@ -176,7 +176,7 @@ class TopLossesDisplay:
 
         display = cls([seen(items[i]) for i in order], order.tolist(), y[order],
                       predicted[order], confidence[order], losses[order])
-        return display.plot(ax=ax, n_cells=k)
+        return display.plot(ax=ax)  # a cell per image shown: fewer than k when fewer are wrong
 
     def plot(self, ax=None, n_cells=None):
         """Draw the images in a grid, titled with predicted class (probability), true class and loss.

@@ -63,7 +63,12 @@ def test_plot_top_losses_shows_the_highest_losses_first(clf, data):
     only_wrong = plot_top_losses(clf, X, y, k=9, wrong_only=True)
     wrong = np.flatnonzero(clf.predict(X) != y)
     assert sorted(only_wrong.indices) == sorted(wrong.tolist())
-    assert png(only_wrong, dpi=40).size == (3 * 120, 3 * 132)
+    # A cell per image shown, not k of them mostly blank (the evaluate report's picture).
+    columns = int(np.ceil(np.sqrt(len(wrong))))
+    assert png(only_wrong, dpi=40).size == (columns * 120, int(np.ceil(len(wrong) / columns)) * 132)
+    right = np.flatnonzero(clf.predict(X) == y)
+    one = plot_top_losses(clf, [X[i] for i in [*right[:5], wrong[0]]], y[[*right[:5], wrong[0]]], k=9, wrong_only=True)
+    assert len(one.images) == 1 and png(one, dpi=40).size == (120, 132)
 
 
 def test_plot_top_losses_rejects_labels_the_model_does_not_know(clf, data):
