@@ -63,8 +63,11 @@ _TENSOR_FILE = re.compile(r"(backbone|head)-([0-9a-f]{%d})\.pt" % (2 * DIGEST_SI
 _ESTIMATORS = {cls.__name__: cls for cls in (PretrainedImageClassifier, PretrainedImageRegressor, ImageEmbedder)}
 #: Settings of one machine, never written by save_model nor read by load_model
 #: (a loaded model gets the defaults): where features are cached, which device
-#: runs, and ``weights`` when it is a file path (the weights are in the backbone's tensor file).
-MACHINE_LOCAL_PARAMS = ("cache_dir", "device", "weights")
+#: runs, ``weights`` when it is a file path (the weights are in the backbone's tensor
+#: file), and how this machine runs the body: ``compile`` and the embedding batch
+#: (``embed_batch_size``; an ImageEmbedder's ``batch_size``), so a shared folder
+#: cannot make predict embed a whole folder in one batch.
+MACHINE_LOCAL_PARAMS = ("cache_dir", "device", "weights", "compile", "embed_batch_size")
 #: Bounds checked before anything is allocated from model.json's numbers.
 MAX_JSON_BYTES = 64 * 2**20
 MAX_IMAGE_SIDE = 2048
@@ -115,7 +118,7 @@ def save_model(estimator, folder):
     check_model_folder(folder)
     state = estimator._export_state()  # refuses what JSON and tensors cannot hold, before any file is written
     backbone, head = estimator._export_parts()
-    params, omitted = _params_to_json(_shareable(estimator.get_params(deep=False)))
+    params, omitted = _params_to_json(_shareable(estimator.get_params(deep=False), type(estimator)))
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -488,12 +491,15 @@ def _check_head_shapes(head_info, state, name):
         )
 
 
-def _shareable(params):
-    """``params`` without the settings of one machine (:data:`MACHINE_LOCAL_PARAMS`)."""
-    return {key: value for key, value in params.items() if not _machine_local(key, value)}
+def _shareable(params, kind):
+    """``params`` of an estimator of class ``kind`` without the settings of one machine
+    (:data:`MACHINE_LOCAL_PARAMS`)."""
+    return {key: value for key, value in params.items() if not _machine_local(key, value, kind)}
 
 
-def _machine_local(key, value):
+def _machine_local(key, value, kind):
+    if key == "batch_size" and issubclass(kind, ImageEmbedder):  # its embedding batch
+        return True
     if key != "weights":
         return key in MACHINE_LOCAL_PARAMS
     return isinstance(value, os.PathLike) or (isinstance(value, str) and _looks_like_path(value))
@@ -535,7 +541,7 @@ def _params_to_json(params):
 def _params_from_json(params, kind):
     known = kind().get_params(deep=False)
     out = {}
-    for key, value in _shareable(params).items():
+    for key, value in _shareable(params, kind).items():
         if key not in known and not key.startswith(HEAD_PREFIXES):
             raise ValueError(f"load_model: params.{key} in {MODEL_FILE} is not a setting of {kind.__name__}.")
         if key in _HEAD_SHAPE_PARAMS:  # the head's shape is head.* in model.json, checked against its tensors

@@ -337,14 +337,17 @@ def test_machine_local_settings_are_not_saved_and_ignored_at_load(tmp_path, fitt
     assert "author-cache" not in text
     info = json.loads(text)
     assert not {"cache_dir", "device"} & set(info["params"])
-    # A folder from someone else that names a cache, a device and a weights file anyway.
+    assert not {"compile", "embed_batch_size"} & set(info["params"])
+    # A folder from someone else that names a cache, a device and a weights file anyway, and how
+    # to run here: compiling, and a batch of a billion images (each predict one batch, out of memory).
     planted = tmp_path / "planted"
-    info["params"].update(cache_dir=str(planted), device="cuda:7", weights=str(tmp_path / "w.pth"))
+    info["params"].update(cache_dir=str(planted), device="cuda:7", weights=str(tmp_path / "w.pth"),
+                          compile=True, embed_batch_size=10**9)
     (tmp_path / "model" / "model.json").write_text(json.dumps(info))
     loaded = load_model(tmp_path / "model")
     defaults = PretrainedImageClassifier().get_params()
-    assert [loaded.get_params()[k] for k in ("cache_dir", "device", "weights")] == \
-        [defaults[k] for k in ("cache_dir", "device", "weights")]
+    local = ("cache_dir", "device", "weights", "compile", "embed_batch_size")
+    assert [loaded.get_params()[k] for k in local] == [defaults[k] for k in local]
     np.testing.assert_array_equal(loaded.predict_proba(X[:2]), clf.predict_proba(X[:2]))
     assert not planted.exists()
 
@@ -418,7 +421,7 @@ def _classes(values, dtype):
     (_set("params.module__bogus", 1), "params.module__bogus"),
     (_set("params.bogus", 1), "params.bogus"),
     (_set("params.module__hidden_units", [40000, 40000]), "params.module__hidden_units"),
-    (_set("params.embed_batch_size", -3), "embed_batch_size"),
+    (_set("params.lr", -3), "lr"),
     (_set("history", "epochs"), "history"),
     (_set("head.weight_decay", -1.0), "head.weight_decay"),
     (_set("head.weight_decay", "auto"), "head.weight_decay"),
@@ -499,6 +502,9 @@ def test_format_1_folders_load_and_save_back_unchanged(tmp_path, tiny_images, na
     X, y = tiny_images
     model = load_model(FORMAT_1 / name, backbone=_tiny_body())
     written = json.loads((FORMAT_1 / name / "model.json").read_text())
+    # How fast a machine runs the model (compile, the embedding batch) is no longer saved.
+    for key in ("compile", "batch_size" if name == "embedder" else "embed_batch_size"):
+        written["params"].pop(key)
     if name == "classifier":
         assert model.classes_.tolist() == sorted(set(y)) and model.temperature_ != 1.0
         assert set(model.predict(X)) <= set(y)
