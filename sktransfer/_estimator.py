@@ -62,15 +62,15 @@ from ._runtime import limited_threads, seeded_rng, steady_heap
 
 def _without_zero_weights(X, y, sample_weight):
     """``X``, ``y`` and ``sample_weight`` without the images of weight 0 (a DataFrame ``X`` stays one)."""
-    n = len(as_image_list(X))
+    items = as_image_list(X)
     y = np.asarray(y)
-    if len(y) != n:
-        raise ValueError(f"X has {n} images but y has {len(y)} labels; they must match.")
-    weights = _check_sample_weight(sample_weight, np.empty(n), ensure_non_negative=True)
+    if len(y) != len(items):
+        raise ValueError(f"X has {len(items)} images but y has {len(y)} labels; they must match.")
+    weights = _check_sample_weight(sample_weight, np.empty(len(items)), ensure_non_negative=True)
     keep = np.flatnonzero(weights)
-    if len(keep) == n:
+    if len(keep) == len(items):
         return X, y, weights
-    X = X.iloc[keep] if hasattr(X, "iloc") else [as_image_list(X)[i] for i in keep]
+    X = X.iloc[keep] if hasattr(X, "iloc") else [items[i] for i in keep]
     return X, y[keep], weights[keep]
 
 

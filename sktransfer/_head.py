@@ -816,14 +816,13 @@ def _tuning_folds(y, seed):
     """Three folds, stratified, of a single-label classifier's labels ``y`` for
     :func:`tune_l2`, or None when a class has fewer than two images. (A
     squared-error head is tuned by :func:`tune_ridge`; multi-label heads are
-    not tuned.) Shuffled by ``seed``, or by 0 when it is None: an unseeded
-    fit tunes the same strength every time, as ``LogisticRegressionCV`` does."""
+    not tuned.) Shuffled by ``seed``."""
     from sklearn.model_selection import StratifiedKFold
 
     least = int(np.bincount(y).min())
     if least < 2:
         return None
-    return list(StratifiedKFold(min(3, least), shuffle=True, random_state=0 if seed is None else seed).split(y, y))
+    return list(StratifiedKFold(min(3, least), shuffle=True, random_state=seed).split(y, y))
 
 
 def full_batch(params, extra, continuing, multilabel=False):
@@ -946,7 +945,9 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
             if type(criterion) is nn.MSELoss:  # leave-one-out in closed form
                 l2, weight, bias = tune_ridge(standard, y_train, weights)
             else:
-                folds = _tuning_folds(y_train, None if params.get("random_state") is None else seed)
+                # Unseeded fits tune on folds of seed 0: the same strength every time, as
+                # LogisticRegressionCV's fixed folds give.
+                folds = _tuning_folds(y_train, 0 if params.get("random_state") is None else seed)
                 l2 = L2_FALLBACK  # too few images of a class to hold any out
                 if folds is not None:
                     l2, weight, bias = tune_l2(standard, y_train, weights, criterion, n_outputs, folds)
