@@ -96,7 +96,7 @@ class Backbone:
         where OpenVINO cannot convert the body, the plan is PyTorch's (told once).
         """
         shape = self.preprocessing.crop_shape
-        converted = engine == "auto" and self.converted()
+        converted = engine == "auto" and torch.device(device).type == "cpu" and self.converted()
         plan = _engine.choose(engine, precision, device, compile, n_images=n_images, converted=converted)
         if plan.engine == "openvino":
             with _HANDLES_LOCK:

@@ -82,7 +82,7 @@ def extract_features(items, backbone, *, batch_size=8, cache_dir=None, device="c
         heap = steady_heap() if len(todo) > batch_size else contextlib.nullcontext()
         with heap:
             errors = _run_backbone(todo, items, backbone.preprocessing, runner, out, batch_size, disk,
-                                   progress, view, fingerprint, name)
+                                   progress, view, fingerprint, name, decode_workers(device))
         if errors:
             raise ImageInputError(sorted(errors, key=lambda e: e[0]), name=name)
     return out
@@ -147,13 +147,25 @@ def _decode_errors(todo, items):
         return None
 
     entries = list(todo.values())
-    with ThreadPoolExecutor(max_workers=max(1, min(4, torch.get_num_threads()))) as pool:
+    with ThreadPoolExecutor(max_workers=decode_workers("cpu")) as pool:
         reasons = list(pool.map(check, [payload for payload, _ in entries]))
     return [(i, items[i], reason) for (_, indices), reason in zip(entries, reasons) if reason
             for i in indices]
 
 
-def _run_backbone(todo, items, preprocessing, runner, out, batch_size, disk, progress, view, fingerprint, name):
+def decode_workers(device):
+    """Threads that decode images while the backbone runs on ``device``.
+
+    As many as torch may use (joblib and dask workers cap torch at their share
+    of the cores, and decoding keeps to it too). On the CPU at most 4, since
+    the engine computes on the same cores; a GPU leaves them all to decoding.
+    """
+    threads = torch.get_num_threads()
+    return max(1, threads if torch.device(device).type != "cpu" else min(4, threads))
+
+
+def _run_backbone(todo, items, preprocessing, runner, out, batch_size, disk, progress, view, fingerprint, name,
+                  workers):
     def load(payload, digest, indices):
         try:
             if isinstance(payload, str):
@@ -171,16 +183,13 @@ def _run_backbone(todo, items, preprocessing, runner, out, batch_size, disk, pro
     errors = []
     write_error = None
     bar = _progress_bar(len(entries), progress)
-    # Decoding runs in a small thread pool (Pillow releases the GIL) one batch
-    # ahead of the forward pass, so at most two batches of pixels are held. It
-    # takes as many threads as torch may use: joblib and dask workers cap
-    # torch at their share of the cores, and decoding keeps to it too. One
-    # image (predicting one photo) decodes in this thread: a pool would only
-    # add the start of its threads to the call.
+    # Decoding runs in a thread pool of ``workers`` (Pillow releases the GIL)
+    # one batch ahead of the forward pass, so at most two batches of pixels are
+    # held. One image (predicting one photo) decodes in this thread: a pool
+    # would only add the start of its threads to the call.
     with contextlib.ExitStack() as stack:
         submit = _run_now
         if len(entries) > 1:
-            workers = max(1, min(4, torch.get_num_threads()))
             submit = stack.enter_context(ThreadPoolExecutor(max_workers=workers)).submit
         pending = [submit(load, p, d, i) for d, (p, i) in batches[0]] if batches else []
         for b, batch in enumerate(batches):

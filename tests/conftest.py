@@ -217,8 +217,9 @@ socket.getaddrinfo = _no_network
 def fresh_env():
     """The environment of a fresh, offline process: no inherited settings but this session's
     engine cache (so engine="auto" there sees the same converted bodies as here, none
-    from the user's cache)."""
-    return {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
+    from the user's cache). Folders already on ``PYTHONPATH`` stay on it, after this checkout."""
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": path,
             "SKTRANSFER_ENGINE_CACHE": os.environ["SKTRANSFER_ENGINE_CACHE"]}
 
 

@@ -215,6 +215,40 @@ def test_openvino_model_pickles_and_predicts_the_same_where_openvino_is_missing(
     np.testing.assert_allclose(result["again"], expected, atol=1e-4)
 
 
+def test_a_gpu_backbone_says_nothing_of_a_missing_openvino(tmp_path):
+    # OpenVINO runs on the CPU only: a GPU's plan has no use for it, so its absence is no
+    # news there. (The plan is chosen without CUDA: this runs on any machine.)
+    code = (
+        "import json, sys, warnings\n"
+        "sys.modules['openvino'] = None\n"
+        "from sktransfer import ImageEmbedder\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    plan = ImageEmbedder().fit().backbone_.plan('cuda', 'auto', 'auto', 'auto', n_images=10**6)\n"
+        "print(json.dumps({'plan': [plan.engine, plan.precision], 'told': [str(w.message) for w in caught]}))\n"
+    )
+    env = {**fresh_env(), "SKTRANSFER_ENGINE_CACHE": str(tmp_path)}  # none converted, as without OpenVINO
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["plan"] == ["torch", "float32"]
+    assert not [m for m in out["told"] if "OpenVINO" in m], out["told"]
+
+
+def test_a_gpu_leaves_every_thread_torch_may_use_to_decoding():
+    from sktransfer._features import decode_workers
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert (decode_workers("cpu"), decode_workers("cuda"), decode_workers("cuda:1")) == (4, 8, 8)
+        torch.set_num_threads(1)  # as a joblib or dask worker caps it
+        assert (decode_workers("cpu"), decode_workers("cuda")) == (1, 1)
+    finally:
+        torch.set_num_threads(before)
+
+
 LAZY_EMBED = r"""
 import json, pickle, sys
 import numpy as np
