@@ -119,7 +119,12 @@ def machine():
         load = f"; load average {os.getloadavg()[0]:.1f} when written"  # other jobs sharing the cores
     except OSError:
         load = ""
-    return (f"{os.cpu_count()} CPU cores, {cpu()}; torch {torch.__version__}, "
+    try:
+        usable = len(os.sched_getaffinity(0))  # fewer when pinned (taskset, a container's cpuset)
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    cores = f"{usable} CPU cores" if usable == os.cpu_count() else f"{usable} of {os.cpu_count()} CPU cores"
+    return (f"{cores}, {cpu()}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} torch threads{load}")
 
 

@@ -104,8 +104,8 @@ class Backbone:
                     self._handles["openvino"] = _engine.convert(lambda: self.module, self.fingerprint, shape,
                                                                 self.name)
             if self._handles["openvino"] is None:  # could not convert (told once)
-                # PyTorch at the precision "auto" picks there, or at the one asked for
-                # as this CPU allows it (bfloat16 only where it is native).
+                # PyTorch at the precision "auto" picks there (float32), or at the one
+                # asked for as this CPU allows it (bfloat16 only where it is native).
                 precision = precision if precision == "auto" else plan.precision
                 plan = _engine.choose("torch", precision, device, compile, n_images=n_images, converted=False)
         return plan

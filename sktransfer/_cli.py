@@ -869,7 +869,8 @@ def build_parser():
         command.add_argument("--engine", choices=ENGINES, default="auto",
                              help="what runs the backbone: OpenVINO where installed, else PyTorch (default: auto)")
         command.add_argument("--precision", choices=PRECISIONS, default="auto",
-                             help="bfloat16 where the CPU has it natively, else float32 (default: auto)")
+                             help="auto is float32; bfloat16 is about twice as fast in OpenVINO on CPUs with AMX or "
+                                  "AVX-512 BF16, with features within cosine 0.99 (default: auto)")
 
     data_help = "a folder with one sub-folder of images per class, or a CSV file with path,label columns"
     fit = commands.add_parser(

@@ -221,11 +221,12 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         once). Whatever needs gradients (the head, ``unfreeze`` blocks,
         Grad-CAM) runs in PyTorch.
     precision : {"auto", "float32", "bfloat16"}, default="auto"
-        Arithmetic of the backbone. "auto" is bfloat16 where the CPU computes
-        it natively (Intel AMX or AVX-512 BF16) and float32 elsewhere. Every
-        engine and precision keeps each image's features within cosine
-        similarity 0.999 of float32 PyTorch; features of each are cached
-        apart.
+        Arithmetic of the backbone. "auto" is float32: every path it picks
+        keeps each image's features within cosine similarity 0.999 of
+        float32 PyTorch. "bfloat16" is about twice as fast in OpenVINO where
+        the CPU computes it natively (Intel AMX or AVX-512 BF16), with
+        features within cosine 0.99 (0.9926 at least on 480 real photos; see
+        docs/faq.md). Features of each precision are cached apart.
     verbose : int, default=0
         Show a progress bar while embedding when > 0.
 

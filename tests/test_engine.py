@@ -14,14 +14,13 @@ import torch
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, cache_info, clear_cache
 from sktransfer import _engine
 from sktransfer._engine import (
-    MIN_COSINE, MIN_COSINE_TORCH_BF16, OPENVINO_MIN_IMAGES, TORCH_FLOAT32, Plan, choose, cpu_has_bf16,
+    MIN_COSINE, MIN_COSINE_BF16, OPENVINO_MIN_IMAGES, TORCH_FLOAT32, Plan, choose, cpu_has_bf16,
 )
 
 from conftest import ROOT, ForwardCounter, fresh_env
 
 HAS_OPENVINO = _engine._openvino_core() is not None
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO is not installed on this platform")
-OPENVINO_NATIVE = "bfloat16" if cpu_has_bf16() else "float32"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,8 +70,21 @@ def test_every_path_keeps_features_within_tolerance_of_float32_torch(engine, pre
         features = emb.transform(photos[keep])
     assert torch_pass.images == (len(features) if engine == "torch" else 0)  # the engine ran the body
     assert features.dtype == np.float32 and features.shape == reference[keep].shape
-    least = MIN_COSINE_TORCH_BF16 if engine == "torch" else MIN_COSINE
+    least = MIN_COSINE if precision == "float32" else MIN_COSINE_BF16
     assert cosine(features, reference[keep]).min() >= least
+
+
+def test_auto_keeps_float32_on_a_cpu_with_native_bfloat16(monkeypatch):
+    # OpenVINO's bfloat16 on an Intel Xeon with AMX kept real photos' features only within
+    # cosine 0.9926 of float32 PyTorch (docs/benchmarks.md), below MIN_COSINE: "auto" may
+    # not pick it. The CPU's answer is set here, so this holds on every machine.
+    monkeypatch.setattr(_engine, "cpu_has_bf16", lambda: True)
+    for converted in (False, True):
+        plan = choose("auto", "auto", "cpu", "auto", n_images=10**6, converted=converted)
+        assert plan.precision == "float32"
+        assert choose("openvino", "auto", "cpu", "auto", n_images=10**6, converted=converted).precision == "float32"
+    # Asked for, it runs.
+    assert choose("openvino", "bfloat16", "cpu", "auto", n_images=1, converted=True).precision == "bfloat16"
 
 
 @needs_openvino
@@ -84,9 +96,9 @@ def test_openvino_threads_are_not_pinned(photos, reference):
     assert cosine(emb.transform(photos), reference).min() >= MIN_COSINE
 
 
-def test_auto_picks_the_fastest_path_this_machine_offers():
+def test_auto_picks_the_fastest_path_within_tolerance():
     big = choose("auto", "auto", "cpu", "auto", n_images=OPENVINO_MIN_IMAGES, converted=False)
-    assert big == (Plan("openvino", OPENVINO_NATIVE) if HAS_OPENVINO else Plan("torch", "float32"))
+    assert big == (Plan("openvino", "float32") if HAS_OPENVINO else Plan("torch", "float32"))
     # A small call does not pay a conversion, unless the body is converted already.
     # PyTorch stays at float32: its bfloat16 autocast is below MIN_COSINE.
     assert choose("auto", "auto", "cpu", "auto", n_images=1, converted=False) == Plan("torch", "float32")
