@@ -688,6 +688,10 @@ def build_backbone(backbone, weights="DEFAULT", preprocessing=None):
         result = build()
         _write_memo(memo, result)
     with _BUILT_LOCK:
+        if isinstance(key[1], tuple):  # a weights file: its earlier versions are not built again
+            for old in [k for k in _BUILT if k[0] == key[0] and k[2] == key[2] and isinstance(k[1], tuple)
+                        and k[1][0] == key[1][0]]:
+                del _BUILT[old]
         _BUILT[key] = result
     return result
 

@@ -80,6 +80,9 @@ def top_losses(estimator, X, y):
         The probability of the predicted class.
     """
     check_is_fitted(estimator)
+    if not hasattr(estimator, "classes_") or getattr(estimator, "multilabel_", False):
+        kind = "a multi-label classifier" if hasattr(estimator, "classes_") else type(estimator).__name__
+        raise ValueError(f"top losses need a classifier with one class per image; the estimator is {kind}.")
     items = as_image_list(X)
     y = np.asarray(y, dtype=object)
     if len(y) != len(items):

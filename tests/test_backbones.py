@@ -61,6 +61,24 @@ def test_weights_file_rewritten_in_place_is_read_again(tmp_path):
     assert second.fingerprint != first.fingerprint
 
 
+def test_a_rewritten_weights_file_releases_the_body_built_from_its_old_version(tmp_path):
+    # A notebook that saves new weights over one file again and again keeps one body, not one per version.
+    import gc
+    import weakref
+
+    import torchvision
+
+    path = tmp_path / "resnet18.pth"
+    olds = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        torch.save(torchvision.models.resnet18().state_dict(), path)
+        olds.append(weakref.ref(build_backbone("resnet18", weights=str(path))))
+    gc.collect()
+    assert [ref() is None for ref in olds] == [True, True, False]
+    assert build_backbone("resnet18", weights=str(path)) is olds[-1]()
+
+
 def test_weights_of_a_network_with_another_top_or_none_load_into_the_body(tmp_path):
     # A network fine-tuned for 10 classes, or saved headless as a feature extractor: the top is
     # removed anyway, so only the body's weights must fit.

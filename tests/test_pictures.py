@@ -9,7 +9,8 @@ from PIL import Image
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-from sktransfer import PretrainedImageClassifier, TopLossesDisplay, explain, plot_history, plot_top_losses
+from sktransfer import (PretrainedImageClassifier, PretrainedImageRegressor, TopLossesDisplay, explain, plot_history,
+                        plot_top_losses)
 from sktransfer._backbones import build_backbone
 
 from conftest import subset, SAMPLE
@@ -77,6 +78,17 @@ def test_plot_top_losses_rejects_labels_the_model_does_not_know(clf, data):
         plot_top_losses(clf, X[:2], ["paper", "cardboard"])
     with pytest.raises(ValueError, match="k=0"):
         plot_top_losses(clf, X, y, k=0)
+
+
+def test_plot_top_losses_names_models_without_one_class_per_image(data):
+    (X, y), _ = data
+    indicator = np.array([[label == "glass", label != "metal"] for label in y], dtype=int)
+    multilabel = PretrainedImageClassifier(max_epochs=2, random_state=0).fit(X, indicator)
+    with pytest.raises(ValueError, match="multi-label"):
+        plot_top_losses(multilabel, X, indicator, k=2)
+    regressor = PretrainedImageRegressor(max_epochs=2, random_state=0).fit(X, np.arange(len(X), dtype=float))
+    with pytest.raises(ValueError, match="PretrainedImageRegressor"):
+        plot_top_losses(regressor, X, np.arange(len(X), dtype=float), k=2)
 
 
 def test_plot_history_draws_the_recorded_curves(clf, data):
