@@ -226,7 +226,8 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         float32 PyTorch. "bfloat16" is about twice as fast in OpenVINO where
         the CPU computes it natively (Intel AMX or AVX-512 BF16), with
         features within cosine 0.99 (0.9926 at least on 480 real photos; see
-        docs/faq.md). Features of each precision are cached apart.
+        docs/faq.md); on a CPU without native bfloat16 every engine computes
+        float32 (told once). Features of each precision are cached apart.
     verbose : int, default=0
         Show a progress bar while embedding when > 0.
 
