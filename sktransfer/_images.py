@@ -305,11 +305,14 @@ def load_pixels(payload, preprocessing, view=None, key=None):
 
     The one decoding path of the package: embedding, Grad-CAM and the
     pictures all take their pixels from here. JPEGs decode at the reduced
-    scale ``preprocessing`` allows (see :func:`open_image`); ``view`` (a
-    :class:`sktransfer._augment.View`) transforms the decoded image, seeded by
-    ``key``, before ``preprocessing.to_array`` resizes and crops it.
+    scale ``preprocessing`` allows (see :func:`open_image`), unless a
+    ``view`` (a :class:`sktransfer._augment.View`) transforms the decoded
+    image first, seeded by ``key``: a view sees the whole photo, as it would
+    from a PIL image or an array (its crops and shifts in pixels mean the
+    same whatever form the photo is given in). ``preprocessing.to_array``
+    then resizes and crops it.
     """
-    image = open_image(payload, min_size=preprocessing.decode_size)
+    image = open_image(payload, min_size=preprocessing.decode_size if view is None else None)
     if view is not None:
         image = view(image, key)
     return preprocessing.to_array(image)

@@ -217,6 +217,28 @@ def test_a_user_function_edited_in_its_file_gets_new_views(tmp_path, sample):
 
 # -- test-time views ---------------------------------------------------------------------
 
+def test_a_view_sees_a_photo_at_its_own_size_however_it_is_given(tmp_path, sample):
+    # A crop or shift in pixels means the same whether the photo comes as a path, bytes, a PIL
+    # image or an array: the view gets the whole decoded photo, not a reduced-scale decode.
+    from sktransfer._images import load_pixels
+
+    path = tmp_path / "big.jpg"
+    Image.open(sample[0][0]).convert("RGB").resize((2048, 1536)).save(path, quality=90)
+    seen = []
+
+    def top_left_quarter(image):
+        seen.append(image.size)
+        return image.crop((0, 0, image.width // 2, image.height // 2))
+
+    view = augment_views(top_left_quarter, 1, seed=0, preprocessing=PREP)[0]
+    decoded = Image.open(path).convert("RGB")
+    given = [str(path), path.read_bytes(), decoded, np.asarray(decoded)]
+    arrays = [load_pixels(item, PREP, view, key="photo") for item in given]
+    assert seen == [(2048, 1536)] * 4
+    for array in arrays[1:]:
+        np.testing.assert_array_equal(array, arrays[0])
+
+
 def test_tta_flip_is_the_image_and_its_mirror(photos):
     (image, digest), _ = photos
     plain, mirror = tta_views("flip", PREP)
