@@ -582,6 +582,10 @@ class _Torchvision(_Family):
                 raise WeightsDownloadError(_offline_hint(f"{name} ({chosen})", chosen.url) + f" ({e})") from e
             _load_weights(model, state, str(chosen), name)
         elif weights is not None:
+            # A checkpoint saved under its download name is preprocessed as those
+            # weights were trained; any other file as the DEFAULT weights.
+            downloaded = {os.path.basename(w.url): w for w in enum}
+            recipe = downloaded.get(os.path.basename(os.fspath(weights)), recipe)
             _load_body_weights(model, _read_state_dict(weights), os.fspath(weights), name,
                                lambda m: _remove_top(m, name))
             return model, Preprocessing.from_torchvision(recipe.transforms())

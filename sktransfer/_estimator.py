@@ -194,7 +194,11 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         ``"DEFAULT"`` for the backbone's pretrained weights, a torchvision
         weights name (e.g. ``"IMAGENET1K_V1"``), a path to a state-dict file
         (read with ``torch.load(weights_only=True)``), or None for random
-        initialisation.
+        initialisation. A file is preprocessed as the weights it holds were
+        trained when it is a torchvision checkpoint under its download name
+        (``resnet50-0676ba61.pth``: ``IMAGENET1K_V1``'s recipe); any other
+        file gets the recipe of the name's default weights (``preprocessing``
+        overrides it).
     preprocessing : dict or None, default=None
         Override the weights' preprocessing with keys ``resize_size``,
         ``crop_size``, ``interpolation``, ``mean``, ``std``.

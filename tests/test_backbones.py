@@ -44,6 +44,20 @@ def test_local_state_dict_file(tmp_path):
     assert from_file.fingerprint != build_backbone("resnet18", weights=None).fingerprint
 
 
+def test_a_torchvision_checkpoint_file_brings_its_own_preprocessing(tmp_path):
+    # Saved under its download name (docs/backbones.md, working offline), a checkpoint of older
+    # weights is preprocessed as those weights were trained, as weights="IMAGENET1K_V1" is.
+    import torchvision
+
+    net = torchvision.models.regnet_y_400mf()
+    torch.save(net.state_dict(), tmp_path / "regnet_y_400mf-c65dace8.pth")  # IMAGENET1K_V1's file
+    torch.save(net.state_dict(), tmp_path / "tuned.pth")
+    v1 = build_backbone("regnet_y_400mf", weights=str(tmp_path / "regnet_y_400mf-c65dace8.pth"))
+    assert v1.preprocessing.resize_size == 256  # the V1 recipe; DEFAULT (V2) resizes to 232
+    # Any other file gets the DEFAULT weights' recipe (documented).
+    assert build_backbone("regnet_y_400mf", weights=str(tmp_path / "tuned.pth")).preprocessing.resize_size == 232
+
+
 def test_weights_file_rewritten_in_place_is_read_again(tmp_path):
     """New weights copied over the file with its old size and mtime restored (``cp -p``, ``rsync -t``)."""
     import torchvision
