@@ -289,13 +289,20 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
 
     def fit(self, X=None, y=None):
         """Load the backbone. ``X`` is checked but not embedded (nothing is learned)."""
+        return self._fit(X)
+
+    def _fit(self, X=None, backbone=None):
+        """``fit``, around ``backbone`` when given (a model's fitted body) instead of one
+        built from the parameters."""
         self._validate_params()
         if X is not None:
             as_image_list(X)
         _check_columns(self, X, reset=True)
         _check_device(self.device)
         check_engine_settings(self.engine, self.precision, self.device, self.compile)
-        self._set_backbone(build_backbone(self.backbone, self.weights, self.preprocessing))
+        if backbone is None:
+            backbone = build_backbone(self.backbone, self.weights, self.preprocessing)
+        self._set_backbone(backbone)
         return self
 
     def _set_backbone(self, backbone):
@@ -558,7 +565,11 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             defaults = {k: p.default for k, p in inspect.signature(type(self)).parameters.items()}
             warn_unread_settings(params, defaults, extra)
 
-        embedder = self._make_embedder().fit()
+        # Training continues on the fitted body while the backbone settings are those it was made
+        # with: a loaded model's body is the one saved, whatever file its weights came from.
+        made_with = self.embedder_.get_params(deep=False) if continuing else {}
+        same = continuing and all(made_with[k] == getattr(self, k) for k in ("backbone", "weights", "preprocessing"))
+        embedder = self._make_embedder()._fit(backbone=self.embedder_.backbone_ if same else None)
         if continuing:
             self._check_same_head(embedder, hidden_units, continuing)
         if self.unfreeze:

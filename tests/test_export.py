@@ -352,6 +352,29 @@ def test_machine_local_settings_are_not_saved_and_ignored_at_load(tmp_path, fitt
     assert not planted.exists()
 
 
+def test_a_loaded_model_fitted_with_a_weights_file_trains_on_in_its_saved_body(tmp_path, tiny_images):
+    # The file's path is a setting of one machine, not saved: the loaded model's weights= is the
+    # default. partial_fit and warm_start continue the model it is, on the body saved with it.
+    X, y = tiny_images
+    tuned = _tiny_body()
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.mul_(1.5)
+    torch.save(tuned.state_dict(), tmp_path / "tuned.pth")
+    clf = PretrainedImageClassifier(_tiny_body(), weights=str(tmp_path / "tuned.pth"), preprocessing=TINY_PREPROCESSING,
+                                    hidden_units=(8,), max_epochs=2, random_state=0).fit(X, y)
+    save_model(clf, tmp_path / "model")
+    for continued in ("partial_fit", "warm_start"):
+        loaded = load_model(tmp_path / "model", backbone=_tiny_body())
+        assert loaded.get_params()["weights"] == "DEFAULT"
+        if continued == "partial_fit":
+            loaded.partial_fit(X, y)
+        else:
+            loaded.set_params(warm_start=True).fit(X, y)
+        assert loaded.embedder_.backbone_.fingerprint == clf.embedder_.backbone_.fingerprint
+        np.testing.assert_array_equal(loaded.embedder_.transform(X[:2]), clf.embedder_.transform(X[:2]))
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, fitted):
     folder = tmp_path_factory.mktemp("saved")
