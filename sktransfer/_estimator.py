@@ -574,6 +574,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             self._check_same_head(embedder, hidden_units, continuing)
         if self.unfreeze:
             embedder.backbone_.prefix(self.unfreeze)  # an unsupported split fails before embedding
+        data = {}
         try:
             if self.augment is None:
                 Z = self._embed(embedder, items, None, self.unfreeze)
@@ -582,6 +583,9 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                 views = augment_views(self.augment, self.n_views, self._seed(),
                                       embedder.backbone_.preprocessing)
                 Z = np.stack([self._embed(embedder, items, v, self.unfreeze) for v in views], axis=1)
+                if self.early_stopping or getattr(self, "calibration", None) is not None:
+                    # The held-out images are scored on the plain photo, as predict scores them.
+                    data["X_eval"] = self._embed(embedder, items, None, self.unfreeze)
         except ImageInputError as e:  # named by their index in X, not among the kept images
             raise ImageInputError([(kept[i], item, reason) for i, item, reason in e.errors], e.name) from None
         # Fine-tuning runs backbone blocks every step: keep their buffers in the heap too.
@@ -597,7 +601,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                               continuing=incremental)
             if continuing:
                 resume(head, self.head_)
-            data = {"X": Z, "sample_weight": weights}
+            data.update(X=Z, sample_weight=weights)
             if incremental:
                 head.partial_fit(data, y_train, epochs=epochs or self.max_epochs)
             else:
@@ -877,6 +881,8 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
         torchvision transform taking and returning a PIL image (no
         ToTensor/Normalize: the weights' preprocessing follows). Views are
         seeded from ``random_state`` and cached, so grid candidates reuse them.
+        Images held out for ``early_stopping`` or ``calibration`` are scored
+        on the plain photo, as ``predict`` scores them.
     n_views : int, default=4
         Augmented views embedded per training image when ``augment`` is set.
     unfreeze : int, default=0
@@ -1401,6 +1407,8 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         torchvision transform taking and returning a PIL image (no
         ToTensor/Normalize: the weights' preprocessing follows). Views are
         seeded from ``random_state`` and cached, so grid candidates reuse them.
+        Images held out for ``early_stopping`` or ``calibration`` are scored
+        on the plain photo, as ``predict`` scores them.
     n_views : int, default=4
         Augmented views embedded per training image when ``augment`` is set.
     unfreeze : int, default=0

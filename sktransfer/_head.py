@@ -65,11 +65,21 @@ class HeadModule(nn.Module):
         layers += [nn.Dropout(dropout), nn.Linear(width, n_outputs)]
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, X, sample_weight=None):
+    def forward(self, X, sample_weight=None, X_eval=None):
         # sample_weight rides along in skorch's batches; the loss uses it (below).
-        X, n_views = pick_view(X, self.training)
+        X, n_views = pick_view(eval_features(X, X_eval, self.training), self.training)
         out = self.layers((X - self.mean) / self.scale)
         return out if n_views is None else out.view(-1, n_views, out.shape[-1]).mean(dim=1)
+
+
+def eval_features(X, X_eval, training):
+    """What the head sees of a batch: ``X``, or out of training ``X_eval`` where given.
+
+    A fit on augmented views also hands over each image's plain features as
+    ``X_eval``: the held-out images (early stopping's validation loss, the
+    calibration temperature) are then scored as ``predict`` scores them.
+    """
+    return X if training or X_eval is None else X_eval
 
 
 def pick_view(X, training):
@@ -131,8 +141,8 @@ class BlocksAndHead(nn.Module):
     def features(self, X):
         return pooled_features(self.blocks, self.shape, X)
 
-    def forward(self, X, sample_weight=None):
-        X, n_views = pick_view(X, self.training)
+    def forward(self, X, sample_weight=None, X_eval=None):
+        X, n_views = pick_view(eval_features(X, X_eval, self.training), self.training)
         out = self.head(self.features(X))
         return out if n_views is None else out.view(-1, n_views, out.shape[-1]).mean(dim=1)
 

@@ -253,3 +253,21 @@ def test_temperature_scales_the_logits_without_changing_predictions(flowers_smal
                                atol=1e-5)
     np.testing.assert_array_equal(clf.predict(X), clf.classes_[logits.argmax(1).numpy()])
     assert len(clf.history_) <= 15 and "valid_loss" in clf.history_[0]  # held out, as documented
+
+
+def test_with_augmented_views_the_temperature_is_fitted_on_the_logits_predict_gives(flowers_small):
+    # Training sees augmented views; the held-out images are scored as predict scores them, on
+    # the plain photo, for the temperature and for early stopping's validation loss alike.
+    X, y = flowers_small
+    from sktransfer._head import fit_temperature
+
+    clf = PretrainedImageClassifier(augment="strong", n_views=2, calibration="temperature", validation_fraction=0.3,
+                                    hidden_units=(32,), **FAST).fit(X, y)
+    Z, y_enc = clf.embedder_.transform(X), np.searchsorted(clf.classes_, y)
+    _, valid = clf.head_.train_split(clf.head_.get_dataset({"X": Z}, y_enc), y_enc)
+    held_out = np.asarray(valid.indices)
+    with torch.no_grad():
+        logits = clf.head_.forward({"X": Z}, training=False).numpy()
+    assert clf.temperature_ == fit_temperature(logits[held_out], y_enc[held_out])
+    loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits[held_out]), torch.from_numpy(y_enc[held_out]))
+    assert clf.history_[-1]["valid_loss"] == pytest.approx(float(loss), rel=1e-5)
