@@ -322,6 +322,11 @@ _HEX2 = re.compile(r"[0-9a-f]{2}\Z")
 _ENTRY = re.compile(r"[0-9a-f]{32}\.f32\Z")
 
 
+def cache_folder(cache_dir):
+    """The folder a ``cache_dir`` names, ``~`` expanded (as joblib.Memory and the shell do)."""
+    return os.path.expanduser(os.fspath(cache_dir))
+
+
 class DiskCache:
     """Feature vectors as files under ``root/<namespace>/<digest[:2]>/<digest>.f32``.
 
@@ -340,7 +345,7 @@ class DiskCache:
     SUFFIX = ".f32"
 
     def __init__(self, root, namespace):
-        self.root = os.fspath(root)
+        self.root = cache_folder(root)
         self.namespace = namespace
         self.folder = os.path.join(self.root, namespace)
 
@@ -441,7 +446,7 @@ def cache_info(cache_dir=None):
     """
     if cache_dir is None:
         return MEMORY.info()
-    entries = _scan(os.fspath(cache_dir))[0]
+    entries = _scan(cache_folder(cache_dir))[0]
     entries = [p for p in entries if p.endswith(DiskCache.SUFFIX)]
     size = 0
     for path in entries:
@@ -466,7 +471,7 @@ def clear_cache(cache_dir=None):
     if cache_dir is None:
         MEMORY.clear()
         return
-    cache_dir = os.fspath(cache_dir)
+    cache_dir = cache_folder(cache_dir)
     entries, folders, others = _scan(cache_dir)
     for path in entries:
         try:

@@ -205,7 +205,8 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
     batch_size : int, default=8
         Images per backbone forward pass.
     cache_dir : str, path-like or None, default=None
-        Folder of a disk feature cache shared across processes and sessions.
+        Folder of a disk feature cache shared across processes and sessions
+        (``~`` is the home folder).
     device : str, default="cpu"
         Torch device of the backbone (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
     compile : bool or "auto", default="auto"

@@ -95,6 +95,17 @@ def _two_entries(tmp_path, sample):
     return cache
 
 
+def test_a_cache_dir_under_home_is_the_users_home(tmp_path, sample, monkeypatch):
+    # "~/features" means the home folder, as in joblib.Memory and the shell, not a folder named "~" here.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    ImageEmbedder(cache_dir="~/features").fit_transform(sample[0][:1])
+    assert not (tmp_path / "~").exists()
+    assert cache_info("~/features")["entries"] == cache_info(tmp_path / "home" / "features")["entries"] == 1
+    clear_cache("~/features")
+    assert cache_info(tmp_path / "home" / "features")["entries"] == 0
+
+
 def test_clear_cache_deletes_only_what_the_cache_wrote(tmp_path, sample):
     cache = _two_entries(tmp_path, sample)
     (folder,) = [p for p in cache.iterdir()]
