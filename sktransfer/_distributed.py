@@ -69,6 +69,9 @@ def embed_dask(paths, embedder=None, *, npartitions=None):
     import pandas as pd
 
     embedder = ImageEmbedder() if embedder is None else embedder
+    if not isinstance(embedder, ImageEmbedder):
+        raise TypeError(f"embedder must be an ImageEmbedder (its features are what embed_dask computes), "
+                        f"got {type(embedder).__name__}; a classifier's is its embedder_ once fitted.")
     if not isinstance(paths, (dd.Series, dd.DataFrame)):
         series = paths if isinstance(paths, pd.Series) else pd.Series(list(paths), dtype=object)
         parts = npartitions or max(1, -(-len(series) // 1000))

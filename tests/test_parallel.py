@@ -96,6 +96,11 @@ def test_embed_dask_names_a_bad_image_by_its_label_in_paths(sample, tmp_path):
     assert [i for i, *_ in caught.value.errors] == [104]
 
 
+def test_embed_dask_names_what_it_needs_instead_of_a_classifier(sample):
+    with pytest.raises(TypeError, match="embedder must be an ImageEmbedder.*PretrainedImageClassifier"):
+        embed_dask(sample[0][:2], PretrainedImageClassifier())
+
+
 def test_embed_dask_partition_by_partition_to_parquet(tmp_path, sample, dask_client):
     paths = pd.Series(sample[0][::5], index=np.arange(100, 100 + len(sample[0][::5])))
     lazy = embed_dask(paths, ImageEmbedder(batch_size=8, cache_dir=tmp_path / "cache"), npartitions=3)
