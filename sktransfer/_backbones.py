@@ -811,6 +811,7 @@ def _from_module(module, weights, preprocessing):
     net = copy.deepcopy(module)
     if weights not in ("DEFAULT", None):
         _load_weights(net, _read_state_dict(weights), os.fspath(weights), type(module).__name__)
+    _remove_library_top(net)
     if preprocessing is None and getattr(module, "pretrained_cfg", None):
         preprocessing = _timm_recipe(module)  # a timm network carries its weights' recipe
     elif preprocessing is None:
@@ -820,6 +821,17 @@ def _from_module(module, weights, preprocessing):
         # a torchvision network; pass preprocessing= for anything else.
         preprocessing = Preprocessing.from_torchvision(ImageClassification(crop_size=224))
     return _freeze(type(module).__name__, net, preprocessing, _any_stages, user_code=True)
+
+
+def _remove_library_top(net):
+    """Cut the classification top off a timm or torchvision network given as a module, as
+    their names get it cut (a network of the user's own is used as it is)."""
+    if getattr(net, "pretrained_cfg", None) is not None and hasattr(net, "reset_classifier"):
+        if getattr(net, "num_classes", 0):
+            net.reset_classifier(0)
+    elif type(net).__module__.startswith("torchvision.models.") and any(
+            isinstance(m, nn.Linear) for m in net.modules()):
+        _remove_top(net, type(net).__name__)
 
 
 def _freeze(name, net, preprocessing, stages, user_code=False):

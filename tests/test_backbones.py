@@ -29,6 +29,25 @@ def test_torchvision_models_lose_their_top():
     assert vgg_like.num_features == 1024  # the last Linear goes, the penultimate stays
 
 
+def test_a_timm_or_torchvision_network_given_as_a_module_loses_its_top_as_by_name():
+    import timm
+    import torchvision
+
+    convnext = timm.create_model("convnext_atto", pretrained=False)
+    assert build_backbone(convnext).num_features == 320  # not its 1,000 ImageNet logits
+    assert convnext.num_classes == 1000  # the user's module is left as it was
+    resnet = torchvision.models.resnet18()
+    assert build_backbone(resnet).num_features == 512
+    assert isinstance(resnet.fc, nn.Linear)
+    resnet.fc = nn.Identity()  # already headless: nothing more goes
+    assert build_backbone(resnet).num_features == 512
+    convnext.reset_classifier(0)
+    assert build_backbone(convnext).num_features == 320
+    # A network of the user's own is used as it is: its last layer may be its features.
+    own = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6))
+    assert build_backbone(own).num_features == 6
+
+
 def test_local_state_dict_file(tmp_path):
     import torchvision
 
