@@ -588,6 +588,9 @@ def _evaluate(args):
         raise ValueError(f"--top {args.top}: the number of misclassified images shown must be at least 1.")
     _check_output(out, "-o", folder=True)
     model = _load_model(args.model)
+    if getattr(model, "multilabel_", False):
+        raise ValueError(f"{safe_text(args.model)!r} is a multi-label classifier; evaluate reports models with one "
+                         "class per image (score a multi-label model in Python: docs/beyond-classification.md).")
     X, y = _read_dataset(args.data, args.path_column, args.label_column, args.lines)
     _show_embedding_progress(model, _progress())
     classes = np.asarray(model.classes_)

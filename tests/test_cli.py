@@ -20,7 +20,7 @@ from PIL import Image
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, load_image_folder
 from sktransfer._cli import _parse_grid, build_parser, main
 
-from conftest import ForwardCounter
+from conftest import SAMPLE, ForwardCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cardboard", "glass", "metal"]
@@ -194,6 +194,17 @@ def test_predict_one_row_per_input_in_input_order(trained, sample, tmp_path, cap
     lines = captured.out.strip().splitlines()
     assert lines[0] == "path,prediction" and lines[1] == f"{single},{model.predict([single])[0]}"
     assert captured.err == ""  # no progress bar when stderr is not a terminal
+
+
+def test_evaluate_names_a_multi_label_model(sample, tmp_path, capsys):
+    paths, labels = sample[0][::15], sample[1][::15]
+    indicator = np.array([[label == "glass", label != "metal"] for label in labels], dtype=int)
+    joblib.dump(PretrainedImageClassifier(max_epochs=2, random_state=0).fit(paths, indicator), tmp_path / "ml.joblib")
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "ml.joblib"), str(SAMPLE), "-o", str(tmp_path / "report")]) == 1
+    err = capsys.readouterr().err
+    assert "multi-label" in err and "labels the model does not know" not in err, err
+    assert not (tmp_path / "report").exists()
 
 
 def test_predict_with_a_regressor_writes_its_numbers(sample, tmp_path, capsys):
