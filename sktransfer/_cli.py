@@ -569,6 +569,7 @@ def _told(text, output):
 def _evaluate(args):
     import html
     import json
+    import urllib.parse
 
 
     try:
@@ -643,17 +644,27 @@ def _evaluate(args):
         fig.tight_layout()
         files["confusion_matrix.png"] = png(fig)
         n_wrong = int(np.sum(predicted != y))
-        fig = plot_top_losses(model, X, y, k=args.top, wrong_only=True)
-        files["top_losses.png"] = png(fig)
-    wrong = [(X[i], y[i], predicted[i], losses[i]) for i in fig.indices]
+        shown = []
+        if n_wrong:
+            fig = plot_top_losses(model, X, y, k=args.top, wrong_only=True)
+            files["top_losses.png"] = png(fig)
+            shown = fig.indices
+    wrong = [(X[i], y[i], predicted[i], losses[i]) for i in shown]
+
+    def link(path):  # the image, from the report's folder
+        href = urllib.parse.quote(os.path.relpath(os.path.abspath(path), os.path.abspath(out)))
+        return f'<a href="{html.escape(href)}">{html.escape(safe_text(path))}</a>'
 
     rows = "\n".join(
         f"<tr><td>{html.escape(safe_text(c))}</td><td>{report[str(c)]['precision']:.3f}</td>"
         f"<td>{report[str(c)]['recall']:.3f}</td><td>{report[str(c)]['f1-score']:.3f}</td>"
         f"<td>{int(report[str(c)]['support'])}</td></tr>" for c in classes)
     mistakes = "\n".join(
-        f"<tr><td>{html.escape(safe_text(p))}</td><td>{html.escape(safe_text(t))}</td><td>{html.escape(safe_text(q))}</td>"
+        f"<tr><td>{link(p)}</td><td>{html.escape(safe_text(t))}</td><td>{html.escape(safe_text(q))}</td>"
         f"<td>{loss:.3f}</td></tr>" for p, t, q, loss in wrong)
+    mistakes = ('<img src="top_losses.png" alt="the most confidently wrong images">\n'
+                "<table><tr><th>image</th><th>true</th><th>predicted</th><th>loss</th></tr>\n"
+                f"{mistakes}\n</table>") if wrong else "<p>No image is misclassified.</p>"
     files["index.html"] = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>sktransfer evaluation</title>
 <style>body{{font-family:sans-serif;max-width:70em;margin:auto}}td,th{{padding:0 1em;text-align:left}}</style>
@@ -669,14 +680,13 @@ def _evaluate(args):
 <p>Rows: true class; columns: predicted class.</p>
 <img src="confusion_matrix.png" alt="confusion matrix">
 <h2>Most confidently wrong</h2>
-<img src="top_losses.png" alt="the most confidently wrong images">
-<table><tr><th>image</th><th>true</th><th>predicted</th><th>loss</th></tr>
 {mistakes}
-</table>
 </body></html>
 """
     for name, data in files.items():
         _write(out / name, data if isinstance(data, bytes) else data.encode("utf-8"))
+    if not wrong:  # an earlier report's picture of mistakes would belie this one
+        (out / "top_losses.png").unlink(missing_ok=True)
     print(f"accuracy {accuracy:.3f} on {_count(X, 'image')} ({n_wrong} misclassified)")
     print(f"Report written to {safe_text(out / 'index.html')}")
     return 0

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import joblib
@@ -315,8 +316,25 @@ def test_evaluate_writes_metrics_pictures_and_html(trained, sample, tmp_path):
     proba = model.predict_proba(X)
     loss = -np.log(proba[np.arange(len(y)), np.searchsorted(model.classes_, y)])
     most_wrong = [X[i] for i in np.argsort(-loss) if predicted[i] != y[i]][:4]
-    for path in most_wrong:  # the most confidently wrong images are the ones shown
-        assert path in page
+    for path in most_wrong:  # the most confidently wrong images are the ones shown, linked from the report
+        assert path in page and f'href="{urllib.parse.quote(os.path.relpath(path, report))}"' in page
+
+
+def test_evaluate_without_a_mistake_shows_no_picture_of_mistakes(trained, sample, tmp_path):
+    _, _, model_path, _, _ = trained
+    model = joblib.load(model_path)
+    data = copy_images(sample, tmp_path / "right", 4)  # photos it was trained on
+    X, y = load_image_folder(data)
+    for path, wrong in zip(X, model.predict(X) != y):
+        if wrong:
+            os.remove(path)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "top_losses.png").write_bytes(b"an earlier report's mistakes")
+    assert main(["evaluate", str(model_path), str(data), "-o", str(report)]) == 0
+    assert not (report / "top_losses.png").exists()
+    page = (report / "index.html").read_text()
+    assert "top_losses.png" not in page and "No image is misclassified." in page
 
 
 def test_embed_to_npy_and_parquet_matches_the_embedder(sample, tmp_path):
@@ -547,9 +565,11 @@ def test_evaluate_draws_class_names_with_dollar_signs_as_text(sample, tmp_path):
     model, data = _labelled_model(sample, tmp_path, ["$\\notacommand$", "price $5", "tulip"])
     report = tmp_path / "report"
     assert main(["evaluate", str(model), str(data), "-o", str(report)]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    mistakes = ["top_losses.png"] if metrics["accuracy"] < 1 else []  # a picture of mistakes where there are any
     assert sorted(p.name for p in report.iterdir()) == [
-        "confusion_matrix.png", "index.html", "metrics.json", "report.txt", "top_losses.png"]
-    assert "$\\notacommand$" in json.loads((report / "metrics.json").read_text())["classes"]
+        "confusion_matrix.png", "index.html", "metrics.json", "report.txt", *mistakes]
+    assert "$\\notacommand$" in metrics["classes"]
 
 
 def _model_files(folder):
