@@ -246,6 +246,17 @@ class _Body(nn.Module):
 # --------------------------------------------------------------------------
 # Weights files
 
+def _pickle_or_zip(path):
+    """Whether the file at ``path`` starts as a pickle (protocol 2 and later) or a zip
+    archive (torch.save's format) does."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(4)
+    except OSError:
+        return True  # say nothing more than the load's own error
+    return start[:1] == b"\x80" or start == b"PK\x03\x04"
+
+
 def _read_state_dict(path):
     """The state dict in ``path``: a PyTorch file (read with ``weights_only=True``) or, by its
     ending, a ``.safetensors`` file (the Hugging Face hub's form, timm's weights)."""
@@ -261,7 +272,12 @@ def _read_state_dict(path):
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"weights={str(path)!r}: no such file.") from None
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if not _pickle_or_zip(path):  # bytes that are neither a pickle nor torch.save's zip
+            raise ValueError(
+                f"weights={str(path)!r} is not a file written by torch.save (read with weights_only=True) "
+                "nor a .safetensors file; pass a network's state_dict() saved with torch.save."
+            ) from None
         raise ValueError(
             f"weights={str(path)!r} holds Python objects other than tensors (a pickled model?), which "
             "sktransfer does not load: weights are read with weights_only=True, so no code in them runs. "
@@ -271,7 +287,7 @@ def _read_state_dict(path):
         raise ValueError(
             f"weights={str(path)!r} could not be read as a "
             + ("safetensors file" if safetensors else "PyTorch state dict (loaded with weights_only=True)")
-            + f": {e}"
+            + f" ({type(e).__name__}: {e})"
         ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
