@@ -1024,9 +1024,13 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                 _check_partial_fit_first_call(seen, classes)
             except ValueError:
                 if not fitted:
+                    try:  # this batch's own labels, as an example
+                        example = repr(sorted(set(np.asarray(y, dtype=object).ravel().tolist()), key=str)[:10])
+                    except TypeError:  # unhashable labels: _check_y names what is wrong with y
+                        example = "['daisy', 'rose', 'tulip']"
                     raise ValueError(
                         "classes is required on the first call to partial_fit: pass every class that "
-                        "any batch will have, e.g. partial_fit(X, y, classes=['daisy', 'rose', 'tulip'])."
+                        f"any batch will have, e.g. partial_fit(X, y, classes={example}) and any others."
                     ) from None
                 raise ValueError(
                     f"classes={np.asarray(classes).tolist()!r} differ from the classes of the first partial_fit "

@@ -55,8 +55,10 @@ def test_partial_fit_learns_from_batches_arriving_over_time(flowers_split):
     X, y, X_test, y_test = flowers_split
     classes = np.unique(y)
     clf = PretrainedImageClassifier(random_state=0)
-    with pytest.raises(ValueError, match="classes is required on the first call"):
+    with pytest.raises(ValueError, match="classes is required on the first call") as caught:
         clf.partial_fit(X[:10], y[:10])
+    # The example names this batch's own labels, not some other data set's.
+    assert f"classes={sorted(set(y[:10].tolist()))!r}" in str(caught.value)
     daisies = PretrainedImageClassifier(random_state=0).partial_fit(X[:10], y[:10], classes=classes)
     assert daisies.classes_.tolist() == classes.tolist() and daisies.predict_proba(X_test).shape == (15, 3)
     # The first batch also fixes the features' standardisation, so it should be a fair mix.
