@@ -72,12 +72,15 @@ class Backbone:
     stages: object = field(default=None, repr=False, compare=False)
     _prefixes: dict = field(default_factory=dict, repr=False, compare=False)
     _build: object = field(default=None, repr=False, compare=False)  # makes the body when first needed
+    # Guards this body's lazy parts (building, converting, compiling: seconds); each body
+    # has its own, so one body's conversion never holds up another's predictions.
+    _lock: object = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def module(self):
         """The body (built now if it was left unbuilt: see :func:`build_backbone`)."""
         if self._module is None:
-            with _HANDLES_LOCK:
+            with self._lock:
                 if self._module is None:
                     built = self._build()
                     if built.fingerprint != self.fingerprint:
@@ -99,7 +102,7 @@ class Backbone:
         converted = engine == "auto" and torch.device(device).type == "cpu" and self.converted()
         plan = _engine.choose(engine, precision, device, compile, n_images=n_images, converted=converted)
         if plan.engine == "openvino":
-            with _HANDLES_LOCK:
+            with self._lock:
                 if "openvino" not in self._handles:
                     self._handles["openvino"] = _engine.convert(lambda: self.module, self.fingerprint, shape,
                                                                 self.name)
@@ -124,7 +127,7 @@ class Backbone:
             key = ("openvino", plan.precision, torch.get_num_threads())
         else:
             key = ("torch", device, plan.precision, batch_size if compiled else None)
-        with _HANDLES_LOCK:
+        with self._lock:
             if key not in self._handles:
                 if plan.engine == "openvino":
                     graph = _engine.compile_openvino(self._handles["openvino"], self.preprocessing,
@@ -143,6 +146,7 @@ class Backbone:
         state["_build"] = None
         state["_handles"] = {}  # runtime handles are rebuilt where the model is loaded
         state["_prefixes"] = {}
+        del state["_lock"]
         return state
 
     def __setstate__(self, state):
@@ -153,6 +157,7 @@ class Backbone:
         state.setdefault("_prefixes", {})
         state.pop("_on_device", None)  # saved by earlier releases
         state["_handles"] = {}
+        state["_lock"] = threading.RLock()
         self.__dict__.update(state)
 
     def _stages(self, unfreeze):
@@ -654,7 +659,6 @@ def list_backbones(include_timm=False):
 # (weights from disk, fingerprinting) is paid once.
 _BUILT = {}
 _BUILT_LOCK = threading.Lock()
-_HANDLES_LOCK = threading.RLock()
 
 
 def _weights_key(weights):

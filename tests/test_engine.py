@@ -13,6 +13,7 @@ import torch
 
 from sktransfer import ImageEmbedder, PretrainedImageClassifier, cache_info, clear_cache
 from sktransfer import _engine
+from sktransfer._backbones import build_backbone
 from sktransfer._engine import (
     MIN_COSINE, MIN_COSINE_BF16, OPENVINO_MIN_IMAGES, TORCH_FLOAT32, Plan, choose, cpu_has_bf16,
 )
@@ -101,6 +102,36 @@ def test_bfloat16_on_a_cpu_without_it_computes_float32_on_every_engine(engine, m
     assert len([w for w in told if "no native bfloat16" in str(w.message)]) == 1
     # A GPU computes it natively.
     assert choose("torch", "bfloat16", "cuda", "auto", n_images=1, converted=False) == Plan("torch", "bfloat16")
+
+
+@needs_openvino
+def test_converting_one_backbone_does_not_hold_up_another(monkeypatch):
+    # A server predicting with one model while another model's body converts (seconds).
+    import threading
+
+    converting, release = threading.Event(), threading.Event()
+    real_convert = _engine.convert
+
+    def slow_convert(*args, **kwargs):
+        converting.set()
+        release.wait(60)
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(_engine, "convert", slow_convert)
+    slow = build_backbone("efficientnet_lite0", weights=None)
+    busy = threading.Thread(target=slow.plan, kwargs=dict(engine="openvino", precision="float32"))
+    busy.start()
+    try:
+        assert converting.wait(60)
+        other = build_backbone("efficientnet_lite0")
+        served = threading.Thread(target=lambda: other.runner(TORCH_FLOAT32, "cpu")(
+            [np.zeros((224, 224, 3), np.uint8)]))
+        served.start()
+        served.join(30)
+        assert not served.is_alive(), "the other backbone waited for this one's conversion"
+    finally:
+        release.set()
+        busy.join(120)
 
 
 @needs_openvino
