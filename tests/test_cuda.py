@@ -107,9 +107,13 @@ def test_unfrozen_blocks_train_on_the_gpu(split):
 
 def test_seeded_augmented_fits_repeat_on_the_gpu(split):
     (X, y), (X_test, _) = split
+    # Calibrated: the held-out photos are scored on their plain features, moved to the GPU too.
     fit = lambda: PretrainedImageClassifier(device=GPU, augment="light", n_views=2,  # noqa: E731
+                                            calibration="temperature", validation_fraction=0.25,
                                             hidden_units=(64,), max_epochs=3, random_state=0).fit(X, y)
-    np.testing.assert_allclose(fit().predict_proba(X_test), fit().predict_proba(X_test), atol=1e-5)
+    first, second = fit(), fit()
+    assert first.temperature_ == pytest.approx(second.temperature_, rel=1e-5)
+    np.testing.assert_allclose(first.predict_proba(X_test), second.predict_proba(X_test), atol=1e-5)
 
 
 def test_grad_cam_of_a_gpu_model(gpu_model, split):
