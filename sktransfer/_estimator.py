@@ -1412,8 +1412,8 @@ class PretrainedImageRegressor(RegressorMixin, _PretrainedImageModel):
         torchvision transform taking and returning a PIL image (no
         ToTensor/Normalize: the weights' preprocessing follows). Views are
         seeded from ``random_state`` and cached, so grid candidates reuse them.
-        Images held out for ``early_stopping`` or ``calibration`` are scored
-        on the plain photo, as ``predict`` scores them.
+        Images held out for ``early_stopping`` are scored on the plain photo,
+        as ``predict`` scores them.
     n_views : int, default=4
         Augmented views embedded per training image when ``augment`` is set.
     unfreeze : int, default=0
