@@ -1013,17 +1013,18 @@ def _run(args):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
-        print(f"sktransfer {args.command}: error: {_in_words(e, args.lines)}", file=sys.stderr)
+        print(f"sktransfer {args.command}: error: {_in_words(e, args.lines, args)}", file=sys.stderr)
         return 1
 
 
-def _in_words(error, lines):
+def _in_words(error, lines, args=None):
     """An error's message in the command line's words: bad images are files, not
-    items of ``X``, each with its CSV line when it came from a CSV file (``lines``)."""
+    items of ``X``, each with its CSV line when it came from a CSV file (``lines``);
+    the backbone and weights ``args`` gave are named by their options."""
     from ._inputs import ImageInputError
 
     if not isinstance(error, ImageInputError):
-        return str(error)
+        return _options_named(str(error), args)
 
     def describe(i, item):
         place = lines.get(str(item))
@@ -1032,6 +1033,23 @@ def _in_words(error, lines):
     return "\n".join([f"{len(error.errors)} file(s) cannot be used as images:",
                       *error.listing(describe),
                       "Accepted: image files Pillow reads (JPEG, PNG, WebP, BMP, TIFF, GIF, ...)."])
+
+
+def _options_named(text, args):
+    """``text`` with ``backbone='x'``/``weights='x'`` that ``args`` gave (not a --grid candidate)
+    as the options that gave them, and without the ways round that only Python has."""
+    import re
+
+    for name in ("backbone", "weights"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            text = text.replace(f"{name}={value!r}", f"--{name} {value}")
+    if getattr(args, "backbone", None) is not None:
+        text = text.replace(", None, or a path to a state-dict file", ", or a path to a state-dict file")
+        text = re.sub(r"Use a name from sktransfer\.list_backbones\(\), 'timm/<model name>', or pass a "
+                      r"torch\.nn\.Module\.", "Use a name that `sktransfer backbones` lists, or timm/<model name>.",
+                      text)
+    return text
 
 
 if __name__ == "__main__":

@@ -197,6 +197,18 @@ def test_predict_one_row_per_input_in_input_order(trained, sample, tmp_path, cap
     assert captured.err == ""  # no progress bar when stderr is not a terminal
 
 
+def test_backbone_errors_name_the_options_as_typed(sample, tmp_path, capsys):
+    data = copy_images(sample, tmp_path / "photos", 2)
+    assert main(["embed", str(data), "-o", str(tmp_path / "x.npy"), "--backbone", "resnet18", "--weights", "None"]) == 1
+    err = capsys.readouterr().err
+    assert "--weights None is not a weights name of 'resnet18'" in err, err
+    assert ", None," not in err  # the command line cannot give None
+    assert main(["fit", str(data), "--cv", "2", "--backbone", "resnet_18", "-o", str(tmp_path / "m.joblib")]) == 1
+    err = capsys.readouterr().err
+    assert "--backbone resnet_18 is not a known backbone" in err and "sktransfer backbones" in err, err
+    assert "list_backbones()" not in err and "torch.nn.Module" not in err
+
+
 def test_evaluate_names_a_multi_label_model(sample, tmp_path, capsys):
     paths, labels = sample[0][::15], sample[1][::15]
     indicator = np.array([[label == "glass", label != "metal"] for label in labels], dtype=int)
