@@ -519,6 +519,39 @@ class _OfflineEfficientNetLite(_Family):
         return _description(name, lambda: timm.create_model(_OFFLINE[name][0], pretrained=False), offline)
 
 
+def _hub_cached(repo):
+    """The weights file of Hugging Face hub repository ``repo`` in the local hub cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for file in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(repo, file)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _hub_host_unresolved():
+    """The Hugging Face hub's host name when it cannot be resolved here (no network), else
+    None. Not asked in the hub's offline mode (which fails at once) nor through a proxy
+    (which resolves names itself)."""
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in proxies):
+        return None
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except socket.gaierror:
+        return host
+    except OSError:
+        return None
+    return None
+
+
 class _Timm(_Family):
     """Any timm model as ``"timm/<name>"``; weights from the Hugging Face hub or a file."""
 
@@ -541,14 +574,20 @@ class _Timm(_Family):
         _check_weights_file(weights, name)
         arch = name[len(self.prefix):]
         pretrained = weights == "DEFAULT"
+        hub = getattr(timm.models.get_pretrained_cfg(arch), "hf_hub_id", None) if pretrained else None
+        hint = _offline_hint(name, f"https://huggingface.co/{hub}", "model.safetensors") if hub else \
+            _offline_hint(name, None)
+        settings = {}
+        unresolved = hub and _hub_host_unresolved()
+        if unresolved:  # no network: the hub's client would retry for a minute before giving up
+            cached = _hub_cached(hub)
+            if cached is None:
+                raise WeightsDownloadError(f"{hint} (the hub's host {unresolved} cannot be resolved: no network?)")
+            settings["pretrained_cfg_overlay"] = {"file": cached}
         try:
-            model = timm.create_model(arch, pretrained=pretrained)
+            model = timm.create_model(arch, pretrained=pretrained, **settings)
         except Exception as e:
             if pretrained:
-                cfg = timm.models.get_pretrained_cfg(arch)
-                hub = getattr(cfg, "hf_hub_id", None)
-                hint = _offline_hint(name, f"https://huggingface.co/{hub}", "model.safetensors") if hub else \
-                    _offline_hint(name, None)
                 raise WeightsDownloadError(hint + f" ({e})") from e
             raise
         if weights not in ("DEFAULT", None):
@@ -562,12 +601,7 @@ class _Timm(_Family):
 
         arch = name[len(self.prefix):]
         cfg = timm.models.get_pretrained_cfg(arch)
-        offline = False
-        if cfg is not None and cfg.hf_hub_id:
-            from huggingface_hub import try_to_load_from_cache
-
-            offline = any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str)
-                          for f in ("model.safetensors", "pytorch_model.bin"))
+        offline = cfg is not None and bool(cfg.hf_hub_id) and _hub_cached(cfg.hf_hub_id) is not None
         return _description(name, lambda: timm.create_model(arch, pretrained=False), offline)
 
 

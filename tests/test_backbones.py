@@ -289,6 +289,48 @@ def test_a_timm_download_that_fails_names_the_hub_file_and_how_to_work_offline(t
     assert "weights='path/to/model.safetensors'" in out and "torch" not in out.split("(")[0]
 
 
+def test_without_network_a_timm_download_fails_at_once(tmp_path):
+    # No HF_HUB_OFFLINE, and the hub's host cannot be resolved (no network): the hint comes at
+    # once, not after a minute of the hub client's retries.
+    import subprocess
+    import sys
+
+    from conftest import fresh_env
+
+    code = ("import socket\n"
+            "def unresolved(*args, **kwargs):\n"
+            "    raise socket.gaierror(-2, 'Name or service not known')\n"
+            "socket.getaddrinfo = unresolved\n"
+            "from sktransfer._backbones import build_backbone\n"
+            "try:\n    build_backbone('timm/resnet18.a1_in1k')\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    env = {k: v for k, v in fresh_env().items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.startswith("WeightsDownloadError Could not download the pretrained weights"), done.stdout
+    assert "model.safetensors" in done.stdout and "cannot be resolved" in done.stdout
+    assert "Retry" not in done.stderr, done.stderr
+    # Weights the hub's cache holds (downloaded earlier) load without the network, also at once.
+    import timm
+    from safetensors.torch import save_file
+
+    snapshot = tmp_path / ".cache" / "huggingface" / "hub" / "models--timm--resnet18.a1_in1k"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("0" * 40)
+    (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    torch.manual_seed(3)
+    net = timm.create_model("resnet18", pretrained=False)
+    save_file(net.state_dict(), snapshot / "snapshots" / ("0" * 40) / "model.safetensors")
+    code = code.replace("    print(type(e).__name__, e)\n", "    print(type(e).__name__, e)\nelse:\n    print('built')\n")
+    code = code.replace("    build_backbone(", "    b = build_backbone(")
+    code += "print(float(b.module.net.conv1.weight.sum()))\n"
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.startswith("built"), done.stdout + done.stderr
+    assert float(done.stdout.split()[-1]) == pytest.approx(float(net.conv1.weight.sum()), rel=1e-5)
+    assert "Retry" not in done.stderr, done.stderr
+
+
 def test_weights_from_a_safetensors_file_as_the_hub_serves_them(tmp_path):
     import timm
     from safetensors.torch import save_file
