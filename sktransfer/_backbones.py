@@ -835,6 +835,7 @@ def rebuild_backbone(backbone, state, preprocessing):
     """
     if isinstance(backbone, nn.Module):
         name, net, stages = type(backbone).__name__, copy.deepcopy(backbone), _any_stages
+        _remove_library_top(net)  # as when it was fitted
     else:
         family = _family(backbone)
         name, (net, _), stages = backbone, family.build(backbone, None), family.stages
@@ -877,15 +878,30 @@ def _from_module(module, weights, preprocessing):
     return _freeze(type(module).__name__, net, preprocessing, _any_stages, user_code=True)
 
 
+#: Where torchvision's classification networks keep their top: a Linear, or a Sequential
+#: ending in one (ResNets' fc, VGG's and EfficientNet's classifier, ViT's heads, Swin's head).
+_TORCHVISION_TOPS = ("fc", "classifier", "heads", "head")
+
+
 def _remove_library_top(net):
     """Cut the classification top off a timm or torchvision network given as a module, as
-    their names get it cut (a network of the user's own is used as it is)."""
+    their names get it cut: its last Linear, not one a user made headless already (a
+    network of the user's own is used as it is)."""
     if getattr(net, "pretrained_cfg", None) is not None and hasattr(net, "reset_classifier"):
         if getattr(net, "num_classes", 0):
             net.reset_classifier(0)
-    elif type(net).__module__.startswith("torchvision.models.") and any(
-            isinstance(m, nn.Linear) for m in net.modules()):
-        _remove_top(net, type(net).__name__)
+        return
+    if not type(net).__module__.startswith("torchvision.models."):
+        return
+    for name in _TORCHVISION_TOPS:
+        top = getattr(net, name, None)
+        if isinstance(top, nn.Linear):
+            setattr(net, name, nn.Identity())
+        elif isinstance(top, nn.Sequential) and len(top) and isinstance(top[-1], nn.Linear):
+            top[-1] = nn.Identity()
+        else:
+            continue
+        return
 
 
 def _freeze(name, net, preprocessing, stages, user_code=False):

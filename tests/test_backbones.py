@@ -41,6 +41,13 @@ def test_a_timm_or_torchvision_network_given_as_a_module_loses_its_top_as_by_nam
     assert isinstance(resnet.fc, nn.Linear)
     resnet.fc = nn.Identity()  # already headless: nothing more goes
     assert build_backbone(resnet).num_features == 512
+    # Made headless by the user where the top holds several layers: nothing inside the body goes.
+    mobilenet = torchvision.models.mobilenet_v3_small()
+    mobilenet.classifier[3] = nn.Identity()
+    assert build_backbone(mobilenet).num_features == 1024
+    swin = torchvision.models.swin_t()
+    swin.head = nn.Identity()
+    assert build_backbone(swin).num_features == 768
     convnext.reset_classifier(0)
     assert build_backbone(convnext).num_features == 320
     # A network of the user's own is used as it is: its last layer may be its features.

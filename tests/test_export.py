@@ -352,6 +352,19 @@ def test_machine_local_settings_are_not_saved_and_ignored_at_load(tmp_path, fitt
     assert not planted.exists()
 
 
+def test_a_timm_or_torchvision_network_given_as_a_module_saves_and_loads(tmp_path, tiny_images):
+    import timm
+    import torchvision
+
+    X, y = tiny_images
+    for make in (torchvision.models.mobilenet_v3_small, lambda: timm.create_model("resnet18", pretrained=False)):
+        torch.manual_seed(0)
+        clf = PretrainedImageClassifier(make(), hidden_units=(8,), max_epochs=2, random_state=0).fit(X[:6], y[:6])
+        save_model(clf, tmp_path / "model")
+        loaded = load_model(tmp_path / "model", backbone=make())
+        np.testing.assert_allclose(loaded.predict_proba(X[:2]), clf.predict_proba(X[:2]), atol=1e-6)
+
+
 def test_a_loaded_model_fitted_with_a_weights_file_trains_on_in_its_saved_body(tmp_path, tiny_images):
     # The file's path is a setting of one machine, not saved: the loaded model's weights= is the
     # default. partial_fit and warm_start continue the model it is, on the body saved with it.
