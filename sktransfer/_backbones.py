@@ -30,8 +30,10 @@ __all__ = ["list_backbones", "Backbone"]
 # an older release are not reused. 2: 32-bit integer and float images are
 # scaled by their mode, not by their own brightest pixel. 3: a transparent
 # colour of RGB and greyscale PNGs is white; a panorama's centre band starts at
-# the crop's whole pixel.
-FEATURE_VERSION = "3"
+# the crop's whole pixel. 4: augmented and test-time views see the whole photo,
+# not a reduced-scale JPEG decode; a torchvision checkpoint file under its
+# download name has its own weights' recipe (converted bodies' memos too).
+FEATURE_VERSION = "4"
 
 
 class WeightsDownloadError(RuntimeError):
