@@ -290,20 +290,13 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
 
     def fit(self, X=None, y=None):
         """Load the backbone. ``X`` is checked but not embedded (nothing is learned)."""
-        return self._fit(X)
-
-    def _fit(self, X=None, backbone=None):
-        """``fit``, around ``backbone`` when given (a model's fitted body) instead of one
-        built from the parameters."""
         self._validate_params()
         if X is not None:
             as_image_list(X)
         _check_columns(self, X, reset=True)
         _check_device(self.device)
         check_engine_settings(self.engine, self.precision, self.device, self.compile)
-        if backbone is None:
-            backbone = build_backbone(self.backbone, self.weights, self.preprocessing)
-        self._set_backbone(backbone)
+        self._set_backbone(build_backbone(self.backbone, self.weights, self.preprocessing))
         return self
 
     def _set_backbone(self, backbone):
@@ -320,6 +313,9 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
     def _import_parts(self, backbone, head=None):
         """Become fitted around ``backbone``, rebuilt with its saved tensors."""
         self._set_backbone(backbone)
+        # Its weights may have come from a file whose path was not saved (weights= is the
+        # default now): continued training keeps this body (see _PretrainedImageModel._fit).
+        self._saved_body = True
 
     def transform(self, X):
         """Feature vectors of the images in ``X``.
@@ -566,11 +562,9 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
             defaults = {k: p.default for k, p in inspect.signature(type(self)).parameters.items()}
             warn_unread_settings(params, defaults, extra)
 
-        # Training continues on the fitted body while the backbone settings are those it was made
-        # with: a loaded model's body is the one saved, whatever file its weights came from.
-        made_with = self.embedder_.get_params(deep=False) if continuing else {}
-        same = continuing and all(made_with[k] == getattr(self, k) for k in ("backbone", "weights", "preprocessing"))
-        embedder = self._make_embedder()._fit(backbone=self.embedder_.backbone_ if same else None)
+        embedder = self._make_embedder().fit()
+        if continuing and self._keeps_saved_body(embedder):
+            embedder._import_parts(self.embedder_.backbone_)
         if continuing:
             self._check_same_head(embedder, hidden_units, continuing)
         if self.unfreeze:
@@ -687,6 +681,16 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
     def _after_training(self, head):
         """Fitted attributes computed from the trained head (none here)."""
         return {}
+
+    def _keeps_saved_body(self, embedder):
+        """Whether continued training keeps a loaded model's saved body rather than the one
+        ``embedder`` built from the parameters: the path of a weights file is not saved, so
+        ``weights`` is the default after loading, and it builds another body. Kept while the
+        backbone settings are still those of the loaded model."""
+        fitted, built = self.embedder_.backbone_, embedder.backbone_
+        return (getattr(self.embedder_, "_saved_body", False) and built.fingerprint != fitted.fingerprint
+                and self.weights == "DEFAULT" and built.name == fitted.name
+                and built.preprocessing == fitted.preprocessing)
 
     def _check_same_head(self, embedder, hidden_units, continuing):
         """Refuse to continue training a head on other features or of another shape."""

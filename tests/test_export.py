@@ -352,6 +352,27 @@ def test_machine_local_settings_are_not_saved_and_ignored_at_load(tmp_path, fitt
     assert not planted.exists()
 
 
+def test_continued_training_refuses_a_body_changed_since_the_fit(tmp_path, tiny_images):
+    # The fitted model's own body is reused only for a loaded model, whose weights= cannot say
+    # where its body came from; a weights file rewritten since the fit gives other features.
+    X, y = tiny_images
+    torch.save(_tiny_body().state_dict(), tmp_path / "w.pth")
+    clf = PretrainedImageClassifier(_tiny_body(), weights=str(tmp_path / "w.pth"), preprocessing=TINY_PREPROCESSING,
+                                    hidden_units=(8,), max_epochs=1, warm_start=True, random_state=0).fit(X, y)
+    other = _tiny_body()
+    with torch.no_grad():
+        other[0].weight.mul_(2.0)
+    torch.save(other.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="gives other features"):
+        clf.fit(X, y)
+    # Settings equal in value but not the same objects (arrays in the preprocessing) go on.
+    arrays = dict(TINY_PREPROCESSING, mean=np.array(TINY_PREPROCESSING["mean"]), std=np.array(TINY_PREPROCESSING["std"]))
+    again = PretrainedImageClassifier(_tiny_body(), preprocessing=arrays, hidden_units=(8,), max_epochs=1,
+                                      warm_start=True, random_state=0).fit(X, y)
+    again.set_params(preprocessing=dict(arrays, mean=np.array(TINY_PREPROCESSING["mean"])))
+    again.fit(X, y)
+
+
 def test_a_timm_or_torchvision_network_given_as_a_module_saves_and_loads(tmp_path, tiny_images):
     import timm
     import torchvision
@@ -380,10 +401,11 @@ def test_a_loaded_model_fitted_with_a_weights_file_trains_on_in_its_saved_body(t
     for continued in ("partial_fit", "warm_start"):
         loaded = load_model(tmp_path / "model", backbone=_tiny_body())
         assert loaded.get_params()["weights"] == "DEFAULT"
-        if continued == "partial_fit":
-            loaded.partial_fit(X, y)
-        else:
-            loaded.set_params(warm_start=True).fit(X, y)
+        for _ in range(2):  # and on again
+            if continued == "partial_fit":
+                loaded.partial_fit(X, y)
+            else:
+                loaded.set_params(warm_start=True).fit(X, y)
         assert loaded.embedder_.backbone_.fingerprint == clf.embedder_.backbone_.fingerprint
         np.testing.assert_array_equal(loaded.embedder_.transform(X[:2]), clf.embedder_.transform(X[:2]))
 
