@@ -253,15 +253,20 @@ class _Body(nn.Module):
 # --------------------------------------------------------------------------
 # Weights files
 
-def _pickle_or_zip(path):
-    """Whether the file at ``path`` starts as a pickle (protocol 2 and later) or a zip
-    archive (torch.save's format) does."""
+def _is_text(path):
+    """Whether the file at ``path`` starts as text (UTF-8, no NUL byte): an HTML page or a
+    Git LFS pointer saved where a weights file was expected."""
     try:
         with open(path, "rb") as f:
-            start = f.read(4)
+            start = f.read(512)
     except OSError:
-        return True  # say nothing more than the load's own error
-    return start[:1] == b"\x80" or start == b"PK\x03\x04"
+        return False
+    try:
+        start.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(start) - 3:  # not merely a character cut at the end of the read
+            return False
+    return bool(start) and b"\x00" not in start
 
 
 def _read_state_dict(path):
@@ -279,18 +284,19 @@ def _read_state_dict(path):
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"weights={str(path)!r}: no such file.") from None
-    except pickle.UnpicklingError as e:
-        if not _pickle_or_zip(path):  # bytes that are neither a pickle nor torch.save's zip
-            raise ValueError(
-                f"weights={str(path)!r} is not a file written by torch.save (read with weights_only=True) "
-                "nor a .safetensors file; pass a network's state_dict() saved with torch.save."
-            ) from None
-        raise ValueError(
-            f"weights={str(path)!r} holds Python objects other than tensors (a pickled model?), which "
-            "sktransfer does not load: weights are read with weights_only=True, so no code in them runs. "
-            "Save the network's state_dict() with torch.save and pass that file."
-        ) from None
     except Exception as e:
+        if _is_text(path):
+            raise ValueError(
+                f"weights={str(path)!r} is a text file, not a PyTorch state dict (read with weights_only=True) "
+                "nor a .safetensors file: a web page or a Git LFS pointer saved instead of the weights? "
+                "Pass a network's state_dict() saved with torch.save."
+            ) from None
+        if isinstance(e, pickle.UnpicklingError):
+            raise ValueError(
+                f"weights={str(path)!r} holds Python objects other than tensors (a pickled model?), which "
+                "sktransfer does not load: weights are read with weights_only=True, so no code in them runs. "
+                "Save the network's state_dict() with torch.save and pass that file."
+            ) from None
         raise ValueError(
             f"weights={str(path)!r} could not be read as a "
             + ("safetensors file" if safetensors else "PyTorch state dict (loaded with weights_only=True)")

@@ -351,8 +351,11 @@ def test_weights_from_a_safetensors_file_as_the_hub_serves_them(tmp_path):
     assert from_hub.fingerprint == from_torch.fingerprint  # the same weights, the same features
     with pytest.raises(ValueError, match="no such file"):
         build_backbone("timm/resnet18", weights=tmp_path / "missing.safetensors")
-    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     with pytest.raises(ValueError, match="could not be read as a safetensors file"):
+        build_backbone("timm/resnet18", weights=tmp_path / "bad.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")  # text in its place
+    with pytest.raises(ValueError, match="is a text file"):
         build_backbone("timm/resnet18", weights=tmp_path / "bad.safetensors")
 
 

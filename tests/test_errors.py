@@ -218,11 +218,13 @@ def test_cuda_requested_without_cuda(small):
 
 def test_file_not_readable_as_weights_is_named(tmp_path):
     path = tmp_path / "weights.pth"
-    path.write_text("not a state dict")
-    # Not taken for a pickled model: it is no file torch.save wrote at all.
-    with pytest.raises(ValueError, match=r"is not a file written by torch\.save .*weights_only=True") as caught:
-        build_backbone("resnet18", weights=os.fspath(path))
-    assert "pickled model" not in str(caught.value)
+    # Text where weights were expected (an HTML page or a Git LFS pointer instead of the
+    # download): said so, not taken for a pickled model nor told as a bare KeyError.
+    for text in ("not a state dict", "hello", "version https://git-lfs.github.com/spec/v1\n"):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=r"is a text file, not a PyTorch state dict") as caught:
+            build_backbone("resnet18", weights=os.fspath(path))
+        assert "pickled model" not in str(caught.value) and "KeyError" not in str(caught.value)
 
 
 def test_negative_sample_weight_is_refused_before_embedding(small):
