@@ -49,6 +49,7 @@ OPENVINO_MIN_IMAGES = 500
 
 _WARNED = set()
 _LOCK = threading.Lock()
+_CONVERT_LOCK = threading.Lock()
 
 
 def warn_once(key, message):
@@ -210,7 +211,7 @@ def model_cache_folder():
     """Where converted bodies are kept: ``SKTRANSFER_ENGINE_CACHE``, else the user's cache folder."""
     folder = os.environ.get("SKTRANSFER_ENGINE_CACHE")
     if folder:
-        return folder
+        return os.path.expanduser(folder)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "sktransfer", "openvino")
 
@@ -250,6 +251,14 @@ def convert(body, fingerprint, shape, name):
         pass
     import openvino
 
+    with _CONVERT_LOCK:  # the exporters keep process-wide state: one conversion at a time
+        model = _convert(core, openvino, body, fingerprint, shape, name)
+    if model is not None:
+        _save(openvino, model, path)
+    return model
+
+
+def _convert(core, openvino, body, fingerprint, shape, name):
     h, w = shape
     example = torch.zeros(1, 3, h, w).contiguous(memory_format=torch.channels_last)
     module = body()
@@ -272,7 +281,6 @@ def convert(body, fingerprint, shape, name):
                       f"OpenVINO could not convert backbone {name!r} ({type(e).__name__}: {e}); "
                       "it runs in PyTorch.")
             return None
-    _save(openvino, model, path)
     return model
 
 

@@ -104,6 +104,12 @@ def test_bfloat16_on_a_cpu_without_it_computes_float32_on_every_engine(engine, m
     assert choose("torch", "bfloat16", "cuda", "auto", n_images=1, converted=False) == Plan("torch", "bfloat16")
 
 
+def test_the_engine_cache_folder_under_home_is_the_users_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SKTRANSFER_ENGINE_CACHE", "~/engine")
+    assert _engine.model_cache_folder() == str(tmp_path / "engine")
+
+
 @needs_openvino
 def test_converting_one_backbone_does_not_hold_up_another(monkeypatch):
     # A server predicting with one model while another model's body converts (seconds).
