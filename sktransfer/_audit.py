@@ -188,6 +188,10 @@ class AuditReport:
             return os.fspath(item)
         return f"{'X_test' if test else 'X'}[{index}]"
 
+    def _y_encoded(self):
+        """``y`` as indices into ``classes``."""
+        return np.searchsorted(self.classes, self.y)
+
     def _rows(self):
         """(finding, side, index, given, suggested, score, group) for every finding.
 
@@ -195,8 +199,8 @@ class AuditReport:
         carries the group's number.
         """
         n = len(self.items)
-        y_enc = np.searchsorted(self.classes, self.y)
-        in_x = self.duplicate_groups + [train for train, _ in self.leakage_groups]  # numbered as below
+        y_enc = self._y_encoded()
+        in_x = groups_in_x(self.duplicate_groups, self.leakage_groups)  # numbered as below
         conflicting = {int(i): group for group, members in enumerate(in_x, 1)
                        if mixed_labels(members, y_enc) for i in members}
         for i, label, score in zip(self.label_issues, self.suggested_labels, self.label_scores):
@@ -281,7 +285,7 @@ class AuditReport:
         if "label_issue" in drop:
             remove.update(self.label_issues.tolist())
         if "duplicate" in drop:
-            y_enc = np.searchsorted(self.classes, self.y)
+            y_enc = self._y_encoded()
             for members in self.duplicate_groups:
                 likely = members[y_enc[members] == group_class(members, self.label_proba)]
                 kept = likely[:1] if mixed_labels(members, y_enc) else members[:1]
@@ -633,6 +637,12 @@ def find_label_issues(y_enc, proba, flag="estimated_number", rank="log_ratio"):
     return indices, _others(y_enc, proba).argmax(axis=1)[indices], scores[indices], thresholds
 
 
+def groups_in_x(duplicate_groups, leakage_groups):
+    """The groups of copies among the images of ``X``: each duplicate group, then the ``X``
+    side of each leakage group, in the order (and so with the numbers) of the findings."""
+    return duplicate_groups + [train for train, _ in leakage_groups]
+
+
 def mixed_labels(members, y_enc):
     """Whether the images of a duplicate group carry different labels (``y_enc`` of all images)."""
     return len(np.unique(y_enc[members])) > 1
@@ -968,9 +978,9 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
     label_proba = combine_evidence(proba, votes)
     issues, suggested, label_scores, thresholds = find_label_issues(y_enc, label_proba)
     # A group whose copies carry different labels is judged as a whole, its certain issues first.
-    groups_in_x = duplicate_groups + [train for train, _ in leakage_groups]
-    conflicts, conflict_suggested, conflict_scores = label_conflicts(groups_in_x, y_enc, label_proba)
-    others = ~np.isin(issues, [i for m in groups_in_x if mixed_labels(m, y_enc) for i in m])
+    in_x = groups_in_x(duplicate_groups, leakage_groups)
+    conflicts, conflict_suggested, conflict_scores = label_conflicts(in_x, y_enc, label_proba)
+    others = ~np.isin(issues, [i for m in in_x if mixed_labels(m, y_enc) for i in m])
     issues = np.concatenate([conflicts, issues[others]])
     suggested = np.concatenate([conflict_suggested, suggested[others]])
     label_scores = np.concatenate([conflict_scores, label_scores[others]])

@@ -49,6 +49,7 @@ from ._head import (
     build_head,
     check_head_settings,
     full_batch,
+    holds_out,
     resume,
     unexpected_setting,
     warn_unread_settings,
@@ -578,7 +579,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
                 views = augment_views(self.augment, self.n_views, self._seed(),
                                       embedder.backbone_.preprocessing)
                 Z = np.stack([self._embed(embedder, items, v, self.unfreeze) for v in views], axis=1)
-                if self.early_stopping or getattr(self, "calibration", None) is not None:
+                if holds_out(self.early_stopping, getattr(self, "calibration", None)):
                     # The held-out images are scored on the plain photo, as predict scores them.
                     data["X_eval"] = self._embed(embedder, items, None, self.unfreeze)
         except ImageInputError as e:  # named by their index in X, not among the kept images

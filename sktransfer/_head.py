@@ -835,6 +835,12 @@ def _tuning_folds(y, seed):
     return list(StratifiedKFold(min(3, least), shuffle=True, random_state=seed).split(y, y))
 
 
+def holds_out(early_stopping, calibration):
+    """Whether a fit holds a seeded share of the images out of training: for early stopping's
+    validation loss, or to fit the calibration temperature on."""
+    return bool(early_stopping) or calibration is not None
+
+
 def full_batch(params, extra, continuing, multilabel=False):
     """Whether the head is trained full batch by L-BFGS at an L2 strength (tuned
     for ``weight_decay="auto"``, the number given otherwise): ``optimizer=None``
@@ -944,8 +950,7 @@ def build_head(params, extra, Z, y_train, weights, n_outputs, *, net, task, hidd
             tuned["optimizer__param_groups"] = [("blocks.*", {"lr": params["lr"] * params["backbone_lr_mult"]})]
     weight_decay = params["weight_decay"]
     callbacks = list(params["callbacks"] or [])
-    # early_stopping and calibration hold a seeded share of the images out of training.
-    held_out = params["early_stopping"] or params.get("calibration") is not None
+    held_out = holds_out(params["early_stopping"], params.get("calibration"))
     if full:
         criterion = task["criterion"](**{"reduction": "none", **_prefixed(task, "criterion__"),
                                          **_prefixed(extra, "criterion__")})
