@@ -456,7 +456,8 @@ class _Family:
     A family knows its ``names``, whether it ``handles`` a name, how to
     ``build`` one (the network without its classification top, and the
     preprocessing of its weights), how to ``describe`` one without any
-    download, and where its networks split into stages (``stages``, the
+    download, whether its default weights are on this machine
+    (``weights_offline``), and where its networks split into stages (``stages``, the
     boundary of the frozen part when fine-tuning). ``listed`` is False for a
     catalogue too long for :func:`list_backbones` by default.
     """
@@ -517,14 +518,17 @@ class _OfflineEfficientNetLite(_Family):
         model.reset_classifier(0)
         return model, _timm_recipe(model)
 
+    def weights_offline(self, name):
+        try:
+            return os.path.exists(self.weights_file(name))
+        except ImportError:
+            return False
+
     def describe(self, name):
         import timm
 
-        try:
-            offline = os.path.exists(self.weights_file(name))
-        except ImportError:
-            offline = False
-        return _description(name, lambda: timm.create_model(_OFFLINE[name][0], pretrained=False), offline)
+        return _description(name, lambda: timm.create_model(_OFFLINE[name][0], pretrained=False),
+                            self.weights_offline(name))
 
 
 def _hub_cached(repo):
@@ -604,13 +608,17 @@ class _Timm(_Family):
         model.reset_classifier(0)
         return model, _timm_recipe(model)
 
+    def weights_offline(self, name):
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name[len(self.prefix):])
+        return cfg is not None and bool(cfg.hf_hub_id) and _hub_cached(cfg.hf_hub_id) is not None
+
     def describe(self, name):
         import timm
 
-        arch = name[len(self.prefix):]
-        cfg = timm.models.get_pretrained_cfg(arch)
-        offline = cfg is not None and bool(cfg.hf_hub_id) and _hub_cached(cfg.hf_hub_id) is not None
-        return _description(name, lambda: timm.create_model(arch, pretrained=False), offline)
+        return _description(name, lambda: timm.create_model(name[len(self.prefix):], pretrained=False),
+                            self.weights_offline(name))
 
 
 class _Torchvision(_Family):
@@ -655,14 +663,19 @@ class _Torchvision(_Family):
         _remove_top(model, name)
         return model, Preprocessing.from_torchvision(recipe.transforms())
 
+    def weights_offline(self, name):
+        from torchvision.models import get_model_weights
+
+        url = get_model_weights(name).DEFAULT.url
+        return os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+
     def describe(self, name):
         import torchvision
         from torchvision.models import get_model_weights
 
         default = get_model_weights(name).DEFAULT
-        checkpoint = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(default.url))
         return _description(name, lambda: torchvision.models.get_model(name, weights=None),
-                            os.path.exists(checkpoint), gflops=default.meta.get("_ops"),
+                            self.weights_offline(name), gflops=default.meta.get("_ops"),
                             num_params=default.meta.get("num_params"))
 
 
@@ -961,7 +974,7 @@ def describe_backbone(name):
     """What ``sktransfer backbones`` shows for a registry name, without any download.
 
     The network is built on PyTorch's ``meta`` device (shapes only, no memory,
-    no weights), so listing every backbone costs seconds.
+    no weights): a fraction of a second per backbone.
 
     Returns
     -------
@@ -974,3 +987,9 @@ def describe_backbone(name):
         its weights' input size, None when torchvision does not say).
     """
     return _family(name).describe(name)
+
+
+def weights_offline(name):
+    """Whether registry name ``name``'s default weights are on this machine: the
+    ``weights_offline`` of :func:`describe_backbone`, without building anything."""
+    return _family(name).weights_offline(name)

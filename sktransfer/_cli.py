@@ -780,17 +780,17 @@ def _onnx_metadata(path):
 def _backbones(args):
     import torch
 
-    from ._backbones import describe_backbone, list_backbones
+    from ._backbones import describe_backbone, list_backbones, weights_offline
 
-    rows = [describe_backbone(name) for name in list_backbones()]
-    if args.offline:
-        rows = [r for r in rows if r["weights_offline"]]
-    print(f"{'backbone':<28} {'weights offline':<16} {'features':>8} {'params (M)':>11} {'GFLOPs':>8}")
-    for r in rows:
+    print(f"{'backbone':<28} {'weights offline':<16} {'features':>8} {'params (M)':>11} {'GFLOPs':>8}", flush=True)
+    for name in list_backbones():
+        if args.offline and not weights_offline(name):
+            continue
+        r = describe_backbone(name)  # a fraction of a second each: each row is shown as it comes
         print(f"{r['name']:<28} {'yes' if r['weights_offline'] else 'no':<16} "
               f"{r['num_features'] if r['num_features'] else '-':>8} "
               f"{r['num_params'] / 1e6 if r['num_params'] else float('nan'):>11.1f} "
-              f"{r['gflops'] if r['gflops'] is not None else '-':>8}")
+              f"{r['gflops'] if r['gflops'] is not None else '-':>8}", flush=True)
     print(f"\nWeights that are not offline are downloaded on first use into "
           f"{Path(torch.hub.get_dir()) / 'checkpoints'}; any timm model works as timm/<name>.")
     return 0

@@ -299,7 +299,8 @@ def plot_history(estimator, keys=None):
     Returns
     -------
     fig : matplotlib.figure.Figure
-        Losses on the left axis; accuracies, when drawn, on a right axis.
+        Losses on the left axis; accuracies (other scores), when drawn, on a
+        right axis, from 0 to 1 when every value lies there; the legend below.
     """
     if hasattr(type(estimator), "history_"):
         history = estimator.history_  # NotFittedError before fit
@@ -333,9 +334,17 @@ def plot_history(estimator, keys=None):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a few epochs (L-BFGS) are not ticked 1.25, 1.5
     ax.set_ylabel("loss")
     if right is not None:
-        right.set_ylabel("accuracy")
+        scored = [key for key in keys if not key.endswith("loss")]
+        right.set_ylabel("accuracy" if all(key.endswith(("acc", "accuracy")) for key in scored) else "score")
+        values = np.concatenate([np.asarray(history[:, key], dtype=float) for key in scored])
+        if np.all((values >= 0) & (values <= 1)):
+            # Scores of [0, 1] on their whole scale: one validation image more or less
+            # right is not drawn as a leap across the axis.
+            right.set_ylim(-0.02, 1.02)
     handles = ax.get_lines() + (right.get_lines() if right is not None else [])
-    ax.legend(handles, [h.get_label() for h in handles], loc="upper right")
+    # Below the plot, where it covers no curve.
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              ncols=len(handles), frameon=False)
     ax.set_title("Head training")
     fig.tight_layout()
     return fig

@@ -460,6 +460,12 @@ def test_backbones_lists_offline_weights_feature_size_and_cost(capsys):
     assert resnet18[2] == "512" and float(resnet18[3]) == pytest.approx(11.2, abs=0.1)
     assert float(resnet18[4]) == pytest.approx(1.814)
 
+    assert main(["backbones", "--offline"]) == 0
+    offline = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
+    offline.pop("Weights")  # the closing note
+    assert offline == {name: row for name, row in rows.items() if row[1] == "yes"}
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(offline)
+
 
 def test_fit_help_states_the_classifiers_default_epochs(capsys):
     with pytest.raises(SystemExit):

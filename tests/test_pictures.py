@@ -109,6 +109,18 @@ def test_plot_history_draws_the_recorded_curves(clf, data):
     labels = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
     assert labels == ["train_loss", "valid_loss", "valid_acc"]
     assert png(fig, dpi=50).size == (320, 200)
+    # Accuracy on its whole scale: a photo more or less right on a small validation
+    # set is not drawn as a leap across the axis.
+    accuracy_axis = fig.axes[1]
+    assert accuracy_axis.get_ylabel() == "accuracy"
+    low, high = accuracy_axis.get_ylim()
+    assert low <= 0.0 and 1.0 <= high < 1.1
+    # The legend covers no curve: it sits outside the plotting area.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    legend = fig.legends[0] if fig.legends else fig.axes[0].get_legend()
+    assert not legend.get_window_extent(renderer).overlaps(fig.axes[0].get_window_extent(renderer))
     with pytest.raises(ValueError, match="keys \\['valid_acc'\\] are not in the history"):
         plot_history(clf, keys=["valid_acc"])
     with pytest.raises(NotFittedError):
@@ -160,7 +172,9 @@ def test_top_losses_titles_stay_clear_of_the_other_pictures_in_one_axes(clf, dat
     FigureCanvasAgg(fig)
     _, right = fig.subplots(1, 2)
     display = TopLossesDisplay.from_estimator(clf, X, y, k=9, ax=right)
-    renderer = fig.canvas.get_renderer()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw(renderer)
     cells = [ax.get_window_extent(renderer) for ax in display.axes_]
     titles = [ax.title.get_window_extent(renderer) for ax in display.axes_]
