@@ -614,20 +614,24 @@ def _evaluate(args):
     losses, predicted, _ = top_losses(model, X, y)
     _show_embedding_progress(model, False)
     accuracy = float(np.mean(predicted == y))
-    report = classification_report(y, predicted, labels=classes, output_dict=True, zero_division=0)
+    # The classes in the data or predicted (in the model's order): one the data lacks and the
+    # model never predicts has no recall, and would drag the macro averages down as a 0.
+    reported = classes[np.isin(classes, np.union1d(y, predicted))]
+    report = classification_report(y, predicted, labels=reported, output_dict=True, zero_division=0)
     matrix = confusion_matrix(y, predicted, labels=classes)
+    measures = ("precision", "recall", "f1-score")
     metrics = {
         "n_images": len(X),
         "accuracy": accuracy,
         "classes": [str(c) for c in classes],
-        "per_class": {str(c): {k: report[str(c)][k] for k in ("precision", "recall", "f1-score", "support")}
-                      for c in classes},
+        "per_class": {str(c): {k: report[str(c)][k] for k in (*measures, "support")} for c in reported},
+        "macro_avg": {k: report["macro avg"][k] for k in measures},
         "confusion_matrix": matrix.tolist(),
     }
     # Everything is made in memory first, then each file is replaced whole: a
     # failure leaves no half-written report.
     files = {"metrics.json": json.dumps(metrics, indent=2) + "\n"}
-    text = classification_report(y, predicted, labels=classes, zero_division=0, digits=3)
+    text = classification_report(y, predicted, labels=reported, zero_division=0, digits=3)
     files["report.txt"] = safe_text(f"accuracy {accuracy:.3f} on {len(X)} images\n\n{text}")
 
     def png(fig):
@@ -658,7 +662,7 @@ def _evaluate(args):
     rows = "\n".join(
         f"<tr><td>{html.escape(safe_text(c))}</td><td>{report[str(c)]['precision']:.3f}</td>"
         f"<td>{report[str(c)]['recall']:.3f}</td><td>{report[str(c)]['f1-score']:.3f}</td>"
-        f"<td>{int(report[str(c)]['support'])}</td></tr>" for c in classes)
+        f"<td>{int(report[str(c)]['support'])}</td></tr>" for c in reported)
     mistakes = "\n".join(
         f"<tr><td>{link(p)}</td><td>{html.escape(safe_text(t))}</td><td>{html.escape(safe_text(q))}</td>"
         f"<td>{loss:.3f}</td></tr>" for p, t, q, loss in wrong)

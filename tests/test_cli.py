@@ -349,6 +349,32 @@ def test_evaluate_without_a_mistake_shows_no_picture_of_mistakes(trained, sample
     assert "top_losses.png" not in page and "No image is misclassified." in page
 
 
+def test_evaluate_averages_only_the_classes_in_the_data_or_predicted(trained, sample, tmp_path):
+    # A test folder holding some of the model's classes: a class neither in the data nor
+    # predicted has no recall to average (scikit-learn's classification_report leaves it out).
+    from sklearn.metrics import classification_report
+
+    _, _, model_path, _, _ = trained
+    model = joblib.load(model_path)
+    data = copy_images(sample, tmp_path / "some", 6)  # the photos it was trained on
+    shutil.rmtree(data / "cardboard")
+    X, y = load_image_folder(data)
+    predicted = model.predict(X)
+    assert "cardboard" not in predicted  # so cardboard is neither in the data nor predicted
+    expected = classification_report(y, predicted, output_dict=True, zero_division=0)
+    report = tmp_path / "report"
+    assert main(["evaluate", str(model_path), str(data), "-o", str(report)]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["classes"] == CLASSES  # the model's
+    present = sorted(set(y) | set(predicted))
+    assert sorted(metrics["per_class"]) == present
+    for c in present:
+        assert metrics["per_class"][c]["recall"] == pytest.approx(expected[c]["recall"])
+    assert metrics["macro_avg"]["recall"] == pytest.approx(expected["macro avg"]["recall"])
+    assert "cardboard" not in (report / "report.txt").read_text()
+    assert len(metrics["confusion_matrix"]) == len(CLASSES)  # the whole matrix, every class of the model
+
+
 def test_embed_to_npy_and_parquet_matches_the_embedder(sample, tmp_path):
     data = copy_images(sample, tmp_path / "imgs", 2)
     paths = sorted(str(p) for p in data.rglob("*.jpg"))
