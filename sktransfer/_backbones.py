@@ -85,7 +85,7 @@ class Backbone:
             with self._lock:
                 if self._module is None:
                     built = self._build()
-                    if built.fingerprint != self.fingerprint:
+                    if (built.fingerprint, built.preprocessing) != (self.fingerprint, self.preprocessing):
                         raise RuntimeError(
                             f"backbone {self.name!r} built now differs from the one recorded in "
                             f"{_engine.model_cache_folder()!r} when it was converted (another version "
@@ -106,8 +106,8 @@ class Backbone:
         if plan.engine == "openvino":
             with self._lock:
                 if "openvino" not in self._handles:
-                    self._handles["openvino"] = _engine.convert(lambda: self.module, self.fingerprint, shape,
-                                                                self.name)
+                    self._handles["openvino"] = _engine.convert(lambda: self.module, self.fingerprint,
+                                                                self.preprocessing, self.name)
             if self._handles["openvino"] is None:  # could not convert (told once)
                 # PyTorch at the precision "auto" picks there (float32), or at the one
                 # asked for as this CPU allows it (bfloat16 only where it is native).
@@ -811,20 +811,27 @@ def _memo_path(family, name, weights, preprocessing):
 
 def _unbuilt(name, memo, build, stages):
     """The backbone recorded at ``memo``, its body left unbuilt, when its conversion is
-    on disk; None otherwise."""
+    on disk and its record says it was converted from that very body; None otherwise.
+
+    A memo vouches for nothing by itself: its fingerprint, preprocessing and feature
+    length must be those recorded beside the converted files (with their digests) by
+    the process that converted the body, and the body built later must have that
+    fingerprint and preprocessing (:attr:`Backbone.module`).
+    """
     import json
 
     if memo is None:
         return None
     try:
-        with open(memo, encoding="utf-8") as f:
-            record = json.load(f)
+        # Never waits on a FIFO, follows no link, reads a few kilobytes at most.
+        record = json.loads(_engine.read_small(memo))
         preprocessing = Preprocessing(**record["preprocessing"])
         fingerprint, num_features = str(record["fingerprint"]), int(record["num_features"])
     except (OSError, ValueError, TypeError, KeyError):  # none, or damaged: build
         return None
+    identity = {"fingerprint": fingerprint, "preprocessing": repr(preprocessing), "num_features": num_features}
     # The fingerprint covers the recipe's repr: it must read back the same.
-    if repr(preprocessing) != record.get("repr") or not _engine.is_converted(fingerprint, preprocessing.crop_shape):
+    if repr(preprocessing) != record.get("repr") or _engine.converted_identity(fingerprint, preprocessing) != identity:
         return None
     return Backbone(name=name, _module=None, preprocessing=preprocessing, num_features=num_features,
                     fingerprint=fingerprint, stages=stages, _build=build)

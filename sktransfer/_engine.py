@@ -14,7 +14,9 @@ photos by the tests for every path the machine can run).
 
 from __future__ import annotations
 
+import errno
 import io
+import json
 import os
 import tempfile
 import threading
@@ -25,7 +27,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ._cache import digest, namespace
+from ._cache import _read_regular, digest, namespace
+from ._outputs import TEMP_PREFIX, make_folders, write_atomic
 
 __all__ = ["ENGINES", "PRECISIONS", "MIN_COSINE", "Plan"]
 
@@ -226,15 +229,84 @@ def _model_path(fingerprint, shape):
 
 
 def is_converted(fingerprint, shape):
-    """Whether a converted body for images of ``shape`` (height, width) is on disk
-    (False where OpenVINO is missing)."""
-    return _openvino_core() is not None and os.path.exists(_model_path(fingerprint, shape))
+    """Whether a converted body for images of ``shape`` (height, width) is on disk, with
+    the record of its digests (False where OpenVINO is missing). Its files are checked
+    when :func:`convert` reads them."""
+    return _openvino_core() is not None and os.path.lexists(_record_path(_model_path(fingerprint, shape)))
 
 
-def convert(body, fingerprint, shape, name):
+def _record_path(path):
+    # Written last, once the .xml and .bin it vouches for are on disk.
+    return path[:-4] + ".digests.json"
+
+
+#: A memo or a record of digests is a few hundred bytes: a larger file is not one.
+SMALL_FILE = 1 << 16
+
+
+def read_small(path):
+    """The bytes of the small regular file at ``path`` (a record or a memo in the engine
+    cache); ``OSError`` for anything else: a link, a FIFO or a device (never waited on),
+    a file over :data:`SMALL_FILE` bytes."""
+    size = os.lstat(path).st_size
+    if size > SMALL_FILE:
+        raise OSError(errno.EFBIG, f"holds {size} bytes, more than a record", path)
+    return _read_regular(path, size=size, follow_links=False)[1]
+
+
+def converted_identity(fingerprint, preprocessing):
+    """What the record beside the converted body of ``fingerprint`` says it was converted
+    from (``fingerprint``, ``preprocessing``: its repr, ``num_features``), or None where
+    there is no readable record (or no OpenVINO)."""
+    if _openvino_core() is None:
+        return None
+    try:
+        record = json.loads(read_small(_record_path(_model_path(fingerprint, preprocessing.crop_shape))))
+        return {key: record[key] for key in ("fingerprint", "preprocessing", "num_features")}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+class _Damaged(Exception):
+    """A file of a converted body that does not match its record: ``args[0]`` is its path."""
+
+
+def _verified(path, fingerprint, preprocessing):
+    """The ``.xml`` and ``.bin`` bytes of the body converted at ``path``, each matching the
+    size and digest recorded when it was saved, and the record matching ``fingerprint`` and
+    ``preprocessing``; None where there is no record (not converted, or the writer stopped
+    before writing it); :class:`_Damaged` naming the first file that does not match."""
+    record_path = _record_path(path)
+    if not os.path.lexists(record_path):
+        return None
+    try:
+        record = json.loads(read_small(record_path))
+        if (record["fingerprint"], record["preprocessing"]) != (fingerprint, repr(preprocessing)):
+            raise ValueError("recorded for another body")
+        files = [(path[:-4] + suffix, int(record[suffix][0]), str(record[suffix][1])) for suffix in (".xml", ".bin")]
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
+        raise _Damaged(record_path) from None
+    contents = []
+    for name, size, expected in files:
+        try:
+            data = _read_regular(name, size=size, follow_links=False)[1]
+        except OSError:  # missing, of another size, a link, a FIFO
+            raise _Damaged(name) from None
+        if digest(data) != expected:
+            raise _Damaged(name)
+        contents.append(data)
+    return contents
+
+
+def convert(body, fingerprint, preprocessing, name):
     """The body as an OpenVINO model with a dynamic batch size, read from disk when
     converted before; None (told once) when it cannot be converted. ``body()`` gives
     the PyTorch module, asked for only to convert it.
+
+    Files on disk are read only when they match the digests recorded when they
+    were saved, for this ``fingerprint`` and ``preprocessing``, and OpenVINO
+    reads the very bytes checked; a file that does not (damaged, truncated,
+    missing, replaced) is told once, by name, and the body converted again.
 
     The body is traced to ONNX by PyTorch's TorchScript-based exporter and read
     by OpenVINO's ONNX front end: about a quarter of the time of OpenVINO's own
@@ -244,17 +316,24 @@ def convert(body, fingerprint, shape, name):
     converts it.
     """
     core = _openvino_core()
+    shape = preprocessing.crop_shape
     path = _model_path(fingerprint, shape)
     try:
-        return core.read_model(path)
-    except Exception:  # not converted yet, or a damaged file: convert again
+        contents = _verified(path, fingerprint, preprocessing)
+        if contents is not None:
+            return core.read_model(*contents)
+    except _Damaged as e:
+        warnings.warn(f"The converted backbone {name!r} in {e.args[0]!r} does not match the digest recorded "
+                      "when it was saved (damaged, truncated, missing or changed); converting it again.",
+                      RuntimeWarning, stacklevel=3)
+    except Exception:  # bytes that match but OpenVINO cannot read (another release wrote them): convert again
         pass
     import openvino
 
     with _CONVERT_LOCK:  # the exporters keep process-wide state: one conversion at a time
         model = _convert(core, openvino, body, fingerprint, shape, name)
     if model is not None:
-        _save(openvino, model, path)
+        _save(openvino, model, path, fingerprint, preprocessing)
     return model
 
 
@@ -312,22 +391,33 @@ def onnx_graph(module, example, *, input_names, dynamic_axes, output_names=None,
     return graph.getvalue()
 
 
-def _save(openvino, model, path):
-    """Write the converted model atomically (a folder renamed into place); a failure costs
-    only a later conversion, and is told once."""
+def _save(openvino, model, path, fingerprint, preprocessing):
+    """Keep the converted model at ``path`` (its ``.xml`` and ``.bin``), then the record of
+    their sizes and digests, each written atomically and synced to disk before its rename,
+    so a power cut leaves a whole set or no record. A failure costs only a later
+    conversion, and is told once."""
     folder = os.path.dirname(path)
+    record_path = _record_path(path)
     try:
-        os.makedirs(folder, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=folder, prefix=".tmp-")
+        make_folders(folder)
+        tmp = tempfile.mkdtemp(dir=folder, prefix=TEMP_PREFIX)
         try:
             openvino.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
-            # The weights first: a reader opens the .xml only once both are in place.
-            os.replace(os.path.join(tmp, "model.bin"), path[:-4] + ".bin")
-            os.replace(os.path.join(tmp, "model.xml"), path)
+            files = {suffix: _read_regular(os.path.join(tmp, "model" + suffix))[1] for suffix in (".xml", ".bin")}
         finally:
             for entry in os.listdir(tmp):
                 os.unlink(os.path.join(tmp, entry))
             os.rmdir(tmp)
+        record = {"fingerprint": fingerprint, "preprocessing": repr(preprocessing),
+                  "num_features": model.output(0).get_partial_shape()[1].get_length(),
+                  **{suffix: [len(data), digest(data)] for suffix, data in files.items()}}
+        try:  # no record while the files change: a reader converts rather than mixing two sets
+            os.unlink(record_path)
+        except FileNotFoundError:
+            pass
+        for suffix, data in files.items():
+            write_atomic(path[:-4] + suffix, data, follow_links=False)
+        write_atomic(record_path, json.dumps(record).encode(), follow_links=False)
     except Exception as e:  # OSError, or OpenVINO's RuntimeError for a write that failed (a full disk)
         warn_once("openvino-save", f"Could not keep the converted backbone in {folder!r} ({e}); "
                                    "later processes convert it again. Set SKTRANSFER_ENGINE_CACHE "
