@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import numpy as np
@@ -405,3 +406,89 @@ def test_user_module_whose_helper_function_is_edited_is_another_backbone(tmp_pat
     clear_cache()
     clear_cache(cache)
     np.testing.assert_array_equal(after, embedder.transform(sample[0][:2]))  # what the edited file computes
+
+
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                    reason="OpenVINO is not installed on this platform")
+
+
+@pytest.fixture
+def recorded(tmp_path, monkeypatch):
+    """The default body converted into an empty engine cache, with its memo: ``(backbone, memo)``."""
+    from sktransfer import _backbones, _engine
+
+    monkeypatch.setenv("SKTRANSFER_ENGINE_CACHE", str(tmp_path / "engine"))
+    real = build_backbone("efficientnet_lite0")
+    memo = _backbones._memo_path(_backbones._family(real.name), real.name, "DEFAULT", None)
+    _backbones._write_memo(memo, real)
+    assert _engine.convert(lambda: real.module, real.fingerprint, real.preprocessing, real.name) is not None
+    return real, memo
+
+
+def _unbuilt(real, memo):
+    from sktransfer import _backbones
+
+    return _backbones._unbuilt(real.name, memo, lambda: real, None)
+
+
+@needs_openvino
+def test_a_planted_memo_is_not_trusted(recorded):
+    """A memo vouches for nothing by itself: its preprocessing and fingerprint must be those
+    recorded beside the converted files by the process that converted the body. A memo whose
+    mean was set to 0.2 (features off: cosine 0.94-0.97) used to be served."""
+    import json
+    import shutil
+
+    from sktransfer import _engine
+    from sktransfer._images import Preprocessing
+
+    real, memo = recorded
+    assert _unbuilt(real, memo).fingerprint == real.fingerprint  # as written: trusted
+    record = json.loads(open(memo).read())
+    planted = dict(record, preprocessing=dict(record["preprocessing"], mean=[0.2, 0.2, 0.2]))
+    planted["repr"] = repr(Preprocessing(**planted["preprocessing"]))
+    with open(memo, "w") as f:
+        json.dump(planted, f)
+    assert _unbuilt(real, memo) is None  # the mean edited, the fingerprint kept
+    # Another fingerprint, with the converted files and their record copied to its path.
+    planted["fingerprint"] = "0" * len(real.fingerprint)
+    with open(memo, "w") as f:
+        json.dump(planted, f)
+    source = _engine._model_path(real.fingerprint, (224, 224))[:-4]
+    target = _engine._model_path(planted["fingerprint"], (224, 224))[:-4]
+    for suffix in (".xml", ".bin", ".digests.json"):
+        shutil.copyfile(source + suffix, target + suffix)
+    assert _unbuilt(real, memo) is None
+    # A body left unbuilt is checked when built: its preprocessing as well as its fingerprint.
+    from sktransfer._backbones import Backbone
+
+    other = Backbone(name=real.name, _module=None, preprocessing=Preprocessing(**planted["preprocessing"]),
+                     num_features=real.num_features, fingerprint=real.fingerprint, _build=lambda: real)
+    with pytest.raises(RuntimeError, match="built now differs from the one recorded"):
+        other.module
+
+
+@needs_openvino
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_memo_that_is_no_small_regular_file_is_a_miss_never_waited_on(recorded, tmp_path):
+    """A FIFO in place of a memo used to hang fit for ever; a link or a huge file is refused too."""
+    import shutil
+    import threading
+
+    real, memo = recorded
+    kept = tmp_path / "kept.body.json"
+    shutil.copyfile(memo, kept)
+    os.unlink(memo)
+    os.symlink(kept, memo)  # even to a memo as written
+    assert _unbuilt(real, memo) is None
+    os.unlink(memo)
+    with open(memo, "wb") as f:
+        f.write(kept.read_bytes().ljust(1 << 20))  # valid JSON, padded to a megabyte
+    assert _unbuilt(real, memo) is None
+    os.unlink(memo)
+    os.mkfifo(memo)
+    result = []
+    reader = threading.Thread(target=lambda: result.append(_unbuilt(real, memo)), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive() and result == [None]
