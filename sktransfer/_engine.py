@@ -306,7 +306,7 @@ def convert(body, fingerprint, preprocessing, name):
     Files on disk are read only when they match the digests recorded when they
     were saved, for this ``fingerprint`` and ``preprocessing``, and OpenVINO
     reads the very bytes checked; a file that does not (damaged, truncated,
-    missing, replaced) is told once, by name, and the body converted again.
+    missing, replaced) is told in one warning naming it, and the body converted again.
 
     The body is traced to ONNX by PyTorch's TorchScript-based exporter and read
     by OpenVINO's ONNX front end: about a quarter of the time of OpenVINO's own
