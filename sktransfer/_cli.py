@@ -521,8 +521,10 @@ def _fit(args):
         bar.close()
     results = search.cv_results_
     best = search.best_index_
+    chosen = (f" (the best of {candidates} candidates, chosen on these folds: optimistic; `sktransfer evaluate` "
+              "on photos kept out of DATA measures the chosen model)") if candidates > 1 else ""
     print(f"{args.cv}-fold cross-validated accuracy: {results['mean_test_score'][best]:.3f} "
-          f"± {results['std_test_score'][best]:.3f}")
+          f"± {results['std_test_score'][best]:.3f}{chosen}")
     if candidates > 1:
         print(f"Grid of {candidates} candidates, best first:")
         for i in np.argsort(results["rank_test_score"], kind="stable"):

@@ -76,6 +76,9 @@ def test_fit_prints_cv_accuracy_and_chosen_settings_and_saves(trained):
     assert code == 0
     assert "2-fold cross-validated accuracy:" in out
     assert "Grid of 4 candidates" in out
+    # The best of several candidates, chosen on the folds that scored it, is said to be optimistic.
+    headline = next(line for line in out.splitlines() if "cross-validated accuracy" in line)
+    assert "the best of 4 candidates, chosen on these folds: optimistic" in headline, headline
     model = joblib.load(model_path)
     assert isinstance(model, PretrainedImageClassifier)
     chosen = out.split("Chosen settings: ")[1].splitlines()[0]
