@@ -896,7 +896,10 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
         raise ValueError(f"y must hold one label per image: X has {len(items)} images, y has shape {y.shape}.")
     check_classification_targets(y)
     if type_of_target(y) not in ("binary", "multiclass") or len(np.unique(y)) < 2:
-        raise ValueError(f"y must have at least 2 classes to cross-validate; it has {np.unique(y).tolist()}.")
+        classes = np.unique(y).tolist()
+        raise ValueError(f"y has a single class ({classes[0]!r}); the audit cross-validates a classifier, which "
+                         "needs at least two." if len(classes) == 1 else
+                         f"y must have at least 2 classes to cross-validate; it has {classes}.")
     test_items = [] if X_test is None else as_image_list(X_test, name="X_test")
     if y_test is not None:
         y_test = np.asarray(y_test)

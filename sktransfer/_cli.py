@@ -836,7 +836,10 @@ def _audit(args):
     X, y = _read_dataset(args.data, args.path_column, args.label_column, args.lines)
     X_test = y_test = None
     if args.test is not None:
-        X_test, y_test = _read_dataset(args.test, args.path_column, args.label_column, args.lines)
+        try:
+            X_test, y_test = _read_dataset(args.test, args.path_column, args.label_column, args.lines)
+        except ValueError as e:
+            raise ValueError(f"--test {e}") from None
     try:
         report = audit(clf, X, y, cv=args.cv, X_test=X_test, y_test=y_test,
                        duplicate_threshold=args.threshold, random_state=args.random_state,
@@ -1063,15 +1066,26 @@ def _in_words(error, lines, args=None):
                       "Accepted: image files Pillow reads (JPEG, PNG, WebP, BMP, TIFF, GIF, ...)."])
 
 
+#: Settings the command line's options give by the same name (``--cache-dir`` gives ``cache_dir``).
+_OPTION_SETTINGS = ("backbone", "weights", "device", "cache_dir", "cv")
+
+
 def _options_named(text, args):
-    """``text`` with ``backbone='x'``/``weights='x'`` that ``args`` gave (not a --grid candidate)
-    as the options that gave them, and without the ways round that only Python has."""
+    """``text`` with the settings ``args`` gave (``device='x'``, ``cv=20``; not a --grid
+    candidate) as the options that gave them, labels read from DATA as DATA's, and without
+    the ways round that only Python has."""
     import re
 
-    for name in ("backbone", "weights"):
+    for name in _OPTION_SETTINGS:
         value = getattr(args, name, None)
-        if isinstance(value, str):
-            text = text.replace(f"{name}={value!r}", f"--{name} {value}")
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            option = f"--{name.replace('_', '-')} {value}"
+            text = re.sub(rf"(?<![\w.]){name}={re.escape(repr(value))}(?![\w.])", lambda m: option, text)
+    if getattr(args, "cv", None) is not None:
+        text = re.sub(r"\blower cv\b", "lower --cv", text)
+    data = getattr(args, "data", None)
+    if isinstance(data, str):
+        text = re.sub(r"^y has a single class", lambda m: f"{safe_text(data)!r} has images of a single class", text)
     if getattr(args, "backbone", None) is not None:
         text = text.replace(", None, or a path to a state-dict file", ", or a path to a state-dict file")
         text = re.sub(r"Use a name from sktransfer\.list_backbones\(\), 'timm/<model name>', or pass a "

@@ -651,7 +651,7 @@ def test_cli_report_shows_names_that_are_not_utf8(sample, tmp_path):
     (dict(X_test=["missing.jpg"], y_test=["a", "b"]), "y_test"),
     (dict(y_test=["a", "b", "a"]), "y_test was given without X_test"),
     (dict(X_test=["missing.jpg"]), r"1 input\(s\) of X_test cannot be used as images:\n  \[0\] 'missing.jpg'"),
-    (dict(y=["a"] * 12), "at least 2 classes"),
+    (dict(y=["a"] * 12), "y has a single class \\('a'\\)"),
 ])
 def test_bad_input_errors_before_any_work(sample, kwargs, message):
     X, y = sample[0][:12], np.repeat(["a", "b"], 6)

@@ -288,6 +288,27 @@ class _Planted:
         return (open, (self.marker, "w"))
 
 
+def test_messages_name_options_as_typed(sample, tmp_path, capsys):
+    data = copy_images(sample, tmp_path / "d", 3)
+    assert main(["fit", str(data), "-o", str(tmp_path / "m.joblib"), "--cv", "2", "--device", "cdua"]) == 1
+    err = capsys.readouterr().err
+    assert "--device cdua" in err and "device=" not in err, err
+    assert main(["audit", str(data), "-o", str(tmp_path / "a"), "--cv", "20"]) == 1
+    err = capsys.readouterr().err
+    assert "--cv 20" in err and "cv=" not in err, err
+    one = copy_images(sample, tmp_path / "one", 3)
+    for c in CLASSES[1:]:
+        shutil.rmtree(one / c)
+    for command in (["fit", str(one), "-o", str(tmp_path / "m.joblib"), "--cv", "2"],
+                    ["audit", str(one), "-o", str(tmp_path / "a"), "--cv", "2"]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert f"{str(one)!r} has images of a single class ('cardboard')" in err, err
+    assert main(["audit", str(data), "-o", str(tmp_path / "a"), "--test", str(data / "glass")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sktransfer audit: error: --test "), err
+
+
 def test_only_files_named_as_pickles_are_unpickled(trained, tmp_path, capsys):
     # A file swapped in for a shared save_model folder (a name without extension), or
     # any other file given as the model, is refused before anything is unpickled.
@@ -735,7 +756,8 @@ def test_too_few_images_for_the_folds_names_the_class_as_plain_text(sample, tmp_
     assert "class 'cardboard' has 2 images, fewer than --cv 5" in err and "np." not in err
     assert main(["audit", str(data), "--cv", "5", "-o", str(tmp_path / "audit")]) == 1
     err = capsys.readouterr().err
-    assert "class 'cardboard' has 2 image(s), fewer than cv=5" in err and "np." not in err
+    assert "class 'cardboard' has 2 image(s), fewer than --cv 5" in err and "np." not in err
+    assert err.rstrip().endswith("lower --cv."), err
     assert main(["audit", str(data), "--random-state", "-5", "-o", str(tmp_path / "audit")]) == 1
     assert capsys.readouterr().err.startswith("sktransfer audit: error: --random-state -5: ")
 
