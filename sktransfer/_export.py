@@ -399,6 +399,8 @@ def _read_info(folder):
     try:
         data = _read_saved(path, MAX_JSON_BYTES)
     except FileNotFoundError:
+        if not os.path.isdir(folder):
+            raise ValueError(f"load_model: {folder!r} does not exist; expected a folder written by save_model.") from None
         raise ValueError(f"load_model: {folder!r} has no {MODEL_FILE}; expected a folder written by save_model.") from None
     except NotADirectoryError:
         raise ValueError(f"load_model: {folder!r} is a file, not a folder written by save_model (a file "

@@ -206,6 +206,8 @@ def test_bad_folders_are_named(tmp_path, fitted):
     clf, _, _ = fitted
     with pytest.raises(ValueError, match="no model.json"):
         load_model(tmp_path)
+    with pytest.raises(ValueError, match="load_model: .*nosuch' does not exist"):
+        load_model(tmp_path / "nosuch")
     (tmp_path / "model.joblib").write_bytes(b"a pickle")
     with pytest.raises(ValueError, match="is a file, not a folder written by save_model"):
         load_model(tmp_path / "model.joblib")
