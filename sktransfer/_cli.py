@@ -680,7 +680,7 @@ def _evaluate(args):
     wrong = [(X[i], y[i], predicted[i], losses[i]) for i in shown]
 
     def link(path):  # the image, from the report's folder
-        href = urllib.parse.quote(os.path.relpath(os.path.abspath(path), os.path.abspath(out)))
+        href = urllib.parse.quote(os.fsencode(os.path.relpath(os.path.abspath(path), os.path.abspath(out))))
         return f'<a href="{html.escape(href)}">{html.escape(safe_text(path))}</a>'
 
     rows = "\n".join(
@@ -826,7 +826,6 @@ def _backbones(args):
 
 def _audit(args):
     from . import PretrainedImageClassifier, audit
-    from ._inputs import _count
 
     out = Path(args.output)
     _check_output(out, "-o", folder=True)
@@ -852,12 +851,9 @@ def _audit(args):
         make_folders(out)
         report.to_csv(out / "findings.csv")
         report.to_html(out / "index.html")
-    print(f"{_count(X, 'image')} audited: {_count(report.label_issues, 'suspected label error')}, "
-          f"{_count(report.duplicate_groups, 'duplicate group')}, {_count(report.leakage_groups, 'leakage group')}, "
-          f"{_count(report.outliers, 'outlier')}")
-    print(f"Out-of-fold accuracy of the head: {report.oof_accuracy:.3f} (how far to trust its label "
-          f"suggestions). Images joined as duplicates from a feature cosine similarity of "
-          f"{report.duplicate_threshold:.3f} (--threshold).")
+    print(report.summary())
+    print(f"Images joined as duplicates from a feature cosine similarity of {report.duplicate_threshold:.3f} "
+          "(--threshold).")
     print(f"Report written to {out / 'index.html'} and {out / 'findings.csv'}")
     return 0
 

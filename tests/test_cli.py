@@ -663,6 +663,14 @@ def test_file_names_that_are_not_utf8_are_written_whole(sample, tmp_path, traine
     assert np.load(tmp_path / "f.npy").shape == (2, 1280)
     assert (tmp_path / "f.paths.txt").read_text(encoding="utf-8").splitlines() == \
         [str(tmp_path / "caf\\xe9.jpg"), sample[0][1]]
+    # evaluate's page links each misclassified photo, whatever bytes its name holds.
+    data = tmp_path / "data"
+    for c in ("glass", "metal"):
+        (data / c).mkdir(parents=True)
+    shutil.copy(sample[0][0], data / "glass" / os.fsdecode(b"caf\xe9.jpg"))  # a cardboard photo filed as glass
+    shutil.copy(sample[0][40], data / "metal" / "m.jpg")
+    assert main(["evaluate", str(model_path), str(data), "-o", str(tmp_path / "report")]) == 0
+    assert 'href="../data/glass/caf%E9.jpg"' in (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
     capsys.readouterr()
 
 
