@@ -272,7 +272,11 @@ def load_model(folder, backbone=None):
     if has_head:
         head_state, head_bytes = _load_tensors(folder, *files["head"])
         _check_head_shapes(info["head"], head_state, files["head"][0])
-    body = rebuild_backbone(architecture, _load_tensors(folder, *files["backbone"])[0], preprocessing)
+    body_state = _load_tensors(folder, *files["backbone"])[0]
+    try:
+        body = rebuild_backbone(architecture, body_state, preprocessing)
+    except ValueError as e:
+        raise ValueError(f"load_model: backbone.name in {MODEL_FILE} and {files['backbone'][0]}: {e}") from None
     if body.num_features != saved["num_features"] or (has_head and body.num_features != info["head"]["in_features"]):
         raise ValueError(
             f"load_model: {MODEL_FILE} says the backbone gives {saved['num_features']} features, "

@@ -298,6 +298,30 @@ def test_tensor_files_that_would_inflate_are_refused_before_loading(tmp_path, fi
         load_model(tmp_path)
 
 
+def test_an_architecture_its_tensors_do_not_fit_is_refused_before_it_is_built(tmp_path, fitted, monkeypatch):
+    # model.json naming a network larger than its tensors (vit_large: 300M parameters) cost that
+    # network's build, gigabytes, before the tensors were found not to fit. Its shapes are compared
+    # on PyTorch's meta device first: no parameter of it is ever made in memory.
+    import sktransfer._backbones as backbones
+
+    clf, _, _ = fitted
+    save_model(clf, tmp_path)
+    info = json.loads((tmp_path / "model.json").read_text())
+    info["backbone"]["name"] = "timm/vit_large_patch16_224"
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    built = []
+    real_freeze = backbones._Body
+
+    def recording(net):
+        built.append(next(net.parameters()).device.type)
+        return real_freeze(net)
+
+    monkeypatch.setattr(backbones, "_Body", recording)
+    with pytest.raises(ValueError, match="load_model: .*do not fit the architecture 'timm/vit_large_patch16_224'"):
+        load_model(tmp_path)
+    assert built == ["meta"]
+
+
 def test_json_of_too_many_values_is_refused_while_it_is_read(tmp_path, fitted):
     # A 64 MB model.json of empty objects made Python objects of gigabytes before any check.
     clf, _, _ = fitted
