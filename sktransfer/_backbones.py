@@ -866,6 +866,9 @@ def rebuild_backbone(backbone, state, preprocessing):
         _remove_library_top(net)  # as when it was fitted
     else:
         family = _family(backbone)
+        # A saved folder may name a network far larger than its tensors: compared on the meta
+        # device first, such a network is refused before any of its parameters is made.
+        _check_state_fits(lambda: family.build(backbone, None)[0], state, backbone)
         name, (net, _), stages = backbone, family.build(backbone, None), family.stages
     body = _Body(net)
     try:
@@ -873,6 +876,27 @@ def rebuild_backbone(backbone, state, preprocessing):
     except RuntimeError as e:
         raise ValueError(f"the saved backbone weights do not fit the architecture {name!r}: {e}") from None
     return _freeze(name, body.net, preprocessing, stages, user_code=isinstance(backbone, nn.Module))
+
+
+def _check_state_fits(build, state, name):
+    """Refuse a state dict whose names or shapes differ from those of the body ``build()``
+    makes, built on the ``meta`` device (shapes only, no memory). A network that cannot
+    be built there is left to ``load_state_dict`` after its real build."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # notes on init defaults: no weights are made here
+            expected = {k: tuple(v.shape) for k, v in _Body(build()).state_dict().items()}
+    except (NotImplementedError, RuntimeError, ValueError):
+        return
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    if expected == given:
+        return
+    missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & given.keys() if expected[k] != given[k])
+    problems = [f"{len(names)} {what}, e.g. {', '.join(map(repr, names[:2]))}"
+                for names, what in ((missing, "tensors missing"), (unexpected, "tensors it does not have"),
+                                    (reshaped, "tensors of other shapes")) if names]
+    raise ValueError(f"the saved backbone weights do not fit the architecture {name!r}: {'; '.join(problems)}.")
 
 
 def _unknown_backbone_message(name):

@@ -46,7 +46,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._version import __version__
 from ._backbones import _looks_like_path, rebuild_backbone
-from ._cache import DIGEST_SIZE, digest
+from ._cache import DIGEST_SIZE, _read_regular, digest
 from ._outputs import make_folders, write_atomic
 from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor, _PretrainedImageModel
 from ._head import HEAD_PREFIXES
@@ -70,6 +70,10 @@ _ESTIMATORS = {cls.__name__: cls for cls in (PretrainedImageClassifier, Pretrain
 MACHINE_LOCAL_PARAMS = ("cache_dir", "device", "weights", "compile", "embed_batch_size")
 #: Bounds checked before anything is allocated from model.json's numbers.
 MAX_JSON_BYTES = 64 * 2**20
+#: Values (list items and object members, counted by their commas, before parsing) of a
+#: model.json: parsed, each is a Python object; 2**21 of them hold a few hundred MB at most.
+#: A fit's history of a million batches stays below.
+MAX_JSON_VALUES = 2**21
 MAX_IMAGE_SIDE = 2048
 MAX_FEATURES = 2**20
 MAX_OUTPUTS = 2**20
@@ -165,10 +169,12 @@ def save_model(estimator, folder):
     earlier = set(os.listdir(folder))
     written = []
     try:
+        # A link planted in the folder (a shared one) is replaced, never written through.
         for part, data in tensors.items():
-            write_atomic(os.path.join(folder, info["files"][part]), data)
+            write_atomic(os.path.join(folder, info["files"][part]), data, follow_links=False)
             written.append(info["files"][part])
-        write_atomic(os.path.join(folder, MODEL_FILE), json.dumps(info, indent=2).encode("utf-8"))
+        write_atomic(os.path.join(folder, MODEL_FILE), json.dumps(info, indent=2).encode("utf-8"),
+                     follow_links=False)
     except BaseException:
         _remove(folder, [name for name in written if name not in earlier])
         raise
@@ -266,7 +272,11 @@ def load_model(folder, backbone=None):
     if has_head:
         head_state, head_bytes = _load_tensors(folder, *files["head"])
         _check_head_shapes(info["head"], head_state, files["head"][0])
-    body = rebuild_backbone(architecture, _load_tensors(folder, *files["backbone"])[0], preprocessing)
+    body_state = _load_tensors(folder, *files["backbone"])[0]
+    try:
+        body = rebuild_backbone(architecture, body_state, preprocessing)
+    except ValueError as e:
+        raise ValueError(f"load_model: backbone.name in {MODEL_FILE} and {files['backbone'][0]}: {e}") from None
     if body.num_features != saved["num_features"] or (has_head and body.num_features != info["head"]["in_features"]):
         raise ValueError(
             f"load_model: {MODEL_FILE} says the backbone gives {saved['num_features']} features, "
@@ -327,13 +337,46 @@ def _tensor_files(info, has_head):
     return files
 
 
+def _read_saved(path, limit=None):
+    """The bytes of the file ``path`` of a model folder: a regular file, never a link (save_model
+    writes none), so a FIFO planted there cannot block the loader, nor a link to a device feed it
+    without end; a file over ``limit`` bytes is refused unread. FileNotFoundError and
+    NotADirectoryError pass through (the callers name what is missing)."""
+    try:
+        # Sized before it is read, and after (it may have grown in between).
+        size = os.lstat(path).st_size
+        data = _read_regular(path, follow_links=False)[1] if limit is None or size <= limit else b""
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as e:
+        raise ValueError(f"load_model: {path!r} is not a regular file ({e.strerror}): a link, a FIFO or a device, "
+                         "which save_model never writes.") from None
+    if limit is not None and max(size, len(data)) > limit:
+        raise ValueError(f"load_model: {path!r} is larger than {limit} bytes; not written by save_model.")
+    return data
+
+
+def _refuse_compressed(data, path):
+    """Refuse a zip tensor file with compressed records, or records larger than the file:
+    ``torch.save`` stores them as they are, and ``torch.load`` would inflate them to
+    whatever size they claim before any shape is checked."""
+    import zipfile
+
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return  # not torch's zip format: torch.load says what it is
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        records = archive.infolist()
+    if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > len(data):
+        raise ValueError(f"load_model: {path!r} holds compressed records, which torch.save never writes: refused "
+                         "unread, as a small file could inflate to any size.")
+
+
 def _load_tensors(folder, name, expected):
     """``(state_dict, file bytes)`` of the tensor file ``name``, checked to have the content digest
     ``expected`` (unless None), then read with ``weights_only=True``."""
     path = os.path.join(folder, name)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = _read_saved(path)
     except FileNotFoundError:
         raise ValueError(f"load_model: {folder!r} has no {name}, which {MODEL_FILE} names (if a save_model "
                          "into the folder was replacing the model, load it again).") from None
@@ -343,6 +386,7 @@ def _load_tensors(folder, name, expected):
             "digest differs): the folder mixes files of two saves, or the file was changed. Save the "
             "model again."
         )
+    _refuse_compressed(data, path)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -357,15 +401,17 @@ def _read_info(folder):
     names the first wrong one); the estimator checks the rest in its ``_import_state``."""
     path = os.path.join(folder, MODEL_FILE)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_JSON_BYTES + 1)
+        data = _read_saved(path, MAX_JSON_BYTES)
     except FileNotFoundError:
+        if not os.path.isdir(folder):
+            raise ValueError(f"load_model: {folder!r} does not exist; expected a folder written by save_model.") from None
         raise ValueError(f"load_model: {folder!r} has no {MODEL_FILE}; expected a folder written by save_model.") from None
     except NotADirectoryError:
         raise ValueError(f"load_model: {folder!r} is a file, not a folder written by save_model (a file "
                          "written by joblib.dump loads with joblib.load, from trusted sources only).") from None
-    if len(data) > MAX_JSON_BYTES:
-        raise ValueError(f"load_model: {path!r} is larger than {MAX_JSON_BYTES} bytes; not written by save_model.")
+    if data.count(b",") > MAX_JSON_VALUES:
+        raise ValueError(f"load_model: {path!r} holds more than {MAX_JSON_VALUES} values; not written by "
+                         "save_model.")
     try:
         info = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
