@@ -89,8 +89,9 @@ class Backbone:
                         raise RuntimeError(
                             f"backbone {self.name!r} built now differs from the one recorded in "
                             f"{_engine.model_cache_folder()!r} when it was converted (another version "
-                            "of its code or weights under the same names); delete that folder's "
-                            f"{_BODY_MEMO} files, or set SKTRANSFER_ENGINE_CACHE to an empty folder.")
+                            "of its code or weights under the same names, or a memo changed since); "
+                            f"delete that folder's {_BODY_MEMO} files, or set SKTRANSFER_ENGINE_CACHE to "
+                            "an empty folder.")
                     self._module = built._module
         return self._module
 
