@@ -1040,14 +1040,14 @@ def _in_words(error, lines, args=None):
 
 
 def _options_named(text, args):
-    """``text`` with ``backbone='x'``/``weights='x'`` that ``args`` gave (not a --grid candidate)
-    as the options that gave them, and without the ways round that only Python has."""
+    """``text`` with ``backbone='x'``/``weights='x'``/``cache_dir='x'`` that ``args`` gave (not a --grid
+    candidate) as the options that gave them, and without the ways round that only Python has."""
     import re
 
-    for name in ("backbone", "weights"):
+    for name in ("backbone", "weights", "cache_dir"):
         value = getattr(args, name, None)
         if isinstance(value, str):
-            text = text.replace(f"{name}={value!r}", f"--{name} {value}")
+            text = text.replace(f"{name}={value!r}", f"{_OPTIONS[name]} {value}")
     if getattr(args, "backbone", None) is not None:
         text = text.replace(", None, or a path to a state-dict file", ", or a path to a state-dict file")
         text = re.sub(r"Use a name from sktransfer\.list_backbones\(\), 'timm/<model name>', or pass a "

@@ -384,7 +384,40 @@ def test_a_link_planted_below_the_cache_folder_leads_no_write_nor_read_outside(t
     assert not disk.has(keys[0]) and disk.get(keys[0], features.shape[1]) is None
 
 
-def test_a_cache_dir_that_is_itself_a_link_is_the_folder_it_names(tmp_path, sample):
+@pytest.fixture(params=["by descriptor", "by path"])
+def walk(request, monkeypatch):
+    """Each way the cache walks its folders: by descriptor (POSIX), and by path with a check of
+    each level (where the platform has no O_NOFOLLOW and dir_fd: Windows), run here too."""
+    from sktransfer import _outputs
+
+    if request.param == "by descriptor" and not _outputs._BY_DESCRIPTOR:
+        pytest.skip("this platform walks folders by path")
+    monkeypatch.setattr(_outputs, "_BY_DESCRIPTOR", request.param == "by descriptor")
+    return request.param
+
+
+@pytest.mark.parametrize("level", ["namespace", "sub-folder"])
+def test_a_linked_level_is_a_miss_and_a_refused_write_either_way_the_folders_are_walked(tmp_path, walk, level):
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    disk = DiskCache(cache, "a" * 32)
+    kept, planted = "cc" + "0" * 30, "dd" + "0" * 30
+    DiskCache(outside, "a" * 32).put(planted, np.arange(4, dtype=np.float32))
+    assert disk.put(kept, np.ones(4, np.float32)) is None
+    if level == "namespace":
+        shutil.rmtree(cache / ("a" * 32))
+        _link(cache / ("a" * 32), outside / ("a" * 32))
+    else:
+        _link(cache / ("a" * 32) / "dd", outside / ("a" * 32) / "dd")
+    before = _tree(outside)
+    assert not disk.has(planted) and disk.get(planted, 4) is None
+    error = disk.put(planted, np.ones(4, np.float32))
+    assert isinstance(error, OSError) and "symbolic link" in str(error)
+    assert _tree(outside) == before
+    if level == "sub-folder":  # the levels that are no links still serve
+        np.testing.assert_array_equal(disk.get(kept, 4), np.ones(4, np.float32))
+
+
+def test_a_cache_dir_that_is_itself_a_link_is_the_folder_it_names(tmp_path, walk):
     """The folder the user names may be a link (their choice): only the levels below it are the cache's own."""
     target = tmp_path / "on another disk"
     target.mkdir()
@@ -398,7 +431,7 @@ def test_a_cache_dir_that_is_itself_a_link_is_the_folder_it_names(tmp_path, samp
     assert cache_info(tmp_path / "cache")["entries"] == 1
 
 
-def test_clear_cache_and_cache_info_follow_no_link_below_the_cache_folder(tmp_path):
+def test_clear_cache_and_cache_info_follow_no_link_below_the_cache_folder(tmp_path, walk):
     cache, outside = tmp_path / "cache", tmp_path / "outside"
     mine = DiskCache(cache, "a" * 32)
     mine.put("cc" + "0" * 30, np.arange(4, dtype=np.float32))
