@@ -293,18 +293,20 @@ def _model_output(path):
 
     A path ending in ``/`` or an existing folder is a folder: empty, or one a
     save_model wrote (its files are replaced, as save_model does), never a
-    folder of other files. A file name needs an extension: ``-o model`` could
-    mean either. Refused at once, before any long work.
+    folder of other files. A file's name must say it is a pickle (one of
+    :data:`PICKLE_SUFFIXES`), as :func:`_load_model` asks of the files it
+    loads: ``-o model`` could mean either. Refused at once, before any long work.
     """
     from ._export import check_model_folder
 
     shown = safe_text(path)
     folder = path.endswith(("/", os.sep)) or os.path.isdir(path)
-    if not folder and not Path(path).suffix:
-        name = shown.rstrip(".")
+    if not folder and not _named_as_pickle(path):
+        name = shown.rstrip(".") if not Path(path).suffix else shown[:-len(Path(path).suffix)]
         raise ValueError(
-            f"-o {shown!r} has no extension: write -o {name}/ for the save_model folder (safe to share) "
-            f"or -o {name}.joblib for a joblib file (runs code when loaded: trusted sources only)."
+            f"-o {shown!r} is neither a folder nor a file named .joblib, .pkl or .pickle: write -o {name}/ for "
+            f"the save_model folder (safe to share) or -o {name}.joblib for a joblib file (runs code when "
+            "loaded: trusted sources only)."
         )
     if folder:
         try:
@@ -365,6 +367,16 @@ def _dump(model, path):
     _write(path, data.getvalue())
 
 
+#: The names of model files the command line unpickles (and writes): a pickle runs code
+#: when loaded, so only a file whose name says it is one is loaded as one.
+PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
+
+
+def _named_as_pickle(path):
+    # model.joblib, and joblib's compressed model.joblib.gz and the like
+    return any(suffix.lower() in PICKLE_SUFFIXES for suffix in Path(path).suffixes[-2:])
+
+
 def _load_model(path, classifier=True):
     """A fitted classifier (any fitted model with ``classifier=False``) from a save_model
     folder or a joblib file, with a plain error for anything else."""
@@ -379,10 +391,20 @@ def _load_model(path, classifier=True):
         model = load_model(path)  # tensors and JSON: no code runs
     elif not Path(path).is_file():
         raise ValueError(f"model {str(path)!r} does not exist (save one with `sktransfer fit -o`).")
+    elif not _named_as_pickle(path):
+        # A file put in place of a shared save_model folder, or any other file given
+        # as the model (a CSV, the arguments swapped), is never unpickled.
+        raise ValueError(
+            f"{str(path)!r} is neither a save_model folder nor a joblib file: a model is a folder written by "
+            f"`sktransfer fit -o model/` or save_model, or a file named .joblib, .pkl or .pickle (which runs "
+            "code when loaded: trusted sources only)."
+        )
     else:
         try:
             model = joblib.load(path)
-        except (pickle.UnpicklingError, EOFError, KeyError, IndexError, AttributeError, ModuleNotFoundError) as e:
+        # Text read as pickle opcodes fails with any of these (a CSV's 'p' reads as an int).
+        except (pickle.UnpicklingError, EOFError, KeyError, IndexError, AttributeError, ValueError,
+                ModuleNotFoundError) as e:
             needs = f": it needs the module {e.name!r}, not installed here" if isinstance(e, ModuleNotFoundError) else ""
             raise ValueError(f"{str(path)!r} is not a model saved by sktransfer fit or joblib.dump{needs}.") from None
     if hasattr(model, "get_params") and not _takes_images(model):

@@ -46,7 +46,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._version import __version__
 from ._backbones import _looks_like_path, rebuild_backbone
-from ._cache import DIGEST_SIZE, digest
+from ._cache import DIGEST_SIZE, _read_regular, digest
 from ._outputs import make_folders, write_atomic
 from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor, _PretrainedImageModel
 from ._head import HEAD_PREFIXES
@@ -165,10 +165,12 @@ def save_model(estimator, folder):
     earlier = set(os.listdir(folder))
     written = []
     try:
+        # A link planted in the folder (a shared one) is replaced, never written through.
         for part, data in tensors.items():
-            write_atomic(os.path.join(folder, info["files"][part]), data)
+            write_atomic(os.path.join(folder, info["files"][part]), data, follow_links=False)
             written.append(info["files"][part])
-        write_atomic(os.path.join(folder, MODEL_FILE), json.dumps(info, indent=2).encode("utf-8"))
+        write_atomic(os.path.join(folder, MODEL_FILE), json.dumps(info, indent=2).encode("utf-8"),
+                     follow_links=False)
     except BaseException:
         _remove(folder, [name for name in written if name not in earlier])
         raise
@@ -327,13 +329,31 @@ def _tensor_files(info, has_head):
     return files
 
 
+def _read_saved(path, limit=None):
+    """The bytes of the file ``path`` of a model folder: a regular file, never a link (save_model
+    writes none), so a FIFO planted there cannot block the loader, nor a link to a device feed it
+    without end; a file over ``limit`` bytes is refused unread. FileNotFoundError and
+    NotADirectoryError pass through (the callers name what is missing)."""
+    try:
+        # Sized before it is read, and after (it may have grown in between).
+        size = os.lstat(path).st_size
+        data = _read_regular(path, follow_links=False)[1] if limit is None or size <= limit else b""
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as e:
+        raise ValueError(f"load_model: {path!r} is not a regular file ({e.strerror}): a link, a FIFO or a device, "
+                         "which save_model never writes.") from None
+    if limit is not None and max(size, len(data)) > limit:
+        raise ValueError(f"load_model: {path!r} is larger than {limit} bytes; not written by save_model.")
+    return data
+
+
 def _load_tensors(folder, name, expected):
     """``(state_dict, file bytes)`` of the tensor file ``name``, checked to have the content digest
     ``expected`` (unless None), then read with ``weights_only=True``."""
     path = os.path.join(folder, name)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = _read_saved(path)
     except FileNotFoundError:
         raise ValueError(f"load_model: {folder!r} has no {name}, which {MODEL_FILE} names (if a save_model "
                          "into the folder was replacing the model, load it again).") from None
@@ -357,15 +377,12 @@ def _read_info(folder):
     names the first wrong one); the estimator checks the rest in its ``_import_state``."""
     path = os.path.join(folder, MODEL_FILE)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_JSON_BYTES + 1)
+        data = _read_saved(path, MAX_JSON_BYTES)
     except FileNotFoundError:
         raise ValueError(f"load_model: {folder!r} has no {MODEL_FILE}; expected a folder written by save_model.") from None
     except NotADirectoryError:
         raise ValueError(f"load_model: {folder!r} is a file, not a folder written by save_model (a file "
                          "written by joblib.dump loads with joblib.load, from trusted sources only).") from None
-    if len(data) > MAX_JSON_BYTES:
-        raise ValueError(f"load_model: {path!r} is larger than {MAX_JSON_BYTES} bytes; not written by save_model.")
     try:
         info = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

@@ -280,6 +280,48 @@ def test_fit_to_a_folder_a_killed_save_left_holding_only_tensor_files(trained, t
     load_model(folder)
 
 
+class _Planted:
+    """A pickle that, when loaded, runs code: it creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_only_files_named_as_pickles_are_unpickled(trained, tmp_path, capsys):
+    # A file swapped in for a shared save_model folder (a name without extension), or
+    # any other file given as the model, is refused before anything is unpickled.
+    _, _, model_path, data, _ = trained
+    marker = tmp_path / "ran"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for name in ("model", "model.bin", "labels.csv"):
+        joblib.dump(_Planted(str(marker)), shared / name)
+        for command in (["predict", str(shared / name), str(data)],
+                        ["evaluate", str(shared / name), str(data), "-o", str(tmp_path / "report")],
+                        ["export", str(shared / name), str(tmp_path / "m.onnx")]):
+            assert main(command) == 1
+            err = capsys.readouterr().err
+            assert f"{str(shared / name)!r} is neither a save_model folder nor a joblib file" in err, err
+            assert ".joblib, .pkl or .pickle" in err
+            assert not marker.exists()
+    # A CSV given where the model goes (the arguments swapped) is told as such, not by pickle's errors.
+    (tmp_path / "labels.csv").write_text("path,label\nx.jpg,glass\n")
+    assert main(["evaluate", str(tmp_path / "labels.csv"), str(model_path)]) == 1
+    err = capsys.readouterr().err
+    assert "is neither a save_model folder nor a joblib file" in err and "int()" not in err, err
+    # Named as a pickle, a file is loaded (a joblib file runs code: trusted sources only).
+    joblib.dump(joblib.load(model_path), tmp_path / "copy.pkl")
+    assert main(["predict", str(tmp_path / "copy.pkl"), str(data / "glass")]) == 0
+    # What fit writes, it can load: a model file's name must say it is a pickle.
+    assert main(["fit", str(data), "-o", str(tmp_path / "model.bin")]) == 1
+    err = capsys.readouterr().err
+    assert "-o " in err and ".joblib, .pkl or .pickle" in err, err
+    assert not (tmp_path / "model.bin").exists()
+
+
 def test_predict_errors_name_the_input(trained, tmp_path, capsys):
     _, _, model_path, data, _ = trained
     assert main(["predict", str(model_path), str(tmp_path / "missing.jpg"), str(model_path)]) == 1
@@ -292,6 +334,9 @@ def test_predict_errors_name_the_input(trained, tmp_path, capsys):
     assert "none.joblib' does not exist" in capsys.readouterr().err
     photo = next(data.rglob("*.jpg"))
     assert main(["predict", str(photo), str(photo)]) == 1
+    assert "is neither a save_model folder nor a joblib file" in capsys.readouterr().err
+    (tmp_path / "text.joblib").write_text("path,label\n")  # named as one, but no pickle
+    assert main(["predict", str(tmp_path / "text.joblib"), str(photo)]) == 1
     assert "is not a model saved by sktransfer fit" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(model_path), str(tmp_path / "empty")]) == 1
@@ -766,13 +811,13 @@ def test_a_trailing_slash_decides_the_output_at_once(trained, tmp_path, capsys):
     assert "no-such" not in err  # refused before the model is even looked for
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    for output, said in [(str(tmp_path / "model"), "has no extension"),
+    for output, said in [(str(tmp_path / "model"), "is neither a folder nor a file named .joblib"),
                          (str(tmp_path / "notes"), "not a saved model")]:
         for argv in (["demo", "-o", output], ["fit", str(tmp_path / "no-such-data"), "-o", output]):
             assert main(argv) == 1
             err = capsys.readouterr().err
             assert said in err and "no-such" not in err, err
-            if said == "has no extension":
+            if said.startswith("is neither"):
                 assert "model/" in err and "model.joblib" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
     assert os.listdir(tmp_path / "notes") == ["todo.txt"]
@@ -842,7 +887,7 @@ def test_messages_use_the_command_lines_words(trained, sample, tmp_path, capsys)
     np.save(tmp_path / "features.npy", features)
     assert main(["predict", str(tmp_path / "features.npy"), str(small / "glass")]) == 1
     err = capsys.readouterr().err
-    assert "is not a model saved by sktransfer fit or joblib.dump" in err and "Error" not in err, err
+    assert "is neither a save_model folder nor a joblib file" in err and "Error" not in err, err
 
 
 def test_bad_images_of_a_csv_are_named_by_line(sample, tmp_path, capsys):

@@ -227,6 +227,51 @@ def test_bad_folders_are_named(tmp_path, fitted):
         save_model("model", tmp_path)
 
 
+def test_links_planted_in_a_model_folder_are_replaced_not_written_through(tmp_path, fitted):
+    # A shared folder's model.json (or a tensor file) planted as a link to another file: a
+    # save replaces the link, and never writes the file it points to.
+    clf, _, _ = fitted
+    victim = tmp_path / "notes.txt"
+    victim.write_text("mine")
+    folder = tmp_path / "shared"
+    save_model(clf, folder)
+    names = json.loads((folder / "model.json").read_text())["files"]
+    for name in ("model.json", names["backbone"]):
+        (folder / name).unlink()
+        (folder / name).symlink_to(victim)
+    save_model(clf, folder)
+    assert victim.read_text() == "mine"
+    assert not any(p.is_symlink() for p in folder.iterdir())
+    load_model(folder)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_or_a_device_in_a_model_folder_is_refused_not_read(tmp_path, fitted):
+    # A FIFO would block the loader for ever, a link to /dev/zero read until memory runs out.
+    clf, _, _ = fitted
+    for victim in ("model.json", "backbone"):
+        folder = tmp_path / victim
+        save_model(clf, folder)
+        name = victim if victim == "model.json" else json.loads((folder / "model.json").read_text())["files"][victim]
+        (folder / name).unlink()
+        if victim == "model.json":
+            os.mkfifo(folder / name)
+        else:
+            (folder / name).symlink_to("/dev/zero")
+        code = f"""
+            from sktransfer import load_model
+            try:
+                load_model({str(folder)!r})
+            except ValueError as e:
+                print(e)
+        """
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=fresh_env(), timeout=120,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("load_model: ") and name in result.stdout, result.stdout
+        assert "not a regular file" in result.stdout
+
+
 def _files(folder):
     """``{name: bytes}`` of the files in ``folder``."""
     return {f.name: f.read_bytes() for f in Path(folder).iterdir()}
