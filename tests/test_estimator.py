@@ -216,8 +216,8 @@ def test_a_cache_dir_that_is_a_file_is_refused_at_fit_before_embedding(two_of_ea
             for estimator in (ImageEmbedder(cache_dir=cache_dir), PretrainedImageClassifier(cache_dir=cache_dir)):
                 with pytest.raises(ValueError, match=f"^cache_dir='.*model.joblib.*' {where}"):
                     estimator.fit(X, y)
-            with pytest.raises(ValueError, match=f"^cache_dir=.* {where}"):
-                PretrainedImageClassifier(cache_dir=cache_dir)._check_fit_settings(y)  # the CLI's and audit's early check
+            with pytest.raises(ValueError, match=f"^cache_dir=.* {where}"):  # the CLI's and audit's early check
+                PretrainedImageClassifier(cache_dir=cache_dir)._check_fit_settings(y)
         assert counter.images == 0
     assert model.read_bytes() == b"not a folder"
 
