@@ -60,6 +60,7 @@ import io
 import numbers
 import os
 import sys
+import urllib.parse
 
 import numpy as np
 
@@ -85,6 +86,9 @@ HASH_DISTANCE = 24
 PROBA_FLOOR = 1e-12
 #: The columns of the table; ``split`` last, so that the older columns keep their places.
 COLUMNS = ["path", "finding", "given_label", "suggested_label", "score", "group", "split"]
+#: A share of the images beyond which the suspected label errors are said to be mostly the
+#: head's own mistakes: real folders seldom have more than a few percent of their labels wrong.
+MANY_SUSPECTS = 0.1
 #: ``split`` of an image of ``X`` and of ``X_test``.
 SPLITS = {"X": "train", "X_test": "test"}
 
@@ -176,6 +180,19 @@ class AuditReport:
         wrong (a small or hard folder), many suspects are labelled right.
         """
         return float(np.mean(self.classes[self.oof_proba.argmax(axis=1)] == self.y))
+
+    def summary(self):
+        """What the audit found, in sentences (as the command line prints it and the page shows it)."""
+        text = (f"{_count(self.items, 'image')} audited: {_count(self.label_issues, 'suspected label error')}, "
+                f"{_count(self.duplicate_groups, 'duplicate group')}, "
+                f"{_count(self.leakage_groups, 'leakage group')}, {_count(self.outliers, 'outlier')}. "
+                f"Out-of-fold accuracy of the head: {self.oof_accuracy:.3f} (how far to trust its label "
+                "suggestions).")
+        if len(self.label_issues) > MANY_SUSPECTS * len(self.items):
+            text += (f" The suspects are {len(self.label_issues) / len(self.items):.0%} of the images: most are "
+                     "likely the head's own mistakes (a small or hard folder), not label errors. Look at the "
+                     "highest scores first, and drop none unseen.")
+        return text
 
     def __repr__(self):
         return (f"AuditReport({_count(self.items, 'image')}: {_count(self.label_issues, 'label issue')}, "
@@ -318,6 +335,7 @@ class AuditReport:
             root = os.path.commonpath([os.path.dirname(f) for f in files]) if files else None
         except ValueError:  # on different drives
             root = None
+        page_folder = os.path.dirname(os.path.abspath(os.fspath(path)))
         sections = []
         for finding, title, explanation in (
             ("label_issue", "Suspected label errors",
@@ -346,7 +364,12 @@ class AuditReport:
                 if suggested is not None:
                     caption.append(f"suggested: <b>{_html(suggested)}</b>")
                 caption.append(f"score {score:.3f}" + ("" if group is None else f", group {group}"))
-                cells.append((group, f'<figure>{_thumbnail(item, thumbnail_size)}'
+                picture = _thumbnail(item, thumbnail_size)
+                if isinstance(item, (str, os.PathLike, np.str_)):  # opens the image, relative to the page
+                    href = urllib.parse.quote(os.fsencode(os.path.relpath(os.path.abspath(os.fspath(item)),
+                                                                          page_folder)))
+                    picture = f'<a href="{html.escape(href)}">{picture}</a>'
+                cells.append((group, f'<figure>{picture}'
                                      f'<figcaption>{"<br>".join(caption)}</figcaption></figure>'))
             if finding in ("duplicate", "leakage"):
                 groups = {}
@@ -368,7 +391,8 @@ figure{{margin:0;width:{thumbnail_size + 32}px;font-size:small;overflow-wrap:any
 img{{max-width:{thumbnail_size}px;max-height:{thumbnail_size}px;display:block}}</style>
 </head><body>
 <h1>Audit of {len(self.items)} images</h1>
-<p>{_html(repr(self))}{"" if root is None else f". Paths are relative to {_html(root)}"}</p>
+<p>{_html(self.summary())}{"" if root is None else f" Paths are relative to {_html(root)}."}
+Each thumbnail opens its image.</p>
 {chr(10).join(sections)}
 </body></html>
 """
@@ -896,7 +920,10 @@ def audit(estimator, X, y, *, cv=5, X_test=None, y_test=None, duplicate_threshol
         raise ValueError(f"y must hold one label per image: X has {len(items)} images, y has shape {y.shape}.")
     check_classification_targets(y)
     if type_of_target(y) not in ("binary", "multiclass") or len(np.unique(y)) < 2:
-        raise ValueError(f"y must have at least 2 classes to cross-validate; it has {np.unique(y).tolist()}.")
+        classes = np.unique(y).tolist()
+        raise ValueError(f"y has a single class ({classes[0]!r}); the audit cross-validates a classifier, which "
+                         "needs at least two." if len(classes) == 1 else
+                         f"y must have at least 2 classes to cross-validate; it has {classes}.")
     test_items = [] if X_test is None else as_image_list(X_test, name="X_test")
     if y_test is not None:
         y_test = np.asarray(y_test)

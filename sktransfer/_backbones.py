@@ -435,13 +435,18 @@ def _timm_recipe(model):
     return Preprocessing.from_timm(resolve_model_data_config(model))
 
 
+def _on_meta(build):
+    """The network ``build()`` makes, on PyTorch's ``meta`` device: shapes only, no memory."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # notes on init defaults: no weights are made here
+        return build()
+
+
 def _description(name, build_on_meta, weights_offline, gflops=None, num_params=None):
     """``describe`` of a family: shapes from a network built on the ``meta`` device."""
     num_features = None
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # notes on init defaults: no weights are made here
-            model = build_on_meta()
+        model = _on_meta(build_on_meta)
         num_features = _remove_top(model, name)
         num_params = sum(p.numel() for p in model.parameters())
     except (ValueError, NotImplementedError, RuntimeError):
@@ -859,6 +864,9 @@ def rebuild_backbone(backbone, state, preprocessing):
         _remove_library_top(net)  # as when it was fitted
     else:
         family = _family(backbone)
+        # A saved folder may name a network far larger than its tensors: compared on the meta
+        # device first, such a network is refused before any of its parameters is made.
+        _check_state_fits(lambda: family.build(backbone, None)[0], state, backbone)
         name, (net, _), stages = backbone, family.build(backbone, None), family.stages
     body = _Body(net)
     try:
@@ -866,6 +874,25 @@ def rebuild_backbone(backbone, state, preprocessing):
     except RuntimeError as e:
         raise ValueError(f"the saved backbone weights do not fit the architecture {name!r}: {e}") from None
     return _freeze(name, body.net, preprocessing, stages, user_code=isinstance(backbone, nn.Module))
+
+
+def _check_state_fits(build, state, name):
+    """Refuse a state dict whose names or shapes differ from those of the body ``build()``
+    makes, built on the ``meta`` device (shapes only, no memory). A network that cannot
+    be built there is left to ``load_state_dict`` after its real build."""
+    try:
+        expected = {k: tuple(v.shape) for k, v in _Body(_on_meta(build)).state_dict().items()}
+    except (NotImplementedError, RuntimeError, ValueError):
+        return
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    if expected == given:
+        return
+    missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & given.keys() if expected[k] != given[k])
+    problems = [f"{len(names)} {what}, e.g. {', '.join(map(repr, names[:2]))}"
+                for names, what in ((missing, "tensors missing"), (unexpected, "tensors it does not have"),
+                                    (reshaped, "tensors of other shapes")) if names]
+    raise ValueError(f"the saved backbone weights do not fit the architecture {name!r}: {'; '.join(problems)}.")
 
 
 def _unknown_backbone_message(name):

@@ -521,8 +521,10 @@ def _fit(args):
         bar.close()
     results = search.cv_results_
     best = search.best_index_
+    chosen = (f" (the best of {candidates} candidates, chosen on these folds: optimistic; `sktransfer evaluate` "
+              "on photos kept out of DATA measures the chosen model)") if candidates > 1 else ""
     print(f"{args.cv}-fold cross-validated accuracy: {results['mean_test_score'][best]:.3f} "
-          f"± {results['std_test_score'][best]:.3f}")
+          f"± {results['std_test_score'][best]:.3f}{chosen}")
     if candidates > 1:
         print(f"Grid of {candidates} candidates, best first:")
         for i in np.argsort(results["rank_test_score"], kind="stable"):
@@ -678,7 +680,7 @@ def _evaluate(args):
     wrong = [(X[i], y[i], predicted[i], losses[i]) for i in shown]
 
     def link(path):  # the image, from the report's folder
-        href = urllib.parse.quote(os.path.relpath(os.path.abspath(path), os.path.abspath(out)))
+        href = urllib.parse.quote(os.fsencode(os.path.relpath(os.path.abspath(path), os.path.abspath(out))))
         return f'<a href="{html.escape(href)}">{html.escape(safe_text(path))}</a>'
 
     rows = "\n".join(
@@ -824,7 +826,6 @@ def _backbones(args):
 
 def _audit(args):
     from . import PretrainedImageClassifier, audit
-    from ._inputs import _count
 
     out = Path(args.output)
     _check_output(out, "-o", folder=True)
@@ -834,7 +835,10 @@ def _audit(args):
     X, y = _read_dataset(args.data, args.path_column, args.label_column, args.lines)
     X_test = y_test = None
     if args.test is not None:
-        X_test, y_test = _read_dataset(args.test, args.path_column, args.label_column, args.lines)
+        try:
+            X_test, y_test = _read_dataset(args.test, args.path_column, args.label_column, args.lines)
+        except ValueError as e:
+            raise ValueError(f"--test {e}") from None
     try:
         report = audit(clf, X, y, cv=args.cv, X_test=X_test, y_test=y_test,
                        duplicate_threshold=args.threshold, random_state=args.random_state,
@@ -847,12 +851,9 @@ def _audit(args):
         make_folders(out)
         report.to_csv(out / "findings.csv")
         report.to_html(out / "index.html")
-    print(f"{_count(X, 'image')} audited: {_count(report.label_issues, 'suspected label error')}, "
-          f"{_count(report.duplicate_groups, 'duplicate group')}, {_count(report.leakage_groups, 'leakage group')}, "
-          f"{_count(report.outliers, 'outlier')}")
-    print(f"Out-of-fold accuracy of the head: {report.oof_accuracy:.3f} (how far to trust its label "
-          f"suggestions). Images joined as duplicates from a feature cosine similarity of "
-          f"{report.duplicate_threshold:.3f} (--threshold).")
+    print(report.summary())
+    print(f"Images joined as duplicates from a feature cosine similarity of {report.duplicate_threshold:.3f} "
+          "(--threshold).")
     print(f"Report written to {out / 'index.html'} and {out / 'findings.csv'}")
     return 0
 
@@ -1061,15 +1062,26 @@ def _in_words(error, lines, args=None):
                       "Accepted: image files Pillow reads (JPEG, PNG, WebP, BMP, TIFF, GIF, ...)."])
 
 
+#: Settings the command line's options give by the same name (``--cache-dir`` gives ``cache_dir``).
+_OPTION_SETTINGS = ("backbone", "weights", "device", "cache_dir", "cv")
+
+
 def _options_named(text, args):
-    """``text`` with ``backbone='x'``/``weights='x'``/``cache_dir='x'`` that ``args`` gave (not a --grid
-    candidate) as the options that gave them, and without the ways round that only Python has."""
+    """``text`` with the settings ``args`` gave (``device='x'``, ``cv=20``; not a --grid
+    candidate) as the options that gave them, labels read from DATA as DATA's, and without
+    the ways round that only Python has."""
     import re
 
-    for name in ("backbone", "weights", "cache_dir"):
+    for name in _OPTION_SETTINGS:
         value = getattr(args, name, None)
-        if isinstance(value, str):
-            text = text.replace(f"{name}={value!r}", f"{_OPTIONS[name]} {value}")
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            option = f"--{name.replace('_', '-')} {value}"
+            text = re.sub(rf"(?<![\w.]){name}={re.escape(repr(value))}(?![\w.])", lambda m: option, text)
+    if getattr(args, "cv", None) is not None:
+        text = re.sub(r"\blower cv\b", "lower --cv", text)
+    data = getattr(args, "data", None)
+    if isinstance(data, str):
+        text = re.sub(r"^y has a single class", lambda m: f"{safe_text(data)!r} has images of a single class", text)
     if getattr(args, "backbone", None) is not None:
         text = text.replace(", None, or a path to a state-dict file", ", or a path to a state-dict file")
         text = re.sub(r"Use a name from sktransfer\.list_backbones\(\), 'timm/<model name>', or pass a "

@@ -70,6 +70,10 @@ _ESTIMATORS = {cls.__name__: cls for cls in (PretrainedImageClassifier, Pretrain
 MACHINE_LOCAL_PARAMS = ("cache_dir", "device", "weights", "compile", "embed_batch_size")
 #: Bounds checked before anything is allocated from model.json's numbers.
 MAX_JSON_BYTES = 64 * 2**20
+#: Values (list items and object members, counted by their commas, before parsing) of a
+#: model.json: parsed, each is a Python object; 2**21 of them hold a few hundred MB at most.
+#: A fit's history of a million batches stays below.
+MAX_JSON_VALUES = 2**21
 MAX_IMAGE_SIDE = 2048
 MAX_FEATURES = 2**20
 MAX_OUTPUTS = 2**20
@@ -268,7 +272,11 @@ def load_model(folder, backbone=None):
     if has_head:
         head_state, head_bytes = _load_tensors(folder, *files["head"])
         _check_head_shapes(info["head"], head_state, files["head"][0])
-    body = rebuild_backbone(architecture, _load_tensors(folder, *files["backbone"])[0], preprocessing)
+    body_state = _load_tensors(folder, *files["backbone"])[0]
+    try:
+        body = rebuild_backbone(architecture, body_state, preprocessing)
+    except ValueError as e:
+        raise ValueError(f"load_model: backbone.name in {MODEL_FILE} and {files['backbone'][0]}: {e}") from None
     if body.num_features != saved["num_features"] or (has_head and body.num_features != info["head"]["in_features"]):
         raise ValueError(
             f"load_model: {MODEL_FILE} says the backbone gives {saved['num_features']} features, "
@@ -348,6 +356,21 @@ def _read_saved(path, limit=None):
     return data
 
 
+def _refuse_compressed(data, path):
+    """Refuse a zip tensor file with compressed records, or records larger than the file:
+    ``torch.save`` stores them as they are, and ``torch.load`` would inflate them to
+    whatever size they claim before any shape is checked."""
+    import zipfile
+
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return  # not torch's zip format: torch.load says what it is
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        records = archive.infolist()
+    if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > len(data):
+        raise ValueError(f"load_model: {path!r} holds compressed records, which torch.save never writes: refused "
+                         "unread, as a small file could inflate to any size.")
+
+
 def _load_tensors(folder, name, expected):
     """``(state_dict, file bytes)`` of the tensor file ``name``, checked to have the content digest
     ``expected`` (unless None), then read with ``weights_only=True``."""
@@ -363,6 +386,7 @@ def _load_tensors(folder, name, expected):
             "digest differs): the folder mixes files of two saves, or the file was changed. Save the "
             "model again."
         )
+    _refuse_compressed(data, path)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -379,10 +403,15 @@ def _read_info(folder):
     try:
         data = _read_saved(path, MAX_JSON_BYTES)
     except FileNotFoundError:
+        if not os.path.isdir(folder):
+            raise ValueError(f"load_model: {folder!r} does not exist; expected a folder written by save_model.") from None
         raise ValueError(f"load_model: {folder!r} has no {MODEL_FILE}; expected a folder written by save_model.") from None
     except NotADirectoryError:
         raise ValueError(f"load_model: {folder!r} is a file, not a folder written by save_model (a file "
                          "written by joblib.dump loads with joblib.load, from trusted sources only).") from None
+    if data.count(b",") > MAX_JSON_VALUES:
+        raise ValueError(f"load_model: {path!r} holds more than {MAX_JSON_VALUES} values; not written by "
+                         "save_model.")
     try:
         info = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

@@ -206,6 +206,9 @@ _UNREAD_KINDS = {
     "unreadable folder": ("folder that cannot be read ({reason})", "folders that cannot be read ({reason})"),
     "other class": ("folder of another class (a class folder or a link into one; read as that class)",
                     "folders of another class (a class folder or a link into one; read as that class)"),
+    "other class file": ("linked file of another class (a link to a photo in another class folder; read as "
+                         "that class)", "linked files of another class (links to photos in another class "
+                         "folder; read as that class)"),
 }
 _FOLDER_KINDS = ("unreadable folder", "other class")
 
@@ -233,7 +236,7 @@ def image_files(folder, skipped=None, unread=None, outside=()):
     not read are appended to ``unread`` as :class:`Unread` when given:
     broken links, other entries that are not files (pipes, sockets),
     sub-folders that cannot be listed (no permission), and folders in
-    ``outside``.
+    ``outside`` and links to files in them.
     ``outside``: real paths of folders not to enter, nor anything under
     them (the other class folders of :func:`load_image_folder`); one that
     holds ``folder`` itself is ignored.
@@ -270,6 +273,8 @@ def image_files(folder, skipped=None, unread=None, outside=()):
                 continue
             if not os.path.isfile(path):
                 unread.append(Unread(path, "broken link" if os.path.islink(path) else "not a file"))
+            elif outside and os.path.islink(path) and any(_within(os.path.realpath(path), o) for o in outside):
+                unread.append(Unread(path, "other class file"))  # that class's photo, labelled there
             elif _is_image_name(Path(name)):
                 found.append((path_key(below / name), path))
             elif skipped is not None:

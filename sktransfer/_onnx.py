@@ -200,8 +200,8 @@ def export_onnx(model, path):
         "producer": f"sktransfer {__version__}",
         "estimator": type(model).__name__,
         "backbone": backbone.name,
-        "input": f"images: uint8 (n, {h}, {w}, 3) RGB, prepared as crop_mode says "
-                 "(Preprocessing.to_array)",
+        "input": f"images: uint8 (n, {h}, {w}, 3) RGB, decoded, resized and cropped as resize_size, "
+                 "crop_size, crop_mode and interpolation say",
         "output": output_name,
         # JSON: an int (the shorter side / a square) or [height, width].
         "resize_size": json.dumps(prep.resize_size),

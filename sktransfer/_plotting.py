@@ -289,9 +289,9 @@ def plot_history(estimator, keys=None):
 
     Parameters
     ----------
-    estimator : PretrainedImageClassifier, skorch net or skorch History
-        A fitted classifier (its ``history_``), a skorch net (its ``history``),
-        or a history itself.
+    estimator : PretrainedImageClassifier, PretrainedImageRegressor, Pipeline, skorch net or skorch History
+        A fitted estimator (its ``history_``), a Pipeline ending in one, a
+        skorch net (its ``history``), or a history itself.
     keys : list of str, default=None
         History columns to draw; by default ``train_loss`` and, when recorded
         (``early_stopping=True``), ``valid_loss`` and ``valid_acc``.
@@ -302,14 +302,19 @@ def plot_history(estimator, keys=None):
         Losses on the left axis; accuracies (other scores), when drawn, on a
         right axis, from 0 to 1 when every value lies there; the legend below.
     """
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(estimator, Pipeline):
+        estimator = estimator.steps[-1][1]  # the step that was trained
     if hasattr(type(estimator), "history_"):
         history = estimator.history_  # NotFittedError before fit
     else:
         history = getattr(estimator, "history", estimator)
-    if not hasattr(history, "__getitem__") or len(history) == 0:
+    if not (isinstance(history, list) and len(history) and all(isinstance(row, dict) for row in history)):
         raise ValueError(
-            "plot_history needs a fitted PretrainedImageClassifier, a skorch net or a skorch "
-            f"History with at least one epoch; got {type(estimator).__name__}."
+            "plot_history needs a fitted PretrainedImageClassifier or PretrainedImageRegressor (or a "
+            "Pipeline ending in one), a skorch net or a skorch History with at least one epoch; got "
+            f"{type(estimator).__name__}."
         )
     recorded = set().union(*(row.keys() for row in history))
     if keys is None:

@@ -1,5 +1,6 @@
 """sktransfer.audit and `sktransfer audit`: real photos with injected faults."""
 
+import copy
 import csv
 import os
 import shutil
@@ -13,8 +14,9 @@ from sklearn.model_selection import GroupKFold, KFold, cross_val_predict
 
 from sktransfer import PretrainedImageClassifier, audit, clear_cache, load_image_folder
 from sktransfer._audit import (
-    COLUMNS, FINDINGS, HASH_DISTANCE, calibrated_joint, class_outliers, combine_evidence, confident_joint,
-    duplicate_components, find_label_issues, label_conflicts, log_ratio, neighbour_proba, normalized_margin, perceptual_hash)
+    COLUMNS, FINDINGS, HASH_DISTANCE, MANY_SUSPECTS, calibrated_joint, class_outliers, combine_evidence,
+    confident_joint, duplicate_components, find_label_issues, label_conflicts, log_ratio, neighbour_proba,
+    normalized_margin, perceptual_hash)
 from sktransfer._backbones import build_backbone
 from sktransfer._cli import main
 from sktransfer._inputs import read_item
@@ -440,6 +442,27 @@ def test_counts_say_what_they_count(faulty, tmp_path):
     assert f"<h2>Outliers ({n_outliers} image{'' if n_outliers == 1 else 's'})</h2>" in page
 
 
+def test_the_page_says_what_it_found_in_words_and_links_each_image(faulty, tmp_path):
+    import urllib.parse
+
+    report = faulty["report"]
+    out = tmp_path / "report"
+    report.to_html(out / "index.html")
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "AuditReport(" not in page  # a sentence, not Python's repr
+    assert f"Out-of-fold accuracy of the head: {report.oof_accuracy:.3f}" in page
+    for i in report.label_issues:  # each thumbnail opens its image, relative to the page
+        href = urllib.parse.quote(os.path.relpath(os.path.abspath(report.items[i]), out))
+        assert f'<a href="{href}">' in page
+    # Many suspects for the folder: most are likely the head's own mistakes, and the page says so.
+    note = "own mistakes (a small or hard folder), not label errors"
+    many = len(report.label_issues) > MANY_SUSPECTS * len(report.items)
+    assert (note in page) == (note in report.summary()) == many
+    few = copy.copy(report)
+    few.label_issues = report.label_issues[:int(MANY_SUSPECTS * len(report.items))]
+    assert note not in few.summary() and f"{len(few.label_issues)} suspected label error" in few.summary()
+
+
 def test_report_shows_how_often_the_cross_validated_model_is_right(faulty):
     # Suspects are only as good as the out-of-fold model: a user deciding whether to drop them
     # sees its accuracy beside their number.
@@ -651,7 +674,7 @@ def test_cli_report_shows_names_that_are_not_utf8(sample, tmp_path):
     (dict(X_test=["missing.jpg"], y_test=["a", "b"]), "y_test"),
     (dict(y_test=["a", "b", "a"]), "y_test was given without X_test"),
     (dict(X_test=["missing.jpg"]), r"1 input\(s\) of X_test cannot be used as images:\n  \[0\] 'missing.jpg'"),
-    (dict(y=["a"] * 12), "at least 2 classes"),
+    (dict(y=["a"] * 12), "y has a single class \\('a'\\)"),
 ])
 def test_bad_input_errors_before_any_work(sample, kwargs, message):
     X, y = sample[0][:12], np.repeat(["a", "b"], 6)

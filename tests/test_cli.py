@@ -76,6 +76,9 @@ def test_fit_prints_cv_accuracy_and_chosen_settings_and_saves(trained):
     assert code == 0
     assert "2-fold cross-validated accuracy:" in out
     assert "Grid of 4 candidates" in out
+    # The best of several candidates, chosen on the folds that scored it, is said to be optimistic.
+    headline = next(line for line in out.splitlines() if "cross-validated accuracy" in line)
+    assert "the best of 4 candidates, chosen on these folds: optimistic" in headline, headline
     model = joblib.load(model_path)
     assert isinstance(model, PretrainedImageClassifier)
     chosen = out.split("Chosen settings: ")[1].splitlines()[0]
@@ -288,6 +291,27 @@ class _Planted:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def test_messages_name_options_as_typed(sample, tmp_path, capsys):
+    data = copy_images(sample, tmp_path / "d", 3)
+    assert main(["fit", str(data), "-o", str(tmp_path / "m.joblib"), "--cv", "2", "--device", "cdua"]) == 1
+    err = capsys.readouterr().err
+    assert "--device cdua" in err and "device=" not in err, err
+    assert main(["audit", str(data), "-o", str(tmp_path / "a"), "--cv", "20"]) == 1
+    err = capsys.readouterr().err
+    assert "--cv 20" in err and "cv=" not in err, err
+    one = copy_images(sample, tmp_path / "one", 3)
+    for c in CLASSES[1:]:
+        shutil.rmtree(one / c)
+    for command in (["fit", str(one), "-o", str(tmp_path / "m.joblib"), "--cv", "2"],
+                    ["audit", str(one), "-o", str(tmp_path / "a"), "--cv", "2"]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert f"{str(one)!r} has images of a single class ('cardboard')" in err, err
+    assert main(["audit", str(data), "-o", str(tmp_path / "a"), "--test", str(data / "glass")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sktransfer audit: error: --test "), err
 
 
 def test_only_files_named_as_pickles_are_unpickled(trained, tmp_path, capsys):
@@ -644,6 +668,14 @@ def test_file_names_that_are_not_utf8_are_written_whole(sample, tmp_path, traine
     assert np.load(tmp_path / "f.npy").shape == (2, 1280)
     assert (tmp_path / "f.paths.txt").read_text(encoding="utf-8").splitlines() == \
         [str(tmp_path / "caf\\xe9.jpg"), sample[0][1]]
+    # evaluate's page links each misclassified photo, whatever bytes its name holds.
+    data = tmp_path / "data"
+    for c in ("glass", "metal"):
+        (data / c).mkdir(parents=True)
+    shutil.copy(sample[0][0], data / "glass" / os.fsdecode(b"caf\xe9.jpg"))  # a cardboard photo filed as glass
+    shutil.copy(sample[0][40], data / "metal" / "m.jpg")
+    assert main(["evaluate", str(model_path), str(data), "-o", str(tmp_path / "report")]) == 0
+    assert 'href="../data/glass/caf%E9.jpg"' in (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
     capsys.readouterr()
 
 
@@ -737,7 +769,8 @@ def test_too_few_images_for_the_folds_names_the_class_as_plain_text(sample, tmp_
     assert "class 'cardboard' has 2 images, fewer than --cv 5" in err and "np." not in err
     assert main(["audit", str(data), "--cv", "5", "-o", str(tmp_path / "audit")]) == 1
     err = capsys.readouterr().err
-    assert "class 'cardboard' has 2 image(s), fewer than cv=5" in err and "np." not in err
+    assert "class 'cardboard' has 2 image(s), fewer than --cv 5" in err and "np." not in err
+    assert err.rstrip().endswith("lower --cv."), err
     assert main(["audit", str(data), "--random-state", "-5", "-o", str(tmp_path / "audit")]) == 1
     assert capsys.readouterr().err.startswith("sktransfer audit: error: --random-state -5: ")
 

@@ -1,6 +1,7 @@
 """save_model / load_model: tensors and JSON, loaded without running code or the network."""
 
 import html
+import io
 import json
 import os
 import re
@@ -205,6 +206,8 @@ def test_bad_folders_are_named(tmp_path, fitted):
     clf, _, _ = fitted
     with pytest.raises(ValueError, match="no model.json"):
         load_model(tmp_path)
+    with pytest.raises(ValueError, match="load_model: .*nosuch' does not exist"):
+        load_model(tmp_path / "nosuch")
     (tmp_path / "model.joblib").write_bytes(b"a pickle")
     with pytest.raises(ValueError, match="is a file, not a folder written by save_model"):
         load_model(tmp_path / "model.joblib")
@@ -270,6 +273,64 @@ def test_a_fifo_or_a_device_in_a_model_folder_is_refused_not_read(tmp_path, fitt
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("load_model: ") and name in result.stdout, result.stdout
         assert "not a regular file" in result.stdout
+
+
+def test_tensor_files_that_would_inflate_are_refused_before_loading(tmp_path, fitted):
+    # torch.load accepts compressed zip records: a small file could hold a huge tensor.
+    import zipfile
+
+    clf, _, _ = fitted
+    save_model(clf, tmp_path)
+    raw = io.BytesIO()
+    torch.save({"weight": torch.zeros(2**24)}, raw)  # 64 MB of tensor
+    packed = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw.getvalue())) as source, \
+            zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            target.writestr(item.filename, source.read(item))
+    planted = packed.getvalue()
+    assert len(planted) < 2**20
+    info = json.loads((tmp_path / "model.json").read_text())
+    name = f"head-{digest(planted)}.pt"
+    (tmp_path / name).write_bytes(planted)
+    (tmp_path / "model.json").write_text(json.dumps({**info, "files": {**info["files"], "head": name}}))
+    with pytest.raises(ValueError, match=f"load_model: .*{name}.* compressed"):
+        load_model(tmp_path)
+
+
+def test_an_architecture_its_tensors_do_not_fit_is_refused_before_it_is_built(tmp_path, fitted, monkeypatch):
+    # model.json naming a network larger than its tensors (vit_large: 300M parameters) cost that
+    # network's build, gigabytes, before the tensors were found not to fit. Its shapes are compared
+    # on PyTorch's meta device first: no parameter of it is ever made in memory.
+    import sktransfer._backbones as backbones
+
+    clf, _, _ = fitted
+    save_model(clf, tmp_path)
+    info = json.loads((tmp_path / "model.json").read_text())
+    info["backbone"]["name"] = "timm/vit_large_patch16_224"
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    built = []
+    real_freeze = backbones._Body
+
+    def recording(net):
+        built.append(next(net.parameters()).device.type)
+        return real_freeze(net)
+
+    monkeypatch.setattr(backbones, "_Body", recording)
+    with pytest.raises(ValueError, match="load_model: .*do not fit the architecture 'timm/vit_large_patch16_224'"):
+        load_model(tmp_path)
+    assert built == ["meta"]
+
+
+def test_json_of_too_many_values_is_refused_while_it_is_read(tmp_path, fitted):
+    # A 64 MB model.json of empty objects made Python objects of gigabytes before any check.
+    clf, _, _ = fitted
+    save_model(clf, tmp_path)
+    text = (tmp_path / "model.json").read_text()
+    history = "[" + ",".join(["{}"] * 3_000_000) + "]"
+    (tmp_path / "model.json").write_text(text.replace('"history": [', f'"history": {history[:-1]},', 1))
+    with pytest.raises(ValueError, match="load_model: .*model.json' holds more than .* values"):
+        load_model(tmp_path)
 
 
 def _files(folder):

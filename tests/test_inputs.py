@@ -141,6 +141,25 @@ def test_a_link_to_the_data_root_or_another_class_never_labels_that_class_s_phot
         load_image_folder(data)
 
 
+def test_a_linked_photo_of_another_class_keeps_that_class_alone(tmp_path, sample):
+    # A file linked into another class folder (ln -s ../cats/a.jpg dogs/a_link.jpg) is that
+    # class's photo: skipped here with a warning, as a linked folder of another class is.
+    photos = sample[0]
+    data = tmp_path / "data"
+    for name, photo in (("cats/a.jpg", 0), ("dogs/c.jpg", 40)):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photos[photo], data / name)
+    (data / "dogs" / "a_link.jpg").symlink_to(Path("..") / "cats" / "a.jpg")
+    (data / "dogs" / "own_link.jpg").symlink_to("c.jpg")  # a link within its own class: read
+    with pytest.warns(UserWarning) as caught:
+        paths, labels = load_image_folder(data)
+    assert _relative(paths, data) == ["cats/a.jpg", "dogs/c.jpg", "dogs/own_link.jpg"]
+    assert list(labels) == ["cats", "dogs", "dogs"]
+    message = " ".join(str(w.message) for w in caught)
+    assert "skipped 1 file in the class folders" in message, message
+    assert "1 linked file of another class" in message and str(data / "dogs" / "a_link.jpg") in message
+
+
 def test_a_sub_folder_that_cannot_be_read_is_told_not_dropped_silently(tmp_path, sample):
     photos = sample[0]
     data = tmp_path / "data"

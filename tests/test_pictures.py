@@ -9,8 +9,8 @@ from PIL import Image
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-from sktransfer import (PretrainedImageClassifier, PretrainedImageRegressor, TopLossesDisplay, explain, plot_history,
-                        plot_top_losses)
+from sktransfer import (ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor, TopLossesDisplay, explain,
+                        plot_history, plot_top_losses)
 from sktransfer._backbones import build_backbone
 
 from conftest import subset, SAMPLE
@@ -125,6 +125,14 @@ def test_plot_history_draws_the_recorded_curves(clf, data):
         plot_history(clf, keys=["valid_acc"])
     with pytest.raises(NotFittedError):
         plot_history(PretrainedImageClassifier())
+    # A fitted Pipeline ending in one of sktransfer's estimators: that estimator's history.
+    from sklearn.pipeline import make_pipeline
+
+    pipeline = make_pipeline(stopped)
+    labels = [line.get_label() for ax in plot_history(pipeline).axes for line in ax.get_lines()]
+    assert labels == ["train_loss", "valid_loss", "valid_acc"]
+    with pytest.raises(ValueError, match="a fitted PretrainedImageClassifier or PretrainedImageRegressor"):
+        plot_history(make_pipeline(ImageEmbedder()))
 
 
 def test_confusion_matrix_through_sklearn_display(clf, data):
