@@ -436,13 +436,18 @@ def _timm_recipe(model):
     return Preprocessing.from_timm(resolve_model_data_config(model))
 
 
+def _on_meta(build):
+    """The network ``build()`` makes, on PyTorch's ``meta`` device: shapes only, no memory."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # notes on init defaults: no weights are made here
+        return build()
+
+
 def _description(name, build_on_meta, weights_offline, gflops=None, num_params=None):
     """``describe`` of a family: shapes from a network built on the ``meta`` device."""
     num_features = None
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # notes on init defaults: no weights are made here
-            model = build_on_meta()
+        model = _on_meta(build_on_meta)
         num_features = _remove_top(model, name)
         num_params = sum(p.numel() for p in model.parameters())
     except (ValueError, NotImplementedError, RuntimeError):
@@ -884,9 +889,7 @@ def _check_state_fits(build, state, name):
     makes, built on the ``meta`` device (shapes only, no memory). A network that cannot
     be built there is left to ``load_state_dict`` after its real build."""
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # notes on init defaults: no weights are made here
-            expected = {k: tuple(v.shape) for k, v in _Body(build()).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in _Body(_on_meta(build)).state_dict().items()}
     except (NotImplementedError, RuntimeError, ValueError):
         return
     given = {k: tuple(v.shape) for k, v in state.items()}

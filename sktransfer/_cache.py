@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import errno
 import hashlib
+import itertools
 import numbers
 import os
 import re
@@ -33,7 +34,7 @@ import warnings
 
 import numpy as np
 
-from ._outputs import TEMP_PREFIX as _TEMP_PREFIX, write_atomic
+from ._outputs import TEMP_PREFIX as _TEMP_PREFIX, folder_below, in_folder, write_atomic
 
 __all__ = ["clear_cache", "cache_info", "set_memory_cache_size"]
 
@@ -75,8 +76,8 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC"
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
-def _read_regular(path, *, size=None, follow_links=True):
-    """``(stat, bytes)`` of the regular file at ``path``.
+def _read_regular(path, *, size=None, follow_links=True, dir_fd=None):
+    """``(stat, bytes)`` of the regular file at ``path`` (relative to the folder ``dir_fd`` when given).
 
     Opens without blocking (a FIFO would wait for a writer) and, when
     ``follow_links`` is False, refuses a symbolic link; raises ``OSError``
@@ -84,7 +85,7 @@ def _read_regular(path, *, size=None, follow_links=True):
     ``size`` when given. Reads at most the size the file had when opened.
     """
     flags = _OPEN_FLAGS | _NONBLOCK | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0))
-    fd = os.open(path, flags)
+    fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -323,8 +324,30 @@ _ENTRY = re.compile(r"[0-9a-f]{32}\.f32\Z")
 
 
 def cache_folder(cache_dir):
-    """The folder a ``cache_dir`` names, ``~`` expanded (as joblib.Memory and the shell do)."""
-    return os.path.expanduser(os.fspath(cache_dir))
+    """The folder a ``cache_dir`` names, ``~`` expanded (as joblib.Memory and the shell do);
+    a TypeError naming ``cache_dir`` for anything but a str or path-like name."""
+    try:
+        folder = os.fspath(cache_dir)
+    except TypeError:
+        folder = None
+    if not isinstance(folder, str):
+        raise TypeError(f"cache_dir={cache_dir!r} is not a folder name: use a str or path-like object "
+                        "(or None for the memory cache only).")
+    return os.path.expanduser(folder)
+
+
+def check_cache_dir(cache_dir):
+    """Refuse, with a ValueError naming ``cache_dir``, a folder name that is a file or lies
+    in one: every write to the cache would fail (None, no disk cache, passes)."""
+    if cache_dir is None:
+        return
+    level = os.path.abspath(cache_folder(cache_dir))
+    while not os.path.exists(level) and os.path.dirname(level) != level:
+        level = os.path.dirname(level)  # the folders still to make
+    if not os.path.isdir(level):
+        where = "is a file" if level == os.path.abspath(cache_folder(cache_dir)) else f"lies in the file {level!r}"
+        raise ValueError(f"cache_dir={os.fspath(cache_dir)!r} {where}, not a folder: give a folder for the "
+                         "feature cache (made when missing), or None to keep features in memory only.")
 
 
 class DiskCache:
@@ -336,7 +359,9 @@ class DiskCache:
     into place, so a reader sees a whole entry or none, even beside a writer
     that is killed. Reads open only regular files (no links, no FIFOs, no
     devices) of exactly the expected size. An entry whose check fails is
-    ignored and rewritten.
+    ignored and rewritten. The namespace and sub-folders are the cache's own:
+    where one is a symbolic link, it is not followed (an entry there is not
+    read, nor written); the ``root`` the user named may be one.
 
     The checksum guards against damage, not against someone who may write to
     the folder: a ``cache_dir`` must be writable only by people you trust.
@@ -360,11 +385,18 @@ class DiskCache:
 
     def has(self, key):
         """Whether an entry for ``key`` is on disk (whole: entries are renamed into place)."""
-        return os.path.lexists(self._path(key))
+        try:
+            with folder_below(self.root, (self.namespace, key[:2])) as (fd, folder):
+                os.stat(in_folder(fd, folder, key + self.SUFFIX), dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
 
     def get(self, key, num_features):
         try:
-            _, data = _read_regular(self._path(key), size=4 * num_features + DIGEST_SIZE, follow_links=False)
+            with folder_below(self.root, (self.namespace, key[:2])) as (fd, folder):
+                _, data = _read_regular(in_folder(fd, folder, key + self.SUFFIX), dir_fd=fd,
+                                        size=4 * num_features + DIGEST_SIZE, follow_links=False)
         except OSError:
             return None
         body, check = data[:-DIGEST_SIZE], data[-DIGEST_SIZE:]
@@ -378,7 +410,7 @@ class DiskCache:
         try:
             # mkstemp makes 0600; a shared cache must be readable by others
             write_atomic(self._path(key), body + self._check(key, body), mode=0o644, makedirs=True, durable=False,
-                         follow_links=False)
+                         follow_links=False, root=self.root)
         except OSError as e:
             # A full or read-only disk costs recomputation later, never a wrong entry.
             return e
@@ -421,6 +453,21 @@ def _scan(cache_dir):
     return entries, folders, others
 
 
+def _by_folder(cache_dir, paths):
+    """``(fd, folder, name)`` of each of ``paths`` (found by :func:`_scan`), each folder reached
+    again without following a link (see :func:`~sktransfer._outputs.folder_below`): one made
+    a link since the scan, or removed, is passed over."""
+    for folder, group in itertools.groupby(paths, os.path.dirname):
+        names = [] if folder == cache_dir else os.path.relpath(folder, cache_dir).split(os.sep)
+        try:
+            with folder_below(cache_dir, names) as (fd, path):
+                for entry in group:
+                    yield fd, path, os.path.basename(entry)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOENT):
+                raise
+
+
 def cache_info(cache_dir=None):
     """Size of the feature caches.
 
@@ -433,11 +480,14 @@ def cache_info(cache_dir=None):
     -------
     info : dict
         ``entries`` and ``bytes`` (and ``max_bytes`` for the memory cache).
-        For a disk cache, only the entries the cache wrote are counted; a
-        folder not created yet has none.
+        For a disk cache, only the entries the cache wrote are counted (none
+        through a namespace or sub-folder that is a symbolic link); a folder
+        not created yet has none.
 
     Raises
     ------
+    TypeError
+        When ``cache_dir`` is not a str, a path-like object or None (so does ``clear_cache``).
     NotADirectoryError
         When ``cache_dir`` is a file (so does ``clear_cache``).
     PermissionError
@@ -446,12 +496,13 @@ def cache_info(cache_dir=None):
     """
     if cache_dir is None:
         return MEMORY.info()
-    entries = _scan(cache_folder(cache_dir))[0]
+    cache_dir = cache_folder(cache_dir)
+    entries = _scan(cache_dir)[0]
     entries = [p for p in entries if p.endswith(DiskCache.SUFFIX)]
     size = 0
-    for path in entries:
+    for fd, folder, name in _by_folder(cache_dir, entries):
         try:
-            size += os.lstat(path).st_size
+            size += os.stat(in_folder(fd, folder, name), dir_fd=fd, follow_symlinks=False).st_size
         except OSError:
             pass
     return {"entries": len(entries), "bytes": size}
@@ -467,20 +518,22 @@ def clear_cache(cache_dir=None):
         Only what the cache wrote there is deleted (``<namespace>/<xx>/<digest>.f32``
         entries, unfinished ``.tmp-*`` writes, and the folders they leave
         empty). Anything else is left in place, and one ``UserWarning`` lists it.
+        A namespace or sub-folder that is a symbolic link is not followed: the
+        link is left in place, and listed (``cache_dir`` itself may be one).
     """
     if cache_dir is None:
         MEMORY.clear()
         return
     cache_dir = cache_folder(cache_dir)
     entries, folders, others = _scan(cache_dir)
-    for path in entries:
+    for fd, folder, name in _by_folder(cache_dir, entries):
         try:
-            os.unlink(path)
+            os.unlink(in_folder(fd, folder, name), dir_fd=fd)
         except FileNotFoundError:
             pass
-    for folder in reversed(folders):  # sub-folders before their namespace folder
+    for fd, parent, name in _by_folder(cache_dir, reversed(folders)):  # sub-folders before their namespace
         try:
-            os.rmdir(folder)  # only when empty: what else sits there stays
+            os.rmdir(in_folder(fd, parent, name), dir_fd=fd)  # only when empty: what else sits there stays
         except OSError:
             pass
     if others:

@@ -13,6 +13,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from ._cache import check_cache_dir
 from ._engine import ENGINES, PRECISIONS
 from ._outputs import csv_text, make_folders, safe_text, write_atomic
 from ._version import __version__
@@ -229,6 +230,7 @@ def _validated(clf, args):
         given = [f"{flag} {getattr(args, name)}" for name, flag in _OPTIONS.items()
                  if f"'{name}'" in str(e) and hasattr(args, name)]
         raise ValueError(f"{given[0]}: {e}" if given else str(e)) from None
+    check_cache_dir(clf.cache_dir)  # before any --grid candidate is checked: it is none of theirs
     return clf
 
 

@@ -36,6 +36,7 @@ from sklearn.utils.validation import (
 from ._version import __version__
 from ._augment import AUGMENT_PRESETS, TTA_PRESETS, augment_views, copy_augment, is_estimator, tta_views
 from ._backbones import build_backbone
+from ._cache import check_cache_dir
 from ._engine import ENGINES, PRECISIONS
 from ._engine import check_settings as check_engine_settings
 from ._features import extract_features
@@ -292,6 +293,7 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
     def fit(self, X=None, y=None):
         """Load the backbone. ``X`` is checked but not embedded (nothing is learned)."""
         self._validate_params()
+        check_cache_dir(self.cache_dir)
         if X is not None:
             as_image_list(X)
         _check_columns(self, X, reset=True)
@@ -649,6 +651,7 @@ class _PretrainedImageModel(_FittedStateMixin, BaseEstimator):
         """
         self._validate_params()
         self._check_hidden_units()
+        check_cache_dir(self.cache_dir)
 
         def check(labels):
             y_train, _, n_outputs, _, _ = self._prepare_targets(labels, len(labels), None)

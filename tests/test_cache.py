@@ -327,3 +327,129 @@ def test_cache_info_and_clear_cache_refuse_an_unreadable_folder_inside(tmp_path)
     assert all(str(locked[i // 2]) in line for i, line in enumerate(lines)), lines  # each names its folder
     for cache in caches:
         assert cache_info(cache)["entries"] == 2  # refused before anything was deleted
+
+
+def _link(link, target):
+    """Make ``link`` a symbolic link to the folder ``target``, or skip where links cannot be made."""
+    try:
+        os.symlink(target, link, target_is_directory=True)
+    except (OSError, NotImplementedError) as e:  # Windows without the privilege to make links
+        pytest.skip(f"symbolic links cannot be made here: {e}")
+
+
+def _tree(folder):
+    """``{relative path: bytes}`` of the files under ``folder``."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("level", ["namespace", "sub-folder"])
+def test_a_link_planted_below_the_cache_folder_leads_no_write_nor_read_outside(tmp_path, sample, level):
+    """A namespace or sub-folder that is a symbolic link is a miss to read and a refused write:
+    whoever may write in a shared cache could otherwise make it read features from, and write
+    files into, any folder the user can."""
+    photos = sample[0][:2]
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    clear_cache()
+    features = ImageEmbedder(engine="torch", cache_dir=cache).fit_transform(photos)
+    (folder,) = cache.iterdir()  # the namespace the embedder uses
+    keys = [read_item(p)[0] for p in photos]
+    outside.mkdir()
+    if level == "namespace":
+        shutil.rmtree(folder)
+        _link(folder, outside)
+        planted = [outside / key[:2] for key in keys]
+    else:
+        planted = []
+        for key in keys:
+            sub = folder / key[:2]
+            shutil.rmtree(sub, ignore_errors=True)
+            _link(sub, outside / key[:2])
+            planted.append(outside / key[:2])
+    for sub in planted:
+        sub.mkdir(exist_ok=True)
+    # The first photo's entry is there to be read through the link (well formed, other features);
+    # the second's is missing, to be written through it.
+    for key, sub in zip(keys[:1], planted):
+        body = np.zeros(features.shape[1], np.float32).tobytes()
+        (sub / f"{key}.f32").write_bytes(body + DiskCache(cache, folder.name)._check(key, body))
+    before = _tree(outside)
+    clear_cache()  # memory: the disk is asked
+    with pytest.warns(RuntimeWarning, match="feature cache") as told:
+        again = ImageEmbedder(engine="torch", cache_dir=cache).fit_transform(photos)
+    assert len([w for w in told if issubclass(w.category, RuntimeWarning)]) == 1
+    assert "symbolic link" in str(told[0].message)
+    np.testing.assert_array_equal(again, features)  # computed, not the planted zeros
+    assert _tree(outside) == before  # nothing written there, nor removed
+    disk = DiskCache(cache, folder.name)
+    assert not disk.has(keys[0]) and disk.get(keys[0], features.shape[1]) is None
+
+
+@pytest.fixture(params=["by descriptor", "by path"])
+def walk(request, monkeypatch):
+    """Each way the cache walks its folders: by descriptor (POSIX), and by path with a check of
+    each level (where the platform has no O_NOFOLLOW and dir_fd: Windows), run here too."""
+    from sktransfer import _outputs
+
+    if request.param == "by descriptor" and not _outputs._BY_DESCRIPTOR:
+        pytest.skip("this platform walks folders by path")
+    monkeypatch.setattr(_outputs, "_BY_DESCRIPTOR", request.param == "by descriptor")
+    return request.param
+
+
+@pytest.mark.parametrize("level", ["namespace", "sub-folder"])
+def test_a_linked_level_is_a_miss_and_a_refused_write_either_way_the_folders_are_walked(tmp_path, walk, level):
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    disk = DiskCache(cache, "a" * 32)
+    kept, planted = "cc" + "0" * 30, "dd" + "0" * 30
+    DiskCache(outside, "a" * 32).put(planted, np.arange(4, dtype=np.float32))
+    assert disk.put(kept, np.ones(4, np.float32)) is None
+    if level == "namespace":
+        shutil.rmtree(cache / ("a" * 32))
+        _link(cache / ("a" * 32), outside / ("a" * 32))
+    else:
+        _link(cache / ("a" * 32) / "dd", outside / ("a" * 32) / "dd")
+    before = _tree(outside)
+    assert not disk.has(planted) and disk.get(planted, 4) is None
+    error = disk.put(planted, np.ones(4, np.float32))
+    assert isinstance(error, OSError) and "symbolic link" in str(error)
+    assert _tree(outside) == before
+    if level == "sub-folder":  # the levels that are no links still serve
+        np.testing.assert_array_equal(disk.get(kept, 4), np.ones(4, np.float32))
+
+
+def test_a_cache_dir_that_is_itself_a_link_is_the_folder_it_names(tmp_path, walk):
+    """The folder the user names may be a link (their choice): only the levels below it are the cache's own."""
+    target = tmp_path / "on another disk"
+    target.mkdir()
+    _link(tmp_path / "cache", target)
+    cache = DiskCache(tmp_path / "cache", "f" * 32)
+    key = "ab" + "0" * 30
+    assert cache.put(key, np.arange(4, dtype=np.float32)) is None
+    assert (target / ("f" * 32) / "ab" / f"{key}.f32").is_file()
+    assert cache.has(key)
+    np.testing.assert_array_equal(cache.get(key, 4), np.arange(4, dtype=np.float32))
+    assert cache_info(tmp_path / "cache")["entries"] == 1
+
+
+def test_clear_cache_and_cache_info_follow_no_link_below_the_cache_folder(tmp_path, walk):
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    mine = DiskCache(cache, "a" * 32)
+    mine.put("cc" + "0" * 30, np.arange(4, dtype=np.float32))
+    mine.put("dd" + "0" * 30, np.arange(4, dtype=np.float32))
+    DiskCache(outside, "b" * 32).put("cc" + "1" * 30, np.arange(4, dtype=np.float32))
+    DiskCache(outside, "c" * 32).put("ee" + "1" * 30, np.arange(4, dtype=np.float32))
+    _link(cache / ("b" * 32), outside / ("b" * 32))  # a linked namespace
+    _link(cache / ("a" * 32) / "ee", outside / ("c" * 32) / "ee")  # a linked sub-folder
+    before = _tree(outside)
+    assert cache_info(cache)["entries"] == 2
+    with pytest.warns(UserWarning, match="left 2 path"):
+        clear_cache(cache)
+    assert cache_info(cache)["entries"] == 0
+    assert _tree(outside) == before
+    assert (cache / ("b" * 32)).is_symlink() and (cache / ("a" * 32) / "ee").is_symlink()
+
+
+@pytest.mark.parametrize("call", [cache_info, clear_cache])
+def test_cache_info_and_clear_cache_refuse_a_cache_dir_that_is_not_a_path(call):
+    with pytest.raises(TypeError, match=r"cache_dir=5 .*str or path-like"):
+        call(5)

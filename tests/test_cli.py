@@ -163,6 +163,16 @@ def test_fit_rejects_bad_settings_and_data_before_training(sample, tmp_path, cap
     assert main(["fit", str(data), "--cv", "2", "--random-state", "-5", "-o", str(tmp_path / "m.joblib")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("sktransfer fit: error: --random-state -5: ") and "--max-epochs" not in err
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    assert main(["fit", str(data), "--cv", "2", "--cache-dir", str(tmp_path / "notes.txt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"sktransfer fit: error: --cache-dir {tmp_path / 'notes.txt'} is a file, not a folder"), err
+    assert "warning" not in err
+    # With a grid too: the setting is the command's, not a candidate's.
+    assert main(["fit", str(data), "--cv", "2", "--grid", "dropout=0.0,0.5", "--cache-dir",
+                 str(tmp_path / "notes.txt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"sktransfer fit: error: --cache-dir {tmp_path / 'notes.txt'} is a file"), err
     (data / "cardboard" / "broken.jpg").write_bytes(b"not a jpeg")
     assert main(["fit", str(data), "--cv", "2", "-o", str(tmp_path / "m.joblib")]) == 1
     err = capsys.readouterr().err

@@ -203,6 +203,25 @@ def test_fit_errors_name_the_problem(flowers_small):
         clf.score(X[:2], ["daisy", "orchid"])
 
 
+def test_a_cache_dir_that_is_a_file_is_refused_at_fit_before_embedding(two_of_each, tmp_path):
+    # Every write to the cache would fail and be told, once per fit: six times over a cross-validation.
+    from sktransfer import clear_cache
+
+    X, y = two_of_each
+    model = tmp_path / "model.joblib"
+    model.write_bytes(b"not a folder")
+    clear_cache()
+    with ForwardCounter(build_backbone("efficientnet_lite0").module) as counter:
+        for cache_dir, where in [(model, "is a file"), (str(model / "features"), "lies in the file")]:
+            for estimator in (ImageEmbedder(cache_dir=cache_dir), PretrainedImageClassifier(cache_dir=cache_dir)):
+                with pytest.raises(ValueError, match=f"^cache_dir='.*model.joblib.*' {where}"):
+                    estimator.fit(X, y)
+            with pytest.raises(ValueError, match=f"^cache_dir=.* {where}"):  # the CLI's and audit's early check
+                PretrainedImageClassifier(cache_dir=cache_dir)._check_fit_settings(y)
+        assert counter.images == 0
+    assert model.read_bytes() == b"not a folder"
+
+
 # -- weights that leave images out: the checks see the images training keeps --------
 
 @pytest.fixture(scope="module")

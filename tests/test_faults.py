@@ -161,10 +161,11 @@ def test_full_disk_while_caching_still_returns_every_feature(tmp_path, small):
 def test_cache_dir_that_is_a_file_costs_a_warning_not_the_features(tmp_path, small):
     X, _ = small
     blocker = tmp_path / "cache"
+    embedder = ImageEmbedder(cache_dir=blocker).fit()  # fit refuses a file (tests/test_estimator.py); it came after
     blocker.write_text("a file where the cache folder should be")
     sktransfer.clear_cache()
     with pytest.warns(RuntimeWarning, match="Could not write to the feature cache"):
-        features = ImageEmbedder(cache_dir=blocker).fit_transform(X[:3])
+        features = embedder.transform(X[:3])
     sktransfer.clear_cache()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
