@@ -605,7 +605,8 @@ def test_each_file_of_a_conversion_reaches_the_disk_before_its_rename(tmp_path, 
     events = []
     fsync, replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_ino)) or fsync(fd))
-    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.stat(a).st_ino, b)) or replace(a, b))
+    monkeypatch.setattr(os, "replace", lambda a, b, **at: events.append(
+        ("replace", os.stat(a, dir_fd=at.get("src_dir_fd")).st_ino, b)) or replace(a, b, **at))
     torch.manual_seed(0)
     backbone = build_backbone(nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.Flatten()))
     _engine.convert(lambda: backbone.module, backbone.fingerprint, backbone.preprocessing, backbone.name)
