@@ -101,7 +101,6 @@ class Backbone:
         ``"auto"`` is resolved for this machine (see :func:`sktransfer._engine.choose`);
         where OpenVINO cannot convert the body, the plan is PyTorch's (told once).
         """
-        shape = self.preprocessing.crop_shape
         converted = engine == "auto" and torch.device(device).type == "cpu" and self.converted()
         plan = _engine.choose(engine, precision, device, compile, n_images=n_images, converted=converted)
         if plan.engine == "openvino":

@@ -76,13 +76,14 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC"
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
-def _read_regular(path, *, size=None, follow_links=True, dir_fd=None):
+def _read_regular(path, *, size=None, limit=None, follow_links=True, dir_fd=None):
     """``(stat, bytes)`` of the regular file at ``path`` (relative to the folder ``dir_fd`` when given).
 
     Opens without blocking (a FIFO would wait for a writer) and, when
     ``follow_links`` is False, refuses a symbolic link; raises ``OSError``
-    for anything but a regular file, and for a file whose size is not
-    ``size`` when given. Reads at most the size the file had when opened.
+    for anything but a regular file, for a file whose size is not ``size``
+    when given, and (EFBIG) for one larger than ``limit`` bytes when given,
+    unread. Reads at most the size the file had when opened.
     """
     flags = _OPEN_FLAGS | _NONBLOCK | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0))
     fd = os.open(path, flags, dir_fd=dir_fd)
@@ -92,6 +93,8 @@ def _read_regular(path, *, size=None, follow_links=True, dir_fd=None):
             raise OSError(errno.EINVAL, "not a regular file")
         if size is not None and st.st_size != size:
             raise OSError(errno.EINVAL, f"holds {st.st_size} bytes, expected {size}")
+        if limit is not None and st.st_size > limit:
+            raise OSError(errno.EFBIG, f"holds {st.st_size} bytes, more than {limit}")
         chunks, left = [], st.st_size
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 24))

@@ -14,7 +14,6 @@ photos by the tests for every path the machine can run).
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -248,10 +247,7 @@ def read_small(path):
     """The bytes of the small regular file at ``path`` (a record or a memo in the engine
     cache); ``OSError`` for anything else: a link, a FIFO or a device (never waited on),
     a file over :data:`SMALL_FILE` bytes."""
-    size = os.lstat(path).st_size
-    if size > SMALL_FILE:
-        raise OSError(errno.EFBIG, f"holds {size} bytes, more than a record", path)
-    return _read_regular(path, size=size, follow_links=False)[1]
+    return _read_regular(path, limit=SMALL_FILE, follow_links=False)[1]
 
 
 def converted_identity(fingerprint, preprocessing):

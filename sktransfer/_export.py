@@ -34,6 +34,7 @@ settings given to ``set_params`` are.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -343,17 +344,14 @@ def _read_saved(path, limit=None):
     without end; a file over ``limit`` bytes is refused unread. FileNotFoundError and
     NotADirectoryError pass through (the callers name what is missing)."""
     try:
-        # Sized before it is read, and after (it may have grown in between).
-        size = os.lstat(path).st_size
-        data = _read_regular(path, follow_links=False)[1] if limit is None or size <= limit else b""
+        return _read_regular(path, limit=limit, follow_links=False)[1]
     except (FileNotFoundError, NotADirectoryError):
         raise
     except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise ValueError(f"load_model: {path!r} is larger than {limit} bytes; not written by save_model.") from None
         raise ValueError(f"load_model: {path!r} is not a regular file ({e.strerror}): a link, a FIFO or a device, "
                          "which save_model never writes.") from None
-    if limit is not None and max(size, len(data)) > limit:
-        raise ValueError(f"load_model: {path!r} is larger than {limit} bytes; not written by save_model.")
-    return data
 
 
 def _refuse_compressed(data, path):
@@ -404,7 +402,8 @@ def _read_info(folder):
         data = _read_saved(path, MAX_JSON_BYTES)
     except FileNotFoundError:
         if not os.path.isdir(folder):
-            raise ValueError(f"load_model: {folder!r} does not exist; expected a folder written by save_model.") from None
+            raise ValueError(f"load_model: {folder!r} does not exist; expected a folder written by "
+                             "save_model.") from None
         raise ValueError(f"load_model: {folder!r} has no {MODEL_FILE}; expected a folder written by save_model.") from None
     except NotADirectoryError:
         raise ValueError(f"load_model: {folder!r} is a file, not a folder written by save_model (a file "
