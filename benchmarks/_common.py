@@ -90,6 +90,23 @@ def write_section(name, markdown):
     print(f"wrote the {name!r} section of {REPORT.relative_to(ROOT)}")
 
 
+def add_section_option(parser):
+    """``--section SUFFIX``: write the figures of a CPU other than the page's usual one
+    into a section of their own, beside the usual one (see :func:`write_figures`)."""
+    parser.add_argument(
+        "--section", default="", metavar="SUFFIX",
+        help="write into the section NAME-SUFFIX, headed with this machine's CPU, and keep the "
+             "section of the page's usual CPU (which is replaced without this)")
+
+
+def write_figures(name, heading, markdown, suffix=""):
+    """:func:`write_section` ``name`` headed ``heading``; with a ``suffix``, the section
+    ``name-suffix`` instead, its heading naming this machine's CPU."""
+    if suffix:
+        name, heading = f"{name}-{suffix}", f"{heading}: {cpu()}"
+    write_section(name, f"{heading}\n\n{markdown}")
+
+
 #: The CPU flags that decide which engine and precision run fastest.
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 

@@ -23,7 +23,9 @@ same standardised features of ``trash6``, ``sign_digits`` and ``flowers5``
 brightness), and the seconds of one linear-head fit on 1,000 cached feature
 rows; written between ``<!-- head:start -->`` and ``<!-- head:end -->``.
 
-Run from the project root: ``python benchmarks/accuracy.py [--full | --probes]``.
+With ``--fit-timing``, only that last figure, printed.
+
+Run from the project root: ``python benchmarks/accuracy.py [--full | --probes | --fit-timing]``.
 """
 
 from __future__ import annotations
@@ -244,6 +246,18 @@ def linear_fit_seconds(Z, y, repeats=5):
     return out
 
 
+def fit_timing(cache_dir):
+    """The line of :func:`linear_fit_seconds` on 1,000 cached feature rows: sign_digits' 800 and
+    200 of flowers5 (the features the probe rows cache)."""
+    _, y1, _, Z1 = _probe_data("sign_digits", 800, cache_dir)
+    _, y2, _, Z2 = _probe_data("flowers5", 800, cache_dir)
+    Z, y = np.concatenate([Z1, Z2[:200]]), np.concatenate([y1.astype(str), y2[:200].astype(str)])
+    seconds = linear_fit_seconds(Z, y)
+    return (f"One linear-head fit on {len(Z)} cached feature rows ({len(np.unique(y))} classes: "
+            "sign_digits' 800 and 200 of flowers5; best of 5, one torch thread, skorch included): "
+            + "; ".join(f"{k} {v * 1000:.0f} ms" for k, v in seconds.items()) + ".")
+
+
 def main_probes(args):
     rows = []
     for name, n in (("trash6", 600), ("sign_digits", 800), ("flowers5", 800)):
@@ -290,14 +304,7 @@ def main_probes(args):
                          f"| {above} / {len(mine) - above - below} / {below} "
                          f"| {np.mean([r['r2'] for r in mine]):.4f} | {np.mean([r['ridge'] for r in mine]):.4f} |")
     if all((DATASETS / n).is_dir() for n in ("sign_digits", "flowers5")):
-        # 1,000 rows from the features the rows above cached: sign_digits' 800 and 200 of flowers5.
-        _, y1, _, Z1 = _probe_data("sign_digits", 800, args.cache_dir)
-        _, y2, _, Z2 = _probe_data("flowers5", 800, args.cache_dir)
-        Z, y = np.concatenate([Z1, Z2[:200]]), np.concatenate([y1.astype(str), y2[:200].astype(str)])
-        seconds = linear_fit_seconds(Z, y)
-        lines += ["", f"One linear-head fit on {len(Z)} cached feature rows ({len(np.unique(y))} classes: "
-                      "sign_digits' 800 and 200 of flowers5; best of 5, one torch thread, skorch included): "
-                      + "; ".join(f"{k} {v * 1000:.0f} ms" for k, v in seconds.items()) + "."]
+        lines += ["", fit_timing(args.cache_dir)]
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
@@ -328,7 +335,11 @@ def main():
                         help="the default heads against LogisticRegressionCV and RidgeCV, and a head fit's seconds")
     parser.add_argument("--splits", type=int, default=3, help="seeded splits per dataset (--probes)")
     parser.add_argument("--cache-dir", default=None, help="feature cache folder (--probes), reused across runs")
+    parser.add_argument("--fit-timing", action="store_true",
+                        help="print only the seconds of one linear-head fit on 1,000 cached rows (as --probes)")
     args = parser.parse_args()
+    if args.fit_timing:
+        return print(f"{machine()}. {fit_timing(args.cache_dir)}")
     if args.probes:
         return main_probes(args)
     if args.full:

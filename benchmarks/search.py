@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import DATASETS, Passes, Timer, machine, run_script, stratified_subset, write_section
+from _common import DATASETS, Passes, Timer, add_section_option, machine, run_script, stratified_subset, write_figures
 from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold, train_test_split
 
 from sktransfer import PretrainedImageClassifier, clear_cache
@@ -129,6 +129,7 @@ def main():
     parser.add_argument("--peer-epochs", type=int, default=10)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    add_section_option(parser)
     args = parser.parse_args()
     weights = "DEFAULT" if args.backbone == "efficientnet_lite0" else None
     model = dict(backbone=args.backbone, weights=weights, random_state=0)
@@ -195,9 +196,10 @@ def main():
     print("\n".join(table))
     if args.write:
         if args.backbone == "efficientnet_lite0":
-            write_section("search", "## Grid search\n\n" + "\n".join(table))
+            write_figures("search", "## Grid search", "\n".join(table), args.section)
         else:
-            write_section(f"search-{args.backbone}", f"### Grid search with {args.backbone}\n\n" + "\n".join(table))
+            write_figures(f"search-{args.backbone}", f"### Grid search with {args.backbone}", "\n".join(table),
+                          args.section)
 
 
 if __name__ == "__main__":

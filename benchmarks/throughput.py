@@ -24,6 +24,9 @@ reported, and the ratios are the medians of each round's own ratio):
   timm count; the import of sktransfer it borrows only to load the same
   weights does not): engine="auto" with no converted body on disk (the job
   converts it) and with one (a later job);
+- decoding: the seconds of one core to decode, resize and crop a photo, and
+  the ceiling it puts on steady state against compute-only (decoding and
+  the engine share the same cores);
 - warm latency of predicting one image with a fitted default model;
 - peak memory growth while embedding all photos of ../shared/datasets/flowers5,
   over the process with the model loaded and no image seen yet.
@@ -48,7 +51,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import DATASETS, Timer, machine, run_script, stratified_subset, write_section
+from _common import DATASETS, Timer, add_section_option, machine, run_script, stratified_subset, write_figures
 
 
 def cpu_line():
@@ -126,6 +129,24 @@ def steady_state(embedder, paths):
     return len(paths) / t.seconds
 
 
+def decoding_seconds(paths, preprocessing):
+    """Seconds of one core per photo to decode, resize and crop ``paths`` (sktransfer's one
+    decoding path, in this thread)."""
+    from sktransfer._images import load_pixels
+
+    with Timer() as t:
+        for path in paths:
+            load_pixels(path, preprocessing)
+    return t.seconds / len(paths)
+
+
+def ceiling(rate, decoding, cores):
+    """The most of the compute-only ``rate`` (img/s on ``cores`` cores) that embedding from
+    photos can reach when decoding costs ``decoding`` seconds of a core per photo on the same
+    cores: each photo then takes ``cores / rate + decoding`` core-seconds."""
+    return 1 / (1 + decoding * rate / cores)
+
+
 def spread(values):
     """'median (min-max)' of a list of rates or ratios."""
     fmt = "{:.2f}" if max(values) < 10 else "{:.1f}"
@@ -201,6 +222,7 @@ def main():
     parser.add_argument("--backbones",
                         default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,resnet18,resnet50")
     parser.add_argument("--write", action="store_true")
+    add_section_option(parser)
     args = parser.parse_args()
 
     from sktransfer import ImageEmbedder, PretrainedImageClassifier, clear_cache
@@ -215,12 +237,16 @@ def main():
         "(min-max) over the rounds; ratios are the medians of each round's own ratio. Cold jobs on "
         f"{args.cold_n} photos of flowers5 resized to 500x375 (fresh processes timed from the start of "
         "their scripts, imports and set-up included, the naive loop's too; empty feature caches). img/s = images per second; compute-only = a batch of 32 preprocessed images "
-        "in memory through each engine and precision.",
+        "in memory through each engine and precision. Decoding = decoding, resizing and cropping one photo "
+        "(sktransfer's own path, one core); its ceiling = 1 / (1 + decoding × best compute-only rate / cores): "
+        "the most of the best compute-only rate that photos can reach when decoding shares the cores.",
         "",
         "| backbone | photos | compute-only img/s by path | naive loop | steady, auto (its choice) "
-        "| steady, torch float32 | steady auto / best compute | auto / torch float32 |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| steady, torch float32 | steady auto / best compute | auto / torch float32 "
+        "| decoding ms of one core | ceiling of steady / best compute |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     skipped, colds = [], []
     for name in args.backbones.split(","):
         weights = weights_for(name)
@@ -241,11 +267,13 @@ def main():
                 clear_cache()
                 embedder.transform(paths[:32])  # warm-up; auto finds the body converted above
             rates, steady = collections.defaultdict(list), collections.defaultdict(list)
+            decoding = []
             for r in range(args.rounds):
                 for label, rate in compute_only(backbone).items():
                     rates[label].append(rate)
                 for engine, embedder in embedders.items():
                     steady[engine].append(steady_state(embedder, paths))
+                decoding.append(decoding_seconds(paths, backbone.preprocessing))
                 print(f"{name} {size} round {r + 1}: compute-only "
                       f"{', '.join(f'{k} {v[-1]:.1f}' for k, v in rates.items())}; steady "
                       f"{', '.join(f'{k} {v[-1]:.1f}' for k, v in steady.items())}", flush=True)
@@ -255,7 +283,9 @@ def main():
                 f"| {name} | {size} | {', '.join(f'{k} {spread(v)}' for k, v in rates.items())} "
                 f"| {naive['n'] / naive['after_imports']:.1f} | {spread(steady['auto'])} ({chose.engine} {chose.precision}) "
                 f"| {spread(steady['torch'])} | {spread([a / b for a, b in zip(steady['auto'], best)])} "
-                f"| {spread([a / b for a, b in zip(steady['auto'], steady['torch'])])} |"
+                f"| {spread([a / b for a, b in zip(steady['auto'], steady['torch'])])} "
+                f"| {spread([1000 * d for d in decoding])} "
+                f"| {spread([ceiling(b, d, cores) for b, d in zip(best, decoding)])} |"
             )
             print(lines[-1], flush=True)
         if not args.cold_n or name not in args.cold_backbones.split(","):
@@ -326,7 +356,7 @@ def main():
         ]
     print("\n".join(lines))
     if args.write:
-        write_section("throughput", "## Throughput by engine\n\n" + "\n".join(lines))
+        write_figures("throughput", "## Throughput by engine", "\n".join(lines), args.section)
 
 
 if __name__ == "__main__":

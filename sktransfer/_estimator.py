@@ -232,7 +232,8 @@ class ImageEmbedder(_FittedStateMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         keeps each image's features within cosine similarity 0.999 of
         float32 PyTorch. "bfloat16" is about twice as fast in OpenVINO where
         the CPU computes it natively (Intel AMX or AVX-512 BF16), with
-        features within cosine 0.99 (0.9926 at least on 480 real photos; see
+        features less close (least cosine 0.9926 over 480 real photos on
+        AMX, 0.981 over 840 on AVX-512 BF16; 1st percentile 0.994; see
         docs/faq.md); on a CPU without native bfloat16 every engine computes
         float32 (told once). Features of each precision are cached apart.
     verbose : int, default=0
