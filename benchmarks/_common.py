@@ -101,9 +101,9 @@ def add_section_option(parser):
 
 def write_figures(name, heading, markdown, suffix=""):
     """:func:`write_section` ``name`` headed ``heading``; with a ``suffix``, the section
-    ``name-suffix`` instead, its heading naming this machine's CPU."""
+    ``name-suffix`` instead, its heading one level down and naming this machine's CPU."""
     if suffix:
-        name, heading = f"{name}-{suffix}", f"{heading}: {cpu()}"
+        name, heading = f"{name}-{suffix}", f"#{heading}: {cpu()}"
     write_section(name, f"{heading}\n\n{markdown}")
 
 

@@ -5,39 +5,48 @@ once; a small head trained by skorch classifies them. Estimators take image
 paths and work in Pipelines, GridSearchCV and cross-validation.
 """
 
-from ._audit import AuditReport, audit
-from ._backbones import Backbone, list_backbones
-from ._distributed import embed_dask
-from ._estimator import ImageEmbedder, PretrainedImageClassifier, PretrainedImageRegressor
-from ._export import load_model, save_model
-from ._explain import explain
-from ._cache import cache_info, clear_cache, set_memory_cache_size
-from ._images import Preprocessing
-from ._inputs import ImageInputError, load_image_folder
-from ._onnx import export_onnx
-from ._plotting import TopLossesDisplay, plot_history, plot_top_losses
+from importlib import import_module as _import_module
+
 from ._version import __version__  # noqa: F401 (the package's version)
 
-__all__ = [
-    "AuditReport",
-    "Backbone",
-    "ImageEmbedder",
-    "ImageInputError",
-    "PretrainedImageClassifier",
-    "PretrainedImageRegressor",
-    "Preprocessing",
-    "audit",
-    "TopLossesDisplay",
-    "cache_info",
-    "clear_cache",
-    "embed_dask",
-    "explain",
-    "export_onnx",
-    "list_backbones",
-    "load_image_folder",
-    "load_model",
-    "plot_history",
-    "plot_top_losses",
-    "save_model",
-    "set_memory_cache_size",
-]
+#: Each public name and the module that defines it. A name is imported when it is
+#: first used (PEP 562), so that ``import sktransfer`` and ``sktransfer --help``
+#: do not wait seconds for torch, scikit-learn and skorch to load.
+_MODULES = {
+    "AuditReport": "_audit",
+    "Backbone": "_backbones",
+    "ImageEmbedder": "_estimator",
+    "ImageInputError": "_inputs",
+    "PretrainedImageClassifier": "_estimator",
+    "PretrainedImageRegressor": "_estimator",
+    "Preprocessing": "_images",
+    "audit": "_audit",
+    "TopLossesDisplay": "_plotting",
+    "cache_info": "_cache",
+    "clear_cache": "_cache",
+    "embed_dask": "_distributed",
+    "explain": "_explain",
+    "export_onnx": "_onnx",
+    "list_backbones": "_backbones",
+    "load_image_folder": "_inputs",
+    "load_model": "_export",
+    "plot_history": "_plotting",
+    "plot_top_losses": "_plotting",
+    "save_model": "_export",
+    "set_memory_cache_size": "_cache",
+}
+
+__all__ = list(_MODULES)
+
+
+def __getattr__(name):
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later uses find it without calling here
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ._cache import check_cache_dir
-from ._engine import ENGINES, PRECISIONS
+from ._choices import CLASSIFIER_MAX_EPOCHS, ENGINES, PRECISIONS
 from ._outputs import csv_text, make_folders, safe_text, write_atomic
 from ._version import __version__
 
@@ -877,8 +877,6 @@ _MODEL_HELP = ("a folder written by `sktransfer fit -o FOLDER/` or save_model (s
 
 
 def build_parser():
-    from ._estimator import PretrainedImageClassifier
-
     parser = argparse.ArgumentParser(
         prog="sktransfer",
         description="Transfer learning for images with a frozen pretrained backbone.",
@@ -933,7 +931,7 @@ def build_parser():
     fit.add_argument("--max-epochs", type=int, default=None,
                      help="epochs of head training (AdamW's, with --grid hidden_units=... or dropout=...; "
                           "for the linear head, the most L-BFGS steps) (default: the classifier's, "
-                          f"{PretrainedImageClassifier().max_epochs})")
+                          f"{CLASSIFIER_MAX_EPOCHS})")
     fit.add_argument("--cache-dir", help="folder of a disk feature cache, reused by later runs")
     fit.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
     fit.add_argument("--random-state", type=int, default=0, help="seed of folds and training (default: 0)")

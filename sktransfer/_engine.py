@@ -27,12 +27,10 @@ import numpy as np
 import torch
 
 from ._cache import _read_regular, digest, namespace
+from ._choices import ENGINES, PRECISIONS
 from ._outputs import TEMP_PREFIX, make_folders, write_atomic
 
 __all__ = ["ENGINES", "PRECISIONS", "MIN_COSINE", "Plan"]
-
-ENGINES = ("auto", "torch", "openvino")
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 #: The agreement with float32 PyTorch of every path "auto" may pick: the
 #: cosine similarity of each image's features.

@@ -37,7 +37,7 @@ from ._version import __version__
 from ._augment import AUGMENT_PRESETS, TTA_PRESETS, augment_views, copy_augment, is_estimator, tta_views
 from ._backbones import build_backbone
 from ._cache import check_cache_dir
-from ._engine import ENGINES, PRECISIONS
+from ._choices import CLASSIFIER_MAX_EPOCHS, ENGINES, PRECISIONS
 from ._engine import check_settings as check_engine_settings
 from ._features import extract_features
 from ._head import (
@@ -972,7 +972,7 @@ class PretrainedImageClassifier(ClassifierMixin, _PretrainedImageModel):
                           "multilabel_", "temperature_")
 
     def __init__(self, backbone="efficientnet_lite0", weights="DEFAULT", preprocessing=None, *,
-                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay="auto", max_epochs=15,
+                 hidden_units=(), dropout=0.0, lr=3e-3, weight_decay="auto", max_epochs=CLASSIFIER_MAX_EPOCHS,
                  batch_size=64, optimizer=None, early_stopping=False,
                  validation_fraction=0.1, n_iter_no_change=5, class_weight=None, callbacks=None,
                  embed_batch_size=8, cache_dir=None, device="cpu", compile="auto", random_state=None, verbose=0,

@@ -579,6 +579,23 @@ def test_fit_help_states_the_classifiers_default_epochs(capsys):
     assert f"(default: the classifier's, {PretrainedImageClassifier().max_epochs})" in text
 
 
+def test_help_version_and_usage_errors_answer_before_torch_loads():
+    """`sktransfer --help`, a command's help, --version and a usage error need none of
+    the seconds that torch, scikit-learn and skorch take to import."""
+    code = ("import sys\n"
+            "from sktransfer._cli import main\n"
+            "for argv in (['--help'], ['fit', '--help'], ['predict', '--help'], ['--version'], ['predict']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(sorted(m for m in ('torch', 'sklearn', 'skorch', 'openvino') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: sktransfer predict" in done.stderr and "{auto,torch,openvino}" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_help_everywhere():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices

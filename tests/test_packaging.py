@@ -31,3 +31,28 @@ def test_the_wheel_carries_the_licences_and_the_sample_photos(tmp_path):
     assert f"{info}/licenses/sktransfer/data/trash_sample/ATTRIBUTION.md" in names  # the photos' MIT notice
     photos = [n for n in names if n.startswith("sktransfer/data/trash_sample/") and n.endswith(".jpg")]
     assert len(photos) == 180
+
+
+def test_public_names_load_on_first_use():
+    """`import sktransfer` is quick (torch loads when a name that needs it is first used),
+    and every public name is there for `from sktransfer import ...`, `*` and dir()."""
+    code = ("import sys, sktransfer\n"
+            "print('torch' in sys.modules)\n"
+            "from sktransfer import *\n"
+            "print(sorted(set(sktransfer.__all__) - set(dir(sktransfer))), "
+            "sorted(n for n in sktransfer.__all__ if n not in globals()))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "[]", "[]"]
+
+    import sktransfer
+
+    for name in sktransfer.__all__:
+        value = getattr(sktransfer, name)
+        assert value.__module__.startswith("sktransfer._") and value.__name__ == name
+    try:
+        sktransfer.PretrainedImageClasifier
+    except AttributeError as e:
+        assert "PretrainedImageClasifier" in str(e)
+    else:
+        raise AssertionError("a misspelt name was found")
