@@ -1013,11 +1013,15 @@ def build_parser():
         description="List the backbones usable by name, without downloading anything.")
     backbones.add_argument("--offline", action="store_true", help="only those whose weights are on this machine")
     backbones.set_defaults(run=_backbones)
+    for command in commands.choices.values():  # whose usage an unknown argument is told with
+        command.set_defaults(command_parser=command)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.lines = {}  # the CSV line of each image path read from a CSV file, for messages
     with warnings.catch_warnings():
         # Warnings are told as errors are, in the command line's words: not Python's file:line and source.

@@ -596,6 +596,16 @@ def test_help_version_and_usage_errors_answer_before_torch_loads():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_a_misspelt_option_is_told_with_its_commands_usage(capsys):
+    for argv in (["backbones", "--ofline"], ["fit", "photos/", "--outptu", "x"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 2
+        err = capsys.readouterr().err
+        assert f"usage: sktransfer {argv[0]} " in err
+        assert f"sktransfer {argv[0]}: error: unrecognized arguments: {' '.join(argv[2 if argv[0] == 'fit' else 1:])}" in err
+
+
 def test_help_everywhere():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices

@@ -31,6 +31,7 @@ def test_the_wheel_carries_the_licences_and_the_sample_photos(tmp_path):
     assert f"{info}/licenses/sktransfer/data/trash_sample/ATTRIBUTION.md" in names  # the photos' MIT notice
     photos = [n for n in names if n.startswith("sktransfer/data/trash_sample/") and n.endswith(".jpg")]
     assert len(photos) == 180
+    assert "sktransfer/__init__.pyi" in names  # the public names, which the package loads from it
 
 
 def test_public_names_load_on_first_use():
@@ -45,8 +46,14 @@ def test_public_names_load_on_first_use():
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "[]", "[]"]
 
+    import ast
+
     import sktransfer
 
+    stub = ast.parse((ROOT / "sktransfer" / "__init__.pyi").read_text())
+    listed = next(node.value for node in stub.body if isinstance(node, ast.Assign)
+                  and node.targets[0].id == "__all__")
+    assert sorted(ast.literal_eval(listed)) == sorted(sktransfer.__all__)  # the stub's __all__, for tools
     for name in sktransfer.__all__:
         value = getattr(sktransfer, name)
         assert value.__module__.startswith("sktransfer._") and value.__name__ == name
