@@ -14,7 +14,8 @@ reported, and the ratios are the medians of each round's own ratio):
   after its imports (building the model included);
 - sktransfer steady state: ImageEmbedder.transform(paths) with the model
   built (and, for OpenVINO, converted and compiled) and the feature cache
-  emptied, for engine="auto" (what it chose is shown) and engine="torch";
+  emptied, for engine="auto" (what it chose is shown) and engine="torch",
+  and, where the CPU computes bfloat16 natively, precision="bfloat16";
 - cold jobs (for the backbones of --cold-backbones, EfficientNet-Lite0 by
   default, to keep a run of the defaults near ten minutes on a quiet 2-core
   machine): fresh processes with empty feature caches embedding 1,600
@@ -227,6 +228,7 @@ def main():
 
     from sktransfer import ImageEmbedder, PretrainedImageClassifier, clear_cache
     from sktransfer._backbones import build_backbone
+    from sktransfer._engine import cpu_has_bf16
 
     work = Path(tempfile.mkdtemp(prefix="sktransfer-bench-"))
     atexit.register(shutil.rmtree, work, True)  # its photos and conversions: tens of MB
@@ -243,8 +245,9 @@ def main():
         "",
         "| backbone | photos | compute-only img/s by path | naive loop | steady, auto (its choice) "
         "| steady, torch float32 | steady auto / best compute | auto / torch float32 "
-        "| decoding ms of one core | ceiling of steady / best compute |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| steady, precision=\"bfloat16\" (/ best compute) | decoding ms of one core "
+        "| ceiling of steady / best compute |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     skipped, colds = [], []
@@ -257,6 +260,8 @@ def main():
         compute_only(backbone, seconds=0.5)  # converts and compiles every path before the rounds
         embedders = {engine: ImageEmbedder(name, weights=weights, engine=engine).fit()
                      for engine in ("auto", "torch")}
+        if cpu_has_bf16():  # what a user who asks for bfloat16 gets from photos
+            embedders["bfloat16"] = ImageEmbedder(name, weights=weights, precision="bfloat16").fit()
         for size in ("trash6", "1600x1200"):
             paths, labels = make_photos(work, args.n, None if size == "trash6" else (1600, 1200),
                                         source="trash6")
@@ -279,11 +284,13 @@ def main():
                       f"{', '.join(f'{k} {v[-1]:.1f}' for k, v in steady.items())}", flush=True)
             best = [max(round_rates) for round_rates in zip(*rates.values())]
             chose = embedders["auto"].backbone_.plan(engine="auto", precision="auto")
+            asked = "n/a" if "bfloat16" not in steady else (
+                f"{spread(steady['bfloat16'])} ({spread([a / b for a, b in zip(steady['bfloat16'], best)])})")
             lines.append(
                 f"| {name} | {size} | {', '.join(f'{k} {spread(v)}' for k, v in rates.items())} "
                 f"| {naive['n'] / naive['after_imports']:.1f} | {spread(steady['auto'])} ({chose.engine} {chose.precision}) "
                 f"| {spread(steady['torch'])} | {spread([a / b for a, b in zip(steady['auto'], best)])} "
-                f"| {spread([a / b for a, b in zip(steady['auto'], steady['torch'])])} "
+                f"| {spread([a / b for a, b in zip(steady['auto'], steady['torch'])])} | {asked} "
                 f"| {spread([1000 * d for d in decoding])} "
                 f"| {spread([ceiling(b, d, cores) for b, d in zip(best, decoding)])} |"
             )
