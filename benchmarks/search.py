@@ -11,7 +11,7 @@ The peer is slow, so only ``--peer-candidates`` of its 12 candidates are timed
 (3 folds each) and its full search time is extrapolated from them (said so in
 the table).
 
-    python benchmarks/search.py [--data ../shared/datasets/flowers5] [--n 300] [--backbone NAME] [--write]
+    python benchmarks/search.py [--data ../shared/datasets/flowers5] [--n 300] [--backbone NAME] [--write [--section SUFFIX]]
 
 ``--backbone`` other than the default runs with random weights (other
 weights need a download): the timings are the same, the accuracies are not

@@ -36,7 +36,7 @@ Photos: ../shared/datasets/trash6 as they are (512x384 camera photos) and
 1600x1200 versions of them made into a temporary folder. resnet18/resnet50
 run only where their ImageNet weights are on disk (they need a download).
 
-    python benchmarks/throughput.py [--n 192] [--rounds 3] [--cold-n 1600] [--write]
+    python benchmarks/throughput.py [--n 192] [--rounds 3] [--cold-n 1600] [--write [--section SUFFIX]]
 """
 
 from __future__ import annotations
