@@ -8,6 +8,7 @@ import io
 import numbers
 import os
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -288,6 +289,13 @@ def _check_output(path, option, folder=False):
         raise ValueError(f"{option} {shown!r}: {safe_text(existing)!r} is a file, not a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {shown!r}: no permission to write in {safe_text(existing)!r}.")
+    # The permission bits let root write anywhere, but a read-only mount (or /proc)
+    # takes no file: make one, unnamed where the system allows, and let it go.
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(f"{option} {shown!r}: no file can be made in {safe_text(existing)!r} "
+                         f"({e.strerror or type(e).__name__}).") from None
 
 
 def _model_output(path):

@@ -851,6 +851,18 @@ def test_outputs_are_checked_before_any_work(trained, sample, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "linked.csv"]  # nothing written
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="no /proc here")
+def test_an_output_where_no_file_can_be_made_is_refused_before_any_work(tmp_path, capsys):
+    """Also for root, whom the permission bits let write anywhere: /proc takes no new
+    file, as a read-only mount takes none."""
+    for argv in (["embed", str(tmp_path / "missing.jpg"), "-o", "/proc/sktransfer-features.npy"],
+                 ["audit", str(tmp_path / "no-such-data"), "-o", "/proc/sktransfer-audit"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"sktransfer {argv[0]}: error: -o '{argv[-1]}'"), err
+        assert "/proc" in err and "missing" not in err and "no-such" not in err, err
+
+
 def test_missing_output_folders_are_made(trained, sample, tmp_path, capsys):
     _, _, model_path, data, _ = trained
     photo = str(next(data.rglob("*.jpg")))
