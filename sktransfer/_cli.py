@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ._cache import check_cache_dir
 from ._choices import CLASSIFIER_MAX_EPOCHS, ENGINES, PRECISIONS
-from ._outputs import csv_text, make_folders, safe_text, write_atomic
+from ._outputs import csv_text, is_stream, make_folders, safe_text, write_atomic
 from ._version import __version__
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "trash_sample"
@@ -268,7 +268,9 @@ def _check_settings(clf, grid, y, folds, where):
 def _check_output(path, option, folder=False):
     """Fail before any long work when ``path`` cannot be written: a file output
     that is a folder, a folder output that is a file, or a missing parent that
-    cannot be made (a file in the way, or a folder the user cannot write in).
+    cannot be made (a file in the way, or a folder the user cannot write in,
+    or where no file can be made). An existing stream (``/dev/stdout``, a
+    FIFO) needs only to be writable.
 
     Missing parent folders are made when the output is written (:func:`_write`).
     """
@@ -279,6 +281,12 @@ def _check_output(path, option, folder=False):
         raise ValueError(f"{option} {shown!r} is a file, not a folder; give a folder for the output.")
     if not folder and os.path.isdir(path):
         raise ValueError(f"{option} {shown!r} is a folder; give a file name.")
+    if not folder and is_stream(path):
+        # /dev/stdout, a FIFO: written into, as a shell's `>` does (write_atomic), not
+        # through a file made in its folder (/dev/stdout's is /proc/<pid>/fd).
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{option} {shown!r}: no permission to write to it.")
+        return
     # An output named by a link is written where the link points (write_atomic).
     existing = Path(os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path))
     if not folder:

@@ -47,7 +47,7 @@ def write_atomic(path, data, mode=None, makedirs=False, durable=True, follow_lin
     the bytes. With ``follow_links=False`` (the caches) only a new name or a
     regular file is expected, and anything else is replaced.
     """
-    if follow_links and _is_stream(path):
+    if follow_links and is_stream(path):
         with open(path, "wb") as stream:  # the name given: /dev/stdout's target, "pipe:[...]", is no path
             stream.write(data)
         return
@@ -216,7 +216,7 @@ def in_folder(fd, folder, name):
     return name if fd is not None else os.path.join(folder, name)
 
 
-def _is_stream(path):
+def is_stream(path):
     """Whether ``path`` names, through any links, an existing entry that is neither a regular file nor
     a folder: a FIFO, a socket, a terminal or another device."""
     try:
