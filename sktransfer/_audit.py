@@ -60,12 +60,11 @@ import io
 import numbers
 import os
 import sys
-import urllib.parse
 
 import numpy as np
 
 from ._inputs import ImageInputError, _count, as_image_list, error_reason, read_item
-from ._outputs import csv_text, safe_text, write_atomic
+from ._outputs import csv_text, relative_href, safe_text, write_atomic
 
 __all__ = ["audit", "AuditReport"]
 
@@ -366,9 +365,7 @@ class AuditReport:
                 caption.append(f"score {score:.3f}" + ("" if group is None else f", group {group}"))
                 picture = _thumbnail(item, thumbnail_size)
                 if isinstance(item, (str, os.PathLike, np.str_)):  # opens the image, relative to the page
-                    href = urllib.parse.quote(os.fsencode(os.path.relpath(os.path.abspath(os.fspath(item)),
-                                                                          page_folder)))
-                    picture = f'<a href="{html.escape(href)}">{picture}</a>'
+                    picture = f'<a href="{relative_href(item, page_folder)}">{picture}</a>'
                 cells.append((group, f'<figure>{picture}'
                                      f'<figcaption>{"<br>".join(caption)}</figcaption></figure>'))
             if finding in ("duplicate", "leakage"):

@@ -344,11 +344,11 @@ def check_cache_dir(cache_dir):
     in one: every write to the cache would fail (None, no disk cache, passes)."""
     if cache_dir is None:
         return
-    level = os.path.abspath(cache_folder(cache_dir))
+    folder = level = os.path.abspath(cache_folder(cache_dir))
     while not os.path.exists(level) and os.path.dirname(level) != level:
         level = os.path.dirname(level)  # the folders still to make
     if not os.path.isdir(level):
-        where = "is a file" if level == os.path.abspath(cache_folder(cache_dir)) else f"lies in the file {level!r}"
+        where = "is a file" if level == folder else f"lies in the file {level!r}"
         raise ValueError(f"cache_dir={os.fspath(cache_dir)!r} {where}, not a folder: give a folder for the "
                          "feature cache (made when missing), or None to keep features in memory only.")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ._cache import check_cache_dir
 from ._choices import CLASSIFIER_MAX_EPOCHS, ENGINES, PRECISIONS
-from ._outputs import csv_text, is_stream, make_folders, safe_text, write_atomic
+from ._outputs import csv_text, is_stream, make_folders, relative_href, safe_text, write_atomic
 from ._version import __version__
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "trash_sample"
@@ -611,7 +611,6 @@ def _told(text, output):
 def _evaluate(args):
     import html
     import json
-    import urllib.parse
 
 
     try:
@@ -698,8 +697,7 @@ def _evaluate(args):
     wrong = [(X[i], y[i], predicted[i], losses[i]) for i in shown]
 
     def link(path):  # the image, from the report's folder
-        href = urllib.parse.quote(os.fsencode(os.path.relpath(os.path.abspath(path), os.path.abspath(out))))
-        return f'<a href="{html.escape(href)}">{html.escape(safe_text(path))}</a>'
+        return f'<a href="{relative_href(path, out)}">{html.escape(safe_text(path))}</a>'
 
     rows = "\n".join(
         f"<tr><td>{html.escape(safe_text(c))}</td><td>{report[str(c)]['precision']:.3f}</td>"

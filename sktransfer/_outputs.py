@@ -262,6 +262,17 @@ def sync_folder(folder, fd=None):
         os.close(fd)
 
 
+def relative_href(path, page_folder):
+    """The ``href`` (URL-quoted, HTML-escaped) of the file ``path`` in a page written in
+    ``page_folder``: relative, so the page and the images can move together; the path's
+    bytes quoted, so a name that is not UTF-8 still links to its file."""
+    import html
+    import urllib.parse
+
+    relative = os.path.relpath(os.path.abspath(os.fspath(path)), os.path.abspath(page_folder))
+    return html.escape(urllib.parse.quote(os.fsencode(relative)))
+
+
 def safe_text(value):
     """``value`` as text every writer accepts: a file name's bytes that are not
     UTF-8 (kept by Python as surrogates) become ``\\xNN`` escapes."""
